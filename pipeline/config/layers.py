@@ -1,0 +1,141 @@
+"""The settings layers, lowest to highest precedence, and where each value came from.
+
+This module is the one place the precedence is written down:
+
+1. ``settings/settings.toml`` ``[default]``
+2. its environment section, chosen by ``MUSICGEN_ENV`` (development | staging | production)
+3. the model preset ``settings/models/<model.preset>.toml``
+4. the deployment profile ``settings/profiles/<app.profile>.toml``, if one is named
+5. user files: ``./settings.local.toml``, ``./.secrets.toml``, then the files listed in
+   ``MUSICGEN_SETTINGS_FILES`` (separated by ``,`` or the OS path separator), then ``--file``
+6. environment variables ``MUSICGEN_SECTION__KEY=value`` (values parsed as TOML)
+7. explicit overrides in code or ``--set section.key=value``
+
+Every layer file uses Dynaconf's sections: ``[default...]`` and, optionally, an environment
+section (``[production...]``) that applies only in that environment.
+
+Dynaconf does the reading, the merging, the env-var parsing and keeps the history we turn into
+provenance. The preset and the profile are chosen by the merged settings themselves (an env var
+may pick the preset), so the tree is loaded twice: once to learn the names, once in order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_SWITCHER = "MUSICGEN_ENV"
+ENVVAR_PREFIX = "MUSICGEN"
+FILES_ENVVAR = "MUSICGEN_SETTINGS_FILES"
+USER_FILES = ("settings.local.toml", ".secrets.toml")
+ENVIRONMENTS = ("development", "staging", "production")
+# Keys Dynaconf adds to the tree for its own use, and our own meta variables.
+_META_KEYS = {"env", "load_dotenv", "settings_files", "environments", "envvar_prefix",
+              "merge_enabled", "root_path", "env_switcher", "settings_files_for_dynaconf"}
+
+
+def settings_dir() -> Path:
+    """The packaged layer files: inside the wheel, or the repo's ``settings/`` in a checkout."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "_settings", package.parent / "settings"):
+        if (candidate / "settings.toml").is_file():
+            return candidate
+    raise FileNotFoundError(f"settings.toml not found under {package}/_settings or "
+                            f"{package.parent}/settings; the install is broken")
+
+
+def available(kind: str) -> dict[str, str]:
+    """``{name: one-line description}`` of the presets (``models``) or profiles (``profiles``)."""
+    out = {}
+    for path in sorted((settings_dir() / kind).glob("*.toml")):
+        first = path.read_text(encoding="utf-8").splitlines()[:1]
+        out[path.stem] = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+    return out
+
+
+@dataclass
+class LayerStack:
+    """The files of one load, in precedence order, with a label for provenance."""
+
+    env: str
+    files: list[tuple[str, Path]] = field(default_factory=list)  # (label, path)
+
+    def label_for(self, path: str, section_env: str) -> str:
+        for label, candidate in self.files:
+            if str(candidate) == path:
+                return label if section_env in ("default", "global") else f"{label} [{section_env}]"
+        return path
+
+
+def user_files(cwd: Path, environ: Mapping[str, str], extra: Sequence[Path]) -> list[tuple[str, Path]]:
+    found = [(name, cwd / name) for name in USER_FILES if (cwd / name).is_file()]
+    listed = environ.get(FILES_ENVVAR, "")
+    for item in listed.replace(os.pathsep, ",").split(","):
+        if item.strip():
+            path = Path(item.strip()).expanduser()
+            found.append((f"{FILES_ENVVAR}:{path.name}", path if path.is_absolute() else cwd / path))
+    found.extend((f"--file {p.name}", p) for p in extra)
+    return found
+
+
+def _parse_override(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    from dynaconf.utils.parse_conf import parse_conf_data
+    return parse_conf_data(value, tomlfy=True)
+
+
+def _normalise(tree: Any) -> Any:
+    """Lower-case keys (Dynaconf upper-cases top-level ones and env vars) and drop meta keys."""
+    if isinstance(tree, Mapping):
+        return {str(k).lower(): _normalise(v) for k, v in tree.items()
+                if str(k).lower() not in _META_KEYS}
+    if isinstance(tree, list):
+        return [_normalise(v) for v in tree]
+    return tree
+
+
+class Loaded:
+    """One Dynaconf load: the merged raw tree and the history behind each key."""
+
+    def __init__(self, stack: LayerStack, overrides: Mapping[str, Any]) -> None:
+        from dynaconf import Dynaconf
+
+        self.stack = stack
+        self._dyn = Dynaconf(
+            settings_files=[str(p) for _, p in stack.files],
+            environments=True,
+            env=stack.env,
+            env_switcher=ENV_SWITCHER,
+            envvar_prefix=ENVVAR_PREFIX,
+            merge_enabled=True,
+            load_dotenv=False,
+        )
+        self._overrides = {k.lower() for k in overrides}
+        for key, value in overrides.items():
+            self._dyn.set(key, _parse_override(value))
+        self.raw: dict[str, Any] = _normalise(self._dyn.as_dict())
+        # The environment section chosen is the one truth about which environment this is.
+        self.raw.setdefault("app", {})["environment"] = stack.env
+
+    def source_of(self, dotted: str) -> str:
+        """The layer that set ``dotted`` last: a file (and section), an env var, or an override."""
+        from dynaconf.utils.inspect import get_history
+
+        if dotted == "app.environment":
+            return ENV_SWITCHER
+        if any(dotted == k or dotted.startswith(k + ".") for k in self._overrides):
+            return "override"
+        # Dynaconf records a dotted set() against the whole section, so overrides are ours to
+        # track (above) and its set_method entries say nothing about this key.
+        history = [h for h in get_history(self._dyn, key=dotted) if h.get("loader") != "set_method"]
+        if not history:
+            return "default (schema)"
+        last = history[-1]
+        loader, ident, env = last.get("loader"), str(last.get("identifier")), str(last.get("env"))
+        if loader == "env_global":
+            return f"env MUSICGEN_{dotted.upper().replace('.', '__')}"
+        return self.stack.label_for(ident, env.lower())

@@ -1,0 +1,196 @@
+"""Cross-field and per-environment rules that one field's type cannot express.
+
+They run on the merged raw tree (before or beside pydantic), so a bad port and a production
+secret that is missing are reported in the same run. Each rule reads the values it needs
+defensively: a value that is missing or of the wrong type is pydantic's to report, not ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+Raw = Mapping[str, Any]
+
+WEAK_SECRETS = {"password", "changeme", "secret", "admin", "flower", "redis", "123456", "musicgen"}
+MIN_SECRET_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of the report: where, what value, which rule, how to fix it."""
+
+    path: str
+    value: Any
+    rule: str
+    fix: str
+    secret: bool = False
+
+
+def get(raw: Raw, dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _num(raw: Raw, dotted: str) -> float | None:
+    value = get(raw, dotted)
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _secret(raw: Raw, dotted: str) -> str | None:
+    value = get(raw, dotted)
+    return None if value is None else str(value)
+
+
+def _is_production(raw: Raw) -> bool:
+    return get(raw, "app.environment") == "production"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named check; ``check`` returns a Problem or None."""
+
+    name: str
+    check: Callable[[Raw], Problem | None]
+
+
+def _greater(a: str, b: str, fix: str) -> Rule:
+    def check(raw: Raw) -> Problem | None:
+        va, vb = _num(raw, a), _num(raw, b)
+        if va is None or vb is None or va > vb:
+            return None
+        return Problem(a, get(raw, a), f"{a} must be greater than {b} ({vb:g})", fix)
+    return Rule(f"{a} > {b}", check)
+
+
+def _not_less(a: str, b: str, fix: str) -> Rule:
+    def check(raw: Raw) -> Problem | None:
+        va, vb = _num(raw, a), _num(raw, b)
+        if va is None or vb is None or va >= vb:
+            return None
+        return Problem(a, get(raw, a), f"{a} must be at least {b} ({vb:g})", fix)
+    return Rule(f"{a} >= {b}", check)
+
+
+def _strong_secret(path: str, what: str, *, required_when: Callable[[Raw], bool]) -> Rule:
+    """A secret must be present where ``required_when`` says, and strong wherever production runs."""
+    def check(raw: Raw) -> Problem | None:
+        value = _secret(raw, path)
+        if not value:
+            if not required_when(raw):
+                return None
+            return Problem(path, None, f"{what} is required here",
+                           f"set it in .secrets.toml or the MUSICGEN_{path.upper().replace('.', '__')} "
+                           "environment variable", secret=True)
+        if _is_production(raw) and (len(value) < MIN_SECRET_LENGTH or value.lower() in WEAK_SECRETS):
+            return Problem(path, value, f"{what} must be a strong secret in production "
+                           f"(at least {MIN_SECRET_LENGTH} characters, not a common word)",
+                           "generate one: python -c 'import secrets; print(secrets.token_urlsafe(24))'",
+                           secret=True)
+        return None
+    return Rule(f"{path}: present and strong", check)
+
+
+def _production_debug_off(raw: Raw) -> Problem | None:
+    if _is_production(raw) and get(raw, "app.debug") is True:
+        return Problem("app.debug", True, "debug must be disabled in production", "set app.debug = false")
+    return None
+
+
+def _production_needs_broker(raw: Raw) -> Problem | None:
+    if get(raw, "app.environment") in ("staging", "production") and not get(raw, "broker.url"):
+        return Problem("broker.url", None, "staging and production need a Redis broker "
+                       "(the embedded broker is for development only)",
+                       "set broker.url = \"redis://host:6379/0\"")
+    return None
+
+
+def _production_redis_secured(raw: Raw) -> Problem | None:
+    url = get(raw, "broker.url")
+    if not _is_production(raw) or not isinstance(url, str) or not url:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme == "rediss" or parts.password or get(raw, "broker.password"):
+        return None
+    return Problem("broker.url", url, "production Redis needs a password or TLS",
+                   "set broker.password (a secret) or use a rediss:// URL")
+
+
+def _broker_url_has_no_password(raw: Raw) -> Problem | None:
+    # A password inside the URL would be printed wherever the URL is; it belongs in broker.password.
+    url = get(raw, "broker.url")
+    if isinstance(url, str) and urlsplit(url).password:
+        return Problem("broker.url", url, "the broker URL must not embed a password",
+                       "move it to broker.password (kept secret) and drop it from the URL", secret=True)
+    return None
+
+
+def _production_flower_auth(raw: Raw) -> Problem | None:
+    if _is_production(raw) and not get(raw, "monitoring.flower_user"):
+        return Problem("monitoring.flower_user", None, "Flower basic auth must be on in production",
+                       "set monitoring.flower_user and monitoring.flower_password")
+    return None
+
+
+def _default_tier_exists(raw: Raw) -> Problem | None:
+    tiers, default = get(raw, "quotas.tiers"), get(raw, "quotas.default_tier")
+    if isinstance(tiers, Mapping) and isinstance(default, str) and default not in tiers:
+        return Problem("quotas.default_tier", default, "the default tier must be one of quotas.tiers",
+                       f"use one of: {', '.join(sorted(tiers))}")
+    return None
+
+
+def _timezone_known(raw: Raw) -> Problem | None:
+    tz = get(raw, "quotas.timezone")
+    if not isinstance(tz, str):
+        return None
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        return Problem("quotas.timezone", tz, "must be an IANA time zone", "use e.g. \"UTC\" or \"Europe/Paris\"")
+    return None
+
+
+RULES: tuple[Rule, ...] = (
+    _greater("generation.max_duration", "generation.default_duration",
+             "raise generation.max_duration or lower generation.default_duration"),
+    _not_less("generation.default_duration", "generation.min_duration",
+              "raise generation.default_duration to at least generation.min_duration"),
+    _greater("worker.hard_time_limit", "worker.soft_time_limit",
+             "the hard limit kills the process: set it above the soft limit"),
+    _greater("broker.visibility_timeout", "worker.hard_time_limit",
+             "a job redelivered while still running would run twice: raise broker.visibility_timeout"),
+    _greater("worker.max_memory_percent", "worker.cleanup_threshold_percent",
+             "set worker.cleanup_threshold_percent below worker.max_memory_percent"),
+    _greater("validation.melody_max_duration", "validation.melody_min_duration",
+             "raise validation.melody_max_duration"),
+    _greater("worker.retry_backoff_max", "worker.retry_backoff", "raise worker.retry_backoff_max"),
+    Rule("production: debug off", _production_debug_off),
+    Rule("staging/production: Redis broker", _production_needs_broker),
+    Rule("production: Redis password or TLS", _production_redis_secured),
+    Rule("broker URL without password", _broker_url_has_no_password),
+    Rule("production: Flower auth", _production_flower_auth),
+    _strong_secret("monitoring.flower_password", "the Flower password",
+                   required_when=lambda raw: bool(get(raw, "monitoring.flower_user"))),
+    _strong_secret("broker.password", "the Redis password", required_when=lambda raw: False),
+    _strong_secret("database.password", "the database password", required_when=lambda raw: False),
+    Rule("quotas: default tier exists", _default_tier_exists),
+    Rule("quotas: time zone", _timezone_known),
+)
+
+
+def check_rules(raw: Raw) -> list[Problem]:
+    """Run every rule and return every problem found (never stops at the first)."""
+    return [p for rule in RULES if (p := rule.check(raw)) is not None]

@@ -1,0 +1,218 @@
+"""The typed shape of the settings tree: one pydantic model per section.
+
+Ranges are the seeds' "Validation Rules"; cross-field and per-environment rules live in
+``rules.py`` so that every rule is reported at once, not just the first one pydantic meets.
+Unknown keys are errors (``extra="forbid"``); ``report.py`` adds a did-you-mean hint.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Environment(str, Enum):
+    development = "development"
+    staging = "staging"
+    production = "production"
+
+
+SampleRate = Literal[8000, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 96000]
+AudioFormat = Literal["wav", "mp3", "flac", "ogg", "opus"]
+Normalization = Literal["none", "peak", "rms", "lufs"]
+
+
+class AppSettings(_Section):
+    """Who we are and where local state lives."""
+
+    name: str = Field("musicgen-pipeline", min_length=1)
+    environment: Environment = Environment.development
+    debug: bool = False
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    data_dir: str = Field(".musicgen", min_length=1, description="local state: embedded broker, tiny models")
+    profile: Literal["high_volume", "low_latency", "cost_optimized"] | None = None
+
+
+class BrokerSettings(_Section):
+    """Celery's broker and result backend (Redis)."""
+
+    url: str | None = Field(None, description="redis:// or rediss:// URL without the password; "
+                                             "unset = the embedded file-system broker (development only)")
+    password: SecretStr | None = None
+    result_backend: str | None = Field(None, description="defaults to the broker URL")
+    visibility_timeout: int = Field(3900, ge=60, le=86400, description="seconds; must exceed the hard time limit")
+    result_expires: int = Field(86400, ge=60, le=30 * 86400)
+    connect_timeout: float = Field(5.0, gt=0, le=120)
+
+
+class DatabaseSettings(_Section):
+    """The quota tables and the usage ledger."""
+
+    url: str = Field("sqlite:///.musicgen/musicgen.db", min_length=1)
+    password: SecretStr | None = None
+    pool_size: int = Field(5, ge=1, le=100)
+    echo: bool = False
+
+
+class ModelSettings(_Section):
+    """Which MusicGen checkpoint a worker loads and how."""
+
+    preset: str = Field("musicgen-small", min_length=1)
+    source: str = Field("facebook/musicgen-small", min_length=1, description="hub id or local path")
+    description: str = ""
+    melody: bool = Field(False, description="the checkpoint accepts melody conditioning")
+    max_duration: float = Field(30.0, gt=0, le=30.0, description="the model's window in seconds")
+    cache_dir: str | None = None
+    cache_size: int = Field(1, ge=1, le=20)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    compile: bool = False
+    preload: bool = True
+    offline: bool = False
+    download_timeout: int = Field(180, ge=30, le=3600)
+
+
+class GenerationSettings(_Section):
+    """Bounds and defaults of a generation request."""
+
+    default_duration: float = Field(10.0, ge=0.1, le=300.0)
+    min_duration: float = Field(0.5, ge=0.01, le=10.0)
+    max_duration: float = Field(30.0, ge=0.1, le=300.0)
+    default_temperature: float = Field(1.0, ge=0.1, le=2.0)
+    default_top_k: int = Field(250, ge=0, le=2048)
+    default_top_p: float = Field(0.0, ge=0.0, le=1.0)
+    default_guidance_scale: float = Field(3.0, ge=0.0, le=20.0)
+    max_batch_size: int = Field(1, ge=1, le=32)
+
+
+class AudioSettings(_Section):
+    """Defaults of the finished file (a request may override each)."""
+
+    sample_rate: SampleRate = 32000
+    format: AudioFormat = "wav"
+    bit_depth: Literal[8, 16, 24, 32] = 16
+    channels: Literal[1, 2] = 1
+    normalization: Normalization = "lufs"
+    lufs_target: float = Field(-14.0, ge=-70.0, le=-5.0)
+    peak_target_dbfs: float = Field(-1.0, ge=-60.0, le=0.0)
+    rms_target_dbfs: float = Field(-20.0, ge=-60.0, le=0.0)
+    mp3_bitrate: str = Field("192k", pattern=r"^\d{2,3}k$")
+
+
+class StorageSettings(_Section):
+    """Where finished files and temp files go."""
+
+    output_dir: str = Field(".musicgen/outputs", min_length=1)
+    temp_dir: str = Field(".musicgen/tmp", min_length=1)
+    retention_days: int = Field(7, ge=1, le=365)
+
+
+class WorkerSettings(_Section):
+    """One Celery worker per GPU: pool, limits, retries."""
+
+    pool: Literal["solo", "threads", "prefork"] = "solo"
+    concurrency: int = Field(1, ge=1, le=64)
+    prefetch_multiplier: int = Field(1, ge=1, le=16)
+    soft_time_limit: int = Field(300, ge=1, le=86400, description="seconds")
+    hard_time_limit: int = Field(360, ge=1, le=86400, description="seconds")
+    max_retries: int = Field(3, ge=0, le=20)
+    retry_backoff: float = Field(2.0, gt=0, le=600, description="first backoff in seconds, doubled each try")
+    retry_backoff_max: float = Field(120.0, gt=0, le=3600)
+    retry_jitter: bool = True
+    redelivery_cap: int = Field(3, ge=1, le=20, description="deliveries before a job is declared poison")
+    max_tasks_per_child: int = Field(0, ge=0, description="0 = unlimited")
+    max_memory_per_child_mb: int = Field(0, ge=0, description="0 = unlimited")
+    max_memory_percent: float = Field(85.0, ge=10.0, le=95.0, description="the seeds' 10-95 range")
+    cleanup_threshold_percent: float = Field(75.0, ge=10.0, le=95.0,
+                                             description="empty the model cache above this memory use")
+    shutdown_grace: int = Field(30, ge=0, le=3600)
+
+
+class RateLimitSettings(_Section):
+    """A global rate limit across all workers, per model queue."""
+
+    enabled: bool = True
+    rate: str = Field("20/minute", pattern=r"^\d+\s*/\s*(second|minute|hour|day)$")
+
+
+class CircuitBreakerSettings(_Section):
+    """Shared by all workers through Redis."""
+
+    enabled: bool = True
+    threshold: int = Field(5, ge=1, le=100)
+    reset_timeout: float = Field(60.0, ge=1.0, le=3600.0)
+
+
+class TierSettings(_Section):
+    daily: int = Field(ge=-1, description="jobs per day; -1 = unlimited")
+    monthly: int = Field(ge=-1, description="jobs per month; -1 = unlimited")
+
+
+class QuotaSettings(_Section):
+    """Per-user job quotas (daily and monthly windows)."""
+
+    enabled: bool = True
+    default_tier: str = "free"
+    timezone: str = "UTC"
+    tiers: dict[str, TierSettings] = Field(default_factory=lambda: {
+        "free": TierSettings(daily=10, monthly=100),
+        "premium": TierSettings(daily=100, monthly=1000),
+        "enterprise": TierSettings(daily=-1, monthly=-1),
+    })
+
+
+class ValidationSettings(_Section):
+    """Limits on what a request may carry."""
+
+    max_prompt_length: int = Field(800, ge=1, le=10000)
+    max_melody_size_mb: float = Field(50.0, ge=1, le=1000)
+    melody_min_duration: float = Field(1.0, ge=0.1, le=60.0)
+    melody_max_duration: float = Field(300.0, ge=1.0, le=3600.0)
+    melody_formats: list[str] = Field(default_factory=lambda: ["wav", "mp3", "flac", "ogg", "m4a", "aac"],
+                                      min_length=1)
+    melody_min_sample_rate: int = Field(16000, ge=8000, le=192000)
+
+
+class MonitoringSettings(_Section):
+    """Health thresholds (the seeds' defaults) and the Flower dashboard."""
+
+    error_rate_threshold_percent: float = Field(20.0, ge=0.0, le=100.0)
+    backlog_threshold: int = Field(50, ge=0, description="queued jobs per queue; 0 = no backpressure")
+    latency_threshold: float = Field(180.0, gt=0, description="seconds, end to end")
+    flower_address: str = "127.0.0.1"
+    flower_port: int = Field(5555, ge=1, le=65535)
+    flower_user: str | None = None
+    flower_password: SecretStr | None = None
+    metrics_port: int = Field(9808, ge=1, le=65535)
+
+
+class FeatureSettings(_Section):
+    """Switches for optional behaviour."""
+
+    melody_conditioning: bool = True
+    embedded_broker: bool = Field(True, description="development: run without Redis")
+
+
+class Settings(_Section):
+    """The whole validated settings tree; built once per process and passed explicitly."""
+
+    app: AppSettings = AppSettings()
+    broker: BrokerSettings = BrokerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    model: ModelSettings = ModelSettings()
+    generation: GenerationSettings = GenerationSettings()
+    audio: AudioSettings = AudioSettings()
+    storage: StorageSettings = StorageSettings()
+    worker: WorkerSettings = WorkerSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
+    quotas: QuotaSettings = QuotaSettings()
+    validation: ValidationSettings = ValidationSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
+    features: FeatureSettings = FeatureSettings()

@@ -1,0 +1,185 @@
+"""The one exception tree of musicgen-pipeline.
+
+Every error carries a stable machine-readable ``code`` (a calling service branches on it) and a
+human message. Errors cross process boundaries (worker -> Redis -> caller), so each class passes
+all of its constructor arguments to ``Exception.__init__`` (they pickle intact) and offers
+``to_dict`` / ``from_dict`` for the JSON that crosses the broker.
+
+``retryable`` splits the tree: permanent errors (bad input, unsupported option, model not found)
+never burn a GPU retry; transient ones (CUDA out of memory, broker hiccup, ffmpeg crash) do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PipelineError(Exception):
+    """Raised when anything in musicgen-pipeline fails; the base of the tree."""
+
+    code = "pipeline_error"
+    retryable = False
+
+    def __init__(self, message: str, *, field: str | None = None, details: Any = None) -> None:
+        super().__init__(message, field, details)
+        self.message = message
+        self.field = field
+        self.details = details
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # keyword-only arguments do not survive the default reduce; keep them.
+        return (_rebuild, (type(self), self.to_dict()))
+
+    def __str__(self) -> str:
+        where = f" [{self.field}]" if self.field else ""
+        return f"{self.code}{where}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form that crosses the broker and the CLI's --json output."""
+        return {"code": self.code, "message": self.message, "field": self.field,
+                "details": self.details}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PipelineError:
+        """Rebuild the most specific known class for ``data['code']``."""
+        klass = _BY_CODE.get(str(data.get("code")), PipelineError)
+        err = klass.__new__(klass)
+        PipelineError.__init__(err, str(data.get("message", "")), field=data.get("field"),
+                               details=data.get("details"))
+        if klass is PipelineError and data.get("code"):
+            err.code = str(data["code"])
+        return err
+
+
+def _rebuild(klass: type[PipelineError], data: dict[str, Any]) -> PipelineError:
+    err = klass.__new__(klass)
+    PipelineError.__init__(err, data["message"], field=data["field"], details=data["details"])
+    return err
+
+
+# --- settings -------------------------------------------------------------------------------
+
+class SettingsError(PipelineError):
+    """Raised when the layered settings cannot be loaded or do not validate.
+
+    ``details`` holds the full report: a list of ``{path, value, rule, fix}`` dicts.
+    """
+
+    code = "invalid_settings"
+
+
+# --- the job contract: permanent errors -----------------------------------------------------
+
+class InvalidRequest(PipelineError):
+    """Raised when a generation request fails validation; ``field`` names the offending field.
+
+    ``details`` lists every problem found as ``{field, message, type}`` dicts.
+    """
+
+    code = "invalid_request"
+
+
+class UnsupportedOption(PipelineError):
+    """Raised when a request asks for something this deployment cannot do (format, duration)."""
+
+    code = "unsupported_option"
+
+
+class ModelNotFound(PipelineError):
+    """Raised when a model preset, hub id or local checkpoint path does not exist."""
+
+    code = "model_not_found"
+
+
+class JobNotFound(PipelineError):
+    """Raised when a job id is unknown to the result backend."""
+
+    code = "job_not_found"
+
+
+class JobFailed(PipelineError):
+    """Raised by ``JobHandle.result()`` when the job failed; carries the worker's error.
+
+    ``details`` is ``{"error_code": ..., "error_message": ...}`` from the worker.
+    """
+
+    code = "job_failed"
+
+    @property
+    def error_code(self) -> str | None:
+        return (self.details or {}).get("error_code")
+
+
+class JobCancelled(PipelineError):
+    """Raised by ``JobHandle.result()`` when the job was cancelled."""
+
+    code = "job_cancelled"
+
+
+class JobTimeout(PipelineError):
+    """Raised when a job passes its time limit, or a caller's wait runs out."""
+
+    code = "timeout"
+
+
+class QuotaExceeded(PipelineError):
+    """Raised when a user's daily or monthly quota would be exceeded.
+
+    ``details`` says which limit, what was used, the limit, and when it resets (ISO 8601).
+    """
+
+    code = "quota_exceeded"
+
+
+# --- the service: fail fast ---------------------------------------------------------------
+
+class ServiceUnavailable(PipelineError):
+    """Raised when the service cannot take jobs: circuit open, broker down, ffmpeg missing.
+
+    ``details`` may hold ``retry_after`` in seconds.
+    """
+
+    code = "service_unavailable"
+
+
+class Backpressure(ServiceUnavailable):
+    """Raised when a queue's backlog is past its threshold; enqueue later."""
+
+    code = "backpressure"
+
+
+# --- transient errors: retried with backoff -----------------------------------------------
+
+class TransientError(PipelineError):
+    """Raised when a job failed for a reason that may pass (the worker retries it)."""
+
+    code = "transient"
+    retryable = True
+
+
+class GpuOutOfMemory(TransientError):
+    """Raised when CUDA runs out of memory; the worker frees its cache and retries."""
+
+    code = "gpu_oom"
+
+
+class PostProcessFailed(TransientError):
+    """Raised when ffmpeg crashes or returns non-zero on input it should accept."""
+
+    code = "postprocess_failed"
+
+
+class ModelRuntimeError(TransientError):
+    """Raised when the model fails during generation for a reason other than bad input."""
+
+    code = "model_runtime_error"
+
+
+def _all_subclasses(cls: type[PipelineError]) -> list[type[PipelineError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+_BY_CODE: dict[str, type[PipelineError]] = {c.code: c for c in _all_subclasses(PipelineError)}
