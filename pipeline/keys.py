@@ -1,0 +1,46 @@
+"""Every Redis key name and prefix musicgen-pipeline uses, in one place (like arq's constants.py).
+
+The broker's Redis is shared with Celery/kombu (and possibly with other services), so every key
+this project writes lives under ``ROOT_PREFIX``; ``redis-cli --scan --pattern 'musicgen:*'`` lists
+them all. Keys kombu owns are named here too, because the producer reads them (backlog checks).
+Functions, not f-strings scattered through the code, build the composite names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+ROOT_PREFIX = "musicgen:"
+
+# --- circuit breakers (pipeline/policies/breaker.py) ---------------------------------------
+#: One HASH per model preset: ``musicgen:breaker:{preset}`` with fields ``failures``,
+#: ``opened_at`` and ``probe_until`` (epoch seconds). No key at all means closed, zero failures.
+BREAKER_PREFIX = ROOT_PREFIX + "breaker:"
+
+# --- global rate limits (pipeline/policies/rate_limit.py) -----------------------------------
+#: Passed to ``limits`` as its storage ``key_prefix``; limits appends ``:`` and its own
+#: ``LIMITER/{key}/{amount}/{multiples}/{granularity}`` (a LIST of hit timestamps per key).
+RATE_LIMIT_PREFIX = ROOT_PREFIX + "ratelimit"
+
+# --- kombu's Redis transport (read-only for us) ---------------------------------------------
+#: kombu.transport.redis.Channel.sep: a queue ``Q`` with priority step ``p > 0`` is the LIST
+#: ``Q + sep + str(p)``; step 0 is the LIST ``Q`` itself. kombu does not let this be configured.
+KOMBU_PRIORITY_SEP = "\x06\x16"
+#: kombu.transport.redis.PRIORITY_STEPS, the transport's default.
+KOMBU_PRIORITY_STEPS: tuple[int, ...] = (0, 3, 6, 9)
+
+
+def breaker_key(name: str, prefix: str = BREAKER_PREFIX) -> str:
+    """The HASH holding the shared state of the circuit breaker for model preset ``name``."""
+    return f"{prefix}{name}"
+
+
+def queue_list_keys(queue: str,
+                    priority_steps: Sequence[int] = KOMBU_PRIORITY_STEPS) -> list[str]:
+    """The LISTs kombu's Redis transport keeps for ``queue``, one per priority step.
+
+    Mirrors ``Channel._q_for_pri``: step 0 is the bare queue name (so a transport configured
+    without priorities still has its one list counted).
+    """
+    return [f"{queue}{KOMBU_PRIORITY_SEP}{step}" if step else queue
+            for step in sorted(set(priority_steps))]
