@@ -20,15 +20,13 @@ class PipelineError(Exception):
     code = "pipeline_error"
     retryable = False
 
-    def __init__(self, message: str, *, field: str | None = None, details: Any = None) -> None:
+    # Positional-or-keyword on purpose: pickle and Celery's JSON exception transport both
+    # rebuild an exception as ``cls(*args)``, so every argument must be in ``args``.
+    def __init__(self, message: str, field: str | None = None, details: Any = None) -> None:
         super().__init__(message, field, details)
         self.message = message
         self.field = field
         self.details = details
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # keyword-only arguments do not survive the default reduce; keep them.
-        return (_rebuild, (type(self), self.to_dict()))
 
     def __str__(self) -> str:
         where = f" [{self.field}]" if self.field else ""
@@ -43,18 +41,10 @@ class PipelineError(Exception):
     def from_dict(cls, data: dict[str, Any]) -> PipelineError:
         """Rebuild the most specific known class for ``data['code']``."""
         klass = _BY_CODE.get(str(data.get("code")), PipelineError)
-        err = klass.__new__(klass)
-        PipelineError.__init__(err, str(data.get("message", "")), field=data.get("field"),
-                               details=data.get("details"))
+        err = klass(str(data.get("message", "")), data.get("field"), data.get("details"))
         if klass is PipelineError and data.get("code"):
             err.code = str(data["code"])
         return err
-
-
-def _rebuild(klass: type[PipelineError], data: dict[str, Any]) -> PipelineError:
-    err = klass.__new__(klass)
-    PipelineError.__init__(err, data["message"], field=data["field"], details=data["details"])
-    return err
 
 
 # --- settings -------------------------------------------------------------------------------

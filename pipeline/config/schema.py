@@ -116,7 +116,7 @@ class StorageSettings(_Section):
 class WorkerSettings(_Section):
     """One Celery worker per GPU: pool, limits, retries."""
 
-    pool: Literal["solo", "threads", "prefork"] = "solo"
+    pool: Literal["solo", "threads", "prefork"] = "prefork"
     concurrency: int = Field(1, ge=1, le=64)
     prefetch_multiplier: int = Field(1, ge=1, le=16)
     soft_time_limit: int = Field(300, ge=1, le=86400, description="seconds")

@@ -1,0 +1,116 @@
+"""The Celery app factory: one app per process, built from Settings.
+
+The producer and the workers build their app here so both sides agree on serialisation,
+routing and the delivery guarantees; the workers add their tasks on top (``workers/app.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from celery import Celery
+
+from pipeline.config.schema import Settings
+
+TASK_GENERATE = "musicgen.generate"
+
+
+class PipelineCelery(Celery):  # type: ignore[misc]
+    """A Celery app that carries the Settings it was built from (never put in ``conf``:
+    Flower and ``inspect conf`` print conf)."""
+
+    settings: Settings
+
+    @property
+    def embedded(self) -> bool:
+        return self.settings.broker.url is None
+
+
+def broker_url(settings: Settings) -> str:
+    """The Redis URL with the password put in from its secret (the setting never holds it)."""
+    url = settings.broker.url
+    if url is None:
+        return "filesystem://"
+    password = settings.broker.password
+    if password is None:
+        return url
+    parts = urlsplit(url)
+    netloc = f"{parts.username or ''}:{password.get_secret_value()}@{parts.hostname}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def embedded_dirs(settings: Settings) -> dict[str, Path]:
+    """The file-system broker's folders under ``app.data_dir`` (development without Redis)."""
+    root = Path(settings.app.data_dir).expanduser().resolve()
+    dirs = {"queue": root / "broker" / "queue", "processed": root / "broker" / "processed",
+            "results": root / "results", "control": root / "broker" / "control"}
+    for path in dirs.values():
+        path.mkdir(parents=True, exist_ok=True)
+    return dirs
+
+
+def make_celery(settings: Settings, *, name: str = "musicgen-pipeline") -> PipelineCelery:
+    """A configured Celery app; it imports no task module (the producer sends by name)."""
+    if settings.broker.url is None and not (settings.features.embedded_broker
+                                            and settings.app.environment.value == "development"):
+        raise ValueError("broker.url is unset: the embedded broker runs in development only")
+    app = PipelineCelery(name, set_as_current=False)
+    app.settings = settings
+    w = settings.worker
+    conf: dict[str, object] = dict(
+        # Only JSON crosses the broker: pickle would let a message run code in a worker.
+        task_serializer="json", result_serializer="json", accept_content=["json"],
+        result_accept_content=["json"],
+        # A job is acknowledged when it ends, not when it starts, and a worker that dies
+        # mid-job gives it back: an accepted job is never silently lost.
+        task_acks_late=True, task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=w.prefetch_multiplier,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_soft_time_limit=w.soft_time_limit, task_time_limit=w.hard_time_limit,
+        task_track_started=True, result_extended=True, result_expires=settings.broker.result_expires,
+        # Flower and `celery events` see every task.
+        worker_send_task_events=True, task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=settings.broker.connect_timeout,
+        task_default_queue="musicgen.default",
+        worker_max_tasks_per_child=w.max_tasks_per_child or None,
+        worker_max_memory_per_child=(w.max_memory_per_child_mb * 1024) or None,
+        worker_hijack_root_logger=False,
+        enable_utc=True,
+    )
+    if settings.broker.url is None:
+        dirs = embedded_dirs(settings)
+        conf.update(
+            broker_url="filesystem://",
+            broker_transport_options={"data_folder_in": str(dirs["queue"]),
+                                      "data_folder_out": str(dirs["queue"]),
+                                      "processed_folder": str(dirs["processed"]),
+                                      "control_folder": str(dirs["control"]),
+                                      "store_processed": False},
+            result_backend=f"file://{dirs['results']}",
+        )
+    else:
+        url = broker_url(settings)
+        conf.update(
+            broker_url=url,
+            result_backend=settings.broker.result_backend or url,
+            broker_transport_options={
+                # Longer than the hard time limit (validated), so a running job is not handed
+                # to a second worker while the first still works on it.
+                "visibility_timeout": settings.broker.visibility_timeout,
+                "queue_order_strategy": "priority",
+            },
+            result_backend_transport_options={"visibility_timeout": settings.broker.visibility_timeout},
+            broker_connection_max_retries=3,
+            redis_socket_connect_timeout=settings.broker.connect_timeout,
+        )
+    app.conf.update(conf)
+    return app
+
+
+def celery_priority(request_priority: int) -> int:
+    """Our 9 is the most urgent; on Redis Celery serves 0 first."""
+    return 9 - request_priority

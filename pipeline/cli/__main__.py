@@ -1,0 +1,5 @@
+"""`python -m pipeline.cli` = the `musicgen-pipeline` console script."""
+
+from pipeline.cli import main
+
+main()

@@ -1,0 +1,44 @@
+"""What every command shares: loading settings or exiting with the report, parsing --set."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+
+import typer
+
+from pipeline.config import Settings, load_layered
+from pipeline.errors import PipelineError
+
+EXIT_FAILED = 1
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, str]:
+    """``["model.preset=tiny"]`` -> ``{"model.preset": "tiny"}``; values are parsed as TOML later."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected section.key=value, got {item!r}", param_hint="--set")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_or_exit(env: str | None, overrides: Mapping[str, Any], files: Sequence[str] = ()) -> Settings:
+    """The validated settings, or the full report on stderr and exit code 1."""
+    try:
+        layered = load_layered(env, files=files, overrides=overrides)
+    except PipelineError as exc:
+        fail(exc)
+    if layered.settings is None:
+        typer.echo(layered.report.text(), err=True)
+        raise typer.Exit(EXIT_FAILED)
+    return layered.settings
+
+
+def fail(exc: PipelineError) -> NoReturn:
+    """Print a pipeline error as one clear line (code first, for scripts) and exit 1."""
+    typer.echo(f"error: {exc}", err=True)
+    sys.stderr.flush()
+    raise typer.Exit(EXIT_FAILED)

@@ -1,0 +1,76 @@
+"""`musicgen-pipeline worker`: a thin wrapper over `celery worker` with the policies from settings.
+
+The command execs Celery itself (so a Procfile or systemd signal reaches the worker directly);
+settings given on the command line travel to it as MUSICGEN_* environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import typer
+
+from pipeline.config import Settings
+from pipeline.jobs import queue_for
+
+
+
+def override_env(overrides: Mapping[str, str]) -> dict[str, str]:
+    """``{"model.preset": "tiny"}`` -> ``{"MUSICGEN_MODEL__PRESET": "tiny"}``."""
+    return {"MUSICGEN_" + k.upper().replace(".", "__"): v for k, v in overrides.items()}
+
+
+def worker_argv(settings: Settings, *, queues: Sequence[str] = (), pool: str | None = None,
+                concurrency: int | None = None, name: str | None = None,
+                loglevel: str | None = None) -> list[str]:
+    """The `celery worker` command line these settings call for."""
+    w = settings.worker
+    chosen_pool = pool or w.pool
+    argv = [sys.executable, "-m", "celery", "-A", "workers", "worker",
+            "-Q", ",".join(queues or [queue_for(settings.model.preset)]),
+            "--pool", chosen_pool, "--concurrency", str(concurrency or w.concurrency),
+            "--prefetch-multiplier", str(w.prefetch_multiplier),
+            "--loglevel", (loglevel or settings.app.log_level).upper(), "-E"]
+    if name:
+        argv += ["-n", name]
+    if settings.broker.url is None:
+        # The file-system transport has no fanout: no gossip, mingle or heartbeats to exchange.
+        argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+    return argv
+
+
+def spawn_worker(settings: Settings, env: Mapping[str, str], *, queues: Sequence[str] = (),
+                 pool: str | None = None, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start a worker subprocess (the embedded default and the tests use this)."""
+    argv = worker_argv(settings, queues=queues, pool=pool)
+    if log_path is None:
+        return subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT)
+    with open(log_path, "ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(argv, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+
+
+def worker(
+    queues: list[str] = typer.Option([], "--queue", "-Q", help="queues to serve (default: the preset's)"),
+    pool: str = typer.Option(None, help="prefork (default) | solo | threads"),
+    concurrency: int = typer.Option(None, "--concurrency", "-c"),
+    name: str = typer.Option(None, "--name", "-n", help="worker node name, e.g. gpu0@%h"),
+    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
+    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    loglevel: str = typer.Option(None, "--loglevel", "-l"),
+) -> None:
+    """Start a Celery worker for this node's GPU with the settings' pool, limits and queues."""
+    from pipeline.cli.common import load_or_exit, parse_sets
+
+    overrides = parse_sets(sets)
+    settings = load_or_exit(env, overrides)
+    child_env = {**os.environ, **override_env(overrides)}
+    if env:
+        child_env["MUSICGEN_ENV"] = env
+    argv = worker_argv(settings, queues=queues, pool=pool, concurrency=concurrency, name=name,
+                       loglevel=loglevel)
+    os.execve(argv[0], argv, child_env)

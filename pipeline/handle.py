@@ -1,0 +1,121 @@
+"""``JobHandle``: follow one job from the calling service (status, progress, result, cancel)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import JobCancelled, JobFailed, JobNotFound, JobTimeout, PipelineError
+from pipeline.jobs import JobResult, JobStatus
+
+if TYPE_CHECKING:
+    from pipeline.celery_app import PipelineCelery
+    from pipeline.registry import JobRegistry
+
+# Celery's states (and ours: QUEUED is written at enqueue, PROGRESS by the worker).
+_STATUS = {
+    "QUEUED": JobStatus.queued, "RECEIVED": JobStatus.queued, "RETRY": JobStatus.queued,
+    "STARTED": JobStatus.started, "PROGRESS": JobStatus.progress,
+    "SUCCESS": JobStatus.succeeded, "FAILURE": JobStatus.failed, "REVOKED": JobStatus.cancelled,
+}
+# Exceptions Celery raises itself, outside our task code.
+_CELERY_CODES = {"TimeLimitExceeded": "timeout", "SoftTimeLimitExceeded": "timeout",
+                 "WorkerLostError": "worker_lost"}
+
+
+@dataclass(frozen=True)
+class Progress:
+    fraction: float
+    message: str
+
+
+def error_of(info: Any) -> tuple[str, str]:
+    """(code, message) of a failed job's stored exception."""
+    if isinstance(info, PipelineError):
+        return info.code, info.message
+    if isinstance(info, BaseException):
+        return _CELERY_CODES.get(type(info).__name__, "internal_error"), str(info) or type(info).__name__
+    if isinstance(info, dict) and "code" in info:
+        return str(info["code"]), str(info.get("message", ""))
+    return "internal_error", str(info)
+
+
+class JobHandle:
+    """A job accepted by the queue. Cheap to create; every call reads the result backend."""
+
+    def __init__(self, job_id: str, app: PipelineCelery, registry: JobRegistry) -> None:
+        self.id = job_id
+        self._app = app
+        self._registry = registry
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id!r})"
+
+    def _state(self) -> tuple[str, Any]:
+        result = self._app.AsyncResult(self.id)
+        return result.state, result.info
+
+    def status(self) -> JobStatus:
+        """Where the job is now; ``JobNotFound`` for an id nobody enqueued (or long expired)."""
+        state, _ = self._state()
+        if state == "PENDING":
+            if self._registry.exists(self.id):  # claimed, QUEUED not written yet
+                return JobStatus.queued
+            raise JobNotFound(f"no job with id {self.id!r}", "job_id")
+        return _STATUS.get(state, JobStatus.started)
+
+    def progress(self) -> Progress:
+        """How far generation has got (0..1) and what the worker is doing."""
+        state, info = self._state()
+        if state == "SUCCESS":
+            return Progress(1.0, "done")
+        if isinstance(info, dict) and "progress" in info:
+            return Progress(float(info["progress"]), str(info.get("message", "")))
+        return Progress(0.0, _STATUS.get(state, JobStatus.queued).value)
+
+    def result(self) -> JobResult | None:
+        """The result if the job succeeded, None while it runs; raises if it failed or was cancelled."""
+        state, info = self._state()
+        if state == "SUCCESS":
+            return JobResult.model_validate(info)
+        if state == "FAILURE":
+            code, message = error_of(info)
+            raise JobFailed(f"job {self.id} failed: {code}: {message}", None,
+                            {"error_code": code, "error_message": message})
+        if state == "REVOKED":
+            raise JobCancelled(f"job {self.id} was cancelled", "job_id")
+        if state == "PENDING" and not self._registry.exists(self.id):
+            raise JobNotFound(f"no job with id {self.id!r}", "job_id")
+        return None
+
+    def wait(self, timeout: float | None = None, *, poll: float = 0.25,
+             on_progress: Callable[[Progress], None] | None = None) -> JobResult:
+        """Block until the job ends; ``JobTimeout`` if ``timeout`` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            done = self.result()
+            if done is not None:
+                return done
+            if on_progress is not None:
+                on_progress(self.progress())
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(f"job {self.id} did not finish within {timeout:g} s "
+                                 "(it is still queued or running)", "timeout")
+            time.sleep(poll)
+
+    def cancel(self) -> bool:
+        """Cancel: a queued job never starts; a running one stops at its next progress step
+        and its partial files are removed. False if the job had already finished."""
+        status = self.status()
+        if status.finished:
+            return False
+        ttl = self._app.settings.broker.result_expires
+        self._registry.cancel(self.id, ttl)
+        if status is JobStatus.queued:
+            self._app.backend.mark_as_revoked(self.id, "cancelled before start")
+        if not self._app.embedded:
+            # Let workers that hold it in their prefetch drop it too; the flag is the guarantee.
+            self._app.control.revoke(self.id)
+        return True

@@ -1,0 +1,98 @@
+"""Check a request against this deployment's limits and turn it into a ``JobSpec``.
+
+Everything that can be refused is refused here, before anything is queued: a bad job must
+never reach a GPU. Field names in errors are the request's own (``duration``, ``melody``...).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+from pipeline.audio_probe import MelodyLimits, validate_melody
+from pipeline.config.presets import model_settings_for
+from pipeline.config.schema import Settings
+from pipeline.errors import InvalidRequest, UnsupportedOption
+from pipeline.jobs import GenerationRequest, JobSpec, MelodyInput, OutputSpec, draw_seed
+
+OPUS_RATES = {8000, 12000, 16000, 24000, 48000}
+BIT_DEPTHS = {"wav": {8, 16, 24, 32}, "flac": {16, 24}}
+
+
+def _output(request: GenerationRequest, settings: Settings) -> OutputSpec:
+    audio = settings.audio
+    fmt = request.format or audio.format
+    rate = request.sample_rate or audio.sample_rate
+    if fmt == "opus" and rate not in OPUS_RATES:
+        raise UnsupportedOption(f"opus supports sample rates {sorted(OPUS_RATES)}, not {rate}", "sample_rate")
+    if fmt in BIT_DEPTHS:
+        depth: int | None = request.bit_depth or audio.bit_depth
+        if depth not in BIT_DEPTHS[fmt]:
+            raise UnsupportedOption(f"{fmt} supports bit depths {sorted(BIT_DEPTHS[fmt])}, not {depth}",
+                                    "bit_depth")
+    elif request.bit_depth is not None:
+        raise UnsupportedOption(f"bit depth applies to wav and flac only, not {fmt}", "bit_depth")
+    else:
+        depth = None
+    normalization = request.normalization or audio.normalization
+    target = request.loudness_target
+    if target is None:
+        target = {"lufs": audio.lufs_target, "peak": audio.peak_target_dbfs,
+                  "rms": audio.rms_target_dbfs}.get(normalization)
+    if normalization == "lufs" and target is not None and target > -5.0:
+        raise InvalidRequest(f"a loudness target of {target} LUFS is louder than -5 LUFS", "loudness_target")
+    return OutputSpec(format=fmt, sample_rate=rate, channels=request.channels or audio.channels,
+                      bit_depth=depth, normalization=normalization,
+                      loudness_target=None if normalization == "none" else target,
+                      mp3_bitrate=audio.mp3_bitrate)
+
+
+def _melody(request: GenerationRequest, settings: Settings, melody_model: bool) -> MelodyInput | None:
+    if request.melody is None:
+        return None
+    if not settings.features.melody_conditioning:
+        raise UnsupportedOption("melody conditioning is switched off in this deployment", "melody")
+    if not melody_model:
+        raise UnsupportedOption("this model preset takes no melody; use a melody preset "
+                                "such as musicgen-melody", "melody")
+    v = settings.validation
+    limits = MelodyLimits(max_size_mb=v.max_melody_size_mb, min_duration_s=v.melody_min_duration,
+                          max_duration_s=v.melody_max_duration, allowed_formats=tuple(v.melody_formats),
+                          min_sample_rate=v.melody_min_sample_rate)
+    validate_melody(request.melody, limits)
+    if isinstance(request.melody, bytes):
+        # Bytes travel inside the JSON payload (bounded by max_melody_size_mb); a path on shared
+        # storage keeps the broker light for big files.
+        return MelodyInput(data_b64=base64.b64encode(request.melody).decode("ascii"))
+    path = Path(request.melody).expanduser().resolve()
+    return MelodyInput(path=str(path), suffix=path.suffix or ".wav")
+
+
+def resolve(request: GenerationRequest, settings: Settings, *, job_id: str) -> JobSpec:
+    """The request with every default filled in, or a typed error naming the field."""
+    if len(request.prompt) > settings.validation.max_prompt_length:
+        raise InvalidRequest(f"prompt is {len(request.prompt)} characters; the limit is "
+                             f"{settings.validation.max_prompt_length}", "prompt")
+    preset = request.model or settings.model.preset
+    model = model_settings_for(settings, preset)  # ModelNotFound for an unknown preset
+
+    gen = settings.generation
+    duration = request.duration if request.duration is not None else gen.default_duration
+    if duration < gen.min_duration or duration > gen.max_duration:
+        raise InvalidRequest(f"duration {duration:g} s is outside {gen.min_duration:g}..{gen.max_duration:g} s",
+                             "duration")
+    if duration > model.max_duration:
+        raise UnsupportedOption(f"duration {duration:g} s is longer than the {model.max_duration:g} s window "
+                                f"of {preset}; windowed continuation is not supported yet", "duration")
+    return JobSpec(
+        job_id=job_id, prompt=request.prompt, duration=duration, model=preset,
+        temperature=request.temperature if request.temperature is not None else gen.default_temperature,
+        top_k=request.top_k if request.top_k is not None else gen.default_top_k,
+        top_p=request.top_p if request.top_p is not None else gen.default_top_p,
+        guidance_scale=(request.guidance_scale if request.guidance_scale is not None
+                        else gen.default_guidance_scale),
+        seed=request.seed if request.seed is not None else draw_seed(),
+        output=_output(request, settings), melody=_melody(request, settings, model.melody),
+        user_id=request.user_id, priority=request.priority, enqueued_at=time.time(),
+    )

@@ -1,0 +1,186 @@
+"""Real parts for the integration tests: a Redis database of our own, the tiny models, real
+worker processes started with the project's own command line, and a caller in its own process.
+
+A Redis that is not running, or a worker that cannot start, fails the tests (never skips).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+REDIS = "redis://127.0.0.1:6379"
+OWNER_KEY = "musicgen-tests:owner"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """An empty database claimed for this session; all of its keys are ours to delete after."""
+    token = uuid.uuid4().hex
+    for db in range(1, 15):
+        client = redis.Redis.from_url(f"{REDIS}/{db}")
+        if client.dbsize() == 0 and client.set(OWNER_KEY, token, nx=True):
+            break
+        client.close()
+    else:
+        pytest.fail("no empty Redis database to claim for the integration tests")
+    yield f"{REDIS}/{db}"
+    if client.get(OWNER_KEY) == token.encode():
+        keys = list(client.scan_iter(count=1000))
+        if keys:
+            client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project directory with the tiny models built by the project's own command."""
+    root = tmp_path_factory.mktemp("musicgen")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "models", "make-tiny", ".musicgen/models"],
+                          cwd=root, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (root / ".musicgen/models/tiny/config.json").is_file()
+    assert (root / ".musicgen/models/tiny-melody/config.json").is_file()
+    return root
+
+
+def base_env(workdir: Path, broker: str | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MUSICGEN_")}
+    env.update({
+        "MUSICGEN_ENV": "development",
+        "MUSICGEN_MODEL__PRESET": "tiny",
+        "MUSICGEN_APP__DATA_DIR": str(workdir / ".musicgen"),
+        "MUSICGEN_STORAGE__OUTPUT_DIR": str(workdir / "outputs"),
+        "MUSICGEN_STORAGE__TEMP_DIR": str(workdir / "tmp"),
+        "MUSICGEN_DATABASE__URL": f"sqlite:///{workdir}/quota.db",
+        "MUSICGEN_RATE_LIMIT__ENABLED": "false",
+        "PYTHONUNBUFFERED": "1",
+    })
+    if broker:
+        env["MUSICGEN_BROKER__URL"] = broker
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Worker:
+    """A real `celery worker` process started the way an operator starts one."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    env: dict[str, str] = field(repr=False)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class WorkerFactory:
+    def __init__(self, workdir: Path, redis_url: str, tmp: Path) -> None:
+        self.workdir, self.redis_url, self.tmp = workdir, redis_url, tmp
+        self.started: list[Worker] = []
+
+    def start(self, *, queues: str = "musicgen.tiny,musicgen.tiny-melody", pool: str = "prefork",
+              ready_timeout: float = 120, **env: str) -> Worker:
+        name = f"w{len(self.started) + 1}-{uuid.uuid4().hex[:6]}@test"
+        full_env = base_env(self.workdir, self.redis_url, **env)
+        log = self.tmp / f"{name.split('@')[0]}.log"
+        argv = [sys.executable, "-m", "pipeline.cli", "worker", "-Q", queues, "--pool", pool,
+                "-n", name, "--loglevel", "info"]
+        with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(argv, cwd=self.workdir, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+        worker = Worker(name, proc, log, full_env)
+        self.started.append(worker)
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"worker exited with {proc.returncode}:\n{worker.log_text()[-3000:]}")
+            if " ready." in worker.log_text():
+                return worker
+            time.sleep(0.2)
+        pytest.fail(f"worker not ready after {ready_timeout} s:\n{worker.log_text()[-3000:]}")
+
+    def stop_all(self) -> None:
+        for worker in self.started:
+            worker.stop()
+
+
+@pytest.fixture
+def workers(workdir: Path, redis_url: str, tmp_path: Path) -> Iterator[WorkerFactory]:
+    factory = WorkerFactory(workdir, redis_url, tmp_path)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def shared_worker(workdir: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    """One worker for a module's tests that do not kill or stop it."""
+    factory = WorkerFactory(workdir, redis_url, tmp_path_factory.mktemp("worker"))
+    yield factory.start()
+    factory.stop_all()
+
+
+CALLER = textwrap.dedent("""
+    import json, sys
+    import pipeline
+    from pipeline import GenerationRequest
+
+    spec = json.loads(sys.argv[1])
+    handle = pipeline.enqueue(GenerationRequest(**spec["request"]))
+    seen = []
+    def on_progress(p):
+        if not seen or seen[-1] != [p.fraction, p.message]:
+            seen.append([p.fraction, p.message])
+    try:
+        result = handle.wait(spec.get("timeout", 120), poll=0.05, on_progress=on_progress)
+        print(json.dumps({"job_id": handle.id, "result": result.model_dump(mode="json"), "progress": seen,
+                          "imported": sorted(m for m in ("torch", "transformers", "ffmpeg") if m in sys.modules)}))
+    except pipeline.PipelineError as exc:
+        print(json.dumps({"job_id": handle.id, "error": exc.to_dict(), "progress": seen}))
+""")
+
+
+def run_caller(workdir: Path, redis_url: str, request: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
+    """Enqueue from a separate Python process, as a calling service would, and wait."""
+    proc = subprocess.run([sys.executable, "-c", CALLER, json.dumps({"request": request, "timeout": timeout})],
+                          cwd=workdir, env=base_env(workdir, redis_url), capture_output=True, text=True,
+                          timeout=timeout + 60, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ffprobe(path: Path) -> dict[str, Any]:
+    out = subprocess.run(["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
+                          str(path)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def measured_lufs(path: Path) -> float:
+    """Integrated loudness measured independently of the pipeline (ffmpeg's ebur128 filter)."""
+    out = subprocess.run(["ffmpeg", "-nostats", "-hide_banner", "-i", str(path), "-af", "ebur128",
+                          "-f", "null", "-"], capture_output=True, text=True, check=True)
+    lines = [line for line in out.stderr.splitlines() if line.strip().startswith("I:")]
+    return float(lines[-1].split()[1])

@@ -1,0 +1,157 @@
+"""End to end through the queue: a caller process enqueues, a real worker process generates
+with the tiny model, real ffmpeg writes the file, and we check the file with ffprobe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import pipeline
+from pipeline import GenerationRequest, JobStatus
+
+from .conftest import Worker, base_env, ffprobe, measured_lufs, run_caller
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _settings(workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> pipeline.Settings:
+    for key, value in base_env(workdir, redis_url).items():
+        if key.startswith("MUSICGEN_"):
+            monkeypatch.setenv(key, value)
+    return pipeline.load_settings(cwd=workdir)
+
+
+def test_caller_process_gets_the_file_it_asked_for(shared_worker: Worker, workdir: Path, redis_url: str) -> None:
+    out = run_caller(workdir, redis_url, {
+        "prompt": "calm piano\x07 over rain", "duration": 2.0, "format": "flac", "sample_rate": 44100,
+        "channels": 2, "bit_depth": 24, "normalization": "lufs", "loudness_target": -16.0, "seed": 7})
+    assert "error" not in out, out
+    assert out["imported"] == [], "the calling service must not import the worker stack"
+    result = out["result"]
+    path = Path(result["output_path"])
+    assert path.is_file() and path.suffix == ".flac"
+    probe = ffprobe(path)
+    stream = probe["streams"][0]
+    assert probe["format"]["format_name"] == "flac"
+    assert int(stream["sample_rate"]) == 44100 and stream["channels"] == 2
+    assert stream["bits_per_raw_sample"] == "24"
+    assert float(probe["format"]["duration"]) == pytest.approx(2.0, abs=1e-3)
+    assert measured_lufs(path) == pytest.approx(-16.0, abs=0.5)
+    assert result["seed"] == 7 and result["model"] == "tiny"
+    timings = result["timings"]
+    assert timings["generate"] > 0 and timings["postprocess"] > 0 and timings["total"] >= timings["generate"]
+    fractions = [p[0] for p in out["progress"]]
+    assert any(0.0 < f < 0.9 for f in fractions), out["progress"]  # progress while tokens are generated
+    assert fractions == sorted(fractions)
+    sidecar = json.loads(Path(result["sidecar_path"]).read_text())
+    assert sidecar["request"]["prompt"] == "calm piano over rain"  # control character stripped
+    assert sidecar["result"]["output_path"] == str(path)
+
+
+@pytest.mark.parametrize(("fmt", "rate", "channels", "codec"), [
+    ("wav", 32000, 1, "pcm_s16le"), ("mp3", 44100, 2, "mp3"), ("ogg", 48000, 1, "vorbis"),
+    ("opus", 48000, 2, "opus"),
+])
+def test_each_output_format(shared_worker: Worker, workdir: Path, redis_url: str, fmt: str, rate: int,
+                            channels: int, codec: str) -> None:
+    out = run_caller(workdir, redis_url, {"prompt": "drums", "duration": 1.0, "format": fmt,
+                                          "sample_rate": rate, "channels": channels, "normalization": "peak"})
+    assert "error" not in out, out
+    probe = ffprobe(Path(out["result"]["output_path"]))
+    stream = probe["streams"][0]
+    assert stream["codec_name"] == codec
+    assert int(stream["sample_rate"]) == rate and stream["channels"] == channels
+    # lossy codecs pad a frame or two; the sample-exact formats are checked above
+    assert float(probe["format"]["duration"]) == pytest.approx(1.0, abs=0.08)
+
+
+def test_same_seed_same_audio(shared_worker: Worker, workdir: Path, redis_url: str) -> None:
+    request = {"prompt": "same again", "duration": 1.0, "format": "wav", "normalization": "none", "seed": 42}
+    first = run_caller(workdir, redis_url, request)["result"]
+    second = run_caller(workdir, redis_url, request)["result"]
+    a, _ = sf.read(first["output_path"])
+    b, _ = sf.read(second["output_path"])
+    assert first["job_id"] != second["job_id"]
+    assert np.array_equal(a, b)
+
+
+def test_melody_conditioning_with_the_tiny_melody_model(shared_worker: Worker, workdir: Path,
+                                                        redis_url: str, tmp_path: Path) -> None:
+    t = np.arange(32000 * 2) / 32000
+    melody = tmp_path / "melody.wav"
+    sf.write(melody, 0.3 * np.sin(2 * np.pi * 440 * t), 32000)
+    out = run_caller(workdir, redis_url, {"prompt": "hum along", "duration": 1.0, "model": "tiny-melody",
+                                          "melody": str(melody), "format": "wav"})
+    assert "error" not in out, out
+    assert out["result"]["model"] == "tiny-melody"
+    assert float(ffprobe(Path(out["result"]["output_path"]))["format"]["duration"]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_idempotent_enqueue_gives_one_job(shared_worker: Worker, workdir: Path, redis_url: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = _settings(workdir, redis_url, monkeypatch)
+    producer = pipeline.Producer(settings)
+    job_id = f"client-{time.time_ns()}"
+    request = GenerationRequest(prompt="once only", duration=0.5, job_id=job_id, format="wav")
+    first = producer.enqueue(request)
+    second = producer.enqueue(request)
+    assert first.id == second.id == job_id
+    result = first.wait(120)
+    assert second.wait(5) == result
+    outputs = list(Path(settings.storage.output_dir).glob(f"{job_id}.*"))
+    assert sorted(p.suffix for p in outputs) == [".json", ".wav"]
+    time.sleep(1.0)  # a duplicate message, had one been sent, would have been received by now
+    assert shared_worker.log_text().count(f"musicgen.generate[{job_id}] received") == 1
+
+
+def test_cancel_a_queued_job_and_a_running_one(shared_worker: Worker, workdir: Path, redis_url: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = _settings(workdir, redis_url, monkeypatch)
+    producer = pipeline.Producer(settings)
+    running = producer.enqueue(GenerationRequest(prompt="long one", duration=20.0, format="wav"))
+    queued = producer.enqueue(GenerationRequest(prompt="never starts", duration=0.5, format="wav"))
+    deadline = time.monotonic() + 60
+    while running.status() not in (JobStatus.progress, JobStatus.started):
+        assert time.monotonic() < deadline, "the long job never started"
+        time.sleep(0.1)
+    assert queued.status() is JobStatus.queued  # one job per GPU: the second waits
+    assert queued.cancel() is True
+    assert queued.status() is JobStatus.cancelled
+    while running.progress().fraction < 0.05:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert running.cancel() is True
+    with pytest.raises(pipeline.JobCancelled):
+        while running.result() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    # The worker moves on to the cancelled queued job, sees its flag, and skips it.
+    probe = producer.enqueue(GenerationRequest(prompt="after", duration=0.5, format="wav"))
+    probe.wait(120)
+    assert queued.status() is JobStatus.cancelled
+    out_dir = Path(settings.storage.output_dir)
+    assert not list(out_dir.glob(f"{running.id}*")) and not list(out_dir.glob(f"{queued.id}*"))
+    assert not list(out_dir.glob(f".{running.id}*"))  # no partial file
+    temp = Path(settings.storage.temp_dir)
+    assert not (temp / running.id).exists()
+    assert f"musicgen.generate[{queued.id}] succeeded" not in shared_worker.log_text()
+
+
+def test_embedded_default_needs_no_server(workdir: Path, tmp_path: Path) -> None:
+    env = base_env(workdir, None, MUSICGEN_APP__DATA_DIR=str(tmp_path / "data"),
+                   MUSICGEN_STORAGE__OUTPUT_DIR=str(tmp_path / "out"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "generate", "lofi loop", "--model", "tiny",
+                           "--duration", "1", "--format", "wav", "--json"],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert Path(result["output_path"]).parent == tmp_path / "out"
+    assert float(ffprobe(Path(result["output_path"]))["format"]["duration"]) == pytest.approx(1.0, abs=1e-3)
+    assert (tmp_path / "data" / "broker").is_dir()  # the file-system broker, not Redis

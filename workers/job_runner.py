@@ -1,0 +1,120 @@
+"""One worker process's job runner: cached models, generate, post-process, write the file.
+
+decode (JobSpec) -> predict (MusicGen on the device) -> encode (ffmpeg, atomic file). Celery
+stays out of this module: the task passes in callbacks for progress and cancellation.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config.presets import model_settings_for
+from pipeline.config.schema import ModelSettings, Settings
+from pipeline.jobs import JobResult, JobSpec, Timings
+from workers.audio.decode import decode_mono
+from workers.audio.formats import OutputSpec as RenderSpec
+from workers.audio.postprocess import render
+from workers.runtime.batch import GenerationItem
+from workers.runtime.model_cache import ModelCache
+from workers.runtime.musicgen import LoadedModel, generate, load_model
+from workers.storage import write_sidecar
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+
+
+class JobCancelledByUser(Exception):
+    """Raised inside a running job when its cancel flag is seen; the task turns it into REVOKED."""
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    result: JobResult
+    produced_seconds: float
+    gpu_seconds: float
+
+
+class JobRunner:
+    """Everything a worker process keeps between jobs: its settings and its model cache."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache: ModelCache[LoadedModel] = ModelCache(settings.model.cache_size, self._load)
+        self._model_settings: dict[str, ModelSettings] = {}
+
+    def _load(self, preset: str) -> LoadedModel:
+        m = self._model_settings[preset]
+        log.info("loading model %s from %s on %s", preset, m.source, m.device)
+        return load_model(m.source, device=m.device, dtype=m.dtype, compile=m.compile,
+                          offline=m.offline, cache_dir=m.cache_dir)
+
+    def model(self, preset: str) -> tuple[LoadedModel, float]:
+        """The loaded model for a preset and the seconds spent loading it (0 when cached)."""
+        self._model_settings.setdefault(preset, model_settings_for(self.settings, preset))
+        started = time.perf_counter()
+        loaded = self.cache.get(preset)
+        return loaded, time.perf_counter() - started
+
+    def preload(self) -> None:
+        if self.settings.model.preload:
+            self.model(self.settings.model.preset)
+
+    def run(self, spec: JobSpec, *, worker: str, progress: Progress, started_at: float) -> RunOutcome:
+        """Generate one job's file; partial files are removed whatever happens."""
+        storage = self.settings.storage
+        temp_dir = Path(storage.temp_dir).expanduser().resolve() / spec.job_id
+        out_dir = Path(storage.output_dir).expanduser().resolve()
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            progress(0.0, "loading model")
+            loaded, load_s = self.model(spec.model)
+            item = GenerationItem(
+                prompt=spec.prompt, duration_s=spec.duration, temperature=spec.temperature,
+                top_k=spec.top_k, top_p=spec.top_p, guidance_scale=spec.guidance_scale, seed=spec.seed,
+                melody=self._melody(spec, temp_dir, loaded.sampling_rate))
+            # The batch API takes a list even for one job, so cross-job batching needs no rewrite.
+            audio = generate(loaded, [item], lambda f, msg: progress(0.9 * f, msg))[0]
+            progress(0.9, "post-processing")
+            out = spec.output
+            dest = out_dir / f"{spec.job_id}.{out.format}"  # .wav .mp3 .flac .ogg .opus
+            rendered = render(audio.samples, audio.sample_rate,
+                              RenderSpec(format=out.format, sample_rate=out.sample_rate,
+                                         channels=out.channels, bit_depth=out.bit_depth,
+                                         normalization=out.normalization, target_level=out.loudness_target,
+                                         mp3_bitrate=out.mp3_bitrate),
+                              dest, temp_dir=temp_dir)
+            timings = Timings(queue_wait=max(0.0, started_at - spec.enqueued_at), model_load=load_s,
+                              generate=audio.generate_seconds, postprocess=rendered.postprocess_seconds,
+                              total=time.time() - started_at)
+            result = JobResult(
+                job_id=spec.job_id, output_path=str(rendered.path), sidecar_path=str(dest) + ".json",
+                format=rendered.format, duration=rendered.duration_s, sample_rate=rendered.sample_rate,
+                channels=rendered.channels, bit_depth=rendered.bit_depth,
+                loudness_lufs=rendered.loudness_lufs, peak_dbfs=rendered.peak_dbfs, model=spec.model,
+                seed=audio.seed, worker=worker, timings=timings)
+            write_sidecar(dest, {"request": spec.model_dump(mode="json"),
+                                 "result": result.model_dump(mode="json")})
+            return RunOutcome(result, rendered.duration_s, audio.generate_seconds)
+        finally:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+    def _melody(self, spec: JobSpec, temp_dir: Path, sampling_rate: int) -> tuple[object, int] | None:
+        if spec.melody is None:
+            return None
+        return decode_mono(spec.melody.materialise(temp_dir), sampling_rate), sampling_rate
+
+    def remove_outputs(self, job_id: str) -> None:
+        """Delete whatever a cancelled or timed-out job left in the output folder."""
+        out_dir = Path(self.settings.storage.output_dir).expanduser().resolve()
+        for path in out_dir.glob(f"{job_id}.*"):
+            path.unlink(missing_ok=True)
+        for path in out_dir.glob(f".{job_id}.*"):
+            path.unlink(missing_ok=True)
+

@@ -1,0 +1,40 @@
+"""Per-process set-up: the model is loaded after the fork, never in the parent or at import.
+
+CUDA cannot be re-initialised in a forked child, and the producer must never import torch, so
+the only place a model is loaded is here (or lazily by the first job).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_process_init, worker_ready
+
+from workers.tasks import STATE, runner_for
+
+log = logging.getLogger(__name__)
+
+
+def _setup(app: Any) -> None:
+    runner = runner_for(app)
+    try:
+        runner.preload()
+    except Exception:
+        # A worker that cannot load its model still serves: each job reports the error itself
+        # (model_not_found is permanent) instead of the process crash-looping.
+        log.exception("preloading the model failed")
+
+
+def connect(app: Any) -> None:
+    pool = app.settings.worker.pool
+
+    @worker_process_init.connect(weak=False)
+    def _in_child(**_: Any) -> None:  # prefork children
+        STATE.runner = None
+        _setup(app)
+
+    @worker_ready.connect(weak=False)
+    def _in_main(**_: Any) -> None:  # solo and threads pools run jobs in the main process
+        if pool in ("solo", "threads"):
+            _setup(app)

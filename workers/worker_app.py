@@ -1,0 +1,16 @@
+"""The worker's Celery app: the shared factory plus the task and the per-process hooks."""
+
+from __future__ import annotations
+
+from pipeline.celery_app import PipelineCelery, make_celery
+from pipeline.config import Settings, load_settings
+
+
+def build_app(settings: Settings | None = None) -> PipelineCelery:
+    settings = settings if settings is not None else load_settings()
+    app = make_celery(settings, name="musicgen-worker")
+    from workers import signals, tasks
+
+    tasks.register_tasks(app)
+    signals.connect(app)
+    return app
