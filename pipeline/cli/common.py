@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
@@ -14,14 +15,16 @@ from pipeline.errors import PipelineError
 EXIT_FAILED = 1
 
 
-def parse_sets(items: Sequence[str]) -> dict[str, str]:
+def parse_sets(items: Sequence[str] | None) -> dict[str, str]:
     """``["model.preset=tiny"]`` -> ``{"model.preset": "tiny"}``; values are parsed as TOML later."""
     out = {}
-    for item in items:
+    for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise typer.BadParameter(f"expected section.key=value, got {item!r}", param_hint="--set")
-        out[key.strip()] = value.strip()
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", key):
+            raise typer.BadParameter(f"{item!r}: expected SECTION.KEY=VALUE, e.g. model.device=cpu",
+                                     param_hint="--set")
+        out[key.lower()] = value
     return out
 
 

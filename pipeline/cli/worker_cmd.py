@@ -26,7 +26,7 @@ def override_env(overrides: Mapping[str, str]) -> dict[str, str]:
 
 def worker_argv(settings: Settings, *, queues: Sequence[str] = (), pool: str | None = None,
                 concurrency: int | None = None, name: str | None = None,
-                loglevel: str | None = None) -> list[str]:
+                loglevel: str | None = None, include: Sequence[str] = ()) -> list[str]:
     """The `celery worker` command line these settings call for."""
     w = settings.worker
     chosen_pool = pool or w.pool
@@ -37,6 +37,8 @@ def worker_argv(settings: Settings, *, queues: Sequence[str] = (), pool: str | N
             "--loglevel", (loglevel or settings.app.log_level).upper(), "-E"]
     if name:
         argv += ["-n", name]
+    if include:
+        argv += ["--include", ",".join(include)]
     if settings.broker.url is None:
         # The file-system transport has no fanout: no gossip, mingle or heartbeats to exchange.
         argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
@@ -62,6 +64,8 @@ def worker(
     env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
     sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
     loglevel: str = typer.Option(None, "--loglevel", "-l"),
+    include: list[str] = typer.Option([], "--include", "-I",
+                                      help="extra modules the worker imports (signal handlers, plugins)"),
 ) -> None:
     """Start a Celery worker for this node's GPU with the settings' pool, limits and queues."""
     from pipeline.cli.common import load_or_exit, parse_sets
@@ -69,8 +73,11 @@ def worker(
     overrides = parse_sets(sets)
     settings = load_or_exit(env, overrides)
     child_env = {**os.environ, **override_env(overrides)}
+    # SIGTERM becomes Celery's cold shutdown, which with worker_soft_shutdown_timeout set first
+    # lets the running job finish for worker.shutdown_grace seconds, then requeues it.
+    child_env.setdefault("REMAP_SIGTERM", "SIGQUIT")
     if env:
         child_env["MUSICGEN_ENV"] = env
     argv = worker_argv(settings, queues=queues, pool=pool, concurrency=concurrency, name=name,
-                       loglevel=loglevel)
+                       loglevel=loglevel, include=include)
     os.execve(argv[0], argv, child_env)

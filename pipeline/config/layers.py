@@ -63,12 +63,6 @@ class LayerStack:
     env: str
     files: list[tuple[str, Path]] = field(default_factory=list)  # (label, path)
 
-    def label_for(self, path: str, section_env: str) -> str:
-        for label, candidate in self.files:
-            if str(candidate) == path:
-                return label if section_env in ("default", "global") else f"{label} [{section_env}]"
-        return path
-
 
 def user_files(cwd: Path, environ: Mapping[str, str], extra: Sequence[Path]) -> list[tuple[str, Path]]:
     found = [(name, cwd / name) for name in USER_FILES if (cwd / name).is_file()]
@@ -114,28 +108,83 @@ class Loaded:
             merge_enabled=True,
             load_dotenv=False,
         )
-        self._overrides = {k.lower() for k in overrides}
+        self._overrides = {k.lower(): v for k, v in overrides.items()}
+        # What Dynaconf's env loader saw, kept for provenance (it records no per-variable history).
+        self._env_vars = {k: v for k, v in os.environ.items() if k.startswith(ENVVAR_PREFIX + "_")
+                          and k not in (ENV_SWITCHER, FILES_ENVVAR)}
+        self._file_cache: dict[Path, dict[str, Any]] = {}
         for key, value in overrides.items():
             self._dyn.set(key, _parse_override(value))
         self.raw: dict[str, Any] = _normalise(self._dyn.as_dict())
+        self._replace_lists(self.raw)
         # The environment section chosen is the one truth about which environment this is.
         self.raw.setdefault("app", {})["environment"] = stack.env
 
-    def source_of(self, dotted: str) -> str:
-        """The layer that set ``dotted`` last: a file (and section), an env var, or an override."""
-        from dynaconf.utils.inspect import get_history
+    def _replace_lists(self, tree: dict[str, Any], prefix: str = "") -> None:
+        """The list of the highest layer replaces the lists below it, as each layer reads on its
+        own; Dynaconf's merge concatenates them (so no layer could drop a melody format)."""
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                self._replace_lists(value, f"{prefix}{key}.")
+            elif isinstance(value, list) and (winner := self._winner(f"{prefix}{key}")) is not None:
+                tree[key] = _normalise(winner[1])
 
+    def source_of(self, dotted: str) -> str:
+        """The layer that set ``dotted`` last: a file (and section), an env var, or an override.
+
+        Dynaconf's history is not used: with merging on it records a layer's *merged* section (so
+        every key of a section looks set by the last file that touched the section) and keeps one
+        entry for all env vars. The layers are few and small, so we look at what each one says.
+        """
         if dotted == "app.environment":
             return ENV_SWITCHER
-        if any(dotted == k or dotted.startswith(k + ".") for k in self._overrides):
-            return "override"
-        # Dynaconf records a dotted set() against the whole section, so overrides are ours to
-        # track (above) and its set_method entries say nothing about this key.
-        history = [h for h in get_history(self._dyn, key=dotted) if h.get("loader") != "set_method"]
-        if not history:
-            return "default (schema)"
-        last = history[-1]
-        loader, ident, env = last.get("loader"), str(last.get("identifier")), str(last.get("env"))
-        if loader == "env_global":
-            return f"env MUSICGEN_{dotted.upper().replace('.', '__')}"
-        return self.stack.label_for(ident, env.lower())
+        winner = self._winner(dotted)
+        return winner[0] if winner is not None else "default (schema)"
+
+    def _winner(self, dotted: str) -> tuple[str, Any] | None:
+        """``(label, value)`` of the highest layer that sets ``dotted``; None if none does."""
+        parts = dotted.lower().split(".")
+        for key, value in reversed(list(self._overrides.items())):
+            found, got = _lookup_under(key.split("."), _parse_override(value), parts)
+            if found:
+                return "override", got
+        for name, value in sorted(self._env_vars.items(), reverse=True):
+            var_parts = name[len(ENVVAR_PREFIX) + 1:].lower().split("__")
+            found, got = _lookup_under(var_parts, _parse_override(value), parts)
+            if found:
+                return f"env {name}", got
+        for label, path in reversed(self.stack.files):
+            sections = _read_sections(path, self._file_cache)
+            for section in ("global", self.stack.env, "default"):  # a file's own order, reversed
+                found, got = _lookup(sections.get(section), parts)
+                if found:
+                    return (label if section in ("default", "global") else f"{label} [{section}]"), got
+        return None
+
+
+def _lookup_under(prefix: Sequence[str], value: Any, parts: Sequence[str]) -> tuple[bool, Any]:
+    """Does a layer that sets ``prefix`` to ``value`` set ``parts``? ``(found, value there)``."""
+    if list(parts[:len(prefix)]) != list(prefix):
+        return False, None
+    return _lookup(value, parts[len(prefix):])
+
+
+def _lookup(tree: Any, parts: Sequence[str]) -> tuple[bool, Any]:
+    """``(found, value)`` at ``parts`` in a nested mapping, keys compared lower-cased."""
+    for part in parts:
+        if not isinstance(tree, Mapping):
+            return False, None
+        tree = {str(k).lower(): v for k, v in tree.items()}
+        if part not in tree:
+            return False, None
+        tree = tree[part]
+    return True, tree
+
+
+def _read_sections(path: Path, cache: dict[Path, dict[str, Any]]) -> dict[str, Any]:
+    """A layer file's sections, keys lower-cased as Dynaconf matches them."""
+    if path not in cache:
+        import tomllib
+        with path.open("rb") as fh:
+            cache[path] = {str(k).lower(): v for k, v in tomllib.load(fh).items()}
+    return cache[path]

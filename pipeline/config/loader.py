@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,10 @@ class LayeredSettings:
     """A load with everything kept: raw tree, provenance, report, and Settings if valid."""
 
     env: str
-    raw: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False)  # plain secrets: never in a repr
     report: Report
     settings: Settings | None
-    loaded: layers.Loaded
+    loaded: layers.Loaded = field(repr=False)
 
     def source_of(self, dotted: str) -> str:
         return self.loaded.source_of(dotted)
@@ -61,6 +61,20 @@ def _named_file(kind: str, name: Any, key: str) -> tuple[Path | None, Problem | 
     return None, Problem(key, name, f"no such {kind[:-1] if kind.endswith('s') else kind}", fix)
 
 
+def _load(stack: layers.LayerStack, overrides: Mapping[str, Any]) -> layers.Loaded:
+    """One Dynaconf load; a file that is not TOML becomes a SettingsError naming the file."""
+    try:
+        return layers.Loaded(stack, overrides)
+    except ValueError as exc:  # TOMLDecodeError (Dynaconf's vendored one) says no file name
+        import tomllib
+        for label, path in stack.files:
+            try:
+                tomllib.loads(path.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as file_exc:
+                raise SettingsError(f"{path} is not valid TOML: {file_exc}", field=label) from exc
+        raise
+
+
 def load_layered(env: str | None = None, *, files: Sequence[str | Path] = (),
                  overrides: Mapping[str, Any] | None = None, cwd: str | Path | None = None) -> LayeredSettings:
     """Load every layer and validate; never raises for invalid values (see ``report``).
@@ -77,10 +91,13 @@ def load_layered(env: str | None = None, *, files: Sequence[str | Path] = (),
         if not path.is_file():
             raise SettingsError(f"settings file not found: {path}", field="--file")
     user = layers.user_files(cwd, environ, extra)
+    for _, path in user:  # listed in MUSICGEN_SETTINGS_FILES yet missing: an error, not a skip
+        if not path.is_file():
+            raise SettingsError(f"settings file not found: {path}", field=layers.FILES_ENVVAR)
     base = ("settings.toml", layers.settings_dir() / "settings.toml")
 
     # Pass 1 learns which preset and profile the merged settings ask for.
-    first = layers.Loaded(layers.LayerStack(env_name, [base, *user]), overrides)
+    first = _load(layers.LayerStack(env_name, [base, *user]), overrides)
     problems: list[Problem] = []
     stack = layers.LayerStack(env_name, [base])
     for kind, key, label in (("models", "model.preset", "preset"), ("profiles", "app.profile", "profile")):
@@ -90,7 +107,7 @@ def load_layered(env: str | None = None, *, files: Sequence[str | Path] = (),
         if problem is not None:
             problems.append(problem)
     stack.files.extend(user)
-    loaded = layers.Loaded(stack, overrides)
+    loaded = _load(stack, overrides)
 
     raw = substitute(loaded.raw, environ, problems=problems)
     problems.extend(check_rules(raw))

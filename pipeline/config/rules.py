@@ -28,6 +28,14 @@ class Problem:
     fix: str
     secret: bool = False
 
+    def __repr__(self) -> str:
+        # A report may be logged or end up in a traceback: a secret value never shows.
+        from pipeline.config.report import MASK  # report imports this module: import late
+
+        value = MASK if self.secret and self.value else repr(self.value)
+        return (f"Problem(path={self.path!r}, value={value}, rule={self.rule!r}, fix={self.fix!r}, "
+                f"secret={self.secret})")
+
 
 def get(raw: Raw, dotted: str) -> Any:
     node: Any = raw

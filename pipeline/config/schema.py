@@ -46,7 +46,7 @@ class BrokerSettings(_Section):
                                              "unset = the embedded file-system broker (development only)")
     password: SecretStr | None = None
     result_backend: str | None = Field(None, description="defaults to the broker URL")
-    visibility_timeout: int = Field(3900, ge=60, le=86400, description="seconds; must exceed the hard time limit")
+    visibility_timeout: int = Field(3900, ge=5, le=86400, description="seconds; must exceed the hard time limit")
     result_expires: int = Field(86400, ge=60, le=30 * 86400)
     connect_timeout: float = Field(5.0, gt=0, le=120)
 
@@ -138,7 +138,8 @@ class RateLimitSettings(_Section):
     """A global rate limit across all workers, per model queue."""
 
     enabled: bool = True
-    rate: str = Field("20/minute", pattern=r"^\d+\s*/\s*(second|minute|hour|day)$")
+    rate: str = Field("20/minute", pattern=r"^\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day)s?$",
+                      description="jobs per window, e.g. 20/minute or 3 per 10 seconds")
 
 
 class CircuitBreakerSettings(_Section):

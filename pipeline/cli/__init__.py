@@ -1,0 +1,34 @@
+"""The ``musicgen-pipeline`` command: a root Typer app that assembles one sub-app per area.
+
+Adding an area (generate, worker, models, ...) is two lines: import its Typer app and
+``app.add_typer`` it. Sub-app modules import heavy things (torch) inside their commands only.
+"""
+
+import typer
+
+from pipeline.cli.breaker_cmd import breaker_app
+from pipeline.cli.generate_cmd import generate
+from pipeline.cli.models_cmd import models_app
+from pipeline.cli.settings_cmd import settings_app
+from pipeline.cli.worker_cmd import worker
+
+app = typer.Typer(
+    name="musicgen-pipeline",
+    help="Serve Meta's MusicGen through Celery: settings, workers, jobs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold secrets
+)
+app.add_typer(settings_app, name="settings")
+app.add_typer(models_app, name="models")
+app.add_typer(breaker_app, name="breaker")
+app.command("generate")(generate)
+app.command("worker", context_settings={"ignore_unknown_options": False})(worker)
+
+
+def main() -> None:
+    """Console-script entry point (``musicgen-pipeline = "pipeline.cli:main"``)."""
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,220 @@
+"""``musicgen-pipeline settings check``: is the environment the settings describe healthy?
+
+Each check is a small function returning CheckResults (ok | warn | fail). They touch the real
+things: the directories (created if missing: a check may, ``validate`` may not), Redis, the
+database, ffmpeg, the model files, the device. torch and transformers are never imported in
+this process: the model check looks at files, the device check asks a subprocess.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pipeline.config.schema import Settings
+
+
+class Status(str, Enum):
+    ok = "ok"
+    warn = "warn"
+    fail = "fail"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One line of the check: what was checked, how it went, and the detail an operator needs."""
+
+    name: str
+    status: Status
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "status": self.status.value}
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_dirs(settings: Settings) -> list[CheckResult]:
+    """The local state, output and temp directories exist (created here if missing) and are writable."""
+    wanted = {"app.data_dir": settings.app.data_dir, "storage.output_dir": settings.storage.output_dir,
+              "storage.temp_dir": settings.storage.temp_dir}
+    if settings.model.cache_dir:
+        wanted["model.cache_dir"] = settings.model.cache_dir
+    out = []
+    for key, value in wanted.items():
+        path = Path(value).expanduser()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            out.append(CheckResult(key, Status.fail, f"{path} is not writable: {exc.strerror or exc}"))
+        else:
+            out.append(CheckResult(key, Status.ok, f"{path.resolve()} is writable"))
+    return out
+
+
+def _ping_redis(name: str, url: str, settings: Settings) -> CheckResult:
+    import redis
+
+    password = settings.broker.password.get_secret_value() if settings.broker.password else None
+    timeout = settings.broker.connect_timeout
+    extra: dict[str, Any] = {"password": password} if password else {}
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout, **extra)
+    try:
+        client.ping()
+    except redis.RedisError as exc:  # connection refused, timeout, auth: all say "unreachable"
+        return CheckResult(name, Status.fail, f"{url} unreachable: {type(exc).__name__}: {exc}")
+    finally:
+        client.close()
+    return CheckResult(name, Status.ok, f"{url} answers PING")
+
+
+def check_broker(settings: Settings) -> list[CheckResult]:
+    """Redis answers at broker.url (and at result_backend when that is another Redis)."""
+    url = settings.broker.url
+    if url is None:
+        # The rules refuse a missing URL outside development; say which broker will be used.
+        if settings.features.embedded_broker:
+            return [CheckResult("broker", Status.ok, "embedded file-system broker (development)")]
+        return [CheckResult("broker", Status.fail,
+                            "broker.url is unset and features.embedded_broker is off")]
+    out = [_ping_redis("broker", url, settings)]
+    backend = settings.broker.result_backend
+    if backend and backend != url and backend.startswith(("redis://", "rediss://")):
+        out.append(_ping_redis("result backend", backend, settings))
+    return out
+
+
+def check_database(settings: Settings, *, timeout: float | None = None) -> list[CheckResult]:
+    """``select 1`` answers on database.url (timeout: broker.connect_timeout unless given)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    timeout = settings.broker.connect_timeout if timeout is None else timeout
+    try:
+        url = make_url(settings.database.url)
+    except ArgumentError as exc:
+        return [CheckResult("database", Status.fail, f"not a database URL: {exc}")]
+    if settings.database.password:
+        url = url.set(password=settings.database.password.get_secret_value())
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite":
+        connect_args: dict[str, Any] = {"timeout": timeout}
+        if url.database and url.database != ":memory:" and not Path(url.database).parent.is_dir():
+            return [CheckResult("database", Status.fail,
+                                f"{shown}: directory {Path(url.database).parent} does not exist")]
+    else:
+        connect_args = {"connect_timeout": max(1, int(timeout))}
+    try:
+        engine = create_engine(url, connect_args=connect_args)
+    except ImportError as exc:
+        return [CheckResult("database", Status.fail,
+                            f"{shown}: driver not installed ({exc.name}); for PostgreSQL install the "
+                            "`postgres` extra and use postgresql+psycopg://")]
+    except ArgumentError as exc:  # an unknown dialect or driver name
+        return [CheckResult("database", Status.fail, f"{shown}: {exc}")]
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        return [CheckResult("database", Status.fail, f"{shown} unreachable: {reason}")]
+    finally:
+        engine.dispose()
+    return [CheckResult("database", Status.ok, f"{shown} answers select 1")]
+
+
+def check_ffmpeg() -> list[CheckResult]:
+    """ffmpeg and ffprobe are on PATH and run."""
+    out = []
+    for tool in ("ffmpeg", "ffprobe"):
+        path = shutil.which(tool)
+        if path is None:
+            out.append(CheckResult(tool, Status.fail, f"{tool} not found on PATH; install ffmpeg"))
+            continue
+        try:
+            done = subprocess.run([path, "-version"], capture_output=True, text=True, timeout=20,
+                                  check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            out.append(CheckResult(tool, Status.fail, f"{path} -version failed: {exc}"))
+            continue
+        first = (done.stdout.splitlines() or [""])[0]
+        status = Status.ok if done.returncode == 0 else Status.fail
+        out.append(CheckResult(tool, status, f"{path}: {first}" if first else f"{path}: exit {done.returncode}"))
+    return out
+
+
+def hf_cache_dir(settings: Settings, environ: Mapping[str, str]) -> Path:
+    """Where transformers will look: model.cache_dir, else HF_HUB_CACHE, HF_HOME/hub, ~/.cache."""
+    if settings.model.cache_dir:
+        return Path(settings.model.cache_dir).expanduser()
+    if environ.get("HF_HUB_CACHE"):
+        return Path(environ["HF_HUB_CACHE"]).expanduser()
+    home = environ.get("HF_HOME") or str(Path(environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def check_model(settings: Settings, environ: Mapping[str, str]) -> list[CheckResult]:
+    """The checkpoint is on disk (a local path, or the HF cache) or may be downloaded."""
+    source = settings.model.source
+    local = Path(source).expanduser()
+    if local.exists() or not _HUB_ID.match(source):
+        if (local / "config.json").is_file():
+            return [CheckResult("model", Status.ok, f"{source}: local checkpoint")]
+        hint = " (build it: musicgen-pipeline models make-tiny)" if "tiny" in settings.model.preset else ""
+        return [CheckResult("model", Status.fail, f"{local.resolve()}: no config.json there{hint}")]
+    cache = hf_cache_dir(settings, environ)
+    snapshots = cache / f"models--{source.replace('/', '--')}" / "snapshots"
+    if any(snapshots.glob("*/config.json")):
+        return [CheckResult("model", Status.ok, f"{source}: in the cache at {cache}")]
+    if settings.model.offline:
+        return [CheckResult("model", Status.fail,
+                            f"{source}: not in the cache at {cache} and model.offline is true")]
+    return [CheckResult("model", Status.warn, f"{source}: not cached at {cache}; will download on first use")]
+
+
+_DEVICE_PROBE = {
+    "cuda": "import torch; print(torch.cuda.is_available())",
+    "mps": "import torch; print(torch.backends.mps.is_available())",
+}
+
+
+def check_device(settings: Settings, *,
+                 find_spec: Callable[[str], object | None] = importlib.util.find_spec) -> list[CheckResult]:
+    """The configured device exists; asked of a subprocess so torch stays out of this one."""
+    device = settings.model.device
+    if device in ("auto", "cpu"):
+        return [CheckResult("device", Status.ok, f"{device}: always available"
+                            + (" (cuda or mps when present, else cpu)" if device == "auto" else ""))]
+    if find_spec("torch") is None:
+        return [CheckResult("device", Status.warn, f"{device}: torch not importable here "
+                            "(worker extra not installed); cannot check")]
+    try:
+        done = subprocess.run([sys.executable, "-c", _DEVICE_PROBE[device]], capture_output=True,
+                              text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [CheckResult("device", Status.fail, f"{device}: probe failed: {exc}")]
+    if done.returncode == 0 and done.stdout.strip() == "True":
+        return [CheckResult("device", Status.ok, f"{device}: available")]
+    reason = (done.stderr.strip().splitlines() or [done.stdout.strip()])[-1]
+    return [CheckResult("device", Status.fail, f"{device}: not available ({reason})")]
+
+
+def run_checks(settings: Settings, environ: Mapping[str, str] | None = None) -> list[CheckResult]:
+    """Every check, in an order where each one's prerequisites come first (dirs before SQLite)."""
+    environ = os.environ if environ is None else environ
+    return [*check_dirs(settings), *check_broker(settings), *check_database(settings),
+            *check_ffmpeg(), *check_model(settings, environ), *check_device(settings)]
