@@ -6,7 +6,9 @@ routing and the delivery guarantees; the workers add their tasks on top (``worke
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from celery import Celery
@@ -25,6 +27,17 @@ class PipelineCelery(Celery):  # type: ignore[misc]
     @property
     def embedded(self) -> bool:
         return self.settings.broker.url is None
+
+    @cached_property
+    def redis(self) -> Any:
+        """A client on the broker's Redis for our own keys (None with the embedded broker)."""
+        if self.embedded:
+            return None
+        import redis
+
+        timeout = self.settings.broker.connect_timeout
+        return redis.Redis.from_url(self.conf.broker_url, socket_connect_timeout=timeout,
+                                    socket_timeout=timeout)
 
 
 def broker_url(settings: Settings) -> str:
@@ -79,6 +92,11 @@ def make_celery(settings: Settings, *, name: str = "musicgen-pipeline") -> Pipel
         worker_max_tasks_per_child=w.max_tasks_per_child or None,
         worker_max_memory_per_child=(w.max_memory_per_child_mb * 1024) or None,
         worker_hijack_root_logger=False,
+        # On SIGTERM (remapped to a cold shutdown by `musicgen-pipeline worker`) the running job
+        # gets shutdown_grace seconds to finish; past that it is cancelled and, being unacked,
+        # goes back to the queue.
+        worker_soft_shutdown_timeout=float(w.shutdown_grace),
+        worker_enable_soft_shutdown_on_idle=True,
         enable_utc=True,
     )
     if settings.broker.url is None:
@@ -104,6 +122,8 @@ def make_celery(settings: Settings, *, name: str = "musicgen-pipeline") -> Pipel
                 "queue_order_strategy": "priority",
             },
             result_backend_transport_options={"visibility_timeout": settings.broker.visibility_timeout},
+            # A finished job's result must survive a short Redis outage, not vanish with it.
+            result_backend_always_retry=True, result_backend_max_retries=20,
             broker_connection_max_retries=3,
             redis_socket_connect_timeout=settings.broker.connect_timeout,
         )

@@ -112,6 +112,13 @@ class JobTimeout(PipelineError):
     code = "timeout"
 
 
+class PoisonJob(PipelineError):
+    """Raised when a job was delivered more than ``worker.redelivery_cap`` times without
+    finishing (it keeps killing its worker); it is failed instead of looping."""
+
+    code = "poison_job"
+
+
 class QuotaExceeded(PipelineError):
     """Raised when a user's daily or monthly quota would be exceeded.
 

@@ -22,6 +22,14 @@ BREAKER_PREFIX = ROOT_PREFIX + "breaker:"
 #: ``LIMITER/{key}/{amount}/{multiples}/{granularity}`` (a LIST of hit timestamps per key).
 RATE_LIMIT_PREFIX = ROOT_PREFIX + "ratelimit"
 
+# --- per-job facts (pipeline/registry.py) ---------------------------------------------------
+#: ``musicgen:job:{id}``: set NX at enqueue; makes a client job id idempotent.
+CLAIM_PREFIX = ROOT_PREFIX + "job:"
+#: ``musicgen:cancel:{id}``: a cancelled job; workers check it before and during a job.
+CANCEL_PREFIX = ROOT_PREFIX + "cancel:"
+#: ``musicgen:deliveries:{id}``: how many times a worker started the job (poison detection).
+DELIVERY_PREFIX = ROOT_PREFIX + "deliveries:"
+
 # --- kombu's Redis transport (read-only for us) ---------------------------------------------
 #: kombu.transport.redis.Channel.sep: a queue ``Q`` with priority step ``p > 0`` is the LIST
 #: ``Q + sep + str(p)``; step 0 is the LIST ``Q`` itself. kombu does not let this be configured.

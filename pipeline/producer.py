@@ -12,12 +12,14 @@ import threading
 from collections.abc import Sequence
 
 from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
 from pipeline.celery_app import TASK_GENERATE, PipelineCelery, celery_priority, make_celery
 from pipeline.config.schema import Settings
 from pipeline.errors import InvalidRequest, ServiceUnavailable
 from pipeline.handle import JobHandle
 from pipeline.jobs import GenerationRequest, JobSpec, check_job_id, new_job_id, queue_for
+from pipeline.policies.configured import Policies
 from pipeline.registry import JobRegistry, registry_for
 from pipeline.resolve import resolve
 
@@ -34,6 +36,7 @@ class Producer:
         self.settings = settings
         self.app = app if app is not None else make_celery(settings)
         self.registry: JobRegistry = registry_for(self.app)
+        self.policies = Policies.for_app(self.app)
 
     def enqueue(self, request: GenerationRequest) -> JobHandle:
         """Queue one job; the same ``job_id`` twice returns the first job, never a second."""
@@ -70,12 +73,17 @@ class Producer:
             raise ServiceUnavailable(f"the broker is unreachable: {type(exc).__name__}", None,
                                      {"retry_after": 5}) from exc
         try:
+            # Fail fast, before anything is queued: a broken model or a full queue.
+            breaker = self.policies.breaker(spec.model)
+            if breaker is not None:
+                breaker.check()
+            self.policies.check_backlog(queue_for(spec.model))
             self.app.backend.store_result(spec.job_id, {"model": spec.model, "user_id": spec.user_id,
                                                         "enqueued_at": spec.enqueued_at}, "QUEUED")
             self.app.send_task(TASK_GENERATE, args=[spec.model_dump(mode="json")], task_id=spec.job_id,
                                queue=queue_for(spec.model), priority=celery_priority(spec.priority),
                                retry=True, retry_policy=_PUBLISH_RETRY)
-        except (OperationalError, OSError, ConnectionError) as exc:
+        except (OperationalError, RedisError, OSError) as exc:
             self._give_back(spec)
             raise ServiceUnavailable(f"the broker is unreachable: {exc}", None, {"retry_after": 5}) from exc
         except Exception:

@@ -16,9 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-CLAIM_PREFIX = "musicgen:job:"
-CANCEL_PREFIX = "musicgen:cancel:"
-DELIVERY_PREFIX = "musicgen:deliveries:"
+from pipeline.keys import CANCEL_PREFIX, CLAIM_PREFIX, DELIVERY_PREFIX
 
 
 class JobRegistry(Protocol):
@@ -106,7 +104,4 @@ def registry_for(app: Any) -> JobRegistry:
     if app.embedded:
         from pipeline.celery_app import embedded_dirs
         return FileJobRegistry(embedded_dirs(app.settings)["results"].parent / "registry")
-    import redis
-    return RedisJobRegistry(redis.Redis.from_url(app.conf.broker_url,
-                                                 socket_connect_timeout=app.settings.broker.connect_timeout,
-                                                 socket_timeout=app.settings.broker.connect_timeout))
+    return RedisJobRegistry(app.redis)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from workers.tasks import STATE, runner_for
 
@@ -33,6 +33,12 @@ def connect(app: Any) -> None:
     def _in_child(**_: Any) -> None:  # prefork children
         STATE.runner = None
         _setup(app)
+
+    @worker_process_shutdown.connect(weak=False)
+    @worker_shutdown.connect(weak=False)
+    def _release(**_: Any) -> None:  # drop the models and give GPU memory back before exit
+        if STATE.runner is not None:
+            STATE.runner.cache.clear()
 
     @worker_ready.connect(weak=False)
     def _in_main(**_: Any) -> None:  # solo and threads pools run jobs in the main process

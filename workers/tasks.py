@@ -1,8 +1,9 @@
-"""The Celery task: decode the message, call the job runner, encode the result. Nothing else.
+"""The Celery task: decode the message, apply the worker policies, run the job, encode.
 
 Retries are Celery's own (``autoretry_for`` with exponential backoff and full jitter) and only
 for ``TransientError``: a permanent error (bad input, unsupported option, model not found) fails
-at once and never burns a GPU retry.
+at once and never burns a GPU retry. Policies come from ``pipeline.policies``; this module only
+decides when each applies.
 """
 
 from __future__ import annotations
@@ -13,38 +14,50 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from pydantic import ValidationError
 
 from pipeline.celery_app import TASK_GENERATE, PipelineCelery
-from pipeline.errors import JobTimeout, TransientError
-from pipeline.jobs import JobSpec, invalid_request_from
+from pipeline.errors import GpuOutOfMemory, JobTimeout, ModelRuntimeError, PoisonJob, TransientError
+from pipeline.jobs import JobSpec, invalid_request_from, queue_for
+from pipeline.policies.configured import Policies
 from pipeline.registry import JobRegistry, registry_for
 from workers.job_runner import JobCancelledByUser, JobRunner
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.25  # throttles result-backend writes and cancel-flag reads
+# Failures that say the model or the GPU is unwell: they count towards opening the breaker.
+# Bad input, unsupported options and cancellations say nothing about the model.
+BREAKER_FAILURES = (GpuOutOfMemory, ModelRuntimeError, JobTimeout)
 
 
 class WorkerState:
-    """What the task needs from its process: set up once per process by workers.signals."""
+    """What the task needs from its process, built once per process (after the fork)."""
 
     runner: JobRunner | None = None
     registry: JobRegistry | None = None
+    policies: Policies | None = None
 
 
 STATE = WorkerState()
 
 
 def runner_for(app: PipelineCelery) -> JobRunner:
-    if STATE.runner is None:  # a pool without our signals (or a test) starts lazily
+    if STATE.runner is None:
         STATE.runner = JobRunner(app.settings)
     return STATE.runner
 
 
-def registry(app: PipelineCelery) -> JobRegistry:
+def _registry(app: PipelineCelery) -> JobRegistry:
     if STATE.registry is None:
         STATE.registry = registry_for(app)
     return STATE.registry
+
+
+def _policies(app: PipelineCelery) -> Policies:
+    if STATE.policies is None:
+        STATE.policies = Policies.for_app(app)
+    return STATE.policies
 
 
 def _progress_reporter(task: Task, reg: JobRegistry) -> Any:
@@ -55,28 +68,68 @@ def _progress_reporter(task: Task, reg: JobRegistry) -> Any:
         if now - last[0] < PROGRESS_INTERVAL_S and fraction < 1.0:
             return
         last[0] = now
-        if reg.is_cancelled(task.request.id):
+        try:
+            cancelled = reg.is_cancelled(task.request.id)
+            task.update_state(state="PROGRESS", meta={"progress": round(fraction, 4), "message": message})
+        except Exception:  # progress is best-effort: a Redis blip must not fail the job
+            log.warning("could not report progress of %s", task.request.id, exc_info=True)
+            return
+        if cancelled:
             raise JobCancelledByUser(task.request.id)
-        task.update_state(state="PROGRESS", meta={"progress": round(fraction, 4), "message": message})
 
     return report
+
+
+def _decode(payload: dict[str, Any]) -> JobSpec:
+    try:
+        return JobSpec.model_validate(payload)
+    except ValidationError as exc:  # a message no producer of ours would send
+        raise invalid_request_from(exc, "spec.") from exc
+
+
+def _defer(task: Task, wait: float, reason: str) -> None:
+    """Put the job back with a delay, as the same job: not a retry (it did not fail) and not a
+    delivery (it did not start), so neither the retry budget nor the poison count moves."""
+    log.info("job %s waits %.1f s: %s", task.request.id, wait, reason)
+    task.backend.store_result(task.request.id, {"reason": reason}, "QUEUED")
+    task.signature_from_request(task.request, countdown=wait, retries=task.request.retries).apply_async()
+    raise Ignore()
+
+
+def _admit(task: Task, spec: JobSpec, reg: JobRegistry, policies: Policies) -> Any:
+    """Breaker, rate limit, then the poison cap; returns the breaker (or None)."""
+    app: PipelineCelery = task.app
+    breaker = policies.breaker(spec.model)
+    if breaker is not None and not breaker.try_acquire():
+        # Open, or another worker runs the half-open probe: this model takes no job for now.
+        wait = float(breaker.status().get("retry_after") or 0) or app.settings.circuit_breaker.reset_timeout / 4
+        _defer(task, max(1.0, wait), f"circuit breaker of {spec.model} is not closed")
+    if policies.rate_limit is not None:
+        wait = policies.rate_limit.try_acquire(queue_for(spec.model))
+        if wait > 0:  # over the global limit: the job waits, it is not failed
+            _defer(task, wait, f"global rate limit {policies.rate_limit.rate}")
+    # Every start counts; retries are starts we asked for. What is left are redeliveries:
+    # a worker died (or was killed) holding this job.
+    cap = app.settings.worker.redelivery_cap
+    starts = reg.count_delivery(spec.job_id, app.settings.broker.result_expires)
+    redeliveries = starts - 1 - task.request.retries
+    if redeliveries >= cap:
+        if breaker is not None:
+            breaker.record_failure()
+        raise PoisonJob(f"job was delivered {starts} times without finishing (it kills its worker); "
+                        f"giving up after worker.redelivery_cap={cap}", None, {"deliveries": starts})
+    return breaker
 
 
 def run_generate(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
     app: PipelineCelery = task.app
     started_at = time.time()
-    try:
-        spec = JobSpec.model_validate(payload)
-    except Exception as exc:  # a message no producer of ours would send
-        from pydantic import ValidationError
-        if isinstance(exc, ValidationError):
-            raise invalid_request_from(exc, "spec.") from exc
-        raise
-    reg = registry(app)
-    runner = runner_for(app)
+    spec = _decode(payload)
+    reg, policies, runner = _registry(app), _policies(app), runner_for(app)
     if reg.is_cancelled(spec.job_id):
         task.backend.mark_as_revoked(spec.job_id, "cancelled before start", request=task.request)
         raise Ignore()
+    breaker = _admit(task, spec, reg, policies)
     try:
         outcome = runner.run(spec, worker=task.request.hostname or "worker",
                              progress=_progress_reporter(task, reg), started_at=started_at)
@@ -86,13 +139,21 @@ def run_generate(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
         raise Ignore() from None
     except SoftTimeLimitExceeded as exc:
         runner.remove_outputs(spec.job_id)
+        if breaker is not None:
+            breaker.record_failure()
         raise JobTimeout(f"job passed its soft time limit of {app.settings.worker.soft_time_limit} s",
                          "duration") from exc
+    except BREAKER_FAILURES:
+        if breaker is not None:
+            breaker.record_failure()
+        raise
+    if breaker is not None:
+        breaker.record_success()
     return outcome.result.model_dump(mode="json")
 
 
 def register_tasks(app: PipelineCelery) -> None:
-    """Add the generation task to a worker's app, with its policies from settings."""
+    """Add the generation task to a worker's app, with its retry policy from settings."""
     w = app.settings.worker
 
     @app.task(name=TASK_GENERATE, bind=True, acks_late=True, reject_on_worker_lost=True,

@@ -23,6 +23,7 @@ import pytest
 import redis
 
 REDIS = "redis://127.0.0.1:6379"
+REPO = Path(__file__).resolve().parents[2]
 OWNER_KEY = "musicgen-tests:owner"
 
 
@@ -87,6 +88,11 @@ class Worker:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def kill9(self) -> None:
+        """SIGKILL the worker and its pool children at once, as a node dying would."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -104,14 +110,23 @@ class WorkerFactory:
         self.started: list[Worker] = []
 
     def start(self, *, queues: str = "musicgen.tiny,musicgen.tiny-melody", pool: str = "prefork",
-              ready_timeout: float = 120, **env: str) -> Worker:
+              ready_timeout: float = 120, faults: bool = False, broker: str | None = None,
+              **env: str) -> Worker:
+        """Start `musicgen-pipeline worker`; ``faults`` loads tests/integration/faults.py into it
+        (fault injection at the model boundary, driven by markers in the prompt)."""
         name = f"w{len(self.started) + 1}-{uuid.uuid4().hex[:6]}@test"
-        full_env = base_env(self.workdir, self.redis_url, **env)
+        full_env = base_env(self.workdir, broker or self.redis_url, **env)
         log = self.tmp / f"{name.split('@')[0]}.log"
         argv = [sys.executable, "-m", "pipeline.cli", "worker", "-Q", queues, "--pool", pool,
                 "-n", name, "--loglevel", "info"]
+        if faults:
+            argv += ["--include", "tests.integration.faults"]
+            full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            full_env["FAULTS_DIR"] = str(self.tmp)
         with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen(argv, cwd=self.workdir, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+            # Its own session, so a test can kill -9 the whole worker (parent and children).
+            proc = subprocess.Popen(argv, cwd=self.workdir, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         worker = Worker(name, proc, log, full_env)
         self.started.append(worker)
         deadline = time.monotonic() + ready_timeout

@@ -1,0 +1,54 @@
+"""Fault injection for worker processes under test (loaded with `worker --include`).
+
+It wraps the model call of the real worker (``workers.job_runner.generate``) and reacts to
+markers in the prompt, so a test can make a real worker process hang, ignore its soft limit,
+die, or fail like a sick GPU, and then watch the real Celery machinery deal with it. Every
+attempt is appended to ``$FAULTS_DIR/attempts.log`` as ``<time> <job prompt>``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+import workers.job_runner as job_runner
+from pipeline.errors import GpuOutOfMemory, InvalidRequest, ModelRuntimeError
+
+_real_generate = job_runner.generate
+_seen: dict[str, int] = {}
+
+
+def _log(prompt: str) -> None:
+    with (Path(os.environ["FAULTS_DIR"]) / "attempts.log").open("a") as fh:
+        fh.write(f"{time.time():.3f} {prompt}\n")
+
+
+def generate(loaded: Any, items: list[Any], progress: Any = None) -> list[Any]:
+    prompt = items[0].prompt
+    _log(prompt)
+    _seen[prompt] = _seen.get(prompt, 0) + 1
+    if "FAULT:oom-twice" in prompt and _seen[prompt] <= 2:
+        raise GpuOutOfMemory("CUDA out of memory (injected)")
+    if "FAULT:permanent" in prompt:
+        raise InvalidRequest("the prompt asks for something no model can do (injected)", "prompt")
+    if "FAULT:model-error" in prompt:
+        raise ModelRuntimeError("the model produced NaNs (injected)")
+    if "FAULT:hang" in prompt:
+        time.sleep(3600)  # the soft limit interrupts this
+    if "FAULT:ignore-soft" in prompt:
+        while True:  # swallows the soft limit: only the hard limit ends it
+            try:
+                time.sleep(3600)
+            except SoftTimeLimitExceeded:
+                continue
+    if "FAULT:crash" in prompt:
+        os.kill(os.getpid(), signal.SIGKILL)  # the worker process dies mid-job
+    return _real_generate(loaded, items, progress)
+
+
+job_runner.generate = generate

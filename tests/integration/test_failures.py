@@ -1,0 +1,188 @@
+"""The failure promises, proved on real worker processes over real Redis with the tiny model.
+
+Faults are injected at the model boundary of a real worker (tests/integration/faults.py) by
+markers in the prompt; Celery, Redis and the pipeline's own policies do the rest.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+import pipeline
+from pipeline import GenerationRequest, JobStatus
+from pipeline.policies.configured import Policies
+
+from .conftest import WorkerFactory, base_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def producer(workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch, **env: str) -> pipeline.Producer:
+    for key, value in base_env(workdir, redis_url, **env).items():
+        if key.startswith("MUSICGEN_"):
+            monkeypatch.setenv(key, value)
+    return pipeline.Producer(pipeline.load_settings(cwd=workdir))
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def attempts(factory: WorkerFactory, marker: str) -> list[float]:
+    log = factory.tmp / "attempts.log"
+    if not log.exists():
+        return []
+    return [float(line.split()[0]) for line in log.read_text().splitlines() if marker in line]
+
+
+def outputs(workdir: Path, job_id: str) -> list[Path]:
+    return sorted((workdir / "outputs").glob(f"{job_id}*"))
+
+
+# Short limits so the promises can be watched in seconds, not hours.
+FAST = {"MUSICGEN_WORKER__SOFT_TIME_LIMIT": "20", "MUSICGEN_WORKER__HARD_TIME_LIMIT": "25",
+        "MUSICGEN_BROKER__VISIBILITY_TIMEOUT": "30"}
+
+
+def test_kill_9_mid_job_redelivers_to_another_worker(workers: WorkerFactory, workdir: Path, redis_url: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    prod = producer(workdir, redis_url, monkeypatch, **FAST)
+    first = workers.start(**FAST)
+    handle = prod.enqueue(GenerationRequest(prompt="survive a dead node", duration=3.0, format="wav"))
+    wait_for(lambda: handle.progress().fraction > 0.05, 120, "the job to be generating")
+    first.kill9()
+    assert handle.status() in (JobStatus.progress, JobStatus.started)  # not lost, not failed
+    workers.start(**FAST)  # restores unacked messages older than the visibility timeout
+    result = handle.wait(180)
+    assert result.job_id == handle.id
+    assert [p.suffix for p in outputs(workdir, handle.id)] == [".json", ".wav"]  # exactly one file
+    deliveries = redis.Redis.from_url(redis_url).get(f"musicgen:deliveries:{handle.id}")
+    assert int(deliveries) == 2
+
+
+def test_soft_and_hard_time_limits_fail_with_timeout_and_worker_keeps_serving(
+        workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = {"MUSICGEN_WORKER__SOFT_TIME_LIMIT": "4", "MUSICGEN_WORKER__HARD_TIME_LIMIT": "8",
+              "MUSICGEN_BROKER__VISIBILITY_TIMEOUT": "60", "MUSICGEN_WORKER__MAX_RETRIES": "0"}
+    prod = producer(workdir, redis_url, monkeypatch, **limits)
+    worker = workers.start(faults=True, **limits)
+    hang = prod.enqueue(GenerationRequest(prompt="FAULT:hang", duration=1.0))
+    stubborn = prod.enqueue(GenerationRequest(prompt="FAULT:ignore-soft", duration=1.0))
+    for handle in (hang, stubborn):
+        with pytest.raises(pipeline.JobFailed) as failed:
+            handle.wait(120)
+        assert failed.value.error_code == "timeout", failed.value
+    assert "Hard time limit (8" in worker.log_text()  # the process was killed and replaced
+    after = prod.enqueue(GenerationRequest(prompt="still serving", duration=0.5, format="wav"))
+    assert after.wait(120).job_id == after.id
+    tmp = workdir / "tmp"
+    assert not (tmp / hang.id).exists() and not (tmp / stubborn.id).exists()
+    assert not outputs(workdir, hang.id) and not outputs(workdir, stubborn.id)
+
+
+def test_poison_job_stops_at_the_redelivery_cap_and_the_queue_flows(
+        workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"MUSICGEN_WORKER__REDELIVERY_CAP": "2"}
+    prod = producer(workdir, redis_url, monkeypatch, **env)
+    workers.start(faults=True, **env)
+    poison = prod.enqueue(GenerationRequest(prompt="FAULT:crash", duration=0.5))
+    healthy = prod.enqueue(GenerationRequest(prompt="healthy after poison", duration=0.5, format="wav"))
+    with pytest.raises(pipeline.JobFailed) as failed:
+        poison.wait(240)
+    assert failed.value.error_code == "poison_job"
+    assert "redelivery_cap=2" in failed.value.details["error_message"]
+    assert len(attempts(workers, "FAULT:crash")) == 3  # the first delivery and two redeliveries
+    assert healthy.wait(120).job_id == healthy.id
+
+
+def test_transient_fault_retries_with_backoff_and_permanent_error_is_tried_once(
+        workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"MUSICGEN_WORKER__RETRY_BACKOFF": "1.0", "MUSICGEN_WORKER__RETRY_JITTER": "false",
+           "MUSICGEN_WORKER__MAX_RETRIES": "3", "MUSICGEN_CIRCUIT_BREAKER__ENABLED": "false"}
+    prod = producer(workdir, redis_url, monkeypatch, **env)
+    workers.start(faults=True, **env)
+    flaky = prod.enqueue(GenerationRequest(prompt="FAULT:oom-twice", duration=0.5, format="wav"))
+    assert flaky.wait(120).job_id == flaky.id
+    times = attempts(workers, "FAULT:oom-twice")
+    assert len(times) == 3
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps  # exponential: 1 s, then 2 s
+
+    # A permanent error (bad input found by the worker) fails at once: one attempt, no retry.
+    permanent = prod.enqueue(GenerationRequest(prompt="FAULT:permanent", duration=0.5))
+    with pytest.raises(pipeline.JobFailed) as failed:
+        permanent.wait(120)
+    assert failed.value.error_code == "invalid_request"
+    assert len(attempts(workers, "FAULT:permanent")) == 1
+
+
+def test_breaker_opens_refuses_fast_probes_and_closes_across_two_workers(
+        workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"MUSICGEN_CIRCUIT_BREAKER__THRESHOLD": "3", "MUSICGEN_CIRCUIT_BREAKER__RESET_TIMEOUT": "4",
+           "MUSICGEN_WORKER__MAX_RETRIES": "0"}
+    prod = producer(workdir, redis_url, monkeypatch, **env)
+    prod.policies.breaker("tiny").reset()
+    workers.start(faults=True, **env)
+    workers.start(faults=True, **env)
+    failing = [prod.enqueue(GenerationRequest(prompt=f"FAULT:model-error {i}", duration=0.5)) for i in range(3)]
+    for handle in failing:
+        with pytest.raises(pipeline.JobFailed) as failed:
+            handle.wait(120)
+        assert failed.value.error_code == "model_runtime_error"
+    seen_by = {log.read_text().count("model_runtime_error") for log in (w.log for w in workers.started)}
+    assert sum(seen_by) >= 3
+    # Both workers and this producer read one state from Redis.
+    other = Policies(prod.settings, redis_client=redis.Redis.from_url(redis_url), redis_url=redis_url)
+    assert other.breaker("tiny").state().value == "open"
+    timings = []
+    for _ in range(50):
+        started = time.perf_counter()
+        with pytest.raises(pipeline.ServiceUnavailable) as refused:
+            prod.enqueue(GenerationRequest(prompt="refused", duration=0.5))
+        timings.append(time.perf_counter() - started)
+    timings.sort()
+    assert timings[len(timings) // 2] < 0.010, timings  # the median refusal: well under 10 ms
+    assert 0 < refused.value.details["retry_after"] <= 4
+    wait_for(lambda: other.breaker("tiny").state().value == "half_open", 10, "half-open")
+    probe = prod.enqueue(GenerationRequest(prompt="probe", duration=0.5, format="wav"))
+    assert probe.wait(120).job_id == probe.id
+    assert other.breaker("tiny").state().value == "closed"
+
+
+def test_global_rate_limit_holds_across_two_workers(workers: WorkerFactory, workdir: Path, redis_url: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"MUSICGEN_RATE_LIMIT__ENABLED": "true", "MUSICGEN_RATE_LIMIT__RATE": "2 per 6 seconds"}
+    prod = producer(workdir, redis_url, monkeypatch, **env)
+    workers.start(faults=True, **env)
+    workers.start(faults=True, **env)
+    handles = [prod.enqueue(GenerationRequest(prompt=f"rate {i}", duration=0.5, format="wav")) for i in range(6)]
+    for handle in handles:
+        handle.wait(240)  # every job completes: over the limit means waiting, not failing
+    starts = sorted(attempts(workers, "rate "))
+    assert len(starts) == 6
+    for i, start in enumerate(starts):
+        in_window = [s for s in starts[i:] if s - start < 6.0]
+        assert len(in_window) <= 2, starts  # no 6-second window saw more than 2 starts
+    assert starts[-1] - starts[0] >= 12.0  # 6 jobs at 2 per 6 s need at least two full windows
+
+
+def test_sigterm_finishes_the_running_job_and_leaves_the_queue_intact(
+        workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    prod = producer(workdir, redis_url, monkeypatch)
+    worker = workers.start()
+    running = prod.enqueue(GenerationRequest(prompt="finish me", duration=2.0, format="wav"))
+    waiting = prod.enqueue(GenerationRequest(prompt="wait for the next worker", duration=0.5, format="wav"))
+    wait_for(lambda: running.progress().fraction > 0.05, 120, "the job to be generating")
+    assert worker.stop(signal.SIGTERM, timeout=90) == 0
+    assert running.wait(5).job_id == running.id  # finished inside the grace period
+    assert waiting.status() is JobStatus.queued  # not taken by the stopping worker
+    workers.start()
+    assert waiting.wait(120).job_id == waiting.id
