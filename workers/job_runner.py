@@ -45,6 +45,11 @@ class JobRunner:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        if settings.model.num_threads:
+            # Process-wide; on a shared CPU host one thread per worker process beats oversubscription.
+            import torch
+
+            torch.set_num_threads(settings.model.num_threads)
         self.cache: ModelCache[LoadedModel] = ModelCache(settings.model.cache_size, self._load)
         self._model_settings: dict[str, ModelSettings] = {}
 

@@ -63,7 +63,7 @@ def test_kill_9_mid_job_redelivers_to_another_worker(workers: WorkerFactory, wor
     workers.start(**FAST)  # restores unacked messages older than the visibility timeout
     result = handle.wait(180)
     assert result.job_id == handle.id
-    assert [p.suffix for p in outputs(workdir, handle.id)] == [".json", ".wav"]  # exactly one file
+    assert [p.name for p in outputs(workdir, handle.id)] == [f"{handle.id}.wav", f"{handle.id}.wav.json"]
     deliveries = redis.Redis.from_url(redis_url).get(f"musicgen:deliveries:{handle.id}")
     assert int(deliveries) == 2
 

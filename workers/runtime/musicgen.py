@@ -1,0 +1,268 @@
+"""The MusicGen runtime: load a checkpoint, turn a batch of requests into audio.
+
+Only ``model.generate`` needs the accelerator; validation, grouping, length arithmetic and
+trimming all run (and are tested) on the CPU with the tiny model from ``workers.runtime.tiny``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    MusicgenForConditionalGeneration,
+    MusicgenMelodyForConditionalGeneration,
+    PreTrainedModel,
+)
+
+from pipeline.errors import (
+    GpuOutOfMemory,
+    ModelNotFound,
+    ModelRuntimeError,
+    PipelineError,
+    UnsupportedOption,
+)
+from workers.runtime.batch import GeneratedAudio, GenerationItem, batch_groups, validate_items
+from workers.runtime.device import resolve_device, resolve_dtype
+from workers.runtime.melody import MelodyProcessor, resample
+from workers.runtime.progress import ProgressCallback, ProgressReporter, StepCounter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_DURATION_S = 30.0  # what MusicGen was trained on: a 1500-token window at 50 Hz
+
+# torch's default generator is process-global: a seed set by one thread would be consumed by another
+# thread's sampling. One generation at a time per process keeps seeded runs reproducible (and a GPU
+# gains nothing from two interleaved generate calls anyway).
+_GENERATE_LOCK = threading.Lock()
+
+
+@dataclass
+class LoadedModel:
+    """A MusicGen checkpoint ready to generate, with the audio facts the runtime needs."""
+
+    model: MusicgenForConditionalGeneration | MusicgenMelodyForConditionalGeneration
+    processor: Any  # MusicgenProcessor, or MelodyProcessor for melody checkpoints
+    source: str
+    device: str
+    dtype: torch.dtype
+    sampling_rate: int
+    frame_rate: float
+    samples_per_frame: int
+    num_codebooks: int
+    is_melody: bool
+    max_duration_s: float
+    load_seconds: float
+
+
+def load_model(source: str, *, device: str = "auto", dtype: str = "auto", compile: bool = False,
+               offline: bool = False, cache_dir: str | None = None) -> LoadedModel:
+    """Load a MusicGen (or MusicGen-Melody) checkpoint from a hub id or a local directory.
+
+    ``offline`` restricts loading to local files and the hub cache. A missing directory or an
+    unknown/uncached hub id raises ``ModelNotFound``; a checkpoint that is not MusicGen raises
+    ``UnsupportedOption``. ``compile`` torch.compiles the decoder and warms it up; if that fails,
+    the model runs uncompiled (with a warning) rather than not at all.
+    """
+    started = time.perf_counter()
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    path = os.path.expanduser(source)  # settings may say ~/models/..., from_pretrained won't expand
+    if not os.path.isdir(path) and _looks_like_path(path):
+        where = f" ({path})" if path != source else ""
+        raise ModelNotFound(f"model directory {source!r}{where} does not exist", field="model",
+                            details={"source": source})
+    files: dict[str, Any] = {"cache_dir": cache_dir, "local_files_only": offline}
+    try:
+        config = AutoConfig.from_pretrained(path, **files)
+    except (OSError, ValueError) as e:
+        where = " (offline: only local files and the hub cache are searched)" if offline else ""
+        raise ModelNotFound(f"cannot load model {source!r}{where}: {e}", field="model",
+                            details={"source": source}) from e
+    if config.model_type not in ("musicgen", "musicgen_melody"):
+        raise UnsupportedOption(f"{source!r} is a {config.model_type!r} checkpoint, not MusicGen",
+                                field="model")
+    is_melody = config.model_type == "musicgen_melody"
+    model_class = (MusicgenMelodyForConditionalGeneration if is_melody
+                   else MusicgenForConditionalGeneration)
+    try:
+        processor = (MelodyProcessor.from_pretrained(path, **files) if is_melody
+                     else AutoProcessor.from_pretrained(path, **files))  # type: ignore[no-untyped-call]
+        model = model_class.from_pretrained(path, dtype=torch_dtype, **files)
+    except (OSError, ValueError) as e:
+        raise ModelNotFound(f"checkpoint {source!r} is incomplete or unreadable: {e}",
+                            field="model", details={"source": source}) from e
+    try:
+        model.to(device)  # type: ignore[arg-type]
+        model.eval()  # type: ignore[no-untyped-call]
+    except RuntimeError as e:
+        _raise_runtime(e, f"moving {source!r} to {device}")
+    audio = config.audio_encoder
+    sampling_rate = int(audio.sampling_rate)
+    hop = int(getattr(audio, "hop_length", 0) or round(sampling_rate / audio.frame_rate))
+    frame_rate = sampling_rate / hop
+    loaded = LoadedModel(
+        model=model, processor=processor, source=source, device=device, dtype=torch_dtype,
+        sampling_rate=sampling_rate, frame_rate=frame_rate, samples_per_frame=hop,
+        num_codebooks=int(config.decoder.num_codebooks), is_melody=is_melody,
+        max_duration_s=_max_duration(model, frame_rate), load_seconds=0.0,
+    )
+    if compile:
+        _compile_decoder(loaded)
+    loaded.load_seconds = time.perf_counter() - started
+    log.info("loaded %s on %s/%s in %.1fs", source, device, torch_dtype, loaded.load_seconds)
+    return loaded
+
+
+def frames_for(duration_s: float, loaded: LoadedModel) -> int:
+    """Audio frames (codec steps) needed to cover ``duration_s`` seconds."""
+    return max(1, math.ceil(round(duration_s * loaded.sampling_rate) / loaded.samples_per_frame))
+
+
+def max_new_tokens_for(frames: int, num_codebooks: int) -> int:
+    """``max_new_tokens`` that makes HF's MusicGen return ``frames`` codec frames (or more).
+
+    HF's generate builds the codebook delay pattern over ``1 + max_new_tokens`` positions and
+    strips the ``num_codebooks`` padding positions per codebook, leaving
+    ``max_new_tokens + 1 - num_codebooks`` frames. Below ``2*num_codebooks - 1`` positions it skips
+    the pattern altogether, so short requests are lifted to that floor (and trimmed afterwards).
+    """
+    return max(frames + num_codebooks - 1, 2 * num_codebooks - 2)
+
+
+def generate(loaded: LoadedModel, items: list[GenerationItem],
+             progress: ProgressCallback | None = None) -> list[GeneratedAudio]:
+    """Generate audio for every item of a batch; results come back in the items' order.
+
+    Items that share a seed and every sampling parameter run in one padded ``model.generate``
+    call; the others run one group after another. Each call starts with ``torch.manual_seed`` of
+    its group's seed, so a seed (reported back, drawn at random when the item has none)
+    reproduces the audio bit for bit on the same model and hardware. Batching items with
+    different seeds would make an item's audio depend on its batch neighbours, so it is not done.
+    """
+    validate_items(items, max_duration_s=loaded.max_duration_s, sampling_rate=loaded.sampling_rate,
+                   melody_supported=loaded.is_melody)
+    seeds = [int(item.seed) if item.seed is not None else secrets.randbelow(2**31) for item in items]
+    groups = batch_groups(items, seeds, lambda d: frames_for(d, loaded))
+    steps = {tuple(g): max_new_tokens_for(frames_for(items[g[0]].duration_s, loaded),
+                                          loaded.num_codebooks) for g in groups}
+    reporter = ProgressReporter(progress, sum(steps.values()))
+    results: list[GeneratedAudio | None] = [None] * len(items)
+    for group in groups:
+        first = items[group[0]]
+        started = time.perf_counter()
+        audio = _generate_group(loaded, [items[i] for i in group], seeds[group[0]],
+                                steps[tuple(group)], reporter)
+        elapsed = time.perf_counter() - started
+        for row, index in enumerate(group):
+            target = round(items[index].duration_s * loaded.sampling_rate)
+            if audio.shape[-1] < target:
+                raise ModelRuntimeError(
+                    f"model returned {audio.shape[-1]} samples, {target} were needed",
+                    details={"source": loaded.source})
+            results[index] = GeneratedAudio(
+                samples=np.ascontiguousarray(audio[row, :, :target]),
+                sample_rate=loaded.sampling_rate, duration_s=target / loaded.sampling_rate,
+                seed=seeds[index], generate_seconds=elapsed)
+        log.debug("generated %d item(s) of %.2fs in %.2fs", len(group), first.duration_s, elapsed)
+    reporter.finish(f"generated {len(items)} item(s)")
+    return [r for r in results if r is not None]
+
+
+def _generate_group(loaded: LoadedModel, items: list[GenerationItem], seed: int,
+                    max_new_tokens: int, reporter: ProgressReporter) -> np.ndarray:
+    """One ``model.generate`` call for items sharing seed and parameters: (batch, channels, n)."""
+    item = items[0]
+    inputs = _model_inputs(loaded, items)
+    sampling = item.temperature > 0
+    kwargs: dict[str, Any] = {
+        **inputs, "do_sample": sampling, "guidance_scale": item.guidance_scale,
+        "max_new_tokens": max_new_tokens, "logits_processor": [StepCounter(reporter)],
+    }
+    if sampling:  # 0 means "off" in the request contract; HF wants 0 / 1.0 for that
+        kwargs.update(temperature=item.temperature, top_k=item.top_k,
+                      top_p=item.top_p if 0 < item.top_p < 1 else 1.0)
+    with _GENERATE_LOCK:
+        try:
+            torch.manual_seed(seed)
+            with torch.inference_mode():
+                out = loaded.model.generate(**kwargs)
+        except PipelineError:
+            raise
+        except RuntimeError as e:
+            _raise_runtime(e, "generation")
+    audio: np.ndarray = out.to(torch.float32).cpu().numpy()
+    return audio
+
+
+def _model_inputs(loaded: LoadedModel, items: list[GenerationItem]) -> dict[str, torch.Tensor]:
+    prompts = [item.prompt for item in items]
+    if any(item.melody is not None for item in items):
+        rate = loaded.processor.sampling_rate
+        waves = [_mono_at(item.melody, rate) for item in items if item.melody is not None]
+        inputs = loaded.processor(text=prompts, audio=waves, sampling_rate=rate, padding=True)
+    else:
+        inputs = loaded.processor(text=prompts, padding=True, return_tensors="pt")
+    moved: dict[str, torch.Tensor] = {}
+    for name, value in dict(inputs).items():
+        value = value.to(loaded.device)
+        moved[name] = value.to(loaded.dtype) if value.is_floating_point() else value
+    return moved
+
+
+def _mono_at(melody: tuple[np.ndarray, int], rate: int) -> np.ndarray:
+    samples, source_rate = melody
+    wave = np.asarray(samples, dtype=np.float32)
+    if wave.ndim == 2:
+        wave = wave.mean(axis=0)
+    return resample(torch.from_numpy(np.ascontiguousarray(wave)), source_rate, rate).numpy()
+
+
+def _raise_runtime(error: RuntimeError, during: str) -> NoReturn:
+    """Map a torch RuntimeError to the pipeline's errors (always raises)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            torch.cuda.empty_cache()
+        raise GpuOutOfMemory(f"out of GPU memory during {during}: {error}") from error
+    raise ModelRuntimeError(f"model failed during {during}: {error}") from error
+
+
+def _looks_like_path(source: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything absolute, relative-dotted, home-based or deeper
+    # is meant as a directory, and must not fall through to a hub lookup when it is missing.
+    return (source.startswith(("/", ".", "~")) or os.sep in source.replace("/", "", 1)
+            or source.count("/") > 1)
+
+
+def _max_duration(model: PreTrainedModel, frame_rate: float) -> float:
+    # The generation window the checkpoint ships (1500 tokens for facebook/musicgen-*), capped by
+    # the decoder's position table. A checkpoint without one gets transformers' default of 20
+    # tokens, which is no window at all: fall back to MusicGen's 30 s.
+    window = int(getattr(model.generation_config, "max_length", 0) or 0)
+    positions = int(getattr(model.config.decoder, "max_position_embeddings", window) or window)
+    seconds = min(window, positions) / frame_rate
+    return seconds if 1.0 <= seconds <= 300.0 else DEFAULT_MAX_DURATION_S
+
+
+def _compile_decoder(loaded: LoadedModel) -> None:
+    decoder: torch.nn.Module = loaded.model.decoder
+    decoder.forward = torch.compile(decoder.forward, dynamic=True)
+    warmup = GenerationItem(prompt="warm up", duration_s=2 / loaded.frame_rate, seed=0)
+    try:
+        # torch.compile is lazy: compiler errors only surface on the first call, so make it here.
+        generate(loaded, [warmup])
+    except Exception as e:  # noqa: BLE001 - any compiler failure means "run uncompiled"
+        del decoder.forward  # back to the class's own forward
+        log.warning("torch.compile of the %s decoder failed, running uncompiled: %s",
+                    loaded.source, e)
+
