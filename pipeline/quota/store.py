@@ -1,0 +1,298 @@
+"""Per-user job quotas: reserve a slot before enqueueing, settle it when the job ends.
+
+Quotas count jobs, as the product promises ("10 conversions per day"): a ledger row that is
+reserved, started or succeeded counts against the user's day and month; failed, timed-out and
+cancelled rows are refunded simply by no longer matching the count. There is no counter column
+to drift out of step with the ledger: the ledger is the truth and the count is taken under a
+per-user lock, so the same code is exact on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, Engine, Update, case, func, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.errors import InvalidRequest, JobNotFound, QuotaExceeded, SettingsError
+from pipeline.quota.tables import (
+    CHARGED_STATUSES,
+    TERMINAL_STATUSES,
+    LedgerRow,
+    LedgerStatus,
+    UsageLedger,
+    UserQuota,
+    UTCDateTime,
+)
+from pipeline.quota.windows import (
+    UNLIMITED,
+    TierLimits,
+    Window,
+    WindowUsage,
+    day_window,
+    month_window,
+    resolve_zone,
+)
+
+__all__ = ["QuotaStore", "Reservation", "UsageSummary"]
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A job's slot in the ledger; ``new`` is False when an earlier reserve already made it."""
+
+    job_id: str
+    user_id: str
+    model: str
+    requested_seconds: float
+    status: LedgerStatus
+    created_at: datetime
+    new: bool
+
+
+@dataclass(frozen=True)
+class UsageSummary:
+    """What ``usage()`` reports for one user."""
+
+    user_id: str
+    tier: str
+    daily: WindowUsage
+    monthly: WindowUsage
+
+
+# Upserts are dialect-specific statements; both dialects spell ON CONFLICT the same way.
+_INSERTS: dict[str, Callable[[Any], postgresql.Insert | sqlite.Insert]] = {
+    "postgresql": postgresql.insert, "sqlite": sqlite.insert}
+_OPEN = (LedgerStatus.RESERVED.value, LedgerStatus.STARTED.value)  # a worker may still move on
+_CHARGED = sorted(st.value for st in CHARGED_STATUSES)
+_utcnow = partial(datetime.now, UTC)
+
+
+def _check_text(field: str, value: str, max_len: int) -> None:
+    if not value or len(value) > max_len:
+        raise InvalidRequest(f"{field} must be 1 to {max_len} characters", field=field)
+
+
+class QuotaStore:
+    """Quota checks and the usage ledger over one SQL database (SQLite file or PostgreSQL).
+
+    Safe to share between threads: each call opens its own short transaction. The schema must
+    exist (``pipeline.quota.migrate.upgrade``). ``clock`` must return aware datetimes.
+    """
+
+    def __init__(self, engine: Engine, *, tiers: Mapping[str, TierLimits], default_tier: str,
+                 timezone: str = "UTC", clock: Callable[[], datetime] = _utcnow) -> None:
+        if engine.dialect.name not in _INSERTS:  # the upserts below exist for these two only
+            raise ValueError(f"quota store supports {sorted(_INSERTS)}, not {engine.dialect.name}")
+        if default_tier not in tiers:
+            raise ValueError(f"default tier {default_tier!r} is not one of {sorted(tiers)}")
+        self._insert = _INSERTS[engine.dialect.name]
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._tiers = dict(tiers)
+        self._default_tier = default_tier
+        self._zone = resolve_zone(timezone)
+        self._clock = clock
+
+    # --- the job's life -------------------------------------------------------------------
+
+    def reserve(self, *, job_id: str, user_id: str, model: str,
+                requested_seconds: float) -> Reservation:
+        """Charge one job to ``user_id``, or raise ``QuotaExceeded``; idempotent per ``job_id``."""
+        for field, value, longest in (("job_id", job_id, 128), ("user_id", user_id, 128),
+                                      ("model", model, 64)):
+            _check_text(field, value, longest)
+        if not (math.isfinite(requested_seconds) and requested_seconds > 0):
+            raise InvalidRequest("requested_seconds must be a positive number",
+                                 field="requested_seconds")
+        now = self._now()
+        try:
+            with self._sessions.begin() as s:
+                self._lock_user(s, user_id, now)
+                existing = s.scalar(select(UsageLedger).where(UsageLedger.job_id == job_id))
+                if existing is not None:
+                    return self._as_reservation(existing, user_id, new=False)
+                self._check_room(s, user_id, now)
+                row = UsageLedger(job_id=job_id, user_id=user_id, model=model,
+                                  requested_seconds=float(requested_seconds), created_at=now,
+                                  status=LedgerStatus.RESERVED.value, attempts=0)
+                s.add(row)
+            return self._as_reservation(row, user_id, new=True)
+        except IntegrityError as e:
+            # Only another user's concurrent reserve of the same job_id gets here (one user's
+            # reserves are serialised by the lock); report it like the sequential case.
+            with self._sessions.begin() as s:
+                existing = s.scalar(select(UsageLedger).where(UsageLedger.job_id == job_id))
+            if existing is None:
+                raise
+            if existing.user_id != user_id:
+                raise InvalidRequest(f"job_id {job_id!r} is already reserved by another user",
+                                     field="job_id") from e
+            return self._as_reservation(existing, user_id, new=False)
+
+    def mark_started(self, job_id: str, *, worker: str,
+                     queue_wait_seconds: float | None = None) -> bool:
+        """Record that ``worker`` began the job; a redelivery adds an attempt, never a charge.
+
+        ``started_at`` and ``queue_wait_seconds`` keep the first attempt's values (what the user
+        waited); ``worker`` names the latest. Returns False when the job already ended: the
+        delivery is a duplicate and the worker should drop it. Unknown job: ``JobNotFound``.
+        """
+        now = literal(self._now(), UTCDateTime())
+        stmt = (update(UsageLedger)
+                .where(UsageLedger.job_id == job_id, UsageLedger.status.in_(_OPEN))
+                .values(status=LedgerStatus.STARTED.value, worker=worker,
+                        attempts=UsageLedger.attempts + 1,
+                        started_at=func.coalesce(UsageLedger.started_at, now),
+                        queue_wait_seconds=func.coalesce(UsageLedger.queue_wait_seconds,
+                                                         queue_wait_seconds))
+                .execution_options(synchronize_session=False))
+        return self._settle(stmt, job_id)
+
+    def mark_finished(self, job_id: str, *, status: LedgerStatus | str,
+                      produced_seconds: float | None = None, gpu_seconds: float | None = None,
+                      error_code: str | None = None) -> bool:
+        """Record the job's final outcome; failed, timeout and cancelled refund the slot.
+
+        Call it once per job, on the final outcome (not before a retry). The first final
+        outcome wins: returns False, changing nothing, when the job had already ended.
+        """
+        final = LedgerStatus(status)
+        if final not in TERMINAL_STATUSES:
+            raise ValueError(f"{final.value!r} is not a final status; use one of "
+                             f"{sorted(s.value for s in TERMINAL_STATUSES)}")
+        stmt = (update(UsageLedger)
+                .where(UsageLedger.job_id == job_id, UsageLedger.status.in_(_OPEN))
+                .values(status=final.value, finished_at=self._now(),
+                        produced_seconds=produced_seconds, gpu_seconds=gpu_seconds,
+                        error_code=error_code)
+                .execution_options(synchronize_session=False))
+        return self._settle(stmt, job_id)
+
+    # --- reading and administration -------------------------------------------------------
+
+    def usage(self, user_id: str) -> UsageSummary:
+        """Return the user's tier, and jobs used of the limit in the current day and month."""
+        now = self._now()
+        with self._sessions.begin() as s:
+            quota = s.get(UserQuota, user_id)
+            tier, daily, monthly = self._limits(quota)
+            (day, day_used), (month, month_used) = self._count(s, user_id, now)
+        return UsageSummary(user_id, tier, WindowUsage(day_used, daily, self._local(day.end)),
+                            WindowUsage(month_used, monthly, self._local(month.end)))
+
+    def set_quota(self, user_id: str, *, tier: str, daily: int | None = None,
+                  monthly: int | None = None) -> None:
+        """Put ``user_id`` on ``tier``; ``daily``/``monthly`` override the tier (None = tier's)."""
+        _check_text("user_id", user_id, 128)
+        if tier not in self._tiers:
+            raise InvalidRequest(f"unknown tier {tier!r}; known tiers: {', '.join(self._tiers)}",
+                                 field="tier", details={"known_tiers": list(self._tiers)})
+        for field, value in (("daily", daily), ("monthly", monthly)):
+            if value is not None and value < UNLIMITED:
+                raise InvalidRequest(f"{field} must be >= 0, -1 (unlimited) or None (the tier's)",
+                                     field=field)
+        now = self._now()
+        stmt = self._insert(UserQuota).values(user_id=user_id, tier=tier, daily_limit=daily,
+                                              monthly_limit=monthly, created_at=now,
+                                              updated_at=now)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[UserQuota.user_id],
+            set_={"tier": tier, "daily_limit": daily, "monthly_limit": monthly,
+                  "updated_at": stmt.excluded.updated_at})
+        with self._sessions.begin() as s:
+            s.execute(stmt)
+
+    def ledger(self, *, since: datetime | None = None,
+               user_id: str | None = None) -> list[LedgerRow]:
+        """Return ledger rows, oldest first, created at or after ``since`` (aware)."""
+        stmt = select(UsageLedger).order_by(UsageLedger.created_at, UsageLedger.id)
+        if since is not None:
+            stmt = stmt.where(UsageLedger.created_at >= since)
+        if user_id is not None:
+            stmt = stmt.where(UsageLedger.user_id == user_id)
+        with self._sessions.begin() as s:
+            rows = s.scalars(stmt).all()
+        return [r.to_row() for r in rows]
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        now = self._clock()
+        if now.tzinfo is None or now.utcoffset() is None:
+            raise ValueError("the quota clock returned a naive datetime; it must be aware")
+        return now.astimezone(UTC)
+
+    def _local(self, instant: datetime) -> datetime:
+        # Reset times are shown in the deployment's zone: "00:00-05:00" reads as midnight.
+        return instant.astimezone(self._zone)
+
+    def _lock_user(self, s: Session, user_id: str, now: datetime) -> None:
+        # PostgreSQL: the row lock serialises one user's reserves (others go on in parallel);
+        # the insert first gives a new user a row to lock. SQLite ignores FOR UPDATE: BEGIN
+        # IMMEDIATE (see make_engine) already serialises every writer.
+        s.execute(self._insert(UserQuota)
+                  .values(user_id=user_id, tier=self._default_tier, created_at=now, updated_at=now)
+                  .on_conflict_do_nothing(index_elements=[UserQuota.user_id]))
+        s.execute(select(UserQuota.user_id).where(UserQuota.user_id == user_id).with_for_update())
+
+    def _limits(self, quota: UserQuota | None) -> tuple[str, int, int]:
+        tier = quota.tier if quota is not None else self._default_tier
+        limits = self._tiers.get(tier)
+        if limits is None:
+            raise SettingsError(f"tier {tier!r} is in the database but not configured; "
+                                f"configured tiers: {', '.join(self._tiers)}")
+        daily = quota.daily_limit if quota is not None else None
+        monthly = quota.monthly_limit if quota is not None else None
+        return (tier, limits.daily if daily is None else daily,
+                limits.monthly if monthly is None else monthly)
+
+    def _count(self, s: Session, user_id: str,
+               now: datetime) -> tuple[tuple[Window, int], tuple[Window, int]]:
+        day, month = day_window(now, self._zone), month_window(now, self._zone)
+        # A local day always lies inside its local month: one scan of the month counts both.
+        in_day = (UsageLedger.created_at >= day.start) & (UsageLedger.created_at < day.end)
+        row = s.execute(
+            select(func.count(case((in_day, 1))), func.count())
+            .where(UsageLedger.user_id == user_id,
+                   UsageLedger.status.in_(_CHARGED),
+                   UsageLedger.created_at >= month.start, UsageLedger.created_at < month.end)
+        ).one()
+        return (day, int(row[0])), (month, int(row[1]))
+
+    def _check_room(self, s: Session, user_id: str, now: datetime) -> None:
+        tier, daily, monthly = self._limits(s.get(UserQuota, user_id))
+        (day, day_used), (month, month_used) = self._count(s, user_id, now)
+        # Monthly first: when both are spent, the month's reset is the one that matters.
+        for name, used, limit, window in (("monthly", month_used, monthly, month),
+                                          ("daily", day_used, daily, day)):
+            if limit != UNLIMITED and used >= limit:
+                resets = self._local(window.end).isoformat()
+                raise QuotaExceeded(
+                    f"{name} quota of {limit} jobs used ({used}/{limit}); resets at {resets}",
+                    details={"limit": name, "used": used, "limit_value": limit,
+                             "resets_at": resets, "user_id": user_id, "tier": tier})
+
+    def _settle(self, stmt: Update, job_id: str) -> bool:
+        # The guarded UPDATE is the whole state machine: it matches only an open job, so a
+        # duplicate or late message changes nothing and says so.
+        with self._sessions.begin() as s:
+            if cast(CursorResult[Any], s.execute(stmt)).rowcount == 1:
+                return True
+            if s.scalar(select(UsageLedger.id).where(UsageLedger.job_id == job_id)) is None:
+                raise JobNotFound(f"no ledger row for job {job_id!r}", details={"job_id": job_id})
+            return False
+
+    @staticmethod
+    def _as_reservation(row: UsageLedger, user_id: str, *, new: bool) -> Reservation:
+        if row.user_id != user_id:
+            raise InvalidRequest(f"job_id {row.job_id!r} is already reserved by another user",
+                                 field="job_id")
+        return Reservation(row.job_id, row.user_id, row.model, row.requested_seconds,
+                           LedgerStatus(row.status), row.created_at, new)

@@ -1,0 +1,198 @@
+"""The quota database: its tables (SQLAlchemy 2 declarative) and the engine that reaches them.
+
+``user_quotas`` holds per-user limits, ``usage_ledger`` one row per job. The schema is owned by
+the Alembic migrations in ``migrations/versions``; a test checks that autogenerate finds no
+difference between these models and a migrated database, so change both together (a new
+revision, never an edit of a released one).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any, TypedDict, cast
+
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Dialect,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    TypeDecorator,
+    create_engine,
+    event,
+    make_url,
+)
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import ConnectionPoolEntry
+
+__all__ = ["Base", "LedgerRow", "LedgerStatus", "UTCDateTime", "UsageLedger", "UserQuota",
+           "CHARGED_STATUSES", "TERMINAL_STATUSES", "make_engine"]
+
+# How long a SQLite writer waits for the file lock before "database is locked" (seconds).
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+def make_engine(url: str, **engine_kwargs: Any) -> Engine:
+    """Build the engine for the quota database at ``url`` (SQLite file or PostgreSQL).
+
+    SQLite: every transaction starts with ``BEGIN IMMEDIATE``, which takes the database's write
+    lock up front, so a count-then-insert cannot interleave with another writer (deferred
+    transactions that read first would either both see "9 used" or deadlock on the upgrade to a
+    write lock). This is the pysqlite recipe from SQLAlchemy's SQLite docs: the driver's own
+    BEGIN is switched off and SQLAlchemy's ``begin`` event emits ours. Use a file on a local
+    disk (WAL needs shared memory); ``sqlite://`` (memory) cannot be shared between threads.
+
+    PostgreSQL: ``pool_pre_ping``, so a restarted server costs a reconnect, not a failed job.
+    ``engine_kwargs`` go to ``create_engine`` (pool sizes, echo).
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        engine_kwargs.setdefault("pool_pre_ping", True)
+        return create_engine(parsed, **engine_kwargs)
+    connect_args = dict(engine_kwargs.pop("connect_args", {}))
+    # Pooled connections move between threads; the busy timeout makes writers queue, not fail.
+    connect_args.setdefault("check_same_thread", False)
+    connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_S)
+    engine = create_engine(parsed, connect_args=connect_args, **engine_kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        dbapi_conn.isolation_level = None
+        # WAL: one fsync per commit instead of three (reserves are commit-bound), and readers
+        # such as an operator's sqlite3 shell do not block the writers. It sticks to the file.
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class LedgerStatus(str, Enum):
+    """The life of one job in the ledger."""
+
+    RESERVED = "reserved"
+    STARTED = "started"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+
+
+# Rows in these states count against the quota; the others were refunded.
+CHARGED_STATUSES = frozenset({LedgerStatus.RESERVED, LedgerStatus.STARTED, LedgerStatus.SUCCEEDED})
+TERMINAL_STATUSES = frozenset({LedgerStatus.SUCCEEDED, LedgerStatus.FAILED,
+                               LedgerStatus.CANCELLED, LedgerStatus.TIMEOUT})
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware datetime stored as UTC; always read back aware (UTC).
+
+    PostgreSQL keeps the offset (timestamptz) but SQLite stores a naive string, so values are
+    normalised to UTC on the way in (their text then sorts chronologically, which the window
+    queries rely on) and tagged UTC on the way out. Naive values are refused rather than guessed.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value.isoformat()} given; pass an aware one")
+        # SQLite's DATETIME drops the offset when it writes the text, so convert first.
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class LedgerRow(TypedDict):
+    """One ledger row as plain data, for stats and reports."""
+
+    job_id: str
+    user_id: str
+    model: str
+    requested_seconds: float
+    produced_seconds: float | None
+    gpu_seconds: float | None
+    queue_wait_seconds: float | None
+    status: str
+    error_code: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    worker: str | None
+    attempts: int
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the quota tables, with constraint names fixed by convention."""
+
+    metadata = MetaData(naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    })
+
+
+class UserQuota(Base):
+    """One user's tier and optional per-user limits (NULL = the tier's limit; -1 = unlimited)."""
+
+    __tablename__ = "user_quotas"
+
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tier: Mapped[str] = mapped_column(String(32))
+    daily_limit: Mapped[int | None] = mapped_column(Integer)
+    monthly_limit: Mapped[int | None] = mapped_column(Integer)
+    # Set by the store from its clock (not the server's) so that tests can move time.
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class UsageLedger(Base):
+    """One row per job: what was asked for, what ran, and whether it still counts."""
+
+    __tablename__ = "usage_ledger"
+    __table_args__ = (
+        # The quota count scans one user's rows inside a window: user first, then time.
+        Index("ix_usage_ledger_user_id_created_at", "user_id", "created_at"),
+        # Stats read the whole ledger since a moment.
+        Index("ix_usage_ledger_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(128), unique=True)
+    user_id: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(64))
+    requested_seconds: Mapped[float] = mapped_column(Float)
+    produced_seconds: Mapped[float | None] = mapped_column(Float)
+    gpu_seconds: Mapped[float | None] = mapped_column(Float)
+    queue_wait_seconds: Mapped[float | None] = mapped_column(Float)
+    # Plain strings rather than a database enum: adding a status then needs no ALTER TYPE.
+    status: Mapped[str] = mapped_column(String(16))
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    worker: Mapped[str | None] = mapped_column(String(255))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    def to_row(self) -> LedgerRow:
+        """This row as plain data (no ORM state)."""
+        return cast(LedgerRow, {key: getattr(self, key) for key in LedgerRow.__annotations__})

@@ -1,0 +1,106 @@
+"""The packaged Alembic migrations, on an empty SQLite file and an empty PostgreSQL database."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import insert, inspect, select
+
+from pipeline.quota import current, make_engine, upgrade
+from pipeline.quota.migrate import MIGRATIONS_DIR, alembic_config
+from pipeline.quota.tables import Base, UserQuota
+
+HEAD = "0001"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # where ``import pipeline`` finds this tree
+
+# quota_empty_db_url: an empty SQLite file, and an empty PostgreSQL database of its own.
+pytest_plugins = ["tests.pipeline.quota_conftest"]
+
+
+def test_migrations_ship_inside_the_package_with_one_head() -> None:
+    assert MIGRATIONS_DIR.parent.name == "quota"
+    assert {"env.py", "script.py.mako"} <= {p.name for p in MIGRATIONS_DIR.iterdir()}
+    scripts = ScriptDirectory.from_config(alembic_config())
+    assert scripts.get_heads() == [HEAD]
+
+
+def test_upgrade_creates_the_tables_and_indexes(quota_empty_db_url: str) -> None:
+    assert current(quota_empty_db_url) is None
+    upgrade(quota_empty_db_url)
+    assert current(quota_empty_db_url) == HEAD
+    engine = make_engine(quota_empty_db_url)
+    try:
+        inspector = inspect(engine)
+        tables = set(inspector.get_table_names())
+        assert {"user_quotas", "usage_ledger", "alembic_version"} <= tables
+        indexes = {ix["name"]: ix["column_names"] for ix in inspector.get_indexes("usage_ledger")}
+        assert indexes["ix_usage_ledger_user_id_created_at"] == ["user_id", "created_at"]
+        assert indexes["ix_usage_ledger_created_at"] == ["created_at"]
+        uniques = inspector.get_unique_constraints("usage_ledger")
+        assert [u["column_names"] for u in uniques] == [["job_id"]]
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_twice_is_a_no_op_that_keeps_data(quota_empty_db_url: str) -> None:
+    upgrade(quota_empty_db_url)
+    engine = make_engine(quota_empty_db_url)
+    try:
+        with engine.begin() as conn:
+            now = datetime(2026, 11, 21, tzinfo=UTC)
+            conn.execute(insert(UserQuota).values(
+                user_id="alice", tier="free", created_at=now, updated_at=now))
+        upgrade(quota_empty_db_url)
+        assert current(quota_empty_db_url) == HEAD
+        with engine.connect() as conn:
+            assert conn.scalars(select(UserQuota.user_id)).all() == ["alice"]
+    finally:
+        engine.dispose()
+
+
+def test_workers_booting_together_all_migrate_cleanly(quota_empty_db_url: str) -> None:
+    # Worker processes may start at once and each migrate on boot; the database lock (BEGIN
+    # IMMEDIATE / advisory lock) must make them take turns. Each imports first, says "ready",
+    # then waits for "go", so that the upgrades really overlap.
+    code = ("import sys; from pipeline.quota import upgrade; print('ready', flush=True); "
+            "sys.stdin.readline(); upgrade(sys.argv[1])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, quota_empty_db_url], cwd=REPO_ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    outputs = [p.communicate("go\n", timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert current(quota_empty_db_url) == HEAD
+
+
+def test_threads_upgrading_together_take_turns(quota_empty_db_url: str) -> None:
+    barrier = threading.Barrier(3)
+
+    def boot(_: int) -> None:
+        barrier.wait()
+        upgrade(quota_empty_db_url)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        list(pool.map(boot, range(3)))  # re-raises any thread's error
+    assert current(quota_empty_db_url) == HEAD
+
+
+def test_models_match_the_migrated_schema(quota_empty_db_url: str) -> None:
+    upgrade(quota_empty_db_url)
+    engine = make_engine(quota_empty_db_url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()
