@@ -12,6 +12,7 @@ from pipeline.jobs import JobResult, JobStatus
 
 if TYPE_CHECKING:
     from pipeline.celery_app import PipelineCelery
+    from pipeline.quota import QuotaStore
     from pipeline.registry import JobRegistry
 
 # Celery's states (and ours: QUEUED is written at enqueue, PROGRESS by the worker).
@@ -45,10 +46,12 @@ def error_of(info: Any) -> tuple[str, str]:
 class JobHandle:
     """A job accepted by the queue. Cheap to create; every call reads the result backend."""
 
-    def __init__(self, job_id: str, app: PipelineCelery, registry: JobRegistry) -> None:
+    def __init__(self, job_id: str, app: PipelineCelery, registry: JobRegistry,
+                 quota: QuotaStore | None = None) -> None:
         self.id = job_id
         self._app = app
         self._registry = registry
+        self._quota = quota
 
     def __repr__(self) -> str:
         return f"JobHandle({self.id!r})"
@@ -115,6 +118,8 @@ class JobHandle:
         self._registry.cancel(self.id, ttl)
         if status is JobStatus.queued:
             self._app.backend.mark_as_revoked(self.id, "cancelled before start")
+            if self._quota is not None:  # it will never run: give the slot back now
+                self._quota.mark_finished(self.id, status="cancelled", error_code="cancelled")
         if not self._app.embedded:
             # Let workers that hold it in their prefetch drop it too; the flag is the guarantee.
             self._app.control.revoke(self.id)

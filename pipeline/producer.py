@@ -20,6 +20,7 @@ from pipeline.errors import InvalidRequest, ServiceUnavailable
 from pipeline.handle import JobHandle
 from pipeline.jobs import GenerationRequest, JobSpec, check_job_id, new_job_id, queue_for
 from pipeline.policies.configured import Policies
+from pipeline.quota.configured import store_for
 from pipeline.registry import JobRegistry, registry_for
 from pipeline.resolve import resolve
 
@@ -37,6 +38,7 @@ class Producer:
         self.app = app if app is not None else make_celery(settings)
         self.registry: JobRegistry = registry_for(self.app)
         self.policies = Policies.for_app(self.app)
+        self.quota = store_for(settings)
 
     def enqueue(self, request: GenerationRequest) -> JobHandle:
         """Queue one job; the same ``job_id`` twice returns the first job, never a second."""
@@ -58,12 +60,12 @@ class Producer:
 
     def get_job(self, job_id: str) -> JobHandle:
         """A handle for a job enqueued earlier, by this process or another."""
-        handle = JobHandle(check_job_id(job_id), self.app, self.registry)
+        handle = JobHandle(check_job_id(job_id), self.app, self.registry, self.quota)
         handle.status()  # JobNotFound for an unknown id
         return handle
 
     def _send(self, spec: JobSpec) -> JobHandle:
-        handle = JobHandle(spec.job_id, self.app, self.registry)
+        handle = JobHandle(spec.job_id, self.app, self.registry, self.quota)
         ttl = self.settings.broker.result_expires
         try:
             if not self.registry.claim(spec.job_id, ttl):
@@ -72,26 +74,34 @@ class Producer:
         except Exception as exc:  # redis.ConnectionError and friends
             raise ServiceUnavailable(f"the broker is unreachable: {type(exc).__name__}", None,
                                      {"retry_after": 5}) from exc
+        reserved = False
         try:
             # Fail fast, before anything is queued: a broken model or a full queue.
             breaker = self.policies.breaker(spec.model)
             if breaker is not None:
                 breaker.check()
             self.policies.check_backlog(queue_for(spec.model))
+            # Atomic in SQL; a retried or redelivered job is charged once (one ledger row per id).
+            self.quota.reserve(job_id=spec.job_id, user_id=spec.user_id, model=spec.model,
+                               requested_seconds=spec.duration)
+            reserved = True
             self.app.backend.store_result(spec.job_id, {"model": spec.model, "user_id": spec.user_id,
                                                         "enqueued_at": spec.enqueued_at}, "QUEUED")
             self.app.send_task(TASK_GENERATE, args=[spec.model_dump(mode="json")], task_id=spec.job_id,
                                queue=queue_for(spec.model), priority=celery_priority(spec.priority),
                                retry=True, retry_policy=_PUBLISH_RETRY)
         except (OperationalError, RedisError, OSError) as exc:
-            self._give_back(spec)
+            self._give_back(spec, reserved)
             raise ServiceUnavailable(f"the broker is unreachable: {exc}", None, {"retry_after": 5}) from exc
         except Exception:
-            self._give_back(spec)
+            self._give_back(spec, reserved)
             raise
         return handle
 
-    def _give_back(self, spec: JobSpec) -> None:
+    def _give_back(self, spec: JobSpec, reserved: bool) -> None:
+        """Undo a refused enqueue: the quota slot and the id claim."""
+        if reserved:
+            self.quota.mark_finished(spec.job_id, status="cancelled", error_code="not_queued")
         try:
             self.registry.release(spec.job_id)
         except Exception:  # the broker is likely down too; the claim expires with its TTL

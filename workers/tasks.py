@@ -13,13 +13,16 @@ import time
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from pydantic import ValidationError
 
 from pipeline.celery_app import TASK_GENERATE, PipelineCelery
-from pipeline.errors import GpuOutOfMemory, JobTimeout, ModelRuntimeError, PoisonJob, TransientError
+from pipeline.errors import GpuOutOfMemory, JobNotFound, JobTimeout, ModelRuntimeError, PoisonJob, TransientError
+from pipeline.handle import error_of
 from pipeline.jobs import JobSpec, invalid_request_from, queue_for
 from pipeline.policies.configured import Policies
+from pipeline.quota import QuotaStore
+from pipeline.quota.configured import store_for
 from pipeline.registry import JobRegistry, registry_for
 from workers.job_runner import JobCancelledByUser, JobRunner
 
@@ -37,6 +40,7 @@ class WorkerState:
     runner: JobRunner | None = None
     registry: JobRegistry | None = None
     policies: Policies | None = None
+    quota: QuotaStore | None = None
 
 
 STATE = WorkerState()
@@ -58,6 +62,23 @@ def _policies(app: PipelineCelery) -> Policies:
     if STATE.policies is None:
         STATE.policies = Policies.for_app(app)
     return STATE.policies
+
+
+def _quota(app: PipelineCelery) -> QuotaStore:
+    if STATE.quota is None:  # its own engine per process: connections must not cross a fork
+        STATE.quota = store_for(app.settings)
+    return STATE.quota
+
+
+def _ledger(app: PipelineCelery, action: str, job_id: str, **values: Any) -> bool | None:
+    """Record in the ledger; a database hiccup must not fail a job that has produced its file."""
+    try:
+        return getattr(_quota(app), action)(job_id, **values)  # type: ignore[no-any-return]
+    except JobNotFound:
+        log.warning("job %s has no ledger row (enqueued with quotas off?)", job_id)
+    except Exception:
+        log.exception("could not record %s for job %s in the ledger", action, job_id)
+    return None
 
 
 def _progress_reporter(task: Task, reg: JobRegistry) -> Any:
@@ -128,14 +149,21 @@ def run_generate(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
     reg, policies, runner = _registry(app), _policies(app), runner_for(app)
     if reg.is_cancelled(spec.job_id):
         task.backend.mark_as_revoked(spec.job_id, "cancelled before start", request=task.request)
+        _ledger(app, "mark_finished", spec.job_id, status="cancelled", error_code="cancelled")
         raise Ignore()
     breaker = _admit(task, spec, reg, policies)
+    if _ledger(app, "mark_started", spec.job_id, worker=task.request.hostname or "worker",
+               queue_wait_seconds=max(0.0, started_at - spec.enqueued_at)) is False:
+        # The job already ended (a late redelivery of a finished job): do not make it twice.
+        log.warning("job %s already finished; dropping this delivery", spec.job_id)
+        raise Ignore()
     try:
         outcome = runner.run(spec, worker=task.request.hostname or "worker",
                              progress=_progress_reporter(task, reg), started_at=started_at)
     except JobCancelledByUser:
         runner.remove_outputs(spec.job_id)
         task.backend.mark_as_revoked(spec.job_id, "cancelled while running", request=task.request)
+        _ledger(app, "mark_finished", spec.job_id, status="cancelled", error_code="cancelled")
         raise Ignore() from None
     except SoftTimeLimitExceeded as exc:
         runner.remove_outputs(spec.job_id)
@@ -152,11 +180,28 @@ def run_generate(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
     return outcome.result.model_dump(mode="json")
 
 
+class GenerationTask(Task):  # type: ignore[misc]
+    """Settles the ledger on every final outcome. Celery calls these hooks once per job, after
+    the last retry, and calls on_failure even for a hard time-limit kill (from the parent)."""
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        _ledger(self.app, "mark_finished", task_id, status="succeeded", produced_seconds=retval["duration"],
+                gpu_seconds=retval["timings"]["generate"])
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        code, _ = error_of(exc)
+        _ledger(self.app, "mark_finished", task_id, status="timeout" if code == "timeout" else "failed", error_code=code)
+        if isinstance(exc, TimeLimitExceeded) and args:  # killed by the hard limit: a sick model too
+            breaker = _policies(self.app).breaker(str(args[0].get("model")))
+            if breaker is not None:
+                breaker.record_failure()
+
+
 def register_tasks(app: PipelineCelery) -> None:
     """Add the generation task to a worker's app, with its retry policy from settings."""
     w = app.settings.worker
 
-    @app.task(name=TASK_GENERATE, bind=True, acks_late=True, reject_on_worker_lost=True,
+    @app.task(name=TASK_GENERATE, bind=True, base=GenerationTask, acks_late=True, reject_on_worker_lost=True,
               autoretry_for=(TransientError,), max_retries=w.max_retries,
               retry_backoff=w.retry_backoff, retry_backoff_max=int(w.retry_backoff_max),
               retry_jitter=w.retry_jitter)

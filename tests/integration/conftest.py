@@ -68,6 +68,7 @@ def base_env(workdir: Path, broker: str | None, **extra: str) -> dict[str, str]:
         "MUSICGEN_STORAGE__TEMP_DIR": str(workdir / "tmp"),
         "MUSICGEN_DATABASE__URL": f"sqlite:///{workdir}/quota.db",
         "MUSICGEN_RATE_LIMIT__ENABLED": "false",
+        "MUSICGEN_QUOTAS__DEFAULT_TIER": "enterprise",  # unlimited: quota tests set their own
         "PYTHONUNBUFFERED": "1",
     })
     if broker:

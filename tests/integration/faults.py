@@ -3,7 +3,8 @@
 It wraps the model call of the real worker (``workers.job_runner.generate``) and reacts to
 markers in the prompt, so a test can make a real worker process hang, ignore its soft limit,
 die, or fail like a sick GPU, and then watch the real Celery machinery deal with it. Every
-attempt is appended to ``$FAULTS_DIR/attempts.log`` as ``<time> <job prompt>``.
+attempt is appended to ``$FAULTS_DIR/attempts.log`` as ``<time> <job prompt>``, and every slot
+the global rate limiter grants as ``<time> ADMIT <queue>``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 import workers.job_runner as job_runner
+from pipeline.policies.rate_limit import GlobalRateLimit
 from pipeline.errors import GpuOutOfMemory, InvalidRequest, ModelRuntimeError
 
 _real_generate = job_runner.generate
@@ -52,3 +54,16 @@ def generate(loaded: Any, items: list[Any], progress: Any = None) -> list[Any]:
 
 
 job_runner.generate = generate
+
+_real_try_acquire = GlobalRateLimit.try_acquire
+
+
+def try_acquire(self: GlobalRateLimit, key: str) -> float:
+    """The real limiter; each slot it grants is logged as ``<time> ADMIT <key>``."""
+    wait = _real_try_acquire(self, key)
+    if wait == 0.0:
+        _log(f"ADMIT {key}")
+    return wait
+
+
+GlobalRateLimit.try_acquire = try_acquire  # type: ignore[method-assign]

@@ -1,0 +1,46 @@
+"""The quota store a process uses, built from Settings (one engine per process, after any fork)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pipeline.config.schema import Settings
+from pipeline.quota.migrate import upgrade
+from pipeline.quota.store import QuotaStore
+from pipeline.quota.tables import make_engine
+from pipeline.quota.windows import TierLimits
+
+
+def database_url(settings: Settings) -> str:
+    """``database.url`` with the password put in from its secret (the setting never holds it)."""
+    url, password = settings.database.url, settings.database.password
+    if password is None:
+        return url
+    parts = urlsplit(url)
+    netloc = f"{parts.username or ''}:{password.get_secret_value()}@{parts.hostname}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def store_for(settings: Settings) -> QuotaStore:
+    """The quota store these settings describe.
+
+    A SQLite database is the embedded default with nothing to install, so it is migrated on
+    first use; PostgreSQL is migrated by the operator (`musicgen-pipeline db upgrade`).
+    """
+    url = database_url(settings)
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if path:
+            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        upgrade(url)
+        engine = make_engine(url)
+    else:
+        engine = make_engine(url, pool_size=settings.database.pool_size)
+    q = settings.quotas
+    # With quotas off the ledger still records every job (stats read it); nobody is refused.
+    tiers = {name: TierLimits(daily=t.daily, monthly=t.monthly) if q.enabled else TierLimits(-1, -1)
+             for name, t in q.tiers.items()}
+    return QuotaStore(engine, tiers=tiers, default_tier=q.default_tier, timezone=q.timezone)

@@ -1,0 +1,314 @@
+"""The Procfile, run as a process manager runs it: each line through a shell, in its own process
+group, in a project directory, against a Redis database of our own; then SIGTERM to the group.
+
+worker: comes up and consumes its model queue and the maintenance queue. flower: answers with
+the password, refuses without it, never shows it, never imports torch. beat: sends both sweeps,
+a worker runs them, and the old files are gone while the young ones stay.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import secrets
+import shelve
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, base_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PROCFILE = REPO / "Procfile"
+VENV_BIN = str(Path(sys.executable).parent)
+HOUR, DAY = 3600.0, 86400.0
+
+
+def procfile_entries() -> dict[str, str]:
+    """``{process type: command}`` as Heroku, foreman and honcho read the file."""
+    entries: dict[str, str] = {}
+    for line in PROCFILE.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9_-]+):\s*(.+)", line)
+        assert match, f"not a Procfile line: {line!r}"
+        entries[match[1]] = match[2].strip()
+    return entries
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    """One Procfile line running in its own process group, its output in a log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def group(self) -> list[int]:
+        """Every live process in the line's process group (the shell, the exec'd program, its children)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if fields[0] != "Z" and int(fields[2]) == self.popen.pid:  # state, pgrp
+                    pids.append(int(entry.name))
+        return pids
+
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            if self.popen.poll() is not None:
+                pytest.fail(f"{self.name} exited with {self.popen.returncode} before {what}:\n{self.text()[-3000:]}")
+            time.sleep(0.2)
+        pytest.fail(f"{self.name}: no {what} after {timeout} s:\n{self.text()[-3000:]}")
+
+    def terminate(self, timeout: float = 60) -> str:
+        """SIGTERM to the whole group, as honcho, foreman and Heroku do; waits until every process
+        of the group has exited and returns the line's output.
+
+        ``/bin/sh -c`` (dash) does not exec the command, and the shell dies of the signal at
+        once: the program's own exit code is not ours to read, so callers check its log.
+        """
+        os.killpg(self.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.group() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = self.group()
+        if left:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
+        if left:
+            pytest.fail(f"{self.name} still running {timeout} s after SIGTERM:\n{self.text()[-3000:]}")
+        return self.text()
+
+
+class Procfile:
+    """Starts Procfile lines exactly as written and stops whatever is still running after a test."""
+
+    def __init__(self, cwd: Path, logs: Path) -> None:
+        self.cwd, self.logs = cwd, logs
+        self.started: list[Proc] = []
+
+    def start(self, name: str, env: dict[str, str]) -> Proc:
+        command = procfile_entries()[name]
+        log = self.logs / f"{name}-{len(self.started)}.log"
+        env = {**env, "PATH": os.pathsep.join([VENV_BIN, env.get("PATH", "")])}
+        with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+            popen = subprocess.Popen(command, shell=True, cwd=self.cwd, env=env, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        proc = Proc(name, popen, log)
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.started:
+            if proc.popen.poll() is None:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait()
+
+
+@pytest.fixture
+def procfile(workdir: Path, tmp_path: Path) -> Iterator[Procfile]:
+    runner = Procfile(workdir, tmp_path)
+    yield runner
+    runner.stop_all()
+
+
+def line_env(workdir: Path, redis_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The tiny preset on our Redis database; this test's own storage and data folders."""
+    return base_env(workdir, redis_url, MUSICGEN_STORAGE__OUTPUT_DIR=str(tmp_path / "outputs"),
+                    MUSICGEN_STORAGE__TEMP_DIR=str(tmp_path / "tmp"),
+                    MUSICGEN_APP__DATA_DIR=str(tmp_path / "data"),
+                    # An idle worker waits out the whole soft-shutdown grace: keep it short here.
+                    MUSICGEN_WORKER__SHUTDOWN_GRACE="2", **extra)
+
+
+def flower_env(workdir: Path, redis_url: str, tmp_path: Path, password: str, **extra: str) -> dict[str, str]:
+    return line_env(workdir, redis_url, tmp_path, MUSICGEN_MONITORING__FLOWER_PORT=str(free_port()),
+                    MUSICGEN_MONITORING__FLOWER_USER="ops", MUSICGEN_MONITORING__FLOWER_PASSWORD=password,
+                    **extra)
+
+
+def http_get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode(errors="replace")
+        exc.close()
+        return exc.code, body
+
+
+def start_flower(procfile: Procfile, env: dict[str, str]) -> tuple[Proc, str]:
+    """The Procfile's flower line, started and answering; returns it and its base URL."""
+    flower = procfile.start("flower", env)
+    base = f"http://127.0.0.1:{env['MUSICGEN_MONITORING__FLOWER_PORT']}"
+
+    def healthy() -> bool:
+        try:
+            return http_get(f"{base}/healthcheck")[0] == 200
+        except OSError:
+            return False
+
+    flower.wait_for("answer on /healthcheck", healthy)
+    return flower, base
+
+
+def loads_torch(pid: int) -> bool:
+    """Whether the process has torch's shared libraries mapped (importing torch maps them)."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def program_pid(proc: Proc, marker: str) -> int:
+    """The pid in the line's group whose command line holds ``marker`` (e.g. ``flower``)."""
+    for pid in proc.group():
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if any(marker.encode() == arg for arg in argv):
+            return pid
+    pytest.fail(f"no process running {marker!r} in {proc.name}'s group")
+
+
+def test_the_procfile_declares_worker_flower_and_beat_as_project_commands() -> None:
+    entries = procfile_entries()
+    assert set(entries) == {"worker", "flower", "beat"}
+    for name, command in entries.items():
+        assert command.split()[:2] == ["musicgen-pipeline", name]
+
+
+def test_worker_line_comes_up_on_its_queues_and_exits_on_sigterm(
+        procfile: Procfile, workdir: Path, redis_url: str, tmp_path: Path) -> None:
+    worker = procfile.start("worker", line_env(workdir, redis_url, tmp_path))
+    worker.wait_for('" ready."', lambda: " ready." in worker.text())
+    node = re.search(r"(\S+@\S+) ready\.", worker.text())
+    assert node, worker.text()[-2000:]
+
+    from celery import Celery
+
+    probe = Celery("probe", broker=redis_url, set_as_current=False)
+    try:
+        queues = probe.control.inspect(destination=[node[1]], timeout=5).active_queues()
+    finally:
+        probe.close()
+    assert queues, f"{node[1]} did not answer"
+    assert {q["name"] for q in queues[node[1]]} == {"musicgen.tiny", "musicgen.maintenance"}
+
+    out = worker.terminate()
+    # `musicgen-pipeline worker` remaps SIGTERM to Celery's cold shutdown (after the soft one).
+    assert "worker: Cold shutdown (MainProcess)" in out and "Traceback" not in out
+
+
+def test_flower_line_needs_the_password_except_for_health_and_metrics(
+        procfile: Procfile, workdir: Path, redis_url: str, tmp_path: Path) -> None:
+    password = "pw-" + secrets.token_urlsafe(18)
+    flower, base = start_flower(procfile, flower_env(workdir, redis_url, tmp_path, password))
+
+    assert http_get(f"{base}/", ("ops", password))[0] == 200
+    assert http_get(f"{base}/workers", ("ops", password))[0] == 200
+    assert http_get(f"{base}/api/workers", ("ops", password))[0] == 200
+    assert http_get(f"{base}/")[0] == 401
+    assert http_get(f"{base}/", ("ops", password + "x"))[0] == 401
+    assert http_get(f"{base}/api/workers")[0] == 401
+    # Flower 2 leaves these two outside the password (documented in `flower --help` and the README).
+    status, metrics = http_get(f"{base}/metrics")
+    assert status == 200 and "flower_events_total" in metrics
+    assert password not in metrics
+
+    flower_pid = program_pid(flower, "flower")
+    assert not loads_torch(flower_pid), "Flower must not import the model runtime"
+    for pid in flower.group():  # the password is in no process's argv (ps shows argv)
+        assert password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert password.encode() in Path(f"/proc/{flower_pid}/environ").read_bytes()  # FLOWER_BASIC_AUTH
+
+    out = flower.terminate()
+    assert "15 detected, shutting down" in out and "Traceback" not in out
+    assert password not in out
+
+
+def test_flower_line_refuses_to_start_without_auth_in_staging(
+        procfile: Procfile, workdir: Path, redis_url: str, tmp_path: Path) -> None:
+    env = line_env(workdir, redis_url, tmp_path, MUSICGEN_ENV="staging",
+                   MUSICGEN_MONITORING__FLOWER_PORT=str(free_port()))
+    flower = procfile.start("flower", env)
+    assert flower.popen.wait(60) == 1
+    assert "error: Flower needs basic auth in staging" in flower.text()
+
+
+def _planted(root: Path, rel: str, age: float, size: int = 100) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * size)
+    when = time.time() - age
+    os.utime(path, (when, when))
+    return path
+
+
+def test_beat_line_sends_both_sweeps_and_the_worker_line_runs_them(
+        procfile: Procfile, workdir: Path, redis_url: str, tmp_path: Path) -> None:
+    crashed = _planted(tmp_path, "tmp/job-crashed/melody.wav", 2 * HOUR, 1000)
+    os.utime(crashed.parent, (time.time() - 2 * HOUR,) * 2)
+    live = _planted(tmp_path, "tmp/job-live/melody.wav", 60)
+    expired = _planted(tmp_path, "outputs/expired.wav", 8 * DAY, 3000)
+    expired_sidecar = _planted(tmp_path, "outputs/expired.wav.json", 8 * DAY, 50)
+    recent = _planted(tmp_path, "outputs/recent.wav", DAY)
+    env = line_env(workdir, redis_url, tmp_path)
+
+    worker = procfile.start("worker", env)
+    worker.wait_for('" ready."', lambda: " ready." in worker.text())
+    beat = procfile.start("beat", env)
+    beat.wait_for("start-up line", lambda: "beat: Starting..." in beat.text())
+    for task in ("musicgen.maintenance.sweep_temp", "musicgen.maintenance.sweep_outputs"):
+        beat.wait_for(f"{task} sent", lambda t=task: f"Sending due task {t}" in beat.text(), timeout=60)
+        worker.wait_for(f"{task} run", lambda t=task: re.search(rf"Task {re.escape(t)}\[[-\w]+\] succeeded",
+                                                                 worker.text()) is not None, timeout=60)
+
+    log = worker.text()
+    assert re.search(r"Task musicgen\.maintenance\.sweep_temp\[[-\w]+\] succeeded in [\d.]+s: "
+                     r"\{'removed_files': 1, 'removed_bytes': 1000, 'removed_dirs': 1, 'errors': 0\}", log), log[-3000:]
+    assert re.search(r"Task musicgen\.maintenance\.sweep_outputs\[[-\w]+\] succeeded in [\d.]+s: "
+                     r"\{'removed_files': 2, 'removed_bytes': 3050, 'removed_dirs': 0, 'errors': 0\}", log), log[-3000:]
+    assert not crashed.parent.exists() and not expired.exists() and not expired_sidecar.exists()
+    assert live.is_file() and recent.is_file()
+    assert not loads_torch(program_pid(beat, "beat")), "beat must not import the model runtime"
+
+    assert "Traceback" not in beat.terminate()
+    # Beat saved when each entry ran: started again, it sends nothing until an interval passes.
+    with shelve.open(str(tmp_path / "data" / "beat" / "celerybeat-schedule"), flag="r") as db:
+        entries = db["entries"]
+        for task in ("musicgen.maintenance.sweep_temp", "musicgen.maintenance.sweep_outputs"):
+            assert entries[task].total_run_count == 1
+            assert time.time() - entries[task].last_run_at.timestamp() < 120
+    again = procfile.start("beat", env)
+    again.wait_for("start-up line", lambda: "beat: Starting..." in again.text())
+    time.sleep(3)
+    assert "Sending due task" not in again.text()
+    assert "Traceback" not in again.terminate()
+    assert "worker: Cold shutdown (MainProcess)" in worker.terminate()
