@@ -124,7 +124,6 @@ def make_celery(settings: Settings, *, name: str = "musicgen-pipeline") -> Pipel
             result_backend_transport_options={"visibility_timeout": settings.broker.visibility_timeout},
             # A finished job's result must survive a short Redis outage, not vanish with it.
             result_backend_always_retry=True, result_backend_max_retries=20,
-            broker_connection_max_retries=3,
             redis_socket_connect_timeout=settings.broker.connect_timeout,
         )
     app.conf.update(conf)
