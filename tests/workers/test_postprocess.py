@@ -310,3 +310,16 @@ def test_malformed_samples_are_refused(samples: np.ndarray, match: str, temp_dir
                                        out_dir: Path) -> None:
     with pytest.raises(ValueError, match=match):
         render(samples, SOURCE_RATE, OutputSpec(), out_dir / "x.wav", temp_dir=temp_dir)
+
+
+def test_dc_offset_does_not_stop_loudness_normalisation(tmp_path: Path) -> None:
+    """A signal that is mostly DC (as a random model makes) still reaches the target: the
+    subsonic high-pass removes what K-weighting ignores but the peak ceiling counts."""
+    rate = 32000
+    t = np.arange(rate * 4) / rate
+    samples = (-0.2 + 0.02 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)[None, :]
+    result = render(samples, rate, OutputSpec(format="wav", sample_rate=rate, normalization="lufs",
+                                              target_level=-14.0), tmp_path / "dc.wav", temp_dir=tmp_path / "t")
+    assert result.loudness_lufs == pytest.approx(-14.0, abs=0.5)
+    decoded, _ = sf.read(tmp_path / "dc.wav")
+    assert abs(decoded[rate // 2:].mean()) < 0.01  # the offset is gone

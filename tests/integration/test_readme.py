@@ -1,0 +1,59 @@
+"""The README's examples run as written: the service example against a real worker, and the
+offline demo's commands in a fresh directory."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, Worker, base_env, ffprobe
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+README = (REPO / "README.md").read_text()
+
+
+def blocks(lang: str, after: str) -> list[str]:
+    section = README.split(after, 1)[1]
+    return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
+
+
+def test_call_it_from_your_service_example_runs(shared_worker: Worker, workdir: Path, redis_url: str) -> None:
+    code = blocks("python", "## Call it from your service")[0]
+    env = base_env(workdir, redis_url, MUSICGEN_QUOTAS__DEFAULT_TIER="free")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].endswith(" queued")
+    assert any(line.startswith("100% ") or "%" in line for line in lines[1:-1])  # progress was shown
+    path, duration, rate, lufs = lines[-1].split()
+    assert Path(path).suffix == ".mp3" and float(duration) == pytest.approx(8.0, abs=0.01)
+    probe = ffprobe(Path(path))
+    assert probe["streams"][0]["codec_name"] == "mp3" and int(rate) == 32000
+    assert float(lufs) == pytest.approx(-14.0, abs=0.5)  # the default loudness target
+
+
+def test_offline_demo_commands_run_as_written(tmp_path: Path) -> None:
+    commands = [line.split("#")[0].strip() for line in blocks("bash", "## Try it offline")[0].splitlines()]
+    env = base_env(tmp_path, None)
+    for key in ("MUSICGEN_MODEL__PRESET", "MUSICGEN_APP__DATA_DIR", "MUSICGEN_STORAGE__OUTPUT_DIR",
+                "MUSICGEN_STORAGE__TEMP_DIR", "MUSICGEN_DATABASE__URL"):
+        env.pop(key)  # exactly the defaults a new user has
+    outputs = []
+    for command in filter(None, commands):
+        argv = shlex.split(command)
+        argv[0] = str(REPO / argv[0])  # .venv/bin/musicgen-pipeline, relative to the checkout
+        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                              check=False)
+        assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
+        outputs.append(proc.stdout)
+    produced = Path(outputs[-1].strip().splitlines()[0])
+    assert produced.is_file() and produced.suffix == ".mp3"
+    assert produced.is_relative_to(tmp_path / ".musicgen" / "outputs")
+    assert float(ffprobe(produced)["format"]["duration"]) == pytest.approx(4.0, abs=0.1)
