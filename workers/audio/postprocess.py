@@ -52,8 +52,6 @@ CLIP_CEILING_DBFS = -0.1  # rms gain stops here: a hair under full scale so PCM 
 LUFS_TOLERANCE_LU = 0.2  # re-encode with a trimmed target when the file misses by more than this
 LUFS_MAX_TRIMS = 2
 SUBSONIC_HZ = 10  # DC-blocking high-pass corner, applied whenever the level is normalised
-LIMITER_CEILING_DBFS = -1.5  # sample-peak ceiling of the fallback limiter (a margin under -1 dBTP)
-LIMITER_MAX_TRIES = 4
 LOUDNORM_MAX_INPUT_LUFS = -1.0  # loudnorm's measured_I must be <= 0; keep a margin
 
 Filter = tuple[str, tuple[Any, ...], dict[str, Any]]
@@ -281,34 +279,6 @@ def _encode_lufs(stage: Path, part: Path, spec: OutputSpec, caps: FfmpegCaps,
         notes.append(f"loudnorm used dynamic mode: one linear gain to {target} LUFS would have "
                      f"put the true peak above {TRUE_PEAK_CEILING_DBTP} dBTP")
     if abs(error) > LUFS_TOLERANCE_LU:
-        # loudnorm's dynamic mode undershoots on spiky material (a high peak-to-loudness ratio,
-        # as a random model makes): do what a mastering chain does instead, a measured linear
-        # gain into a look-ahead peak limiter, re-measured on the file and trimmed.
-        final, error = _gain_into_limiter(stage, part, spec, caps, codec, pre, measured, ffmpeg, timeout_s)
-        notes.append(f"peaks limited at {LIMITER_CEILING_DBFS} dBFS to reach {target} LUFS "
-                     "(loudnorm alone fell short)")
-    if abs(error) > LUFS_TOLERANCE_LU:
         notes.append(f"loudness landed {-error:+.2f} LU from the {target} LUFS target")
     return final, notes
 
-
-def _gain_into_limiter(stage: Path, part: Path, spec: OutputSpec, caps: FfmpegCaps, codec: dict[str, Any],
-                       pre: list[Filter], measured: Loudness, ffmpeg: str,
-                       timeout_s: float) -> tuple[Analysis, float]:
-    """Gain + alimiter, trimmed until the finished file's loudness is within tolerance."""
-    target = spec.target
-    assert target is not None
-    gain = target - measured.integrated_lufs
-    limit = f"{10 ** (LIMITER_CEILING_DBFS / 20):.4f}"
-    for _ in range(LIMITER_MAX_TRIES):
-        chain = [*pre, ("volume", (), {"volume": f"{gain:.3f}dB"}),
-                 ("alimiter", (), {"limit": limit, "level": "false", "attack": "5", "release": "50"}),
-                 *_resample(spec, caps)]
-        _encode(stage, part, chain, codec, ffmpeg, timeout_s, what=f"limiting and encoding {spec.format}")
-        final = analyse(part, ffmpeg=ffmpeg, timeout_s=timeout_s)
-        assert final.loudness is not None
-        error = target - final.loudness.integrated_lufs
-        if abs(error) <= LUFS_TOLERANCE_LU:
-            break
-        gain += error
-    return final, error
