@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
+from typing import TYPE_CHECKING
 
 from pipeline.quota.tables import make_engine
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported inside the functions: a calling service imports this package through
+# `import pipeline` and should not pay a second of start-up for migrations it never runs.
 
 __all__ = ["MIGRATIONS_DIR", "alembic_config", "current", "upgrade"]
 
@@ -33,6 +36,8 @@ _IN_PROCESS = threading.Lock()
 
 def alembic_config(url: str | None = None) -> Config:
     """Return an Alembic ``Config`` for the packaged migrations (``url`` for the CLI-like use)."""
+    from alembic.config import Config
+
     cfg = Config()
     # Config values go through configparser interpolation: a literal % must be doubled.
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
@@ -43,6 +48,8 @@ def alembic_config(url: str | None = None) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Upgrade the database at ``url`` to ``revision`` (default: the newest)."""
+    from alembic import command
+
     engine = make_engine(url)
     try:
         # One connection and one transaction for the whole run, handed to env.py: on SQLite it
@@ -58,6 +65,8 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 def current(url: str) -> str | None:
     """Return the database's current revision, or None when it was never migrated."""
+    from alembic.runtime.migration import MigrationContext
+
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
