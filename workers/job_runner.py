@@ -66,9 +66,11 @@ class JobRunner:
         loaded = self.cache.get(preset)
         return loaded, time.perf_counter() - started
 
-    def preload(self) -> None:
-        if self.settings.model.preload:
-            self.model(self.settings.model.preset)
+    def preload(self) -> float | None:
+        """Load the preset's model now if settings ask for it; the seconds it took, or None."""
+        if not self.settings.model.preload:
+            return None
+        return self.model(self.settings.model.preset)[1]
 
     def run(self, spec: JobSpec, *, worker: str, progress: Progress, started_at: float) -> RunOutcome:
         """Generate one job's file; partial files are removed whatever happens."""

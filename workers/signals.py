@@ -11,6 +11,7 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
+from workers.metrics import observe_model_load, setup_metrics
 from workers.tasks import STATE, runner_for
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 def _setup(app: Any) -> None:
     runner = runner_for(app)
     try:
-        runner.preload()
+        seconds = runner.preload()
+        if seconds is not None:
+            observe_model_load(app.settings.model.preset, seconds)
     except Exception:
         # A worker that cannot load its model still serves: each job reports the error itself
         # (model_not_found is permanent) instead of the process crash-looping.
@@ -28,6 +31,7 @@ def _setup(app: Any) -> None:
 
 def connect(app: Any) -> None:
     pool = app.settings.worker.pool
+    setup_metrics(app)
 
     @worker_process_init.connect(weak=False)
     def _in_child(**_: Any) -> None:  # prefork children

@@ -25,6 +25,7 @@ from pipeline.quota import QuotaStore
 from pipeline.quota.configured import store_for
 from pipeline.registry import JobRegistry, registry_for
 from workers.job_runner import JobCancelledByUser, JobRunner
+from workers.metrics import model_of, observe_failure, observe_success
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +188,12 @@ class GenerationTask(Task):  # type: ignore[misc]
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         _ledger(self.app, "mark_finished", task_id, status="succeeded", produced_seconds=retval["duration"],
                 gpu_seconds=retval["timings"]["generate"])
+        observe_success(str(retval.get("model")), retval)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         code, _ = error_of(exc)
         _ledger(self.app, "mark_finished", task_id, status="timeout" if code == "timeout" else "failed", error_code=code)
+        observe_failure(model_of(args), code)
         if isinstance(exc, TimeLimitExceeded) and args:  # killed by the hard limit: a sick model too
             breaker = _policies(self.app).breaker(str(args[0].get("model")))
             if breaker is not None:

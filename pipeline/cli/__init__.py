@@ -6,10 +6,16 @@ Adding an area (generate, worker, models, ...) is two lines: import its Typer ap
 
 import typer
 
+from pipeline.cli.beat_cmd import beat
 from pipeline.cli.breaker_cmd import breaker_app
+from pipeline.cli.db_cmd import db_app
+from pipeline.cli.flower_cmd import flower
 from pipeline.cli.generate_cmd import generate
+from pipeline.cli.health_cmd import health
 from pipeline.cli.models_cmd import models_app
+from pipeline.cli.quota_cmd import quota_app
 from pipeline.cli.settings_cmd import settings_app
+from pipeline.cli.stats_cmd import stats
 from pipeline.cli.worker_cmd import worker
 
 app = typer.Typer(
@@ -22,8 +28,14 @@ app = typer.Typer(
 app.add_typer(settings_app, name="settings")
 app.add_typer(models_app, name="models")
 app.add_typer(breaker_app, name="breaker")
+app.add_typer(db_app, name="db")
+app.add_typer(quota_app, name="quota")
+app.command("stats")(stats)
+app.command("health")(health)
 app.command("generate")(generate)
 app.command("worker", context_settings={"ignore_unknown_options": False})(worker)
+app.command("flower")(flower)
+app.command("beat")(beat)
 
 
 def main() -> None:

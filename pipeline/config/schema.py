@@ -191,7 +191,7 @@ class MonitoringSettings(_Section):
     flower_port: int = Field(5555, ge=1, le=65535)
     flower_user: str | None = None
     flower_password: SecretStr | None = None
-    metrics_port: int = Field(9808, ge=1, le=65535)
+    metrics_port: int = Field(9808, ge=0, le=65535, description="worker Prometheus metrics; 0 = off")
 
 
 class FeatureSettings(_Section):

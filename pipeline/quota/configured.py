@@ -24,18 +24,26 @@ def database_url(settings: Settings) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def store_for(settings: Settings) -> QuotaStore:
-    """The quota store these settings describe.
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///path`` URL (None for other databases and in-memory SQLite)."""
+    path = url.split(":///", 1)[1] if url.startswith("sqlite") and ":///" in url else ""
+    return Path(path).expanduser() if path and path != ":memory:" else None
 
-    A SQLite database is the embedded default with nothing to install, so it is migrated on
-    first use; PostgreSQL is migrated by the operator (`musicgen-pipeline db upgrade`).
+
+def store_for(settings: Settings, *, migrate: bool = True) -> QuotaStore:
+    """The quota store these settings describe (``close()`` it when done, if short-lived).
+
+    A SQLite database is the embedded default with nothing to install, so it is created and
+    migrated on first use unless ``migrate`` is False (readers such as `stats` must not create
+    an empty file); PostgreSQL is migrated by the operator (`musicgen-pipeline db upgrade`).
     """
     url = database_url(settings)
     if url.startswith("sqlite"):
-        path = url.split(":///", 1)[1] if ":///" in url else ""
-        if path:
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        upgrade(url)
+        path = sqlite_path(url)
+        if migrate:
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            upgrade(url)
         engine = make_engine(url)
     else:
         engine = make_engine(url, pool_size=settings.database.pool_size)

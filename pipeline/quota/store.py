@@ -93,6 +93,7 @@ class QuotaStore:
             raise ValueError(f"quota store supports {sorted(_INSERTS)}, not {engine.dialect.name}")
         if default_tier not in tiers:
             raise ValueError(f"default tier {default_tier!r} is not one of {sorted(tiers)}")
+        self.engine = engine
         self._insert = _INSERTS[engine.dialect.name]
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._tiers = dict(tiers)
@@ -101,6 +102,10 @@ class QuotaStore:
         self._clock = clock
 
     # --- the job's life -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the engine's pooled connections (a short-lived CLI command ends with this)."""
+        self.engine.dispose()
 
     def reserve(self, *, job_id: str, user_id: str, model: str,
                 requested_seconds: float) -> Reservation:

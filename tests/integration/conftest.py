@@ -69,6 +69,7 @@ def base_env(workdir: Path, broker: str | None, **extra: str) -> dict[str, str]:
         "MUSICGEN_DATABASE__URL": f"sqlite:///{workdir}/quota.db",
         "MUSICGEN_RATE_LIMIT__ENABLED": "false",
         "MUSICGEN_QUOTAS__DEFAULT_TIER": "enterprise",  # unlimited: quota tests set their own
+        "MUSICGEN_MONITORING__METRICS_PORT": "0",  # many workers on one host; the metrics test sets one
         "PYTHONUNBUFFERED": "1",
     })
     if broker:

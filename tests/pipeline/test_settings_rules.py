@@ -113,7 +113,7 @@ def test_rule_passes(case: Case, production_env: dict[str, str]) -> None:
 RANGE_CASES = [
     # (key, bad value, words of the rule, words of the fix)
     ("monitoring.flower_port", 70000, "less than or equal to 65535", "between 1 and 65535"),
-    ("broker.visibility_timeout", 100000, "less than or equal to 86400", "between 60 and 86400"),
+    ("broker.visibility_timeout", 100000, "less than or equal to 86400", "between 5 and 86400"),
     ("worker.max_memory_percent", 99.0, "less than or equal to 95", "between 10.0 and 95.0"),
     ("monitoring.error_rate_threshold_percent", -1.0, "greater than or equal to 0", "between 0.0 and 100.0"),
     ("generation.default_temperature", 0.0, "greater than or equal to 0.1", "between 0.1 and 2.0"),

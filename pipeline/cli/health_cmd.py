@@ -1,0 +1,83 @@
+"""`musicgen-pipeline health`: exit 0 when healthy, 1 with one line per reason otherwise.
+
+Meant for a load-balancer probe, a Kubernetes exec probe or cron: it compares the error rate,
+the deepest queue and the p95 end-to-end latency of the window with ``monitoring.*``, and fails
+just as clearly when the broker or the database cannot be reached (a probe must not report a
+service healthy because it could not look).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import typer
+
+from pipeline.cli.common import EXIT_FAILED, load_or_exit, parse_sets
+from pipeline.cli.stats_cmd import queue_names, read_backlog, read_ledger, window_or_exit
+from pipeline.errors import ServiceUnavailable
+from pipeline.quota.tables import LedgerRow
+from pipeline.stats import Thresholds, compute_stats, health_problems
+
+
+def health(
+    since: str = typer.Option("1h", "--since", help="window: 30m, 1h, 2d, 1w (s m h d w)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
+    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+) -> None:
+    """Check error rate, backlog and p95 latency against monitoring.* thresholds (exit 0/1)."""
+    window = window_or_exit(since)
+    settings = load_or_exit(env, parse_sets(sets))
+    m = settings.monitoring
+    thresholds = Thresholds(error_rate_percent=m.error_rate_threshold_percent,
+                            backlog=m.backlog_threshold, latency_seconds=m.latency_threshold)
+    until = datetime.now(UTC)
+    problems: list[str] = []
+    rows: list[LedgerRow] | None = None
+    try:
+        rows = read_ledger(settings, until - window)
+    except ServiceUnavailable as exc:
+        problems.append(exc.message)
+    try:
+        backlog = read_backlog(settings)
+    except ServiceUnavailable as exc:
+        problems.append(exc.message)
+        backlog = dict.fromkeys(queue_names(settings))
+    checks: dict[str, Any] = {}
+    if rows is not None:  # without the ledger there is nothing to compare, only the outage
+        report = compute_stats(rows, since=until - window, until=until, backlog=backlog)
+        problems += health_problems(report, thresholds, since)
+        deepest = report.max_backlog
+        checks = {
+            "error_rate_percent": report.overall.error_rate_percent,
+            "error_rate_threshold_percent": thresholds.error_rate_percent,
+            "finished_jobs": report.overall.finished,
+            "max_backlog": None if deepest is None else {"queue": deepest[0], "depth": deepest[1]},
+            "backlog_threshold": thresholds.backlog,
+            "latency_p95_seconds": report.overall.latency.p95,
+            "latency_threshold_seconds": thresholds.latency_seconds,
+        }
+    if as_json:
+        typer.echo(json.dumps({"healthy": not problems, "window": since, "problems": problems,
+                               "checks": checks}, indent=2))
+    elif problems:
+        for line in problems:
+            typer.echo(line)
+    else:
+        typer.echo(_healthy_line(checks, since))
+    if problems:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _healthy_line(checks: dict[str, Any], window: str) -> str:
+    rate, p95 = checks["error_rate_percent"], checks["latency_p95_seconds"]
+    deepest = checks["max_backlog"]
+    return ("healthy: error rate "
+            + ("n/a" if rate is None else f"{rate:.1f}%")
+            + f" (<= {checks['error_rate_threshold_percent']:.1f}%), max backlog "
+            + ("n/a" if deepest is None else f"{deepest['depth']}")
+            + f" (threshold {checks['backlog_threshold']}), latency p95 "
+            + ("n/a" if p95 is None else f"{p95:.1f} s")
+            + f" (<= {checks['latency_threshold_seconds']:.1f} s) over the last {window}")

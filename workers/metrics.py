@@ -1,0 +1,196 @@
+"""Prometheus metrics of one worker node, served on ``monitoring.metrics_port``.
+
+The prefork pool's children run the jobs, but only the parent lives long enough to serve HTTP,
+so prometheus_client runs in multiprocess mode: every process writes its samples to memory-mapped
+files in ``PROMETHEUS_MULTIPROC_DIR`` and the parent's ``MultiProcessCollector`` adds them up on
+each scrape. That variable must be set before the first metric is created in any process, and
+inherited by the children, hence ``worker_init`` (in the parent, before the pool forks). The
+directory is per worker node (``<app.data_dir>/metrics/<node name>``) and emptied at start:
+files left by a previous run would otherwise be added to this run's counters.
+
+The task calls the ``observe_*`` functions; they never raise (a metrics bug must not fail a job
+that has made its file) and do nothing useful outside a worker (no server reads them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready
+
+log = logging.getLogger(__name__)
+
+__all__ = ["model_of", "observe_failure", "observe_model_load", "observe_success",
+           "setup_metrics"]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Scraped from the monitoring host, so not loopback only; the metrics hold no secret.
+METRICS_ADDRESS = "0.0.0.0"
+# A cache hit costs a dict lookup under a lock (microseconds); any real load reads a checkpoint
+# from disk (tens of milliseconds at least). Below this, a job's model_load timing was a hit.
+MODEL_LOAD_MIN_S = 0.001
+SUCCEEDED = "succeeded"
+
+_GENERATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+_RTF_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 4, 8, 16, 32)
+_WAIT_BUCKETS = (0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+_LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class _Metrics:
+    """The metric objects, built on first use: after ``PROMETHEUS_MULTIPROC_DIR`` is set."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.jobs = Counter("musicgen_jobs", "Jobs that reached a final outcome",
+                            ["model", "outcome", "error_code"])
+        self.audio = Counter("musicgen_audio_seconds", "Seconds of audio produced", ["model"])
+        self.generation = Histogram("musicgen_generation_seconds",
+                                    "Time in the model's generate call per succeeded job",
+                                    ["model"], buckets=_GENERATION_BUCKETS)
+        self.realtime_factor = Histogram("musicgen_realtime_factor",
+                                         "Audio seconds per generation second (>1: faster "
+                                         "than real time)", ["model"], buckets=_RTF_BUCKETS)
+        self.queue_wait = Histogram("musicgen_queue_wait_seconds",
+                                    "Enqueue to start of the succeeded job's last attempt",
+                                    ["model"], buckets=_WAIT_BUCKETS)
+        self.model_load = Histogram("musicgen_model_load_seconds", "Time to load a model",
+                                    ["model"], buckets=_LOAD_BUCKETS)
+
+
+_metrics: _Metrics | None = None
+_server: Any = None  # the parent's HTTP server, once started
+
+
+def _get() -> _Metrics:
+    global _metrics
+    if _metrics is None:
+        _metrics = _Metrics()
+    return _metrics
+
+
+def model_of(args: Any) -> str:
+    """The model label of a task's ``args`` (its JSON payload first); ``unknown`` if unreadable.
+
+    A failure hook may see a message no producer of ours sent, so nothing is assumed of it.
+    """
+    payload = args[0] if isinstance(args, (list, tuple)) and args else None
+    model = payload.get("model") if isinstance(payload, Mapping) else None
+    return str(model) if model else "unknown"
+
+
+def observe_success(model: str, result: Mapping[str, Any]) -> None:
+    """Count a succeeded job from its ``JobResult`` dict: timings, real-time factor, audio."""
+    try:
+        m = _get()
+        timings = result.get("timings") or {}
+        generate = float(timings.get("generate") or 0.0)
+        audio = float(result.get("duration") or 0.0)
+        m.jobs.labels(model, SUCCEEDED, "").inc()
+        m.queue_wait.labels(model).observe(max(0.0, float(timings.get("queue_wait") or 0.0)))
+        if audio > 0:
+            m.audio.labels(model).inc(audio)
+        if generate > 0:
+            m.generation.labels(model).observe(generate)
+            if audio > 0:
+                m.realtime_factor.labels(model).observe(audio / generate)
+        load = float(timings.get("model_load") or 0.0)
+        if load >= MODEL_LOAD_MIN_S:  # the job itself loaded the model (cache miss)
+            observe_model_load(model, load)
+    except Exception:
+        log.warning("could not record metrics of a succeeded %s job", model, exc_info=True)
+
+
+def observe_failure(model: str, code: str) -> None:
+    """Count a job that ended in error ``code`` (``timeout`` counts as outcome ``timeout``)."""
+    try:
+        _get().jobs.labels(model, "timeout" if code == "timeout" else "failed", code).inc()
+    except Exception:
+        log.warning("could not record metrics of a failed %s job", model, exc_info=True)
+
+
+def observe_model_load(model: str, seconds: float) -> None:
+    """Record one model load that took ``seconds``."""
+    try:
+        _get().model_load.labels(model).observe(seconds)
+    except Exception:
+        log.warning("could not record the load time of %s", model, exc_info=True)
+
+
+def metrics_dir(data_dir: str, node: str) -> Path:
+    """``<data_dir>/metrics/<node>``, the node name made safe as one folder name."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", node) or "worker"
+    return Path(data_dir).expanduser().resolve() / "metrics" / safe
+
+
+def _enable_multiprocess(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(path)  # inherited by the pool children forked after this
+    from prometheus_client import values
+
+    # prometheus_client picks its value class when first imported; if anything imported it
+    # before this point, pick again now that the directory is set (no metric exists yet).
+    if values.ValueClass is values.MutexValue:
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+def _serve(port: int) -> None:
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    global _server
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=os.environ[MULTIPROC_ENV])  # type: ignore[no-untyped-call]
+    try:
+        _server, _ = start_http_server(port, addr=METRICS_ADDRESS, registry=registry)
+    except OSError as exc:  # e.g. a second worker on this host with the same port
+        log.error("metrics not served: cannot listen on port %s (monitoring.metrics_port): %s",
+                  port, exc)
+        return
+    log.info("serving Prometheus metrics on %s:%s/metrics", METRICS_ADDRESS, port)
+
+
+def setup_metrics(app: Any) -> None:
+    """Connect the worker signals that set up, serve and tidy the metrics of ``app``'s worker.
+
+    Nothing happens until a worker starts: building the app for ``celery inspect`` or a test
+    opens no port.
+    """
+    settings = app.settings
+
+    @worker_init.connect(weak=False)
+    def _prepare(sender: Any = None, **_: Any) -> None:  # parent, before the pool forks
+        try:
+            node = str(getattr(sender, "hostname", None) or f"pid{os.getpid()}")
+            _enable_multiprocess(metrics_dir(settings.app.data_dir, node))
+        except Exception:
+            log.exception("metrics disabled: could not prepare their directory")
+
+    @worker_ready.connect(weak=False)
+    def _start(**_: Any) -> None:  # parent, once the pool runs
+        if MULTIPROC_ENV in os.environ and settings.monitoring.metrics_port:  # 0 = off
+            _serve(settings.monitoring.metrics_port)
+
+    @worker_process_init.connect(weak=False)
+    def _forget_server(**_: Any) -> None:  # a pool child forked after the server started
+        # The child inherited the listening socket; holding it would keep the port bound after
+        # the parent dies, so a restarted worker could not serve its metrics.
+        if _server is not None:
+            _server.socket.close()
+
+    @worker_process_shutdown.connect(weak=False)
+    def _dead(pid: int | None = None, **_: Any) -> None:  # in the exiting pool child
+        if MULTIPROC_ENV not in os.environ:
+            return
+        from prometheus_client import multiprocess
+
+        # Drops the child's live-gauge files; its counters and histograms stay and keep counting.
+        multiprocess.mark_process_dead(pid or os.getpid())  # type: ignore[no-untyped-call]
