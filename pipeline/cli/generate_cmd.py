@@ -49,8 +49,6 @@ def generate(
     from pipeline.producer import Producer
 
     overrides = parse_sets(sets)
-    if model:
-        overrides.setdefault("model.preset", model)
     if output_dir:
         overrides["storage.output_dir"] = str(output_dir.resolve())
     settings = load_or_exit(env, overrides)
@@ -59,14 +57,16 @@ def generate(
     try:
         request = GenerationRequest(prompt=prompt, duration=duration, format=fmt, model=model,
                                     melody=melody, seed=seed)
-        producer = Producer(settings)
+        handle = Producer(settings).enqueue(request)  # validated and queued (or refused) first
         if settings.broker.url is None:
             log_path = Path(settings.app.data_dir).expanduser().resolve() / "embedded-worker.log"
             console.print(f"[dim]embedded broker: starting a worker for this command (log: {log_path})[/]")
-            child_env = override_env(overrides) | ({"MUSICGEN_ENV": env} if env else {})
+            # The worker's own preset is the job's, so it preloads the model this job needs.
+            child_env = override_env({**overrides, **({"model.preset": model} if model else {})})
+            if env:
+                child_env["MUSICGEN_ENV"] = env
             worker = spawn_worker(settings, child_env, queues=[queue_for(model or settings.model.preset)],
                                   pool="solo", log_path=log_path)
-        handle = producer.enqueue(request)
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                       TimeElapsedColumn(), console=console, transient=True) as bar:
             task = bar.add_task("queued", total=1.0)
