@@ -9,11 +9,11 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from celery import Celery
 
 from pipeline.config.schema import Settings
+from pipeline.config.urls import with_password
 
 TASK_GENERATE = "musicgen.generate"
 
@@ -43,16 +43,7 @@ class PipelineCelery(Celery):  # type: ignore[misc]
 def broker_url(settings: Settings) -> str:
     """The Redis URL with the password put in from its secret (the setting never holds it)."""
     url = settings.broker.url
-    if url is None:
-        return "filesystem://"
-    password = settings.broker.password
-    if password is None:
-        return url
-    parts = urlsplit(url)
-    netloc = f"{parts.username or ''}:{password.get_secret_value()}@{parts.hostname}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return "filesystem://" if url is None else with_password(url, settings.broker.password)
 
 
 def embedded_dirs(settings: Settings) -> dict[str, Path]:

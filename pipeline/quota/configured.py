@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.config.schema import Settings
+from pipeline.config.urls import with_password
 from pipeline.quota.migrate import upgrade
 from pipeline.quota.store import QuotaStore
 from pipeline.quota.tables import make_engine
@@ -14,14 +14,7 @@ from pipeline.quota.windows import TierLimits
 
 def database_url(settings: Settings) -> str:
     """``database.url`` with the password put in from its secret (the setting never holds it)."""
-    url, password = settings.database.url, settings.database.password
-    if password is None:
-        return url
-    parts = urlsplit(url)
-    netloc = f"{parts.username or ''}:{password.get_secret_value()}@{parts.hostname}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return with_password(settings.database.url, settings.database.password)
 
 
 def sqlite_path(url: str) -> Path | None:
