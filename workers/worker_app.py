@@ -9,8 +9,9 @@ from pipeline.config import Settings, load_settings
 def build_app(settings: Settings | None = None) -> PipelineCelery:
     settings = settings if settings is not None else load_settings()
     app = make_celery(settings, name="musicgen-worker")
-    from workers import signals, tasks
+    from workers import maintenance, signals, tasks
 
     tasks.register_tasks(app)
+    maintenance.register(app)
     signals.connect(app)
     return app

@@ -8,6 +8,7 @@ a worker runs them, and the old files are gone while the young ones stay.
 
 from __future__ import annotations
 
+import ast
 import base64
 import os
 import re
@@ -65,7 +66,7 @@ class Proc:
         return self.log.read_text(errors="replace")
 
     def group(self) -> list[int]:
-        """Every live process in the line's process group (the shell, the exec'd program, its children)."""
+        """Every live process in the line's group: the shell, the program, its children."""
         pids = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
@@ -83,7 +84,8 @@ class Proc:
             if check():
                 return
             if self.popen.poll() is not None:
-                pytest.fail(f"{self.name} exited with {self.popen.returncode} before {what}:\n{self.text()[-3000:]}")
+                pytest.fail(f"{self.name} exited with {self.popen.returncode} before {what}:\n"
+                            f"{self.text()[-3000:]}")
             time.sleep(0.2)
         pytest.fail(f"{self.name}: no {what} after {timeout} s:\n{self.text()[-3000:]}")
 
@@ -148,10 +150,11 @@ def line_env(workdir: Path, redis_url: str, tmp_path: Path, **extra: str) -> dic
                     MUSICGEN_WORKER__SHUTDOWN_GRACE="2", **extra)
 
 
-def flower_env(workdir: Path, redis_url: str, tmp_path: Path, password: str, **extra: str) -> dict[str, str]:
+def flower_env(workdir: Path, redis_url: str, tmp_path: Path, password: str) -> dict[str, str]:
+    """``line_env`` with Flower on a free port and basic auth for the user ``ops``."""
     return line_env(workdir, redis_url, tmp_path, MUSICGEN_MONITORING__FLOWER_PORT=str(free_port()),
-                    MUSICGEN_MONITORING__FLOWER_USER="ops", MUSICGEN_MONITORING__FLOWER_PASSWORD=password,
-                    **extra)
+                    MUSICGEN_MONITORING__FLOWER_USER="ops",
+                    MUSICGEN_MONITORING__FLOWER_PASSWORD=password)
 
 
 def http_get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
@@ -197,6 +200,13 @@ def program_pid(proc: Proc, marker: str) -> int:
     pytest.fail(f"no process running {marker!r} in {proc.name}'s group")
 
 
+def health_ping(node: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """docker/compose.yaml's health check: the light app (no torch) pings one node."""
+    argv = [sys.executable, "-m", "celery", "-A", "pipeline.monitor_app", "inspect", "ping",
+            "-d", node, "--timeout", "10"]
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
 def test_the_procfile_declares_worker_flower_and_beat_as_project_commands() -> None:
     entries = procfile_entries()
     assert set(entries) == {"worker", "flower", "beat"}
@@ -206,10 +216,13 @@ def test_the_procfile_declares_worker_flower_and_beat_as_project_commands() -> N
 
 def test_worker_line_comes_up_on_its_queues_and_exits_on_sigterm(
         procfile: Procfile, workdir: Path, redis_url: str, tmp_path: Path) -> None:
-    worker = procfile.start("worker", line_env(workdir, redis_url, tmp_path))
+    env = line_env(workdir, redis_url, tmp_path)
+    worker = procfile.start("worker", env)
     worker.wait_for('" ready."', lambda: " ready." in worker.text())
     node = re.search(r"(\S+@\S+) ready\.", worker.text())
     assert node, worker.text()[-2000:]
+    ping = health_ping(node[1], env, workdir)
+    assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
 
     from celery import Celery
 
@@ -253,13 +266,35 @@ def test_flower_line_needs_the_password_except_for_health_and_metrics(
     assert password not in out
 
 
-def test_flower_line_refuses_to_start_without_auth_in_staging(
-        procfile: Procfile, workdir: Path, redis_url: str, tmp_path: Path) -> None:
-    env = line_env(workdir, redis_url, tmp_path, MUSICGEN_ENV="staging",
-                   MUSICGEN_MONITORING__FLOWER_PORT=str(free_port()))
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"MUSICGEN_ENV": "staging"}, "error: Flower needs basic auth in staging"),
+    ({"MUSICGEN_MONITORING__FLOWER_ADDRESS": "0.0.0.0"}, "Flower without auth binds loopback only"),
+    ({"MUSICGEN_MONITORING__FLOWER_PASSWORD": "pw-only-0123456789abc"}, "set both monitoring.flower_user"),
+    ({"MUSICGEN_MONITORING__FLOWER_USER": "ops",
+      "MUSICGEN_MONITORING__FLOWER_PASSWORD": "a,b-0123456789abcdef"}, "must not contain ','"),
+    ({"MUSICGEN_BROKER__URL": ""}, "Flower needs a Redis broker"),
+], ids=["staging-without-auth", "unauthenticated-off-loopback", "password-without-user",
+        "comma-in-password", "embedded-broker"])
+def test_flower_line_refuses_unsafe_settings_with_a_clear_message(
+        procfile: Procfile, workdir: Path, redis_url: str, tmp_path: Path, settings: dict[str, str],
+        message: str) -> None:
+    env = line_env(workdir, redis_url, tmp_path, MUSICGEN_MONITORING__FLOWER_PORT=str(free_port()))
+    env.update(settings)
+    if not env["MUSICGEN_BROKER__URL"]:
+        del env["MUSICGEN_BROKER__URL"]
     flower = procfile.start("flower", env)
     assert flower.popen.wait(60) == 1
-    assert "error: Flower needs basic auth in staging" in flower.text()
+    assert message in flower.text()
+    assert "a,b-0123456789abcdef" not in flower.text() and "pw-only" not in flower.text()
+
+
+def test_flower_line_runs_without_auth_on_loopback_in_development(
+        procfile: Procfile, workdir: Path, redis_url: str, tmp_path: Path) -> None:
+    env = line_env(workdir, redis_url, tmp_path, MUSICGEN_MONITORING__FLOWER_PORT=str(free_port()))
+    flower, base = start_flower(procfile, env)
+    assert "warning: Flower runs without authentication (development, loopback only)" in flower.text()
+    assert http_get(f"{base}/")[0] == 200
+    assert "15 detected, shutting down" in flower.terminate()
 
 
 def _planted(root: Path, rel: str, age: float, size: int = 100) -> Path:
@@ -269,6 +304,15 @@ def _planted(root: Path, rel: str, age: float, size: int = 100) -> Path:
     when = time.time() - age
     os.utime(path, (when, when))
     return path
+
+
+SWEEPS = ("musicgen.maintenance.sweep_temp", "musicgen.maintenance.sweep_outputs")
+
+
+def _returned(log: str, task: str) -> dict[str, int] | None:
+    """What the worker logged as the task's return value, or None before it succeeded."""
+    match = re.search(rf"Task {re.escape(task)}\[[-\w]+\] succeeded in [\d.]+s: (\{{.*\}})", log)
+    return ast.literal_eval(match[1]) if match else None
 
 
 def test_beat_line_sends_both_sweeps_and_the_worker_line_runs_them(
@@ -285,25 +329,25 @@ def test_beat_line_sends_both_sweeps_and_the_worker_line_runs_them(
     worker.wait_for('" ready."', lambda: " ready." in worker.text())
     beat = procfile.start("beat", env)
     beat.wait_for("start-up line", lambda: "beat: Starting..." in beat.text())
-    for task in ("musicgen.maintenance.sweep_temp", "musicgen.maintenance.sweep_outputs"):
-        beat.wait_for(f"{task} sent", lambda t=task: f"Sending due task {t}" in beat.text(), timeout=60)
-        worker.wait_for(f"{task} run", lambda t=task: re.search(rf"Task {re.escape(t)}\[[-\w]+\] succeeded",
-                                                                 worker.text()) is not None, timeout=60)
+    # A fresh schedule file: both sweeps are due at once.
+    beat.wait_for("both sweeps sent", lambda: all(f"Sending due task {t}" in beat.text() for t in SWEEPS))
+    worker.wait_for("both sweeps run", lambda: all(_returned(worker.text(), t) for t in SWEEPS))
 
-    log = worker.text()
-    assert re.search(r"Task musicgen\.maintenance\.sweep_temp\[[-\w]+\] succeeded in [\d.]+s: "
-                     r"\{'removed_files': 1, 'removed_bytes': 1000, 'removed_dirs': 1, 'errors': 0\}", log), log[-3000:]
-    assert re.search(r"Task musicgen\.maintenance\.sweep_outputs\[[-\w]+\] succeeded in [\d.]+s: "
-                     r"\{'removed_files': 2, 'removed_bytes': 3050, 'removed_dirs': 0, 'errors': 0\}", log), log[-3000:]
+    assert _returned(worker.text(), SWEEPS[0]) == {"removed_files": 1, "removed_bytes": 1000,
+                                                   "removed_dirs": 1, "errors": 0}
+    assert _returned(worker.text(), SWEEPS[1]) == {"removed_files": 2, "removed_bytes": 3050,
+                                                   "removed_dirs": 0, "errors": 0}
     assert not crashed.parent.exists() and not expired.exists() and not expired_sidecar.exists()
     assert live.is_file() and recent.is_file()
     assert not loads_torch(program_pid(beat, "beat")), "beat must not import the model runtime"
+    ping = health_ping(f"celerybeat@{socket.gethostname()}", env, workdir)
+    assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
 
     assert "Traceback" not in beat.terminate()
     # Beat saved when each entry ran: started again, it sends nothing until an interval passes.
     with shelve.open(str(tmp_path / "data" / "beat" / "celerybeat-schedule"), flag="r") as db:
         entries = db["entries"]
-        for task in ("musicgen.maintenance.sweep_temp", "musicgen.maintenance.sweep_outputs"):
+        for task in SWEEPS:
             assert entries[task].total_run_count == 1
             assert time.time() - entries[task].last_run_at.timestamp() < 120
     again = procfile.start("beat", env)
