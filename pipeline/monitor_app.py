@@ -19,25 +19,30 @@ from pipeline.config import Settings, load_settings
 MAINTENANCE_QUEUE = "musicgen.maintenance"
 TASK_SWEEP_TEMP = "musicgen.maintenance.sweep_temp"
 TASK_SWEEP_OUTPUTS = "musicgen.maintenance.sweep_outputs"
+TASK_ROLLUP_LEDGER = "musicgen.maintenance.rollup_ledger"
 
 SWEEP_TEMP_EVERY = timedelta(minutes=15)
 SWEEP_OUTPUTS_EVERY = timedelta(hours=1)
+ROLLUP_LEDGER_EVERY = timedelta(hours=1)
 # An entry beat has never run (a fresh schedule file) is due at once: a node that comes back
 # after a long outage sweeps on start instead of waiting a full interval. Beat keeps the last
 # run of an entry it already knows in its schedule file; this only seeds new ones.
 _NEVER = datetime(1970, 1, 1, tzinfo=UTC)
 
-__all__ = ["MAINTENANCE_QUEUE", "TASK_SWEEP_OUTPUTS", "TASK_SWEEP_TEMP", "app",
-           "maintenance_schedule", "make_monitor_app"]
+__all__ = ["MAINTENANCE_QUEUE", "TASK_ROLLUP_LEDGER", "TASK_SWEEP_OUTPUTS", "TASK_SWEEP_TEMP",
+           "app", "maintenance_schedule", "make_monitor_app"]
 
 
 def maintenance_schedule() -> dict[str, dict[str, Any]]:
-    """Beat's entries: each sweep on the maintenance queue, run once per interval.
+    """Beat's entries: each sweep and the ledger roll-up on the maintenance queue, run once per
+    interval.
 
     A message no worker takes within its interval expires: the next one does the same work,
-    so a stopped worker pool does not come back to a pile of identical sweeps.
+    so a stopped worker pool does not come back to a pile of identical sweeps. (The roll-up
+    redoes yesterday and today each time, so a skipped hour loses nothing either.)
     """
-    entries = {TASK_SWEEP_TEMP: SWEEP_TEMP_EVERY, TASK_SWEEP_OUTPUTS: SWEEP_OUTPUTS_EVERY}
+    entries = {TASK_SWEEP_TEMP: SWEEP_TEMP_EVERY, TASK_SWEEP_OUTPUTS: SWEEP_OUTPUTS_EVERY,
+               TASK_ROLLUP_LEDGER: ROLLUP_LEDGER_EVERY}
     return {task: {"task": task, "schedule": every, "last_run_at": _NEVER,
                    "options": {"queue": MAINTENANCE_QUEUE, "expires": every.total_seconds()}}
             for task, every in entries.items()}

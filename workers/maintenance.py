@@ -1,14 +1,15 @@
-"""Periodic clean-up: a crashed job's temp leftovers and outputs past their retention.
+"""Periodic maintenance: a crashed job's temp leftovers, outputs past their retention, and the
+ledger's daily roll-up.
 
-Beat (``musicgen-pipeline beat``) sends the two sweeps on the ``musicgen.maintenance`` queue;
-``register`` adds them to the worker app and makes every worker consume that queue as well as
-its model queue (the sweeps take milliseconds, so a GPU worker serves them between jobs). A
-sweep runs on whichever worker takes it, so it cleans the folders *that* worker sees: with
-several nodes, put ``storage`` on shared storage (as ``docker/compose.yaml`` does) or the other
-nodes' folders are not swept.
+Beat (``musicgen-pipeline beat``) sends the two sweeps and the roll-up on the
+``musicgen.maintenance`` queue; ``register`` adds them to the worker app and makes every worker
+consume that queue as well as its model queue (they take milliseconds, so a GPU worker serves
+them between jobs). A sweep runs on whichever worker takes it, so it cleans the folders *that*
+worker sees: with several nodes, put ``storage`` on shared storage (as ``docker/compose.yaml``
+does) or the other nodes' folders are not swept. The roll-up works on the shared database.
 
-The sweeps are plain functions of a folder and an age (tested on real files); the tasks only
-read the paths and ages from the app's settings and return the counts.
+The sweeps are plain functions of a folder and an age (tested on real files), the roll-up a
+function of the settings; the tasks only read their settings and return the counts.
 """
 
 from __future__ import annotations
@@ -19,18 +20,24 @@ import shutil
 import stat
 import time
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from celery.signals import celeryd_after_setup
 
 from pipeline.celery_app import PipelineCelery
+from pipeline.config import Settings
 from pipeline.monitor_app import (
     MAINTENANCE_QUEUE,
+    TASK_ROLLUP_LEDGER,
     TASK_SWEEP_OUTPUTS,
     TASK_SWEEP_TEMP,
     maintenance_schedule,
 )
+from pipeline.quota import roll_up
+from pipeline.quota.configured import store_for
+from pipeline.quota.windows import resolve_zone
 from workers.storage import PART_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -174,9 +181,28 @@ def sweep_outputs(output_dir: Path, *, retention_days: int, part_older_than: flo
     return result
 
 
+def rollup_ledger(settings: Settings, *, now: datetime | None = None) -> dict[str, Any]:
+    """Roll the ledger up for yesterday and today, local days in ``quotas.timezone``.
+
+    Yesterday as well because its last hour, and its jobs that ended after midnight, changed
+    after the last run before midnight. A day is final once a run has covered it after it
+    ended; beat runs hourly, so only an outage of more than a day leaves one to ``roll_up`` by
+    hand. Uses the settings' database (a SQLite file is created and migrated on first use).
+    """
+    zone_name = settings.quotas.timezone
+    today = (now or datetime.now(UTC)).astimezone(resolve_zone(zone_name)).date()
+    days = [today - timedelta(days=1), today]
+    store = store_for(settings)
+    try:
+        rows = sum(roll_up(store.engine, day=day, timezone=zone_name) for day in days)
+    finally:
+        store.close()
+    return {"days": [day.isoformat() for day in days], "rows": rows}
+
+
 def register(app: PipelineCelery) -> None:
-    """Add the sweeps to a worker app, its beat schedule, and the maintenance queue to every
-    worker of that app (whatever its ``-Q``)."""
+    """Add the sweeps and the roll-up to a worker app, its beat schedule, and the maintenance
+    queue to every worker of that app (whatever its ``-Q``)."""
     storage, hard_limit = app.settings.storage, app.settings.worker.hard_time_limit
     # A live job's folder is never older than its hard time limit; an hour covers the default.
     temp_age = max(TEMP_MAX_AGE_S, float(hard_limit))
@@ -196,6 +222,12 @@ def register(app: PipelineCelery) -> None:
         log.info("maintenance: output sweep (retention %s days) removed %s",
                  storage.retention_days, result.as_dict())
         return result.as_dict()
+
+    @app.task(name=TASK_ROLLUP_LEDGER, queue=MAINTENANCE_QUEUE, shared=False)
+    def rollup_ledger_task() -> dict[str, Any]:
+        result = rollup_ledger(app.settings)
+        log.info("maintenance: ledger roll-up of %s wrote %d rows", result["days"], result["rows"])
+        return result
 
     app.conf.beat_schedule = maintenance_schedule()
 

@@ -1,6 +1,7 @@
 """The quota database: its tables (SQLAlchemy 2 declarative) and the engine that reaches them.
 
-``user_quotas`` holds per-user limits, ``usage_ledger`` one row per job. The schema is owned by
+``user_quotas`` holds per-user limits, ``usage_ledger`` one row per job, ``usage_daily`` the
+ledger's per-day aggregates (``pipeline.quota.rollup`` recomputes them). The schema is owned by
 the Alembic migrations in ``migrations/versions``; a test checks that autogenerate finds no
 difference between these models and a migrated database, so change both together (a new
 revision, never an edit of a released one).
@@ -8,12 +9,13 @@ revision, never an edit of a released one).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import Enum
 from typing import Any, TypedDict, cast
 
 from sqlalchemy import (
     Connection,
+    Date,
     DateTime,
     Dialect,
     Engine,
@@ -31,8 +33,8 @@ from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import ConnectionPoolEntry
 
-__all__ = ["Base", "LedgerRow", "LedgerStatus", "UTCDateTime", "UsageLedger", "UserQuota",
-           "CHARGED_STATUSES", "TERMINAL_STATUSES", "make_engine"]
+__all__ = ["Base", "DailyUsageRow", "LedgerRow", "LedgerStatus", "UTCDateTime", "UsageDaily",
+           "UsageLedger", "UserQuota", "CHARGED_STATUSES", "TERMINAL_STATUSES", "make_engine"]
 
 # How long a SQLite writer waits for the file lock before "database is locked" (seconds).
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -139,6 +141,22 @@ class LedgerRow(TypedDict):
     attempts: int
 
 
+class DailyUsageRow(TypedDict):
+    """One ``usage_daily`` row as plain data: a user's jobs on one model on one local day."""
+
+    day: date
+    user_id: str
+    model: str
+    jobs: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    requested_seconds: float
+    produced_seconds: float
+    gpu_seconds: float
+    updated_at: datetime
+
+
 class Base(DeclarativeBase):
     """Declarative base of the quota tables, with constraint names fixed by convention."""
 
@@ -196,3 +214,31 @@ class UsageLedger(Base):
     def to_row(self) -> LedgerRow:
         """This row as plain data (no ORM state)."""
         return cast(LedgerRow, {key: getattr(self, key) for key in LedgerRow.__annotations__})
+
+
+class UsageDaily(Base):
+    """The ledger rolled up per local day, user and model (``pipeline.quota.rollup``).
+
+    ``jobs`` counts every row created that day, still open ones included; ``failed`` counts
+    failed and timed-out rows. The three sums are over succeeded rows only: what was delivered.
+    A derived table: a roll-up replaces a day's rows wholesale, so nothing else writes here.
+    """
+
+    __tablename__ = "usage_daily"
+
+    # The primary key leads with the day, so reading a range of days is an index scan.
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    jobs: Mapped[int] = mapped_column(Integer)
+    succeeded: Mapped[int] = mapped_column(Integer)
+    failed: Mapped[int] = mapped_column(Integer)
+    cancelled: Mapped[int] = mapped_column(Integer)
+    requested_seconds: Mapped[float] = mapped_column(Float)
+    produced_seconds: Mapped[float] = mapped_column(Float)
+    gpu_seconds: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    def to_row(self) -> DailyUsageRow:
+        """This row as plain data (no ORM state)."""
+        return cast(DailyUsageRow, {key: getattr(self, key) for key in DailyUsageRow.__annotations__})

@@ -95,7 +95,7 @@ def quota_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     engine = make_engine(url)
     try:
         with engine.begin() as conn:  # the module's own database: emptying it is safe
-            conn.execute(text("TRUNCATE usage_ledger, user_quotas"))
+            conn.execute(text("TRUNCATE usage_ledger, user_quotas, usage_daily"))
     finally:
         engine.dispose()
     return url

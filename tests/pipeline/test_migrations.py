@@ -6,19 +6,20 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import insert, inspect, select
 
-from pipeline.quota import current, make_engine, upgrade
+from pipeline.quota import current, daily_usage, make_engine, roll_up, upgrade
 from pipeline.quota.migrate import MIGRATIONS_DIR, alembic_config
-from pipeline.quota.tables import Base, UserQuota
+from pipeline.quota.tables import Base, UsageLedger, UserQuota
 
-HEAD = "0001"
+HEAD = "0002"
 REPO_ROOT = Path(__file__).resolve().parents[2]  # where ``import pipeline`` finds this tree
 
 # quota_empty_db_url: an empty SQLite file, and an empty PostgreSQL database of its own.
@@ -40,12 +41,15 @@ def test_upgrade_creates_the_tables_and_indexes(quota_empty_db_url: str) -> None
     try:
         inspector = inspect(engine)
         tables = set(inspector.get_table_names())
-        assert {"user_quotas", "usage_ledger", "alembic_version"} <= tables
+        assert {"user_quotas", "usage_ledger", "usage_daily", "alembic_version"} <= tables
         indexes = {ix["name"]: ix["column_names"] for ix in inspector.get_indexes("usage_ledger")}
         assert indexes["ix_usage_ledger_user_id_created_at"] == ["user_id", "created_at"]
         assert indexes["ix_usage_ledger_created_at"] == ["created_at"]
         uniques = inspector.get_unique_constraints("usage_ledger")
         assert [u["column_names"] for u in uniques] == [["job_id"]]
+        daily_pk = inspector.get_pk_constraint("usage_daily")
+        assert daily_pk["name"] == "pk_usage_daily"
+        assert daily_pk["constrained_columns"] == ["day", "user_id", "model"]
     finally:
         engine.dispose()
 
@@ -62,6 +66,31 @@ def test_upgrade_twice_is_a_no_op_that_keeps_data(quota_empty_db_url: str) -> No
         assert current(quota_empty_db_url) == HEAD
         with engine.connect() as conn:
             assert conn.scalars(select(UserQuota.user_id)).all() == ["alice"]
+    finally:
+        engine.dispose()
+
+
+def test_0002_adds_usage_daily_to_a_0001_ledger_and_goes_back(quota_empty_db_url: str) -> None:
+    upgrade(quota_empty_db_url, "0001")
+    engine = make_engine(quota_empty_db_url)
+    try:
+        assert "usage_daily" not in inspect(engine).get_table_names()
+        created = datetime(2026, 11, 21, 9, tzinfo=UTC)
+        with engine.begin() as conn:
+            conn.execute(insert(UsageLedger).values(
+                job_id="j1", user_id="alice", model="small", requested_seconds=8.0,
+                produced_seconds=8.0, gpu_seconds=2.0, status="succeeded", created_at=created))
+        upgrade(quota_empty_db_url)
+        assert current(quota_empty_db_url) == HEAD
+        # The ledger written before the upgrade rolls up into the new table.
+        assert roll_up(engine, day=date(2026, 11, 21)) == 1
+        [row] = daily_usage(engine, since=date(2026, 11, 21), until=date(2026, 11, 21))
+        assert (row["user_id"], row["jobs"], row["succeeded"], row["gpu_seconds"]) == (
+            "alice", 1, 1, 2.0)
+        command.downgrade(alembic_config(quota_empty_db_url), "0001")
+        assert current(quota_empty_db_url) == "0001"
+        tables = set(inspect(engine).get_table_names())
+        assert "usage_daily" not in tables and "usage_ledger" in tables
     finally:
         engine.dispose()
 

@@ -1,17 +1,34 @@
-"""The periodic sweeps on real files: what is old enough goes, everything else stays."""
+"""The periodic sweeps on real files (what is old enough goes, everything else stays), and the
+ledger roll-up on a real SQLite ledger."""
 
 from __future__ import annotations
 
 import os
 import time
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from pipeline.celery_app import make_celery
-from pipeline.config.schema import AppSettings, Settings, StorageSettings, WorkerSettings
-from pipeline.monitor_app import MAINTENANCE_QUEUE, TASK_SWEEP_OUTPUTS, TASK_SWEEP_TEMP
-from workers.maintenance import register, sweep_outputs, sweep_temp
+from pipeline.config.schema import (
+    AppSettings,
+    DatabaseSettings,
+    QuotaSettings,
+    Settings,
+    StorageSettings,
+    WorkerSettings,
+)
+from pipeline.monitor_app import (
+    MAINTENANCE_QUEUE,
+    TASK_ROLLUP_LEDGER,
+    TASK_SWEEP_OUTPUTS,
+    TASK_SWEEP_TEMP,
+    make_monitor_app,
+)
+from pipeline.quota import DEFAULT_TIERS, QuotaStore, daily_usage, make_engine, upgrade
+from workers.maintenance import register, rollup_ledger, sweep_outputs, sweep_temp
 
 NOW = time.time()
 HOUR = 3600.0
@@ -128,17 +145,21 @@ def test_output_sweep_leaves_folders_alone(tmp_path: Path) -> None:
     assert nested.is_file()
 
 
-def _settings(tmp_path: Path, hard_limit: int = 360) -> Settings:
+def _settings(tmp_path: Path, hard_limit: int = 360, timezone: str = "UTC") -> Settings:
+    # The quota database too is the test's own: the default is a file under the working directory.
     return Settings(app=AppSettings(data_dir=str(tmp_path / "data")),
                     storage=StorageSettings(output_dir=str(tmp_path / "outputs"),
                                             temp_dir=str(tmp_path / "tmp"), retention_days=2),
-                    worker=WorkerSettings(soft_time_limit=hard_limit - 10, hard_time_limit=hard_limit))
+                    worker=WorkerSettings(soft_time_limit=hard_limit - 10, hard_time_limit=hard_limit),
+                    database=DatabaseSettings(url=f"sqlite:///{tmp_path / 'quota.db'}"),
+                    quotas=QuotaSettings(timezone=timezone))
 
 
-def test_register_adds_both_sweeps_on_the_maintenance_queue_with_the_schedule(tmp_path: Path) -> None:
+def test_register_adds_the_sweeps_and_roll_up_on_the_maintenance_queue_with_the_schedule(
+        tmp_path: Path) -> None:
     app = make_celery(_settings(tmp_path))
     register(app)
-    for name in (TASK_SWEEP_TEMP, TASK_SWEEP_OUTPUTS):
+    for name in (TASK_SWEEP_TEMP, TASK_SWEEP_OUTPUTS, TASK_ROLLUP_LEDGER):
         assert app.tasks[name].queue == MAINTENANCE_QUEUE
         entry = app.conf.beat_schedule[name]
         assert entry["task"] == name and entry["options"]["queue"] == MAINTENANCE_QUEUE
@@ -170,3 +191,83 @@ def test_a_long_hard_time_limit_raises_the_temp_age(tmp_path: Path) -> None:
     _age(job, 1.5 * HOUR)
     assert app.tasks[TASK_SWEEP_TEMP].run()["removed_files"] == 0
     assert job.is_dir()
+
+
+# --- the ledger roll-up ------------------------------------------------------------------------
+TOKYO = ZoneInfo("Asia/Tokyo")  # no daylight saving: 24 hours back is always the day before
+
+
+def _ledger_jobs(url: str, jobs: list[tuple[str, datetime, str]]) -> None:
+    """Reserve and end ``(job_id, created, status)`` jobs in the ledger at ``url``."""
+    upgrade(url)
+    engine = make_engine(url)
+    clock = {"now": datetime.now(UTC)}
+    store = QuotaStore(engine, tiers=DEFAULT_TIERS, default_tier="enterprise",
+                       clock=lambda: clock["now"])
+    try:
+        for job_id, created, status in jobs:
+            clock["now"] = created
+            store.reserve(job_id=job_id, user_id="alice", model="small", requested_seconds=8.0)
+            store.mark_started(job_id, worker="gpu-0")
+            store.mark_finished(job_id, status=status, produced_seconds=8.0, gpu_seconds=2.0)
+    finally:
+        store.close()
+
+
+def _rolled(url: str, since: date, until: date) -> list[tuple[date, int, int, int, int, float]]:
+    engine = make_engine(url)
+    try:
+        return [(r["day"], r["jobs"], r["succeeded"], r["failed"], r["cancelled"], r["gpu_seconds"])
+                for r in daily_usage(engine, since=since, until=until)]
+    finally:
+        engine.dispose()
+
+
+def test_rollup_task_rolls_up_yesterday_and_today_in_the_quota_zone(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, timezone="Asia/Tokyo")
+    # The task reads the real clock: keep Tokyo's midnight from falling inside the test.
+    local = datetime.now(TOKYO)
+    to_midnight = (datetime.combine(local.date() + timedelta(days=1), datetime.min.time(), TOKYO)
+                   - local).total_seconds()
+    if to_midnight < 30:
+        time.sleep(to_midnight + 1)
+    now = datetime.now(UTC)
+    _ledger_jobs(settings.database.url, [
+        ("today", now, "succeeded"),
+        ("yesterday-1", now - timedelta(days=1), "succeeded"),
+        ("yesterday-2", now - timedelta(days=1), "failed"),
+        ("long-ago", now - timedelta(days=3), "succeeded"),  # outside the two days: left alone
+    ])
+    app = make_celery(settings)
+    register(app)
+
+    result = app.tasks[TASK_ROLLUP_LEDGER].run()
+
+    today = now.astimezone(TOKYO).date()
+    yesterday = today - timedelta(days=1)
+    assert result == {"days": [yesterday.isoformat(), today.isoformat()], "rows": 2}
+    assert _rolled(settings.database.url, today - timedelta(days=5), today) == [
+        (yesterday, 2, 1, 1, 0, 2.0), (today, 1, 1, 0, 0, 2.0)]
+
+
+def test_rollup_uses_the_zone_to_pick_the_two_days(tmp_path: Path) -> None:
+    # 16:30 UTC is already the next day in Tokyo: its "yesterday" is the UTC day itself.
+    settings = _settings(tmp_path, timezone="Asia/Tokyo")
+    late_utc = datetime(2026, 11, 21, 16, 30, tzinfo=UTC)
+    _ledger_jobs(settings.database.url, [("j", late_utc, "cancelled")])
+    result = rollup_ledger(settings, now=late_utc)
+    assert result == {"days": ["2026-11-21", "2026-11-22"], "rows": 1}
+    assert _rolled(settings.database.url, date(2026, 11, 20), date(2026, 11, 22)) == [
+        (date(2026, 11, 22), 1, 0, 0, 1, 0.0)]  # a cancelled job's GPU time is not delivery
+
+
+def test_beat_sends_the_roll_up_hourly_and_at_once_on_a_fresh_schedule(tmp_path: Path) -> None:
+    # Beat loads pipeline.monitor_app, not the workers: its schedule must name the task itself.
+    app = make_monitor_app(_settings(tmp_path))
+    entry = app.conf.beat_schedule[TASK_ROLLUP_LEDGER]
+    assert entry["task"] == TASK_ROLLUP_LEDGER == "musicgen.maintenance.rollup_ledger"
+    assert entry["schedule"] == timedelta(hours=1)
+    assert entry["options"] == {"queue": MAINTENANCE_QUEUE, "expires": 3600.0}
+    # Never run: due as soon as beat starts with a fresh schedule file, like the sweeps.
+    assert entry["last_run_at"] == app.conf.beat_schedule[TASK_SWEEP_TEMP]["last_run_at"]
+    assert entry["last_run_at"] < datetime.now(UTC) - timedelta(days=365)
