@@ -9,6 +9,7 @@ modules ran in the session's work dir cannot change the numbers.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -167,7 +168,10 @@ def test_health_fails_on_the_error_rate_and_passes_under_a_higher_threshold(run:
     assert strict.stdout.splitlines() == ["error rate 25.0% > 10.0% over the last 1h"]
     lenient = run.cli("health", MUSICGEN_MONITORING__ERROR_RATE_THRESHOLD_PERCENT="50")
     assert lenient.returncode == 0, lenient.stdout + lenient.stderr
-    assert lenient.stdout.startswith("healthy: error rate 25.0% (<= 50.0%), max backlog 0")
+    # The session's Redis may hold other tests' queued jobs: the backlog is below its threshold
+    # (50), which is all health decides on; its figure is checked by the backlog tests.
+    assert re.match(r"healthy: error rate 25\.0% \(<= 50\.0%\), max backlog \d+ \(threshold 50\)",
+                    lenient.stdout), lenient.stdout
     as_json = run.cli("health", "--json", "--since", "2d",
                       MUSICGEN_MONITORING__ERROR_RATE_THRESHOLD_PERCENT="10",
                       MUSICGEN_MONITORING__LATENCY_THRESHOLD="0.001")
