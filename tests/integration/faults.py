@@ -30,6 +30,12 @@ def _log(prompt: str) -> None:
         fh.write(f"{time.time():.3f} {prompt}\n")
 
 
+def _restarted_worker() -> bool:
+    """True once any earlier worker process has logged an attempt of the slow job."""
+    log = Path(os.environ["FAULTS_DIR"]) / "attempts.log"
+    return log.exists() and log.read_text().count("FAULT:slow-first") > 1
+
+
 def generate(loaded: Any, items: list[Any], progress: Any = None) -> list[Any]:
     prompt = items[0].prompt
     _log(prompt)
@@ -48,6 +54,8 @@ def generate(loaded: Any, items: list[Any], progress: Any = None) -> list[Any]:
                 time.sleep(3600)
             except SoftTimeLimitExceeded:
                 continue
+    if "FAULT:slow-first" in prompt and not _restarted_worker():
+        time.sleep(3600)  # long enough that only a shutdown ends it
     if "FAULT:crash" in prompt:
         os.kill(os.getpid(), signal.SIGKILL)  # the worker process dies mid-job
     return _real_generate(loaded, items, progress)

@@ -192,3 +192,21 @@ def test_sigterm_finishes_the_running_job_and_leaves_the_queue_intact(
     assert waiting.status() is JobStatus.queued  # not taken by the stopping worker
     workers.start()
     assert waiting.wait(120).job_id == waiting.id
+
+
+def test_sigterm_past_the_grace_period_requeues_the_running_job(
+        workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"MUSICGEN_WORKER__SHUTDOWN_GRACE": "2", **FAST}
+    prod = producer(workdir, redis_url, monkeypatch, **env)
+    worker = workers.start(faults=True, **env)
+    slow = prod.enqueue(GenerationRequest(prompt="FAULT:slow-first finish later", duration=0.5, format="wav"))
+    wait_for(lambda: bool(attempts(workers, "FAULT:slow-first")), 120, "the job to reach the model")
+    worker.stop(signal.SIGTERM, timeout=60)  # grace 2 s: far shorter than the job
+    assert slow.status() is not JobStatus.succeeded
+    log = worker.log_text()  # requeued by the shutdown itself, not by a visibility timeout later
+    assert "Initiating Soft Shutdown, terminating in 2.0 seconds" in log
+    assert "Restoring 1 unacknowledged message(s)" in log
+    workers.start(faults=True, **env)
+    assert slow.wait(180).job_id == slow.id  # requeued, then finished by the next worker
+    assert len(attempts(workers, "FAULT:slow-first")) == 2
+    assert [p.name for p in outputs(workdir, slow.id)] == [f"{slow.id}.wav", f"{slow.id}.wav.json"]
