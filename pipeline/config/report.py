@@ -7,6 +7,7 @@ suggested fix; unknown keys get a did-you-mean hint from the fields that do exis
 from __future__ import annotations
 
 import difflib
+import os
 import types
 import typing
 from collections.abc import Iterable
@@ -81,19 +82,19 @@ def _fix_for(err: dict[str, Any]) -> str:
         return f"did you mean '{close[0]}'?" if close else (
             f"remove it; known keys here: {', '.join(names)}" if names else "remove it")
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        low = ctx.get("ge", ctx.get("gt"))
-        high = ctx.get("le", ctx.get("lt"))
+        # pydantic's ctx names only the bound that was broken; the fix names the whole range,
+        # so read both bounds from the field's own constraints.
         owner = model_at([str(p) for p in err["loc"]])
         info = owner.model_fields.get(str(err["loc"][-1])) if owner else None
-        bounds = {type(m).__name__: m for m in (info.metadata if info else [])}
-        lo = next((getattr(m, a) for m in bounds.values() for a in ("ge", "gt") if hasattr(m, a)), low)
-        hi = next((getattr(m, a) for m in bounds.values() for a in ("le", "lt") if hasattr(m, a)), high)
+        metadata = info.metadata if info else []
+        lo = next((getattr(m, a) for m in metadata for a in ("ge", "gt") if hasattr(m, a)),
+                  ctx.get("ge", ctx.get("gt")))
+        hi = next((getattr(m, a) for m in metadata for a in ("le", "lt") if hasattr(m, a)),
+                  ctx.get("le", ctx.get("lt")))
         if lo is not None and hi is not None:
             return f"use a value between {lo} and {hi}"
         return f"use a value >= {lo}" if lo is not None else f"use a value <= {hi}"
-    if kind == "literal_error":
-        return f"use one of {ctx.get('expected')}"
-    if kind in ("enum",):
+    if kind in ("literal_error", "enum"):
         return f"use one of {ctx.get('expected')}"
     if kind == "missing":
         return "add this key"
@@ -161,7 +162,6 @@ def path_warnings(raw: Any) -> list[Problem]:
         ancestor = path
         while not ancestor.exists() and ancestor != ancestor.parent:
             ancestor = ancestor.parent
-        import os
         if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
             out.append(Problem(dotted, value, f"cannot create {path}: {ancestor} is not a writable directory",
                                "point it at a writable location"))
