@@ -52,11 +52,12 @@ def _choose_env(env: str | None, environ: Mapping[str, str]) -> str:
 def _named_file(kind: str, name: Any, key: str) -> tuple[Path | None, Problem | None]:
     if name in (None, ""):
         return None, None
-    path = layers.settings_dir() / kind / f"{name}.toml"
-    if path.is_file():
-        return path, None
+    # Looked up among the packaged files, never joined into a path: a value like
+    # "../settings" must not load another layer file as a preset or profile.
     names = list(layers.available(kind))
-    close = difflib.get_close_matches(str(name), names, n=1)
+    if name in names:
+        return layers.settings_dir() / kind / f"{name}.toml", None
+    close = difflib.get_close_matches(str(name)[:64], names, n=1)
     fix = f"did you mean '{close[0]}'?" if close else f"use one of: {', '.join(names)}"
     return None, Problem(key, name, f"no such {kind[:-1] if kind.endswith('s') else kind}", fix)
 
