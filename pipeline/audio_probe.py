@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InvalidRequest, ServiceUnavailable
+from pipeline.errors import InvalidRequest, PostProcessFailed, ServiceUnavailable
+from pipeline.ffmpeg_runner import exec_ffmpeg, stderr_tail
 
 MB = 1024 * 1024  # sizes are binary megabytes, like most upload limits (nginx's "10m")
 
@@ -70,8 +70,12 @@ def _melody_error(message: str, rule: str, value: Any, limit: Any) -> InvalidReq
 def probe(path: Path, *, ffprobe: str = "ffprobe", timeout_s: float = 10) -> AudioInfo:
     """Run ffprobe on ``path`` and describe its first audio stream.
 
-    Raises ``ServiceUnavailable`` when ffprobe is missing and ``InvalidRequest`` (field
-    "melody") when the file is unreadable, has no audio stream or cannot be probed in time.
+    Whose fault a failure is decides the error. ``InvalidRequest`` (field "melody", permanent)
+    when ffprobe *exits* non-zero (unreadable file) or finds no audio stream: the caller must
+    send another file. ``ServiceUnavailable`` (field "melody", ``details["rule"]`` says why)
+    when ffprobe is missing, is killed by a signal, or does not finish within ``timeout_s``:
+    a file under the size limit probes in well under a second, so a timeout says this host is
+    overloaded, not that the melody is bad, and the same request may succeed later.
     """
     path = Path(path)
     # "file:" + an absolute path: never read as an option or a URL; the whitelist stops a
@@ -79,15 +83,16 @@ def probe(path: Path, *, ffprobe: str = "ffprobe", timeout_s: float = 10) -> Aud
     argv = [ffprobe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
             "-select_streams", "a", "-protocol_whitelist", "file", f"file:{path.absolute()}"]
     try:
-        proc = subprocess.run(argv, capture_output=True, timeout=timeout_s, check=False)
-    except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
-        raise ServiceUnavailable(
-            f"ffprobe not found or not executable at {ffprobe!r}: install ffmpeg (which ships "
-            "ffprobe) on this host, or point the ffprobe setting at it",
-            field=None, details={"binary": ffprobe}) from e
-    except subprocess.TimeoutExpired as e:
-        raise _melody_error(f"melody could not be probed within {timeout_s:g} s",
-                            "probe_timeout", None, timeout_s) from e
+        proc = exec_ffmpeg(argv, what="probing the melody", timeout_s=timeout_s)
+    except PostProcessFailed as e:  # the runner's timeout: retryable, so not the caller's fault
+        raise ServiceUnavailable(f"the melody could not be probed within {timeout_s:g} s; this "
+                                 "host is busy, retry later", "melody",
+                                 {"rule": "probe_timeout", "timeout_s": timeout_s}) from e
+    if proc.returncode < 0:
+        raise ServiceUnavailable(f"ffprobe was killed by signal {-proc.returncode} while probing "
+                                 "the melody; retry later", "melody",
+                                 {"rule": "probe_killed", "returncode": proc.returncode,
+                                  "stderr_tail": stderr_tail(proc.stderr)})
     problem = proc.stderr.decode("utf-8", "replace").strip().splitlines()
     if proc.returncode != 0:
         reason = problem[-1] if problem else f"ffprobe exited with status {proc.returncode}"

@@ -169,3 +169,38 @@ def test_probe_module_stays_stdlib_only() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2], timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def fake_binary(path: Path, body: str) -> str:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_probe_timeout_is_service_unavailable_not_the_callers_fault(tmp_path: Path) -> None:
+    # An ffprobe that never answers: the host is in trouble, the melody is not shown bad.
+    slow = fake_binary(tmp_path / "ffprobe", "exec sleep 30")
+    path = make_wav(tmp_path / "melody.wav", 1.5)
+    with pytest.raises(ServiceUnavailable) as raised:
+        probe(path, ffprobe=slow, timeout_s=0.3)
+    assert not isinstance(raised.value, InvalidRequest)
+    assert raised.value.code == "service_unavailable" and raised.value.field == "melody"
+    assert raised.value.details == {"rule": "probe_timeout", "timeout_s": 0.3}
+    back = PipelineError.from_dict(raised.value.to_dict())
+    assert isinstance(back, ServiceUnavailable) and back.details == raised.value.details
+
+
+def test_probe_killed_by_a_signal_is_service_unavailable(tmp_path: Path) -> None:
+    killed = fake_binary(tmp_path / "ffprobe", "kill -9 $$")
+    with pytest.raises(ServiceUnavailable) as raised:
+        probe(make_wav(tmp_path / "melody.wav", 1.5), ffprobe=killed)
+    assert raised.value.details["rule"] == "probe_killed"
+    assert raised.value.details["returncode"] == -9
+
+
+def test_probe_exiting_non_zero_is_still_the_callers_fault(tmp_path: Path) -> None:
+    failing = fake_binary(tmp_path / "ffprobe", "echo 'Invalid data found' >&2; exit 1")
+    with pytest.raises(InvalidRequest) as raised:
+        probe(make_wav(tmp_path / "melody.wav", 1.5), ffprobe=failing)
+    assert raised.value.field == "melody" and raised.value.details["rule"] == "readable"
+    assert "Invalid data found" in raised.value.message

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import re
-import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import PostProcessFailed, ServiceUnavailable, UnsupportedOption
+from pipeline.errors import PostProcessFailed, UnsupportedOption
+from pipeline.ffmpeg_runner import exec_ffmpeg as _exec
+from pipeline.ffmpeg_runner import run_ffmpeg as run_ffmpeg  # noqa: PLC0414 (re-export)
 
 # Rates every format here accepts except where a format narrows them (mp3, opus).
 SAMPLE_RATES: tuple[int, ...] = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000,
@@ -161,36 +162,8 @@ class FfmpegCaps:
     has_soxr: bool
 
 
-def _exec(argv: Sequence[str], *, what: str,
-          timeout_s: float) -> subprocess.CompletedProcess[bytes]:
-    try:
-        return subprocess.run(list(argv), capture_output=True, timeout=timeout_s, check=False)
-    except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
-        raise ServiceUnavailable(
-            f"ffmpeg not found or not executable at {argv[0]!r}: install ffmpeg 5+ on the worker "
-            "or point the worker's ffmpeg setting at it", details={"binary": argv[0]}) from e
-    except subprocess.TimeoutExpired as e:
-        tail = (e.stderr or b"").decode("utf-8", "replace")[-STDERR_TAIL_CHARS:]
-        raise PostProcessFailed(f"ffmpeg timed out after {timeout_s:g} s while {what}",
-                                details={"stderr_tail": tail, "argv": list(argv)}) from e
-
-
-def run_ffmpeg(argv: Sequence[str], *, what: str, timeout_s: float) -> str:
-    """Run an ffmpeg command line and return its stderr (where ffmpeg logs and filters report).
-
-    A missing binary raises ``ServiceUnavailable`` (nothing on this node can post-process); a
-    non-zero exit, a signal or a timeout raises the retryable ``PostProcessFailed`` with the tail
-    of stderr in ``details``.
-    """
-    proc = _exec(argv, what=what, timeout_s=timeout_s)
-    stderr = proc.stderr.decode("utf-8", "replace")
-    if proc.returncode != 0:
-        how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
-               else f"exited with status {proc.returncode}")
-        raise PostProcessFailed(f"ffmpeg {how} while {what}",
-                                details={"returncode": proc.returncode, "argv": list(argv),
-                                         "stderr_tail": stderr[-STDERR_TAIL_CHARS:]})
-    return stderr
+# The one ffmpeg runner lives in pipeline/ffmpeg_runner.py (shared with decode and the
+# producer's melody probe); ``_exec`` and ``run_ffmpeg`` are imported from there above.
 
 
 @functools.lru_cache(maxsize=8)
