@@ -69,6 +69,13 @@ class InvalidRequest(PipelineError):
     code = "invalid_request"
 
 
+class JobIdConflict(InvalidRequest):
+    """Raised when a client ``job_id`` is already taken by another user's job (``field``:
+    ``job_id``); nothing is changed, and the other job is neither returned nor revealed."""
+
+    code = "job_id_conflict"
+
+
 class UnsupportedOption(PipelineError):
     """Raised when a request asks for something this deployment cannot do (format, duration)."""
 

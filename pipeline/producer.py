@@ -1,8 +1,10 @@
 """Enqueue generation jobs: validate, check the service can take them, queue, hand back a handle.
 
-Order matters: everything that can refuse a job (validation, breaker, backlog, quota) runs
-before the job is sent, and a failure after the id is claimed gives the claim back, so a
-refused job leaves nothing behind.
+Order matters: the id claim comes first and records the job's user, so a client ``job_id``
+never hands one user's job to another (``JobIdConflict``); everything that can refuse a job
+(breaker, backlog, quota) runs before the job is sent; and a failure after the claim gives
+everything back (quota slot, stored QUEUED state, claim), so a refused job leaves nothing that
+reads as a job. Every failure reaches the caller as a ``PipelineError``.
 """
 
 from __future__ import annotations
@@ -10,17 +12,25 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.celery_app import TASK_GENERATE, PipelineCelery, celery_priority, make_celery
 from pipeline.config.schema import Settings
-from pipeline.errors import InvalidRequest, ServiceUnavailable
+from pipeline.errors import (
+    InvalidRequest,
+    JobIdConflict,
+    JobNotFound,
+    PipelineError,
+    ServiceUnavailable,
+)
 from pipeline.handle import JobHandle
 from pipeline.jobs import GenerationRequest, JobSpec, check_job_id, new_job_id, queue_for
 from pipeline.policies.configured import Policies
-from pipeline.quota.configured import store_for
+from pipeline.quota.configured import database_failure, store_for
 from pipeline.registry import JobRegistry, registry_for
 from pipeline.resolve import resolve
 
@@ -30,8 +40,23 @@ log = logging.getLogger(__name__)
 _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
 
 
+def _unavailable(what: str, exc: BaseException) -> ServiceUnavailable:
+    return ServiceUnavailable(f"{what}: {type(exc).__name__}", None, {"retry_after": 5})
+
+
+def _as_request(value: Any, field: str) -> GenerationRequest:
+    if not isinstance(value, GenerationRequest):
+        raise InvalidRequest(f"{field} must be a pipeline.GenerationRequest, not "
+                             f"{type(value).__name__}", field)
+    return value
+
+
 class Producer:
-    """The calling service's side of the queue; one per process is enough."""
+    """The calling service's side of the queue; one per process is enough.
+
+    Construction has no side effect on the quota database: it must exist already
+    (``musicgen-pipeline db upgrade``), or this raises ``ServiceUnavailable`` saying so.
+    """
 
     def __init__(self, settings: Settings, app: PipelineCelery | None = None) -> None:
         self.settings = settings
@@ -41,15 +66,22 @@ class Producer:
         self.quota = store_for(settings)
 
     def enqueue(self, request: GenerationRequest) -> JobHandle:
-        """Queue one job; the same ``job_id`` twice returns the first job, never a second."""
+        """Queue one job. The same ``job_id`` twice from the same user returns the first job,
+        never a second; from another user it raises ``JobIdConflict`` and changes nothing."""
+        request = _as_request(request, "request")
         job_id = check_job_id(request.job_id) if request.job_id else new_job_id()
         spec = resolve(request, self.settings, job_id=job_id)
         return self._send(spec)
 
     def enqueue_many(self, requests: Sequence[GenerationRequest]) -> list[JobHandle]:
         """Validate every request first (none is queued if one is bad), then queue them all."""
+        if isinstance(requests, (str, bytes, GenerationRequest)) or not isinstance(requests,
+                                                                                     Sequence):
+            raise InvalidRequest("requests must be a list of pipeline.GenerationRequest, not "
+                                 f"{type(requests).__name__}", "requests")
         specs = []
-        for i, request in enumerate(requests):
+        for i, item in enumerate(requests):
+            request = _as_request(item, f"requests[{i}]")
             job_id = check_job_id(request.job_id) if request.job_id else new_job_id()
             try:
                 specs.append(resolve(request, self.settings, job_id=job_id))
@@ -58,9 +90,25 @@ class Producer:
                                      exc.details) from exc
         return [self._send(spec) for spec in specs]
 
-    def get_job(self, job_id: str) -> JobHandle:
-        """A handle for a job enqueued earlier, by this process or another."""
-        handle = JobHandle(check_job_id(job_id), self.app, self.registry, self.quota)
+    def get_job(self, job_id: str, user_id: str | None = None) -> JobHandle:
+        """A handle for a job enqueued earlier, by this process or another.
+
+        A calling service acting for a user passes ``user_id``: another user's job is then
+        ``JobNotFound``, exactly like an unknown id, so an id reveals nothing. Without it any
+        job is found: that is the operator's view (CLI, admin tools), not a user's.
+        """
+        if not isinstance(job_id, str):
+            raise InvalidRequest(f"job_id must be a string, not {type(job_id).__name__}",
+                                 "job_id")
+        check_job_id(job_id)
+        if user_id is not None:
+            try:
+                owner = self.registry.owner(job_id)
+            except Exception as exc:  # redis.ConnectionError and friends
+                raise _unavailable("the broker is unreachable", exc) from exc
+            if owner != user_id:
+                raise JobNotFound(f"no job with id {job_id!r}", "job_id")
+        handle = JobHandle(job_id, self.app, self.registry, self.quota)
         handle.status()  # JobNotFound for an unknown id
         return handle
 
@@ -68,13 +116,18 @@ class Producer:
         handle = JobHandle(spec.job_id, self.app, self.registry, self.quota)
         ttl = self.settings.broker.result_expires
         try:
-            if not self.registry.claim(spec.job_id, ttl):
-                log.info("job %s already enqueued; returning the existing job", spec.job_id)
-                return handle
+            claim = self.registry.claim(spec.job_id, ttl, spec.user_id)
         except Exception as exc:  # redis.ConnectionError and friends
-            raise ServiceUnavailable(f"the broker is unreachable: {type(exc).__name__}", None,
-                                     {"retry_after": 5}) from exc
-        reserved = False
+            raise _unavailable("the broker is unreachable", exc) from exc
+        if not claim.new:
+            if claim.owner != spec.user_id:
+                # Checked before anything else: the other user's job, quota and state stay as
+                # they are, and the message does not say whose the id is.
+                raise JobIdConflict(f"job_id {spec.job_id!r} is already taken by another user; "
+                                    "choose another id", "job_id")
+            log.info("job %s already enqueued; returning the existing job", spec.job_id)
+            return handle
+        reserved = stored = False
         try:
             # Fail fast, before anything is queued: a broken model or a full queue.
             breaker = self.policies.breaker(spec.model)
@@ -84,24 +137,42 @@ class Producer:
             # Atomic in SQL; a retried or redelivered job is charged once (one ledger row per id).
             self.quota.reserve(job_id=spec.job_id, user_id=spec.user_id, model=spec.model,
                                requested_seconds=spec.duration)
-            reserved = True
+            reserved = stored = True  # from here a failure may leave a QUEUED state behind
             self.app.backend.store_result(spec.job_id, {"model": spec.model, "user_id": spec.user_id,
                                                         "enqueued_at": spec.enqueued_at}, "QUEUED")
             self.app.send_task(TASK_GENERATE, args=[spec.model_dump(mode="json")], task_id=spec.job_id,
                                queue=queue_for(spec.model), priority=celery_priority(spec.priority),
                                retry=True, retry_policy=_PUBLISH_RETRY)
-        except (OperationalError, RedisError, OSError) as exc:
-            self._give_back(spec, reserved)
-            raise ServiceUnavailable(f"the broker is unreachable: {exc}", None, {"retry_after": 5}) from exc
-        except Exception:
-            self._give_back(spec, reserved)
+        except PipelineError:
+            self._give_back(spec, reserved, stored)
             raise
+        except (OperationalError, RedisError, OSError) as exc:
+            self._give_back(spec, reserved, stored)
+            raise ServiceUnavailable(f"the broker is unreachable: {exc}", None, {"retry_after": 5}) from exc
+        except SQLAlchemyError as exc:
+            self._give_back(spec, reserved, stored)
+            raise database_failure(exc, self.quota) from exc
+        except Exception as exc:
+            # Every failure of the public API is typed; the chained cause keeps the bug visible.
+            self._give_back(spec, reserved, stored)
+            raise PipelineError(f"enqueue failed unexpectedly: {type(exc).__name__}: {exc}",
+                                None) from exc
         return handle
 
-    def _give_back(self, spec: JobSpec, reserved: bool) -> None:
-        """Undo a refused enqueue: the quota slot and the id claim."""
+    def _give_back(self, spec: JobSpec, reserved: bool, stored: bool) -> None:
+        """Undo a refused enqueue: the quota slot, the QUEUED state and the id claim, so that
+        nothing reads as a job that never was (the broker or database may be down too: each
+        step is best effort, and the claim's TTL is the last resort)."""
         if reserved:
-            self.quota.mark_finished(spec.job_id, status="cancelled", error_code="not_queued")
+            try:
+                self.quota.mark_finished(spec.job_id, status="cancelled", error_code="not_queued")
+            except Exception:
+                log.warning("could not give back the quota slot of job %s", spec.job_id)
+        if stored:
+            try:
+                self.app.backend.forget(spec.job_id)  # the QUEUED written before the send
+            except Exception:
+                log.warning("could not remove the stored state of job %s", spec.job_id)
         try:
             self.registry.release(spec.job_id)
         except Exception:  # the broker is likely down too; the claim expires with its TTL
@@ -138,7 +209,9 @@ def enqueue_many(requests: Sequence[GenerationRequest], settings: Settings | Non
     return producer_for(settings).enqueue_many(requests)
 
 
-def get_job(job_id: str, settings: Settings | None = None) -> JobHandle:
-    """The handle of an existing job; ``JobNotFound`` if there is none."""
-    return producer_for(settings).get_job(job_id)
+def get_job(job_id: str, settings: Settings | None = None, *,
+            user_id: str | None = None) -> JobHandle:
+    """The handle of an existing job; ``JobNotFound`` if there is none, or if ``user_id`` is
+    given and the job is another user's (without ``user_id``: the operator's view)."""
+    return producer_for(settings).get_job(job_id, user_id)
 

@@ -1,6 +1,7 @@
 """Small per-job facts shared by producers and workers: id claims, cancel flags, deliveries.
 
-An id claim makes enqueue idempotent (the same client job id twice gives one job); a cancel
+An id claim makes enqueue idempotent (the same client job id twice gives one job) and records
+the user who made it, so an id never hands one user's job to another; a cancel
 flag stops a queued job before it starts and a running one at its next progress step (Celery's
 revoke only reaches workers that are up, and only holds in their memory). The delivery counter
 lets a worker see a poison job that has killed workers before.
@@ -12,21 +13,36 @@ broker, which has no Redis).
 from __future__ import annotations
 
 import os
-import time
+import uuid
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pipeline.keys import CANCEL_PREFIX, CLAIM_PREFIX, DELIVERY_PREFIX
 
+# A claim that vanishes between a refused SET NX and the GET (released by a failed enqueue, or
+# expired) is simply claimed again; more than a few such races in a row means something is off.
+_CLAIM_TRIES = 5
+
+
+class Claim(NamedTuple):
+    """The answer to a claim: ``new`` when this call made it; ``owner`` the id's user."""
+
+    new: bool
+    owner: str
+
 
 class JobRegistry(Protocol):
-    def claim(self, job_id: str, ttl: int) -> bool:
-        """True for the first caller with this id, False for every later one."""
+    def claim(self, job_id: str, ttl: int, owner: str) -> Claim:
+        """Claim the id for ``owner``; only the first caller gets ``new=True``, every later one
+        learns who owns it (a claim written before owners were recorded reads as owner "")."""
 
     def release(self, job_id: str) -> None:
         """Forget a claim whose job was never queued (enqueue failed after claiming)."""
 
     def exists(self, job_id: str) -> bool: ...
+
+    def owner(self, job_id: str) -> str | None:
+        """The user who claimed the id; None when nobody holds it."""
 
     def cancel(self, job_id: str, ttl: int) -> None: ...
 
@@ -40,14 +56,29 @@ class RedisJobRegistry:
     def __init__(self, client: Any) -> None:
         self.client = client
 
-    def claim(self, job_id: str, ttl: int) -> bool:
-        return bool(self.client.set(CLAIM_PREFIX + job_id, str(time.time()), nx=True, ex=ttl))
+    def claim(self, job_id: str, ttl: int, owner: str) -> Claim:
+        # SET NX + GET rather than one `SET NX GET`: that form needs Redis 7, and the loop makes
+        # the pair safe against a claim released in between.
+        key = CLAIM_PREFIX + job_id
+        for _ in range(_CLAIM_TRIES):
+            if self.client.set(key, owner, nx=True, ex=ttl):
+                return Claim(True, owner)
+            current = self.owner(job_id)
+            if current is not None:
+                return Claim(False, current)
+        raise RuntimeError(f"the claim of job {job_id} kept vanishing")
 
     def release(self, job_id: str) -> None:
         self.client.delete(CLAIM_PREFIX + job_id)
 
     def exists(self, job_id: str) -> bool:
         return bool(self.client.exists(CLAIM_PREFIX + job_id))
+
+    def owner(self, job_id: str) -> str | None:
+        value = self.client.get(CLAIM_PREFIX + job_id)
+        if value is None:
+            return None
+        return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
     def cancel(self, job_id: str, ttl: int) -> None:
         self.client.set(CANCEL_PREFIX + job_id, "1", ex=ttl)
@@ -63,7 +94,8 @@ class RedisJobRegistry:
 
 
 class FileJobRegistry:
-    """The same facts as files; O_EXCL creation makes the claim atomic on one machine."""
+    """The same facts as files; a hard link (which never replaces a file) makes the claim
+    atomic on one machine, and the owner is in the file before the claim appears."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -72,19 +104,34 @@ class FileJobRegistry:
     def _path(self, prefix: str, job_id: str) -> Path:
         return self.folder / f"{prefix.strip(':').replace(':', '.')}.{job_id}"
 
-    def claim(self, job_id: str, ttl: int) -> bool:
+    def claim(self, job_id: str, ttl: int, owner: str) -> Claim:
+        path = self._path(CLAIM_PREFIX, job_id)
+        draft = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        draft.write_text(owner, encoding="utf-8")
         try:
-            fd = os.open(self._path(CLAIM_PREFIX, job_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        os.close(fd)
-        return True
+            for _ in range(_CLAIM_TRIES):
+                try:
+                    os.link(draft, path)
+                    return Claim(True, owner)
+                except FileExistsError:
+                    current = self.owner(job_id)
+                    if current is not None:
+                        return Claim(False, current)
+            raise RuntimeError(f"the claim of job {job_id} kept vanishing")
+        finally:
+            draft.unlink(missing_ok=True)
 
     def release(self, job_id: str) -> None:
         self._path(CLAIM_PREFIX, job_id).unlink(missing_ok=True)
 
     def exists(self, job_id: str) -> bool:
         return self._path(CLAIM_PREFIX, job_id).exists()
+
+    def owner(self, job_id: str) -> str | None:
+        try:
+            return self._path(CLAIM_PREFIX, job_id).read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
 
     def cancel(self, job_id: str, ttl: int) -> None:
         self._path(CANCEL_PREFIX, job_id).touch()

@@ -72,8 +72,8 @@ def open_store(settings: Settings, *, must_exist: bool) -> Iterator[QuotaStore]:
 
     ``must_exist`` (stats, health): only read; a SQLite file that is not there, or a database
     without the schema, is an error, because a wrong path must not look like an idle service.
-    Otherwise (quota) a SQLite file is created and migrated on first use, as workers do with
-    ``store_for``. PostgreSQL is always migrated by the operator (``db upgrade``). Errors,
+    Otherwise (quota, an operator's write) a SQLite file is created and migrated on first use
+    (``store_for(migrate=True)``). PostgreSQL is always migrated by the operator (``db upgrade``). Errors,
     including those of queries made inside the ``with``, become ``ServiceUnavailable`` with a
     one-line, password-free reason.
     """

@@ -17,9 +17,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.cli.common import fail, load_or_exit, parse_sets
 from pipeline.cli.worker_cmd import override_env, spawn_worker
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, ServiceUnavailable
+from pipeline.handle import Progress as JobProgress
 from pipeline.jobs import GenerationRequest, queue_for
-
 
 
 def _stop(worker: subprocess.Popen[bytes]) -> None:
@@ -57,6 +57,18 @@ def generate(
     try:
         request = GenerationRequest(prompt=prompt, duration=duration, format=fmt, model=model,
                                     melody=melody, seed=seed)
+        if settings.broker.url is None:
+            # The embedded default has nothing to install: setting it up is this command's
+            # explicit step, the ledger's schema included. With a real broker the database is
+            # the operator's (`db upgrade`), and a missing one is reported, never created.
+            from sqlalchemy.exc import SQLAlchemyError
+
+            from pipeline.quota.configured import prepare_database
+            try:
+                prepare_database(settings)
+            except (SQLAlchemyError, OSError) as exc:
+                raise ServiceUnavailable(f"could not set up the embedded quota database: "
+                                         f"{type(exc).__name__}: {exc}", "database.url") from exc
         handle = Producer(settings).enqueue(request)  # validated and queued (or refused) first
         if settings.broker.url is None:
             log_path = Path(settings.app.data_dir).expanduser().resolve() / "embedded-worker.log"
@@ -71,8 +83,8 @@ def generate(
                       TimeElapsedColumn(), console=console, transient=True) as bar:
             task = bar.add_task("queued", total=1.0)
 
-            def show(p: object) -> None:
-                bar.update(task, completed=getattr(p, "fraction"), description=getattr(p, "message") or "queued")
+            def show(p: JobProgress) -> None:
+                bar.update(task, completed=p.fraction, description=p.message or "queued")
                 if worker is not None and worker.poll() is not None:
                     raise PipelineError(f"the embedded worker exited with code {worker.returncode}; "
                                         f"see {settings.app.data_dir}/embedded-worker.log")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sqlalchemy.exc import DataError, SQLAlchemyError
+
 from pipeline.config.schema import Settings
 from pipeline.config.urls import with_password
+from pipeline.errors import InvalidRequest, PipelineError, ServiceUnavailable
 from pipeline.quota.migrate import upgrade
 from pipeline.quota.store import QuotaStore
 from pipeline.quota.tables import make_engine
@@ -23,20 +26,36 @@ def sqlite_path(url: str) -> Path | None:
     return Path(path).expanduser() if path and path != ":memory:" else None
 
 
-def store_for(settings: Settings, *, migrate: bool = True) -> QuotaStore:
+UPGRADE_HINT = "run `musicgen-pipeline db upgrade` with the same settings to create it"
+
+
+def prepare_database(settings: Settings) -> None:
+    """Create the schema (and a SQLite file's folder) or bring it to head: the explicit step
+    that ``db upgrade`` and the embedded default's set-up take. Idempotent."""
+    url = database_url(settings)
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    upgrade(url)
+
+
+def store_for(settings: Settings, *, migrate: bool = False) -> QuotaStore:
     """The quota store these settings describe (``close()`` it when done, if short-lived).
 
-    A SQLite database is the embedded default with nothing to install, so it is created and
-    migrated on first use unless ``migrate`` is False (readers such as `stats` must not create
-    an empty file); PostgreSQL is migrated by the operator (`musicgen-pipeline db upgrade`).
+    Building a store has no side effect by default: a SQLite file that is not there is a
+    ``ServiceUnavailable`` naming ``musicgen-pipeline db upgrade`` (connecting would create an
+    empty file), and a database without the schema is reported the same way by the first call
+    that needs it (``QuotaStore.schema_ready``). ``migrate=True`` runs ``prepare_database``
+    first, for the processes whose start is the operator's explicit step.
     """
     url = database_url(settings)
+    if migrate:
+        prepare_database(settings)
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise ServiceUnavailable(f"no quota database: no SQLite file at {path} (database.url); "
+                                 f"{UPGRADE_HINT}", "database.url")
     if url.startswith("sqlite"):
-        path = sqlite_path(url)
-        if migrate:
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            upgrade(url)
         engine = make_engine(url)
     else:
         engine = make_engine(url, pool_size=settings.database.pool_size)
@@ -45,3 +64,19 @@ def store_for(settings: Settings, *, migrate: bool = True) -> QuotaStore:
     tiers = {name: TierLimits(daily=t.daily, monthly=t.monthly) if q.enabled else TierLimits(-1, -1)
              for name, t in q.tiers.items()}
     return QuotaStore(engine, tiers=tiers, default_tier=q.default_tier, timezone=q.timezone)
+
+
+def database_failure(exc: SQLAlchemyError, store: QuotaStore) -> PipelineError:
+    """The typed error a caller gets for a database error in the quota path.
+
+    Only the driver's exception class is named: its message can hold hosts, users or values.
+    """
+    reason = type(getattr(exc, "orig", None) or exc).__name__
+    if isinstance(exc, DataError):  # a value the database cannot store (and validation missed)
+        return InvalidRequest(f"the quota database refused a value of this request ({reason})",
+                              "request")
+    if store.schema_ready() is False:
+        return ServiceUnavailable(f"the quota database has no schema; {UPGRADE_HINT}",
+                                  "database.url")
+    return ServiceUnavailable(f"the quota database is unavailable ({reason})", None,
+                              {"retry_after": 5})

@@ -16,12 +16,18 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Update, case, func, literal, select, update
+from sqlalchemy import CursorResult, Engine, Update, case, func, inspect, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.errors import InvalidRequest, JobNotFound, QuotaExceeded, SettingsError
+from pipeline.errors import (
+    InvalidRequest,
+    JobIdConflict,
+    JobNotFound,
+    QuotaExceeded,
+    SettingsError,
+)
 from pipeline.quota.tables import (
     CHARGED_STATUSES,
     TERMINAL_STATUSES,
@@ -76,8 +82,10 @@ _utcnow = partial(datetime.now, UTC)
 
 
 def _check_text(field: str, value: str, max_len: int) -> None:
-    if not value or len(value) > max_len:
+    if not isinstance(value, str) or not value or len(value) > max_len:
         raise InvalidRequest(f"{field} must be 1 to {max_len} characters", field=field)
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL: the driver would raise DataError
+        raise InvalidRequest(f"{field} must not contain a NUL character", field=field)
 
 
 class QuotaStore:
@@ -106,6 +114,14 @@ class QuotaStore:
     def close(self) -> None:
         """Close the engine's pooled connections (a short-lived CLI command ends with this)."""
         self.engine.dispose()
+
+    def schema_ready(self) -> bool | None:
+        """Whether the ledger's tables exist; None when the database cannot be asked."""
+        try:
+            with self.engine.connect() as connection:
+                return bool(inspect(connection).has_table(UsageLedger.__tablename__))
+        except SQLAlchemyError:
+            return None
 
     def reserve(self, *, job_id: str, user_id: str, model: str,
                 requested_seconds: float) -> Reservation:
@@ -137,8 +153,8 @@ class QuotaStore:
             if existing is None:
                 raise
             if existing.user_id != user_id:
-                raise InvalidRequest(f"job_id {job_id!r} is already reserved by another user",
-                                     field="job_id") from e
+                raise JobIdConflict(f"job_id {job_id!r} is already taken by another user",
+                                    field="job_id") from e
             return self._as_reservation(existing, user_id, new=False)
 
     def mark_started(self, job_id: str, *, worker: str,
@@ -297,7 +313,7 @@ class QuotaStore:
     @staticmethod
     def _as_reservation(row: UsageLedger, user_id: str, *, new: bool) -> Reservation:
         if row.user_id != user_id:
-            raise InvalidRequest(f"job_id {row.job_id!r} is already reserved by another user",
-                                 field="job_id")
+            raise JobIdConflict(f"job_id {row.job_id!r} is already taken by another user",
+                                field="job_id")
         return Reservation(row.job_id, row.user_id, row.model, row.requested_seconds,
                            LedgerStatus(row.status), row.created_at, new)

@@ -55,6 +55,11 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (root / ".musicgen/models/tiny/config.json").is_file()
     assert (root / ".musicgen/models/tiny-melody/config.json").is_file()
+    # The quota database is created by the operator's explicit step, never by a producer.
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "db", "upgrade"], cwd=root,
+                          env=base_env(root, None), capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return root
 
 
