@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from pipeline.errors import InvalidRequest, JobNotFound, QuotaExceeded
+from pipeline.errors import InvalidRequest, JobIdConflict, JobNotFound, QuotaExceeded
 from pipeline.quota import LedgerStatus, QuotaStore, TierLimits
 from pipeline.quota.windows import day_window, month_window
 
@@ -132,8 +132,21 @@ def test_rereserve_returns_existing_job_even_when_quota_is_full(quota_store: Quo
                                 requested_seconds=8)
     assert not again.new
     assert quota_store.usage("alice").daily.used == 10
-    with pytest.raises(InvalidRequest, match="another user"):
+    with pytest.raises(JobIdConflict, match="another user") as conflict:
         reserve(quota_store, "alice/job-3", user_id="bob")
+    assert (conflict.value.code, conflict.value.field) == ("job_id_conflict", "job_id")
+    assert quota_store.usage("bob").daily.used == 0
+
+
+@pytest.mark.parametrize("field", ["user_id", "job_id", "model"])
+def test_a_nul_character_is_an_invalid_request_not_a_driver_error(quota_store: QuotaStore,
+                                                                   field: str) -> None:
+    # PostgreSQL's driver raised psycopg.DataError for this (issue 8.D); SQLite stored it.
+    values = {"job_id": "j-nul", "user_id": "alice", "model": "small", field: "a\x00b"}
+    with pytest.raises(InvalidRequest) as refused:
+        quota_store.reserve(requested_seconds=8.0, **values)
+    assert refused.value.field == field
+    assert quota_store.ledger() == []
 
 
 def test_settling_an_unknown_job_raises(quota_store: QuotaStore) -> None:
