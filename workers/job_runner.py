@@ -13,20 +13,54 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
+
 from pipeline.config.presets import model_settings_for
 from pipeline.config.schema import ModelSettings, Settings
 from pipeline.jobs import JobResult, JobSpec, Timings
 from workers.audio.decode import decode_mono
+from workers.audio.formats import FORMATS
 from workers.audio.formats import OutputSpec as RenderSpec
 from workers.audio.postprocess import render
 from workers.runtime.batch import GenerationItem
 from workers.runtime.model_cache import ModelCache
 from workers.runtime.musicgen import LoadedModel, generate, load_model
-from workers.storage import write_sidecar
+from workers.storage import remove_partial, write_sidecar
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
+# A job's output is <job_id><extension> for the one format it asked for; cleanup does not know
+# which, so it tries each name exactly (never a glob on the id: "abc.*" is also job "abc.def").
+OUTPUT_EXTENSIONS: tuple[str, ...] = tuple(sorted({f.extension for f in FORMATS.values()}))
+
+
+def job_temp_dir(settings: Settings, job_id: str) -> Path:
+    """The job's private scratch folder (melody upload, render stages)."""
+    return Path(settings.storage.temp_dir).expanduser().resolve() / job_id
+
+
+def job_outputs(settings: Settings, job_id: str) -> list[Path]:
+    """Every path the job's finished file may have, one per output format."""
+    out_dir = Path(settings.storage.output_dir).expanduser().resolve()
+    return [out_dir / f"{job_id}{ext}" for ext in OUTPUT_EXTENSIONS]
+
+
+def clear_leftovers(settings: Settings, job_id: str) -> None:
+    """Remove what earlier attempts of a job left (a worker killed mid-job runs no cleanup):
+    its temp folder and the ``.part`` files of its outputs. A finished file stays: the attempt
+    starting now replaces it atomically, or removes it if it fails."""
+    shutil.rmtree(job_temp_dir(settings, job_id), ignore_errors=True)
+    remove_partial(job_outputs(settings, job_id), keep_finished=True)
+
+
+def discard_job_files(settings: Settings, job_id: str) -> None:
+    """Remove every file of a job that ends without a result (failed, cancelled, timed out,
+    poison): its temp folder, its output and sidecar, and their ``.part`` files; exactly the
+    job's own, nothing of a job whose id merely starts with this one."""
+    shutil.rmtree(job_temp_dir(settings, job_id), ignore_errors=True)
+    remove_partial(job_outputs(settings, job_id))
 
 
 class JobCancelledByUser(Exception):
@@ -73,10 +107,12 @@ class JobRunner:
         return self.model(self.settings.model.preset)[1]
 
     def run(self, spec: JobSpec, *, worker: str, progress: Progress, started_at: float) -> RunOutcome:
-        """Generate one job's file; partial files are removed whatever happens."""
+        """Generate one job's file; partial files are removed whatever happens, and so are the
+        leftovers of earlier attempts of the same job when this one starts."""
         storage = self.settings.storage
-        temp_dir = Path(storage.temp_dir).expanduser().resolve() / spec.job_id
+        temp_dir = job_temp_dir(self.settings, spec.job_id)
         out_dir = Path(storage.output_dir).expanduser().resolve()
+        clear_leftovers(self.settings, spec.job_id)
         temp_dir.mkdir(parents=True, exist_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -109,19 +145,21 @@ class JobRunner:
             write_sidecar(dest, {"request": spec.model_dump(mode="json"),
                                  "result": result.model_dump(mode="json")})
             return RunOutcome(result, rendered.duration_s, audio.generate_seconds)
+        except BaseException:
+            # A file without its sidecar (or a sidecar's .part) is no result: a failed attempt
+            # leaves nothing; a retry writes the whole pair again.
+            remove_partial(job_outputs(self.settings, spec.job_id))
+            raise
         finally:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
-    def _melody(self, spec: JobSpec, temp_dir: Path, sampling_rate: int) -> tuple[object, int] | None:
+    def _melody(self, spec: JobSpec, temp_dir: Path,
+                sampling_rate: int) -> tuple[npt.NDArray[np.float32], int] | None:
         if spec.melody is None:
             return None
         return decode_mono(spec.melody.materialise(temp_dir), sampling_rate), sampling_rate
 
     def remove_outputs(self, job_id: str) -> None:
-        """Delete whatever a cancelled or timed-out job left in the output folder."""
-        out_dir = Path(self.settings.storage.output_dir).expanduser().resolve()
-        for path in out_dir.glob(f"{job_id}.*"):
-            path.unlink(missing_ok=True)
-        for path in out_dir.glob(f".{job_id}.*"):
-            path.unlink(missing_ok=True)
+        """Delete every file a cancelled or timed-out job left (see :func:`discard_job_files`)."""
+        discard_job_files(self.settings, job_id)
 

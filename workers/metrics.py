@@ -24,6 +24,8 @@ from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready
 
+from workers.typed_celery import receiver
+
 log = logging.getLogger(__name__)
 
 __all__ = ["model_of", "observe_failure", "observe_model_load", "observe_success",
@@ -166,7 +168,7 @@ def setup_metrics(app: Any) -> None:
     """
     settings = app.settings
 
-    @worker_init.connect(weak=False)
+    @receiver(worker_init)
     def _prepare(sender: Any = None, **_: Any) -> None:  # parent, before the pool forks
         try:
             node = str(getattr(sender, "hostname", None) or f"pid{os.getpid()}")
@@ -174,19 +176,19 @@ def setup_metrics(app: Any) -> None:
         except Exception:
             log.exception("metrics disabled: could not prepare their directory")
 
-    @worker_ready.connect(weak=False)
+    @receiver(worker_ready)
     def _start(**_: Any) -> None:  # parent, once the pool runs
         if MULTIPROC_ENV in os.environ and settings.monitoring.metrics_port:  # 0 = off
             _serve(settings.monitoring.metrics_port)
 
-    @worker_process_init.connect(weak=False)
+    @receiver(worker_process_init)
     def _forget_server(**_: Any) -> None:  # a pool child forked after the server started
         # The child inherited the listening socket; holding it would keep the port bound after
         # the parent dies, so a restarted worker could not serve its metrics.
         if _server is not None:
             _server.socket.close()
 
-    @worker_process_shutdown.connect(weak=False)
+    @receiver(worker_process_shutdown)
     def _dead(pid: int | None = None, **_: Any) -> None:  # in the exiting pool child
         if MULTIPROC_ENV not in os.environ:
             return

@@ -76,7 +76,10 @@ class ModelSettings(_Section):
     num_threads: int = Field(0, ge=0, le=256, description="torch CPU threads per worker process; 0 = torch's default")
     preload: bool = True
     offline: bool = False
-    download_timeout: int = Field(180, ge=30, le=3600)
+    download_timeout: int = Field(180, ge=30, le=3600,
+                                  description="seconds each Hugging Face hub request (metadata, file "
+                                              "download) may wait for the server; not a cap on a "
+                                              "whole download")
 
 
 class GenerationSettings(_Section):
@@ -89,7 +92,9 @@ class GenerationSettings(_Section):
     default_top_k: int = Field(250, ge=0, le=2048)
     default_top_p: float = Field(0.0, ge=0.0, le=1.0)
     default_guidance_scale: float = Field(3.0, ge=0.0, le=20.0)
-    max_batch_size: int = Field(1, ge=1, le=32)
+    max_batch_size: int = Field(1, ge=1, le=32,
+                                description="reserved for cross-job batching, which is not built yet: "
+                                            "today every job runs on its own")
 
 
 class AudioSettings(_Section):
@@ -129,7 +134,10 @@ class WorkerSettings(_Section):
     redelivery_cap: int = Field(3, ge=1, le=20, description="deliveries before a job is declared poison")
     max_tasks_per_child: int = Field(0, ge=0, description="0 = unlimited")
     max_memory_per_child_mb: int = Field(0, ge=0, description="0 = unlimited")
-    max_memory_percent: float = Field(85.0, ge=10.0, le=95.0, description="the seeds' 10-95 range")
+    max_memory_percent: float = Field(85.0, ge=10.0, le=95.0,
+                                      description="memory use (host RAM or GPU, the fuller) above "
+                                                  "which, after a job and a cache cleanup, the "
+                                                  "process takes no further job and is replaced")
     cleanup_threshold_percent: float = Field(75.0, ge=10.0, le=95.0,
                                              description="empty the model cache above this memory use")
     shutdown_grace: int = Field(30, ge=0, le=3600)
