@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -70,18 +71,33 @@ def write_sidecar(dest: Path, metadata: dict[str, Any]) -> Path:
     return sidecar
 
 
-def remove_partial(paths: Iterable[Path]) -> list[Path]:
+def part_files(dest: Path) -> list[Path]:
+    """The temp files that writers of ``dest`` or of its sidecar left behind (a killed writer).
+
+    Exactly ``.<name>.<hex>.part`` and ``.<name>.json.<hex>.part``, as :func:`part_path` names
+    them: the glob alone would also match ``.<name>.wav.<hex>.part``, the temp file of another
+    output whose name merely starts with ours (job ``abc.wav`` beside job ``abc``).
+    """
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    exact = re.compile(rf"\.{re.escape(dest.name)}(?:\.json)?\.[0-9a-f]+{re.escape(PART_SUFFIX)}")
+    return sorted(p for p in dest.parent.glob(f".{_glob_escape(dest.name)}.*{PART_SUFFIX}")
+                  if exact.fullmatch(p.name))
+
+
+def remove_partial(paths: Iterable[Path], *, keep_finished: bool = False) -> list[Path]:
     """Best-effort cleanup for a cancelled or failed job; returns what was removed.
 
-    For each path removes the file itself, its sidecar, and any ``.part`` temp files a killed
-    writer left beside it. A file that cannot be removed is logged, not raised: cleanup must
-    not turn a cancellation into a second failure.
+    For each path removes the file itself, its sidecar (unless ``keep_finished``: then only the
+    temp files go, as when a new attempt starts), and exactly the ``.part`` temp files a killed
+    writer of either left beside it (:func:`part_files`). A file that cannot be removed is
+    logged, not raised: cleanup must not turn a cancellation into a second failure.
     """
     removed: list[Path] = []
     for path in map(Path, paths):
-        leftovers = list(path.parent.glob(f".{_glob_escape(path.name)}.*{PART_SUFFIX}")) \
-            if path.parent.is_dir() else []
-        for candidate in (path, sidecar_path(path), *leftovers):
+        finished = () if keep_finished else (path, sidecar_path(path))
+        for candidate in (*finished, *part_files(path)):
             try:
                 candidate.unlink()
             except FileNotFoundError:

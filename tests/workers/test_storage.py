@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from workers.storage import atomic_write_path, remove_partial, sidecar_path, write_sidecar
+from workers.storage import (
+    atomic_write_path,
+    part_files,
+    part_path,
+    remove_partial,
+    sidecar_path,
+    write_sidecar,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,3 +112,27 @@ def test_remove_partial_sweeps_output_sidecar_and_temp_files(tmp_path: Path) -> 
     assert sorted(p.name for p in removed) == [".take[1].wav.abc123.part", "take[1].wav",
                                                "take[1].wav.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".take1.wav.abc123.part", "take1.wav"]
+
+
+def test_remove_partial_takes_only_the_exact_temp_files_of_its_path(tmp_path: Path) -> None:
+    # Job "abc" writes abc.wav; job "abc.wav" writes abc.wav.wav, whose temp files also start
+    # with ".abc.wav.": removing abc.wav must leave every file of the other job alone.
+    ours = [tmp_path / n for n in ("abc.wav", "abc.wav.json", ".abc.wav.0a1b2c3d4e5f.part",
+                                   ".abc.wav.json.0a1b2c3d4e5f.part")]
+    theirs = [tmp_path / n for n in ("abc.wav.wav", "abc.wav.wav.json",
+                                     ".abc.wav.wav.0a1b2c3d4e5f.part",
+                                     ".abc.wav.wav.json.0a1b2c3d4e5f.part", ".abc.wav.x.part")]
+    for path in ours + theirs:
+        path.write_bytes(b"x")
+    assert part_files(tmp_path / "abc.wav") == sorted(ours[2:])
+    assert sorted(remove_partial([tmp_path / "abc.wav"])) == sorted(ours)
+    assert sorted(tmp_path.iterdir()) == sorted(theirs)
+
+
+def test_remove_partial_can_keep_the_finished_file_and_sidecar(tmp_path: Path) -> None:
+    dest = tmp_path / "abc.mp3"
+    part = part_path(dest)
+    for path in (dest, sidecar_path(dest), part):
+        path.write_bytes(b"x")
+    assert remove_partial([dest], keep_finished=True) == [part]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abc.mp3", "abc.mp3.json"]
