@@ -97,8 +97,9 @@ def _table(columns: list[str], rows: list[list[str]], title: str | None = None,
         typer.echo(title)
     widths = [max(len(r[i]) for r in [columns, *rows]) for i in range(len(columns))]
     for row in [columns, *rows]:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + ("  " if len(row) > 1 else "")
-                   + row[-1])
+        # The last column is not padded, so the pairs stop one short of the widths.
+        padded = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)]
+        typer.echo("  ".join([*padded, row[-1]]))
 
 
 def _shown(path: str, value: Any) -> Any:

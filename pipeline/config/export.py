@@ -111,4 +111,5 @@ def to_k8s(settings: Settings | Mapping[str, Any], *, name: str = "musicgen-pipe
         "metadata": {"name": f"{name}-secrets", "labels": labels},
         "stringData": {k: v for k, v, secret in rows if secret},
     }
-    return yaml.safe_dump_all([config_map, secret], sort_keys=False, allow_unicode=True)
+    # With no stream given, safe_dump_all returns the text; yaml has no types, so it is Any.
+    return str(yaml.safe_dump_all([config_map, secret], sort_keys=False, allow_unicode=True))

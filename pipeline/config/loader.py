@@ -102,9 +102,9 @@ def load_layered(env: str | None = None, *, files: Sequence[str | Path] = (),
     problems: list[Problem] = []
     stack = layers.LayerStack(env_name, [base])
     for kind, key, label in (("models", "model.preset", "preset"), ("profiles", "app.profile", "profile")):
-        path, problem = _named_file(kind, get(first.raw, key), key)
-        if path is not None:
-            stack.files.append((f"{label} {path.stem}", path))
+        named, problem = _named_file(kind, get(first.raw, key), key)
+        if named is not None:
+            stack.files.append((f"{label} {named.stem}", named))
         if problem is not None:
             problems.append(problem)
     stack.files.extend(user)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic_core import ErrorDetails
 
 from pipeline.config.rules import Problem, get
 from pipeline.config.schema import Settings
@@ -72,7 +73,7 @@ def secret_paths(model: type[BaseModel] = Settings, prefix: str = "") -> set[str
 SECRET_PATHS = secret_paths()
 
 
-def _fix_for(err: dict[str, Any]) -> str:
+def _fix_for(err: ErrorDetails) -> str:
     kind, ctx = err["type"], err.get("ctx") or {}
     if kind == "extra_forbidden":
         loc = [str(p) for p in err["loc"]]

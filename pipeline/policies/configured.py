@@ -11,7 +11,12 @@ from typing import Any
 
 from pipeline.config.schema import Settings
 from pipeline.policies.backpressure import BackpressurePolicy, queue_depth
-from pipeline.policies.breaker import BreakerBackend, CircuitBreaker, MemoryBreakerBackend, RedisBreakerBackend
+from pipeline.policies.breaker import (
+    BreakerBackend,
+    CircuitBreaker,
+    MemoryBreakerBackend,
+    RedisBreakerBackend,
+)
 from pipeline.policies.rate_limit import GlobalRateLimit
 
 
