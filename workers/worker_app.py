@@ -9,9 +9,13 @@ from pipeline.config import Settings, load_settings
 def build_app(settings: Settings | None = None) -> PipelineCelery:
     settings = settings if settings is not None else load_settings()
     app = make_celery(settings, name="musicgen-worker")
-    from workers import maintenance, signals, tasks
+    from workers import maintenance, memory_guard, signals, tasks
+    from workers.runtime.musicgen import apply_hub_timeouts
 
     tasks.register_tasks(app)
     maintenance.register(app)
     signals.connect(app)
+    memory_guard.connect(app)
+    # Before any model loads, in the parent too, so prefork children inherit it.
+    apply_hub_timeouts(settings.model.download_timeout)
     return app

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,6 +100,42 @@ def test_a_failing_compile_falls_back_to_the_eager_decoder(
     assert "running uncompiled" in caplog.text
     assert "forward" not in vars(loaded.model.decoder)  # the class's own forward is back
     assert one(loaded, duration_s=0.1).shape == (1, 3200)
+
+
+# --- model.download_timeout ------------------------------------------------------------------
+
+@pytest.fixture
+def hub_timeouts(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """huggingface_hub's module constants, put back after the test (they are process-wide)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", constants.HF_HUB_ETAG_TIMEOUT)
+    return constants
+
+
+def test_load_model_applies_the_download_timeout_to_hub_requests(tiny_path: Path,
+                                                                 hub_timeouts: Any) -> None:
+    load_model(str(tiny_path), device="cpu", offline=True, download_timeout=123)
+    # What hf_hub_download (metadata) and http_get (file bytes) read at each request: setting
+    # HF_HUB_*_TIMEOUT in os.environ now would be too late, huggingface_hub read it at import.
+    assert (hub_timeouts.HF_HUB_DOWNLOAD_TIMEOUT, hub_timeouts.HF_HUB_ETAG_TIMEOUT) == (123, 123)
+
+
+def test_without_a_download_timeout_load_model_keeps_the_process_value(tiny_path: Path,
+                                                                       hub_timeouts: Any) -> None:
+    hub_timeouts.HF_HUB_DOWNLOAD_TIMEOUT = 77
+    load_model(str(tiny_path), device="cpu", offline=True)
+    assert hub_timeouts.HF_HUB_DOWNLOAD_TIMEOUT == 77
+
+
+def test_the_worker_app_applies_model_download_timeout(isolated_settings_env: Path,
+                                                       hub_timeouts: Any) -> None:
+    from pipeline.config.schema import ModelSettings, Settings
+    from workers.worker_app import build_app
+
+    build_app(Settings(model=ModelSettings(download_timeout=321)))
+    assert (hub_timeouts.HF_HUB_DOWNLOAD_TIMEOUT, hub_timeouts.HF_HUB_ETAG_TIMEOUT) == (321, 321)
 
 
 # --- duration -> samples ---------------------------------------------------------------------

@@ -66,15 +66,20 @@ class LoadedModel:
 
 
 def load_model(source: str, *, device: str = "auto", dtype: str = "auto", compile: bool = False,
-               offline: bool = False, cache_dir: str | None = None) -> LoadedModel:
+               offline: bool = False, cache_dir: str | None = None,
+               download_timeout: int | None = None) -> LoadedModel:
     """Load a MusicGen (or MusicGen-Melody) checkpoint from a hub id or a local directory.
 
     ``offline`` restricts loading to local files and the hub cache. A missing directory or an
     unknown/uncached hub id raises ``ModelNotFound``; a checkpoint that is not MusicGen raises
     ``UnsupportedOption``. ``compile`` torch.compiles the decoder and warms it up; if that fails,
-    the model runs uncompiled (with a warning) rather than not at all.
+    the model runs uncompiled (with a warning) rather than not at all. ``download_timeout``
+    (``model.download_timeout``) is applied with ``apply_hub_timeouts``; None keeps what the
+    process already has.
     """
     started = time.perf_counter()
+    if download_timeout is not None:
+        apply_hub_timeouts(download_timeout)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     path = os.path.expanduser(source)  # settings may say ~/models/..., from_pretrained won't expand
@@ -122,6 +127,24 @@ def load_model(source: str, *, device: str = "auto", dtype: str = "auto", compil
     loaded.load_seconds = time.perf_counter() - started
     log.info("loaded %s on %s/%s in %.1fs", source, device, torch_dtype, loaded.load_seconds)
     return loaded
+
+
+def apply_hub_timeouts(seconds: int) -> None:
+    """Give each Hugging Face hub request (file metadata and file download) ``seconds`` to answer.
+
+    It is huggingface_hub's per-request timeout (connect and each read), not a cap on a whole
+    download: a multi-gigabyte checkpoint may take longer as long as bytes keep coming. The
+    ``HF_HUB_DOWNLOAD_TIMEOUT``/``HF_HUB_ETAG_TIMEOUT`` variables are read once, when
+    huggingface_hub is imported, and transformers imported it with this module, so setting them
+    now would change nothing. The module constants are what ``hf_hub_download`` and ``http_get``
+    read at every request: they are the knob. Process-wide, like the variables they stand for.
+    """
+    from huggingface_hub import constants
+
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = seconds
+    # hf_hub_download prefers this over its own etag_timeout argument whenever it differs from
+    # the default of 10 s, so the metadata request that precedes every download gets it too.
+    constants.HF_HUB_ETAG_TIMEOUT = seconds
 
 
 def frames_for(duration_s: float, loaded: LoadedModel) -> int:
