@@ -20,6 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import InvalidRequest
+from pipeline.output_format import BitDepth, FormatName, Normalization, SampleRate
+from pipeline.output_format import OutputSpec as OutputSpec  # noqa: PLC0414 (re-export)
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 QUEUE_PREFIX = "musicgen."
@@ -77,11 +79,12 @@ class GenerationRequest(BaseModel):
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     guidance_scale: float | None = Field(None, ge=0.0, le=20.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="same seed + model + hardware = same audio")
-    format: Literal["wav", "mp3", "flac", "ogg", "opus"] | None = None
-    sample_rate: Literal[8000, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 96000] | None = None
+    # Allowed values are the output-format table's; combinations are checked by resolve().
+    format: FormatName | None = None
+    sample_rate: SampleRate | None = None
     channels: Literal[1, 2] | None = None
-    bit_depth: Literal[8, 16, 24, 32] | None = Field(None, description="wav and flac only")
-    normalization: Literal["none", "peak", "rms", "lufs"] | None = None
+    bit_depth: BitDepth | None = Field(None, description="wav and flac only")
+    normalization: Normalization | None = None
     loudness_target: float | None = Field(None, ge=-70.0, le=0.0,
                                           description="LUFS for lufs, dBFS for peak and rms")
     melody: Path | bytes | None = Field(None, description="a local audio file, or its bytes")
@@ -103,20 +106,6 @@ class GenerationRequest(BaseModel):
         if not cleaned:
             raise ValueError("prompt is empty once control characters and whitespace are removed")
         return cleaned
-
-
-class OutputSpec(BaseModel):
-    """The finished file, every field resolved."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    format: str
-    sample_rate: int
-    channels: int
-    bit_depth: int | None
-    normalization: str
-    loudness_target: float | None
-    mp3_bitrate: str = "192k"
 
 
 class MelodyInput(BaseModel):

@@ -15,36 +15,31 @@ from pipeline.config.presets import model_settings_for
 from pipeline.config.schema import Settings
 from pipeline.errors import InvalidRequest, UnsupportedOption
 from pipeline.jobs import GenerationRequest, JobSpec, MelodyInput, OutputSpec, draw_seed
-
-OPUS_RATES = {8000, 12000, 16000, 24000, 48000}
-BIT_DEPTHS = {"wav": {8, 16, 24, 32}, "flac": {16, 24}}
+from pipeline.output_format import FORMATS
 
 
 def _output(request: GenerationRequest, settings: Settings) -> OutputSpec:
+    """The finished file: the request over the deployment's audio defaults.
+
+    Building the ``OutputSpec`` runs the worker's own check against the output-format table, so
+    a combination the worker could not render (mp3 at 96 kHz, a peak target of -65 dBFS) is
+    refused here, naming the request's field, before any GPU time is spent.
+    """
     audio = settings.audio
     fmt = request.format or audio.format
-    rate = request.sample_rate or audio.sample_rate
-    if fmt == "opus" and rate not in OPUS_RATES:
-        raise UnsupportedOption(f"opus supports sample rates {sorted(OPUS_RATES)}, not {rate}", "sample_rate")
-    if fmt in BIT_DEPTHS:
-        depth: int | None = request.bit_depth or audio.bit_depth
-        if depth not in BIT_DEPTHS[fmt]:
-            raise UnsupportedOption(f"{fmt} supports bit depths {sorted(BIT_DEPTHS[fmt])}, not {depth}",
-                                    "bit_depth")
-    elif request.bit_depth is not None:
-        raise UnsupportedOption(f"bit depth applies to wav and flac only, not {fmt}", "bit_depth")
-    else:
-        depth = None
+    info = FORMATS.get(fmt)
+    # The deployment's default depth is for lossless formats only; a depth the caller asked for
+    # is passed on as is, so the check refuses it for a lossy format instead of dropping it.
+    depth = request.bit_depth if request.bit_depth is not None else (
+        audio.bit_depth if info is not None and info.lossless else None)
     normalization = request.normalization or audio.normalization
     target = request.loudness_target
     if target is None:
         target = {"lufs": audio.lufs_target, "peak": audio.peak_target_dbfs,
                   "rms": audio.rms_target_dbfs}.get(normalization)
-    if normalization == "lufs" and target is not None and target > -5.0:
-        raise InvalidRequest(f"a loudness target of {target} LUFS is louder than -5 LUFS", "loudness_target")
-    return OutputSpec(format=fmt, sample_rate=rate, channels=request.channels or audio.channels,
-                      bit_depth=depth, normalization=normalization,
-                      loudness_target=None if normalization == "none" else target,
+    return OutputSpec(format=fmt, sample_rate=request.sample_rate or audio.sample_rate,
+                      channels=request.channels or audio.channels, bit_depth=depth,
+                      normalization=normalization, loudness_target=target,
                       mp3_bitrate=audio.mp3_bitrate)
 
 

@@ -21,7 +21,6 @@ from pipeline.config.schema import ModelSettings, Settings
 from pipeline.jobs import JobResult, JobSpec, Timings
 from workers.audio.decode import decode_mono
 from workers.audio.formats import FORMATS
-from workers.audio.formats import OutputSpec as RenderSpec
 from workers.audio.postprocess import render
 from workers.runtime.batch import GenerationItem
 from workers.runtime.model_cache import ModelCache
@@ -125,14 +124,11 @@ class JobRunner:
             # The batch API takes a list even for one job, so cross-job batching needs no rewrite.
             audio = generate(loaded, [item], lambda f, msg: progress(0.9 * f, msg))[0]
             progress(0.9, "post-processing")
-            out = spec.output
-            dest = out_dir / f"{spec.job_id}.{out.format}"  # .wav .mp3 .flac .ogg .opus
-            rendered = render(audio.samples, audio.sample_rate,
-                              RenderSpec(format=out.format, sample_rate=out.sample_rate,
-                                         channels=out.channels, bit_depth=out.bit_depth,
-                                         normalization=out.normalization, target_level=out.loudness_target,
-                                         mp3_bitrate=out.mp3_bitrate),
-                              dest, temp_dir=temp_dir)
+            # spec.output is the shared OutputSpec, checked when the spec was decoded; the
+            # table's suffix is also what maintenance sweeps.
+            dest = out_dir / f"{spec.job_id}{spec.output.info.extension}"
+            rendered = render(audio.samples, audio.sample_rate, spec.output, dest,
+                              temp_dir=temp_dir)
             timings = Timings(queue_wait=max(0.0, started_at - spec.enqueued_at), model_load=load_s,
                               generate=audio.generate_seconds, postprocess=rendered.postprocess_seconds,
                               total=time.time() - started_at)

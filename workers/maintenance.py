@@ -35,6 +35,7 @@ from pipeline.monitor_app import (
     TASK_SWEEP_TEMP,
     maintenance_schedule,
 )
+from pipeline.output_format import OUTPUT_SUFFIXES  # what JobRunner writes
 from pipeline.quota import roll_up
 from pipeline.quota.configured import store_for
 from pipeline.quota.windows import resolve_zone
@@ -43,7 +44,6 @@ from workers.storage import PART_SUFFIX
 log = logging.getLogger(__name__)
 
 TEMP_MAX_AGE_S = 3600.0  # a crashed job's leftovers; a live job's folder is never this old
-OUTPUT_SUFFIXES = frozenset({".wav", ".mp3", ".flac", ".ogg", ".opus"})  # what JobRunner writes
 SIDECAR_SUFFIX = ".json"
 
 

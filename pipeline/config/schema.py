@@ -10,7 +10,21 @@ from __future__ import annotations
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from pipeline.errors import PipelineError
+from pipeline.output_format import (
+    DEFAULT_TARGETS,
+    FORMATS,
+    TARGET_RANGES,
+    BitDepth,
+    Channels,
+    FormatName,
+    Normalization,
+    OutputSpec,
+    SampleRate,
+    check_mp3_bitrate,
+)
 
 
 class _Section(BaseModel):
@@ -23,9 +37,9 @@ class Environment(str, Enum):
     production = "production"
 
 
-SampleRate = Literal[8000, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 96000]
-AudioFormat = Literal["wav", "mp3", "flac", "ogg", "opus"]
-Normalization = Literal["none", "peak", "rms", "lufs"]
+# The audio literals are the output-format table's (pipeline/output_format.py), shared with the
+# request and the worker, so a default can only name what a worker can write.
+AudioFormat = FormatName
 
 
 class AppSettings(_Section):
@@ -102,13 +116,41 @@ class AudioSettings(_Section):
 
     sample_rate: SampleRate = 32000
     format: AudioFormat = "wav"
-    bit_depth: Literal[8, 16, 24, 32] = 16
-    channels: Literal[1, 2] = 1
+    bit_depth: BitDepth = Field(16, description="for wav and flac; lossy formats have none")
+    channels: Channels = 1
     normalization: Normalization = "lufs"
-    lufs_target: float = Field(-14.0, ge=-70.0, le=-5.0)
-    peak_target_dbfs: float = Field(-1.0, ge=-60.0, le=0.0)
-    rms_target_dbfs: float = Field(-20.0, ge=-60.0, le=0.0)
-    mp3_bitrate: str = Field("192k", pattern=r"^\d{2,3}k$")
+    lufs_target: float = Field(DEFAULT_TARGETS["lufs"], ge=TARGET_RANGES["lufs"][0],
+                               le=TARGET_RANGES["lufs"][1])
+    peak_target_dbfs: float = Field(DEFAULT_TARGETS["peak"], ge=TARGET_RANGES["peak"][0],
+                                    le=TARGET_RANGES["peak"][1])
+    rms_target_dbfs: float = Field(DEFAULT_TARGETS["rms"], ge=TARGET_RANGES["rms"][0],
+                                   le=TARGET_RANGES["rms"][1])
+    mp3_bitrate: str = Field("192k", description="every mp3 request's bitrate, 8k to 320k")
+
+    @field_validator("mp3_bitrate")
+    @classmethod
+    def _mp3_bitrate(cls, value: str) -> str:
+        # Checked whatever the default format: any request may ask for mp3 and gets this rate.
+        try:
+            check_mp3_bitrate(value)
+        except PipelineError as exc:
+            raise ValueError(exc.message) from exc
+        return value
+
+    @model_validator(mode="after")
+    def _renderable(self) -> AudioSettings:
+        # A request that sets nothing gets exactly these defaults: they must be a combination a
+        # worker can write (opus at 32000 Hz or flac at 8 bits would refuse every such request).
+        try:
+            OutputSpec(format=self.format, sample_rate=self.sample_rate, channels=self.channels,
+                       bit_depth=self.bit_depth if FORMATS[self.format].lossless else None,
+                       normalization=self.normalization, mp3_bitrate=self.mp3_bitrate,
+                       loudness_target={"lufs": self.lufs_target, "peak": self.peak_target_dbfs,
+                                        "rms": self.rms_target_dbfs}.get(self.normalization))
+        except PipelineError as exc:
+            raise ValueError(f"the audio defaults cannot be written together ({exc.field}): "
+                             f"{exc.message}") from exc
+        return self
 
 
 class StorageSettings(_Section):

@@ -14,14 +14,21 @@ from __future__ import annotations
 import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from pipeline.audio_probe import probe
-from pipeline.errors import PostProcessFailed, ServiceUnavailable, UnsupportedOption
-from workers.audio import OutputSpec, check_output_spec, render
+from pipeline.errors import (
+    InvalidRequest,
+    PipelineError,
+    PostProcessFailed,
+    ServiceUnavailable,
+    UnsupportedOption,
+)
+from workers.audio import FORMATS, OutputSpec, check_output_spec, render
 from workers.audio.formats import FfmpegCaps, encoder_args
 from workers.audio.loudness import analyse
 
@@ -93,6 +100,21 @@ def test_render_matches_spec(fmt: str, rate: int, channels: int, in_channels: in
     assert list(temp_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize(("fmt", "rate"), [(info.name, rate) for info in FORMATS.values()
+                                           for rate in info.sample_rates])
+def test_every_rate_the_table_offers_renders(fmt: str, rate: int, temp_dir: Path,
+                                             out_dir: Path) -> None:
+    """The producer accepts exactly the table's combinations, so each must really encode."""
+    dest = out_dir / f"take{FORMATS[fmt].extension}"
+    result = render(sine(0.3), SOURCE_RATE, OutputSpec(format=fmt, sample_rate=rate,
+                                                       normalization="peak"), dest,
+                    temp_dir=temp_dir)
+    info = probe(dest)
+    assert (info.container, info.codec) == (CONTAINERS[fmt], CODECS[fmt])
+    assert info.sample_rate == (48000 if fmt == "opus" else rate)
+    assert result.sample_rate == rate and result.duration_s > 0.25
+
+
 @pytest.mark.parametrize(("bits", "codec"), [(8, "pcm_u8"), (16, "pcm_s16le"), (24, "pcm_s24le"),
                                              (32, "pcm_s32le")])
 def test_wav_bit_depth(bits: int, codec: str, temp_dir: Path, out_dir: Path) -> None:
@@ -123,7 +145,7 @@ def test_lufs_normalisation_lands_within_half_a_lu(signal: str, fmt: str, rate: 
     samples = (sine if kind == "sine" else noise)(float(seconds[:-1]), channels)
     dest = out_dir / f"take.{fmt}"
     spec = OutputSpec(format=fmt, sample_rate=rate, channels=channels, normalization="lufs",
-                      target_level=target)
+                      loudness_target=target)
     result = render(samples, SOURCE_RATE, spec, dest, temp_dir=temp_dir)
 
     assert abs(result.loudness_lufs - target) <= 0.5
@@ -166,7 +188,7 @@ def test_peak_normalisation_hits_target(fmt: str, bits: int, target: float, temp
                                         out_dir: Path) -> None:
     dest = out_dir / f"take.{fmt}"
     spec = OutputSpec(format=fmt, channels=2, bit_depth=bits, normalization="peak",
-                      target_level=target)
+                      loudness_target=target)
     result = render(noise(2.0), SOURCE_RATE, spec, dest, temp_dir=temp_dir)
     assert result.peak_dbfs == pytest.approx(target, abs=0.1)
     assert analyse(dest, ffmpeg="ffmpeg", timeout_s=60, loudness=False).peak_dbfs == \
@@ -175,7 +197,7 @@ def test_peak_normalisation_hits_target(fmt: str, bits: int, target: float, temp
 
 def test_rms_normalisation_hits_target(temp_dir: Path, out_dir: Path) -> None:
     dest = out_dir / "take.wav"
-    spec = OutputSpec(format="wav", bit_depth=24, normalization="rms", target_level=-20.0)
+    spec = OutputSpec(format="wav", bit_depth=24, normalization="rms", loudness_target=-20.0)
     result = render(sine(1.0, amp=0.05), SOURCE_RATE, spec, dest, temp_dir=temp_dir)
     rms = analyse(dest, ffmpeg="ffmpeg", timeout_s=60, loudness=False).rms_dbfs
     assert rms == pytest.approx(-20.0, abs=0.1)
@@ -186,7 +208,7 @@ def test_rms_gain_is_capped_instead_of_clipping(temp_dir: Path, out_dir: Path) -
     # A quiet tone with one loud click: reaching -6 dBFS RMS would need ~+20 dB and clip.
     samples = sine(1.0, amp=0.05)
     samples[0, 1000] = 0.9
-    spec = OutputSpec(format="wav", bit_depth=24, normalization="rms", target_level=-6.0)
+    spec = OutputSpec(format="wav", bit_depth=24, normalization="rms", loudness_target=-6.0)
     result = render(samples, SOURCE_RATE, spec, out_dir / "take.wav", temp_dir=temp_dir)
     assert result.peak_dbfs <= 0.0
     assert result.gain_db == pytest.approx(-0.1 - 20 * np.log10(0.9), abs=0.05)
@@ -216,28 +238,36 @@ def test_silent_input_is_reported_not_normalised(temp_dir: Path, out_dir: Path) 
     assert result.to_dict()["loudness_lufs"] is None  # -inf is not JSON
 
 
-@pytest.mark.parametrize(("spec", "field"), [
-    (OutputSpec(format="aiff"), "format"),
-    (OutputSpec(format="opus", sample_rate=44100), "sample_rate"),
-    (OutputSpec(format="mp3", sample_rate=96000), "sample_rate"),
-    (OutputSpec(channels=6), "channels"),
-    (OutputSpec(format="mp3", bit_depth=24), "bit_depth"),
-    (OutputSpec(format="opus", sample_rate=48000, bit_depth=16), "bit_depth"),
-    (OutputSpec(format="flac", bit_depth=32), "bit_depth"),
-    (OutputSpec(format="wav", bit_depth=12), "bit_depth"),
-    (OutputSpec(normalization="loudest"), "normalization"),
-    (OutputSpec(normalization="lufs", target_level=-2.0), "target_level"),
-    (OutputSpec(normalization="peak", target_level=3.0), "target_level"),
-    (OutputSpec(target_level=-14.0), "target_level"),
-    (OutputSpec(format="mp3", mp3_bitrate="500k"), "mp3_bitrate"),
+@pytest.mark.parametrize(("options", "field", "error"), [
+    ({"format": "aiff"}, "format", UnsupportedOption),
+    ({"format": "opus", "sample_rate": 44100}, "sample_rate", UnsupportedOption),
+    ({"format": "mp3", "sample_rate": 96000}, "sample_rate", UnsupportedOption),
+    ({"channels": 6}, "channels", UnsupportedOption),
+    ({"format": "mp3", "bit_depth": 24}, "bit_depth", UnsupportedOption),
+    ({"format": "opus", "sample_rate": 48000, "bit_depth": 16}, "bit_depth", UnsupportedOption),
+    ({"format": "flac", "bit_depth": 32}, "bit_depth", UnsupportedOption),
+    ({"format": "wav", "bit_depth": 12}, "bit_depth", UnsupportedOption),
+    ({"normalization": "loudest"}, "normalization", UnsupportedOption),
+    ({"normalization": "lufs", "loudness_target": -2.0}, "loudness_target", InvalidRequest),
+    ({"normalization": "peak", "loudness_target": 3.0}, "loudness_target", InvalidRequest),
+    ({"normalization": "peak", "loudness_target": -65.0}, "loudness_target", InvalidRequest),
+    ({"loudness_target": -14.0}, "loudness_target", InvalidRequest),
+    ({"format": "mp3", "mp3_bitrate": "500k"}, "mp3_bitrate", UnsupportedOption),
 ])
-def test_invalid_spec_is_refused_before_ffmpeg_runs(spec: OutputSpec, field: str,
+def test_invalid_spec_is_refused_before_ffmpeg_runs(options: dict[str, Any], field: str,
+                                                    error: type[PipelineError],
                                                     temp_dir: Path, out_dir: Path) -> None:
-    with pytest.raises(UnsupportedOption) as raised:
+    # Building (or decoding) a spec runs the check: a bad one never exists as a value.
+    with pytest.raises(error) as built:
+        OutputSpec(**options)
+    assert built.value.field == field and not built.value.retryable
+    # One built past validation (model_construct) is still refused by the check and by render,
+    # with no ffmpeg at all: it never got that far.
+    spec = OutputSpec.model_construct(**options)
+    with pytest.raises(error) as raised:
         check_output_spec(spec)
     assert raised.value.field == field and not raised.value.retryable
-    # The same refusal from render, with no ffmpeg at all: it never got that far.
-    with pytest.raises(UnsupportedOption):
+    with pytest.raises(error):
         render(sine(0.2), SOURCE_RATE, spec, out_dir / "x", temp_dir=temp_dir,
                ffmpeg="/nonexistent/ffmpeg")
     assert list(out_dir.iterdir()) == [] and list(temp_dir.iterdir()) == []
@@ -319,7 +349,7 @@ def test_dc_offset_does_not_stop_loudness_normalisation(tmp_path: Path) -> None:
     t = np.arange(rate * 4) / rate
     samples = (-0.2 + 0.02 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)[None, :]
     result = render(samples, rate, OutputSpec(format="wav", sample_rate=rate, normalization="lufs",
-                                              target_level=-14.0), tmp_path / "dc.wav", temp_dir=tmp_path / "t")
+                                              loudness_target=-14.0), tmp_path / "dc.wav", temp_dir=tmp_path / "t")
     assert result.loudness_lufs == pytest.approx(-14.0, abs=0.5)
     decoded, _ = sf.read(tmp_path / "dc.wav")
     assert abs(decoded[rate // 2:].mean()) < 0.01  # the offset is gone

@@ -27,10 +27,9 @@ import ffmpeg as ffmpeg_lib
 import numpy as np
 import soundfile as sf
 
+from pipeline.output_format import OutputSpec, check_output_spec
 from workers.audio.formats import (
     FfmpegCaps,
-    OutputSpec,
-    check_output_spec,
     encoder_args,
     ffmpeg_capabilities,
     run_ffmpeg,
