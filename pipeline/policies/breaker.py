@@ -9,7 +9,10 @@ have passed -> CLOSED on a success, OPEN again on a failure.
   across all machines wins the probe claim; the others leave their job queued (the caller
   requeues/delays it). The claim expires after ``probe_timeout``, so a dead probe worker cannot
   wedge the breaker. Then :meth:`~CircuitBreaker.record_success` / ``record_failure`` for
-  model/GPU failures only: bad input says nothing about the model's health.
+  model/GPU failures only: bad input says nothing about the model's health. A probe job that
+  ends with neither (bad input, a cancel, a deferral) must :meth:`~CircuitBreaker.release_probe`,
+  or the model takes no job until the claim expires. :meth:`~CircuitBreaker.admit` says which
+  kind of pass a worker got, so it can release exactly its own claim.
 
 The state is derived, not stored: the shared record is ``failures``, ``opened_at`` and
 ``probe_until``, and OPEN vs HALF_OPEN is ``now < opened_at + reset_timeout``, so no process has
@@ -109,6 +112,26 @@ def _claim(s: BreakerSnapshot, now: float, reset_timeout: float,
     if s.probe_until is not None and now < s.probe_until:
         return s, False  # a live probe is running
     return dataclasses.replace(s, probe_until=now + probe_timeout), True
+
+
+def _release(s: BreakerSnapshot, probe_until: float) -> tuple[BreakerSnapshot, bool]:
+    # Only the claim this caller won: after an expiry another worker may hold a newer one.
+    if s.probe_until != probe_until:
+        return s, False
+    return dataclasses.replace(s, probe_until=None), True
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """A worker's pass to run a job: ``probe_until`` is set when it is the half-open probe (the
+    claim's expiry, which identifies it), None when the breaker was simply closed."""
+
+    probe_until: float | None = None
+
+    @property
+    def is_probe(self) -> bool:
+        """True when this job is the half-open probe and must settle it."""
+        return self.probe_until is not None
 
 
 class BreakerBackend(ABC):
@@ -240,16 +263,42 @@ class CircuitBreaker:
         """Worker side, before a job: True when CLOSED, or HALF_OPEN and this caller won the
         (expiring) probe claim; False when OPEN or a probe is running: leave the job queued.
         """
+        return self.admit() is not None
+
+    def admit(self) -> Admission | None:
+        """:meth:`try_acquire` that says what was granted: None (leave the job queued), a plain
+        pass while CLOSED, or the probe claim (settle it: record an outcome or release it)."""
         now = self._clock()
         # Read first: the common answers (closed / open) need no transaction.
         state = self._backend.load(self.name).state(now, self.reset_timeout)
         if state is not BreakerState.HALF_OPEN:
-            return state is BreakerState.CLOSED
-        won = self._backend.update(
-            self.name, lambda s: _claim(s, now, self.reset_timeout, self.probe_timeout))
-        if won:
+            return Admission() if state is BreakerState.CLOSED else None
+
+        def claim(s: BreakerSnapshot) -> tuple[BreakerSnapshot, Admission | None]:
+            new, won = _claim(s, now, self.reset_timeout, self.probe_timeout)
+            if not won:
+                return new, None
+            return new, Admission(new.probe_until)  # None when it turned out CLOSED meanwhile
+
+        admission = self._backend.update(self.name, claim)
+        if admission is not None and admission.is_probe:
             log.info("circuit breaker %s half-open: this worker runs the probe job", self.name)
-        return won
+        return admission
+
+    def release_probe(self, admission: Admission) -> bool:
+        """Worker side, after a probe job that says nothing about the model (bad input, a
+        cancel, a deferral): give the claim back at once, so the next job can be the probe
+        instead of every worker waiting ``probe_timeout``. Only this admission's own claim is
+        released; a plain (closed) admission releases nothing. True when a claim was released.
+        """
+        if admission.probe_until is None:
+            return False
+        until = admission.probe_until
+        released = self._backend.update(self.name, lambda s: _release(s, until))
+        if released:
+            log.info("circuit breaker %s: the probe job ended without a verdict; probe released",
+                     self.name)
+        return released
 
     def record_success(self) -> None:
         """Worker side, after a job that succeeded: zero the count; a probe closes it."""

@@ -147,6 +147,50 @@ def test_probe_claim_expires(breaker_backend: Any, clock: Any) -> None:
     assert br.try_acquire() is False
 
 
+def test_released_probe_lets_the_next_job_probe_at_once(breaker_backend: Any, clock: Any) -> None:
+    # A probe job that ends without a verdict (bad input, cancel, deferral) gives its claim back;
+    # without release_probe every worker waited probe_timeout (up to the hard time limit).
+    br = make(breaker_backend, clock, probe_timeout=600.0)
+    other = make(breaker_backend, clock, backend=breaker_backend.another(), probe_timeout=600.0)
+    trip(br)
+    clock.advance(RESET)
+    probe = br.admit()
+    assert probe is not None and probe.is_probe
+    assert other.admit() is None
+    assert br.release_probe(probe) is True
+    assert br.state() is BreakerState.HALF_OPEN  # no verdict: still half-open, not closed
+    assert br.status()["probe_running"] is False and br.status()["failures"] == THRESHOLD
+    clock.advance(0.5)  # a claim is known by its expiry; a later claim has a later one
+    again = other.admit()
+    assert again is not None and again.is_probe
+    assert br.release_probe(probe) is False  # releasing twice takes nothing from the new probe
+    assert br.admit() is None
+    other.record_success()
+    assert br.state() is BreakerState.CLOSED
+
+
+def test_release_takes_only_its_own_claim(breaker_backend: Any, clock: Any) -> None:
+    br = make(breaker_backend, clock, probe_timeout=5.0)
+    other = make(breaker_backend, clock, backend=breaker_backend.another(), probe_timeout=5.0)
+    trip(br)
+    clock.advance(RESET)
+    stale = br.admit()
+    assert stale is not None and stale.is_probe
+    clock.advance(5.1)  # the first claim expired and another worker took the probe
+    fresh = other.admit()
+    assert fresh is not None and fresh.is_probe
+    assert br.release_probe(stale) is False
+    assert br.status()["probe_running"] is True
+
+
+def test_a_closed_admission_is_not_a_probe(breaker_backend: Any, clock: Any) -> None:
+    br = make(breaker_backend, clock)
+    admission = br.admit()
+    assert admission is not None and not admission.is_probe
+    assert br.release_probe(admission) is False
+    assert br.status()["state"] == "closed"
+
+
 def test_late_outcomes_while_open_do_not_move_the_timeout(breaker_backend: Any,
                                                           clock: Any) -> None:
     br = make(breaker_backend, clock)
