@@ -85,7 +85,9 @@ def make_celery(settings: Settings, *, name: str = "musicgen-pipeline") -> Pipel
         worker_hijack_root_logger=False,
         # On SIGTERM (remapped to a cold shutdown by `musicgen-pipeline worker`) the running job
         # gets shutdown_grace seconds to finish; past that it is cancelled and, being unacked,
-        # goes back to the queue.
+        # goes back to the queue. No new job starts meanwhile: Celery waits out the grace inside
+        # the signal handler, so the loop that fetches messages is not running, then cancels the
+        # task consumer before anything else (tests/integration/test_failures.py holds to this).
         worker_soft_shutdown_timeout=float(w.shutdown_grace),
         worker_enable_soft_shutdown_on_idle=True,
         enable_utc=True,

@@ -14,7 +14,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,9 +159,10 @@ def workers(workdir: Path, redis_url: str, tmp_path: Path) -> Iterator[WorkerFac
 
 @pytest.fixture(scope="module")
 def shared_worker(workdir: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    """One worker for a module's tests that do not kill or stop it."""
+    """One worker (faults loaded) for a module's tests that do not kill or stop it."""
     factory = WorkerFactory(workdir, redis_url, tmp_path_factory.mktemp("worker"))
-    yield factory.start()
+    # Faults react only to markers in a prompt; with them loaded a test can hold a job at a step.
+    yield factory.start(faults=True)
     factory.stop_all()
 
 
@@ -176,8 +177,12 @@ CALLER = textwrap.dedent("""
     def on_progress(p):
         if not seen or seen[-1] != [p.fraction, p.message]:
             seen.append([p.fraction, p.message])
+            if spec.get("progress_log"):  # so a test can wait until this caller saw a step
+                with open(spec["progress_log"], "a") as fh:
+                    fh.write(json.dumps(seen[-1]) + "\\n")
     try:
         result = handle.wait(spec.get("timeout", 120), poll=0.05, on_progress=on_progress)
+        on_progress(handle.progress())  # the final step, as a caller polling progress sees it
         print(json.dumps({"job_id": handle.id, "result": result.model_dump(mode="json"), "progress": seen,
                           "imported": sorted(m for m in ("torch", "transformers", "ffmpeg") if m in sys.modules)}))
     except pipeline.PipelineError as exc:
@@ -185,13 +190,44 @@ CALLER = textwrap.dedent("""
 """)
 
 
+def start_caller(workdir: Path, redis_url: str, request: dict[str, Any], timeout: float = 120,
+                 progress_log: Path | None = None) -> subprocess.Popen[str]:
+    """Enqueue from a separate Python process, as a calling service would; it waits for the job
+    and writes each progress step it sees to ``progress_log`` (if given) as a JSON line."""
+    spec = {"request": request, "timeout": timeout, "progress_log": str(progress_log or "")}
+    return subprocess.Popen([sys.executable, "-c", CALLER, json.dumps(spec)], cwd=workdir,
+                            env=base_env(workdir, redis_url), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def caller_output(proc: subprocess.Popen[str], timeout: float = 180) -> dict[str, Any]:
+    """The caller's last line: its result or error, and the progress steps it saw."""
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 def run_caller(workdir: Path, redis_url: str, request: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
     """Enqueue from a separate Python process, as a calling service would, and wait."""
-    proc = subprocess.run([sys.executable, "-c", CALLER, json.dumps({"request": request, "timeout": timeout})],
-                          cwd=workdir, env=base_env(workdir, redis_url), capture_output=True, text=True,
-                          timeout=timeout + 60, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return caller_output(start_caller(workdir, redis_url, request, timeout), timeout + 60)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll until ``predicate`` holds; ``timeout`` only bounds a failure, it is never a pause."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def release(folder: Path, name: str) -> None:
+    """Let a job held by ``FAULT:hold=NAME`` or ``FAULT:hold-progress=NAME`` go on."""
+    (folder / f"{name}.release").touch()
+
+
+def held(folder: Path, name: str) -> bool:
+    """True once a job with ``FAULT:hold=NAME`` (or ``hold-progress``) reached its hold."""
+    return (folder / f"{name}.held").exists()
 
 
 def ffprobe(path: Path) -> dict[str, Any]:

@@ -5,21 +5,30 @@ markers in the prompt, so a test can make a real worker process hang, ignore its
 die, or fail like a sick GPU, and then watch the real Celery machinery deal with it. Every
 attempt is appended to ``$FAULTS_DIR/attempts.log`` as ``<time> <job prompt>``, and every slot
 the global rate limiter grants as ``<time> ADMIT <queue>``.
+
+Holds make a job's position a state the test waits for instead of a race against a fast tiny
+job: ``FAULT:hold=NAME`` stops the job at the model boundary, ``FAULT:hold-progress=NAME``
+just after its first generation step has been reported; either creates ``$FAULTS_DIR/NAME.held``
+and waits until the test creates ``$FAULTS_DIR/NAME.release`` (``hold`` holds every attempt
+until then; an attempt after the release passes straight through).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 import workers.job_runner as job_runner
-from pipeline.policies.rate_limit import GlobalRateLimit
 from pipeline.errors import GpuOutOfMemory, InvalidRequest, ModelRuntimeError
+from pipeline.policies.rate_limit import GlobalRateLimit
+from workers.tasks import PROGRESS_INTERVAL_S
 
 _real_generate = job_runner.generate
 _seen: dict[str, int] = {}
@@ -36,9 +45,41 @@ def _restarted_worker() -> bool:
     return log.exists() and log.read_text().count("FAULT:slow-first") > 1
 
 
+def _hold(name: str) -> None:
+    """Say that the job got here, then wait for the test to let it go on."""
+    folder = Path(os.environ["FAULTS_DIR"])
+    (folder / f"{name}.held").touch()
+    while not (folder / f"{name}.release").exists():
+        time.sleep(0.02)
+
+
+def _holding_progress(progress: Callable[[float, str], None], name: str) -> Callable[[float, str], None]:
+    """Report the first generation step for sure, hold there, then report it again."""
+    held = [False]
+
+    def report(fraction: float, message: str) -> None:
+        if held[0] or not 0.0 < fraction < 1.0:
+            progress(fraction, message)
+            return
+        held[0] = True
+        # The task drops reports closer together than its interval: wait it out so this step is
+        # stored, and again after the hold so the step after it (where a cancel is seen) is too.
+        time.sleep(PROGRESS_INTERVAL_S)
+        progress(fraction, message)
+        _hold(name)
+        time.sleep(PROGRESS_INTERVAL_S)
+        progress(fraction, message)
+
+    return report
+
+
 def generate(loaded: Any, items: list[Any], progress: Any = None) -> list[Any]:
     prompt = items[0].prompt
     _log(prompt)
+    if hold := re.search(r"FAULT:hold=(\S+)", prompt):
+        _hold(hold.group(1))
+    if (hold := re.search(r"FAULT:hold-progress=(\S+)", prompt)) and progress is not None:
+        progress = _holding_progress(progress, hold.group(1))
     _seen[prompt] = _seen.get(prompt, 0) + 1
     if "FAULT:oom-twice" in prompt and _seen[prompt] <= 2:
         raise GpuOutOfMemory("CUDA out of memory (injected)")

@@ -17,7 +17,7 @@ import pipeline
 from pipeline import GenerationRequest, JobStatus
 from pipeline.policies.configured import Policies
 
-from .conftest import WorkerFactory, base_env
+from .conftest import WorkerFactory, base_env, held, release
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,12 +55,14 @@ FAST = {"MUSICGEN_WORKER__SOFT_TIME_LIMIT": "20", "MUSICGEN_WORKER__HARD_TIME_LI
 def test_kill_9_mid_job_redelivers_to_another_worker(workers: WorkerFactory, workdir: Path, redis_url: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     prod = producer(workdir, redis_url, monkeypatch, **FAST)
-    first = workers.start(**FAST)
-    handle = prod.enqueue(GenerationRequest(prompt="survive a dead node", duration=3.0, format="wav"))
-    wait_for(lambda: handle.progress().fraction > 0.05, 120, "the job to be generating")
+    first = workers.start(faults=True, **FAST)
+    handle = prod.enqueue(GenerationRequest(prompt="FAULT:hold=dead-node survive a dead node", duration=1.0,
+                                            format="wav"))
+    wait_for(lambda: held(workers.tmp, "dead-node"), 120, "the job to reach the model")
     first.kill9()
     assert handle.status() in (JobStatus.progress, JobStatus.started)  # not lost, not failed
-    workers.start(**FAST)  # restores unacked messages older than the visibility timeout
+    release(workers.tmp, "dead-node")  # the next attempt runs straight through
+    workers.start(faults=True, **FAST)  # restores unacked messages older than the visibility timeout
     result = handle.wait(180)
     assert result.job_id == handle.id
     assert [p.name for p in outputs(workdir, handle.id)] == [f"{handle.id}.wav", f"{handle.id}.wav.json"]
@@ -180,18 +182,30 @@ def test_global_rate_limit_holds_across_two_workers(workers: WorkerFactory, work
     assert starts[-1] - starts[0] >= 12.0  # 6 jobs at 2 per 6 s need at least two full windows
 
 
-def test_sigterm_finishes_the_running_job_and_leaves_the_queue_intact(
+def test_sigterm_finishes_the_running_job_and_starts_no_other(
         workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    prod = producer(workdir, redis_url, monkeypatch)
-    worker = workers.start()
-    running = prod.enqueue(GenerationRequest(prompt="finish me", duration=2.0, format="wav"))
+    """The promise: after SIGTERM a worker lets its running job finish inside the grace period
+    and starts no new job; the queued one stays queued (never lost) for the next worker."""
+    env = {"MUSICGEN_WORKER__SHUTDOWN_GRACE": "20"}
+    prod = producer(workdir, redis_url, monkeypatch, **env)
+    worker = workers.start(faults=True, **env)
+    running = prod.enqueue(GenerationRequest(prompt="FAULT:hold=running finish me", duration=0.5, format="wav"))
+    wait_for(lambda: held(workers.tmp, "running"), 120, "the first job to be running")
     waiting = prod.enqueue(GenerationRequest(prompt="wait for the next worker", duration=0.5, format="wav"))
-    wait_for(lambda: running.progress().fraction > 0.05, 120, "the job to be generating")
-    assert worker.stop(signal.SIGTERM, timeout=90) == 0
-    assert running.wait(5).job_id == running.id  # finished inside the grace period
-    assert waiting.status() is JobStatus.queued  # not taken by the stopping worker
-    workers.start()
-    assert waiting.wait(120).job_id == waiting.id
+    assert waiting.status() is JobStatus.queued  # one slot, taken: it waits in Redis
+    worker.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "Initiating Soft Shutdown" in worker.log_text(), 60, "the shutdown to begin")
+    release(workers.tmp, "running")  # the running job ends now, inside the grace period
+    assert worker.proc.wait(90) == 0  # (a second SIGTERM would cancel the running job)
+    assert running.wait(5).job_id == running.id
+    assert waiting.status() is JobStatus.queued  # not started by the stopping worker
+    assert not attempts(workers, "wait for the next worker")
+    workers.start(faults=True, **env)
+    assert waiting.wait(120).job_id == waiting.id  # not lost: the next worker ran it
+    assert len(attempts(workers, "wait for the next worker")) == 1
+    assert len(attempts(workers, "FAULT:hold=running")) == 1  # and the finished job was not rerun
+    rows = {r["job_id"]: r["status"] for r in prod.quota.ledger()}
+    assert rows[running.id] == rows[waiting.id] == "succeeded"
 
 
 def test_sigterm_past_the_grace_period_requeues_the_running_job(
