@@ -84,13 +84,14 @@ def test_task_postrun_of_a_generation_job_runs_the_guard(
         isolated_settings_env: Path, monkeypatch: pytest.MonkeyPatch, switch_reset: None) -> None:
     settings = Settings(worker=WorkerSettings(cleanup_threshold_percent=50.0, max_memory_percent=60.0))
     app = make_celery(settings, name="memory-guard-test")
-    tasks.register_tasks(app)
+    # The sender the guard sees; registering the real task would share it with every later app.
+    generate_task = type("Task", (), {"name": TASK_GENERATE, "app": app})()
     guard = memory_guard.connect(app, read=readings(70.0, 65.0))
     assert (guard.cleanup_percent, guard.max_percent) == (50.0, 60.0)
     cache = loaded_cache()
     monkeypatch.setattr(tasks.STATE, "runner", type("Runner", (), {"cache": cache})())
 
-    task_postrun.send(sender=app.tasks[TASK_GENERATE], task_id="job-1", args=(), kwargs={},
+    task_postrun.send(sender=generate_task, task_id="job-1", args=(), kwargs={},
                       retval=None, state="SUCCESS")
 
     assert len(cache) == 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -129,13 +132,17 @@ def test_without_a_download_timeout_load_model_keeps_the_process_value(tiny_path
     assert hub_timeouts.HF_HUB_DOWNLOAD_TIMEOUT == 77
 
 
-def test_the_worker_app_applies_model_download_timeout(isolated_settings_env: Path,
-                                                       hub_timeouts: Any) -> None:
-    from pipeline.config.schema import ModelSettings, Settings
-    from workers.worker_app import build_app
-
-    build_app(Settings(model=ModelSettings(download_timeout=321)))
-    assert (hub_timeouts.HF_HUB_DOWNLOAD_TIMEOUT, hub_timeouts.HF_HUB_ETAG_TIMEOUT) == (321, 321)
+def test_the_worker_app_applies_model_download_timeout(isolated_settings_env: Path) -> None:
+    # In its own process: build_app registers Celery tasks and signal receivers process-wide.
+    code = ("from huggingface_hub import constants\n"
+            "from pipeline.config.schema import ModelSettings, Settings\n"
+            "from workers.worker_app import build_app\n"
+            "build_app(Settings(model=ModelSettings(download_timeout=321)))\n"
+            "print(constants.HF_HUB_DOWNLOAD_TIMEOUT, constants.HF_HUB_ETAG_TIMEOUT)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["321", "321"]
 
 
 # --- duration -> samples ---------------------------------------------------------------------
