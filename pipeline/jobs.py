@@ -9,16 +9,26 @@ and a worker never depends on the producer's defaults. Only JSON crosses the bro
 from __future__ import annotations
 
 import base64
+import binascii
 import re
 import secrets
 import unicodedata
 import uuid
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from pipeline.config.presets import known_presets
 from pipeline.errors import InvalidRequest
 from pipeline.output_format import BitDepth, FormatName, Normalization, SampleRate
 from pipeline.output_format import OutputSpec as OutputSpec  # noqa: PLC0414 (re-export)
@@ -26,6 +36,35 @@ from pipeline.output_format import OutputSpec as OutputSpec  # noqa: PLC0414 (re
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 QUEUE_PREFIX = "musicgen."
 MAX_SEED = 2**32 - 1
+# The widest bounds any deployment may configure (config/schema.py); a deployment's own, tighter
+# limits are checked by resolve(). A spec past these was not made by a producer of ours.
+MAX_DURATION_S = 300.0
+MAX_PROMPT_CHARS = 10_000
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux: a longer melody path is refused, not an OSError
+
+
+def _printable(value: str) -> str:
+    """Refuse control, format, surrogate, private-use and unassigned characters (ids, paths)."""
+    bad = next((ch for ch in value if unicodedata.category(ch).startswith("C")), None)
+    if bad is not None:
+        raise ValueError(f"must not contain control or invisible characters (found {bad!r})")
+    return value
+
+
+# Bounds shared by the request (what a caller may ask for) and the spec (what crosses the
+# broker): a spec is validated again when it is built and when a worker decodes it, so a request
+# altered after validation (model_copy(update=...), model_construct) still cannot queue a value
+# the request would refuse. NaN and infinity fail every range check.
+Duration = Annotated[float, Field(gt=0, le=MAX_DURATION_S, allow_inf_nan=False)]
+Temperature = Annotated[float, Field(ge=0.1, le=2.0, allow_inf_nan=False)]
+TopK = Annotated[int, Field(ge=0, le=2048)]
+TopP = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+GuidanceScale = Annotated[float, Field(ge=0.0, le=20.0, allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Priority = Annotated[int, Field(ge=0, le=9, description="9 is the most urgent")]
+UserId = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_printable)]
+JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
+PresetName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable)]
 
 
 def queue_for(preset: str) -> str:
@@ -46,9 +85,24 @@ class JobStatus(str, Enum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    """A dotted field path from pydantic's ``loc``, without its internal union-member tags
+    (``melody.lax-or-strict[...]``): callers branch on the field, not on pydantic's schema."""
+    parts: list[str] = []
+    for part in loc:
+        text = str(part)
+        if "[" in text or text in _UNION_TAGS:
+            break
+        parts.append(text)
+    return ".".join(parts)
+
+
+_UNION_TAGS = frozenset({"bytes", "str", "int", "float", "function-after", "function-before"})
+
+
 def invalid_request_from(exc: ValidationError, prefix: str = "") -> InvalidRequest:
     """Every pydantic error of a request as one InvalidRequest naming the first bad field."""
-    problems = [{"field": prefix + ".".join(str(p) for p in e["loc"]) or "request",
+    problems = [{"field": prefix + (_field_path(e["loc"]) or "request"),
                  "message": e["msg"], "type": e["type"]} for e in exc.errors(include_url=False)]
     first = problems[0]
     return InvalidRequest(f"{first['field']}: {first['message']}"
@@ -71,14 +125,15 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: str = Field(min_length=1, description="what to generate; control characters are stripped")
-    duration: float | None = Field(None, gt=0, description="seconds of audio")
-    model: str | None = Field(None, min_length=1, description="model preset, e.g. musicgen-small")
-    temperature: float | None = Field(None, ge=0.1, le=2.0)
-    top_k: int | None = Field(None, ge=0, le=2048)
-    top_p: float | None = Field(None, ge=0.0, le=1.0)
-    guidance_scale: float | None = Field(None, ge=0.0, le=20.0)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="same seed + model + hardware = same audio")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS,
+                        description="what to generate; control characters are stripped")
+    duration: Duration | None = Field(None, description="seconds of audio")
+    model: PresetName | None = Field(None, description="model preset, e.g. musicgen-small")
+    temperature: Temperature | None = None
+    top_k: TopK | None = None
+    top_p: TopP | None = None
+    guidance_scale: GuidanceScale | None = None
+    seed: Seed | None = Field(None, description="same seed + model + hardware = same audio")
     # Allowed values are the output-format table's; combinations are checked by resolve().
     format: FormatName | None = None
     sample_rate: SampleRate | None = None
@@ -88,10 +143,10 @@ class GenerationRequest(BaseModel):
     loudness_target: float | None = Field(None, ge=-70.0, le=0.0,
                                           description="LUFS for lufs, dBFS for peak and rms")
     melody: Path | bytes | None = Field(None, description="a local audio file, or its bytes")
-    user_id: str = Field("anonymous", min_length=1, max_length=128)
-    priority: int = Field(5, ge=0, le=9, description="9 is the most urgent")
-    job_id: str | None = Field(None, pattern=JOB_ID_PATTERN,
-                               description="client id: enqueueing the same id twice gives one job")
+    user_id: UserId = "anonymous"
+    priority: Priority = 5
+    job_id: JobId | None = Field(None, description="client id, scoped to its user: enqueueing "
+                                                   "the same id twice gives one job")
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -107,15 +162,58 @@ class GenerationRequest(BaseModel):
             raise ValueError("prompt is empty once control characters and whitespace are removed")
         return cleaned
 
+    @field_validator("melody", mode="before")
+    @classmethod
+    def _melody_kind(cls, value: Any) -> Any:
+        # Checked before pydantic's union, so a wrong type is one error on "melody" (not one per
+        # union member), and a path is checked before anything touches the file system with it.
+        if value is None or isinstance(value, (bytes, bytearray)):
+            return value
+        if not isinstance(value, (str, Path)):
+            raise ValueError(f"melody must be a file path or the file's bytes, not "
+                             f"{type(value).__name__}")
+        text = str(value)
+        if not text or len(text) > MAX_PATH_CHARS:
+            raise ValueError(f"a melody path must be 1 to {MAX_PATH_CHARS} characters")
+        if any(len(part) > 255 for part in Path(text).parts):
+            raise ValueError("a melody path has a name longer than 255 characters")
+        _printable(text)
+        return value
+
 
 class MelodyInput(BaseModel):
     """A melody as it crosses the broker: a path on shared storage, or base64 bytes."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    path: str | None = None
+    path: Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS),
+                    AfterValidator(_printable)] | None = None
     data_b64: str | None = None
-    suffix: str = ".wav"
+    # Joined into a file name on the worker: an extension, never a path.
+    suffix: str = Field(".wav", pattern=r"^\.[A-Za-z0-9]{1,10}$")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_absolute():
+            raise ValueError("a melody path must be absolute (resolve() resolves it before sending)")
+        return value
+
+    @field_validator("data_b64")
+    @classmethod
+    def _base64(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ValueError(f"data_b64 is not valid base64: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MelodyInput:
+        if (self.path is None) == (self.data_b64 is None):
+            raise ValueError("a melody is either a path or data_b64, exactly one of them")
+        return self
 
     def materialise(self, folder: Path) -> Path:
         """A local file the worker can read (bytes are written under ``folder``)."""
@@ -131,20 +229,36 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    job_id: str
-    prompt: str
-    duration: float
-    model: str
-    temperature: float
-    top_k: int
-    top_p: float
-    guidance_scale: float
-    seed: int
+    job_id: JobId
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    duration: Duration
+    model: PresetName
+    temperature: Temperature
+    top_k: TopK
+    top_p: TopP
+    guidance_scale: GuidanceScale
+    seed: Seed
     output: OutputSpec
     melody: MelodyInput | None = None
-    user_id: str
-    priority: int
-    enqueued_at: float
+    user_id: UserId
+    priority: Priority
+    enqueued_at: float = Field(ge=0, allow_inf_nan=False)
+
+    @field_validator("prompt")
+    @classmethod
+    def _sanitised(cls, value: str) -> str:
+        # resolve() sanitises the prompt; one that is not already clean was not made by it.
+        if sanitise_prompt(value) != value:
+            raise ValueError("prompt holds control characters or untrimmed whitespace")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        # Only a shipped preset: the queue name and the worker's preset table come from it.
+        if value not in known_presets():
+            raise ValueError(f"unknown model preset; known presets: {', '.join(known_presets())}")
+        return value
 
 
 class Timings(BaseModel):

@@ -9,21 +9,31 @@ from __future__ import annotations
 import base64
 import time
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from pipeline.audio_probe import MelodyLimits, validate_melody
-from pipeline.config.presets import model_settings_for
+from pipeline.config.presets import check_preset, model_settings_for
 from pipeline.config.schema import Settings
 from pipeline.errors import InvalidRequest, UnsupportedOption
-from pipeline.jobs import GenerationRequest, JobSpec, MelodyInput, OutputSpec, draw_seed
-from pipeline.output_format import FORMATS
+from pipeline.jobs import (
+    GenerationRequest,
+    JobSpec,
+    MelodyInput,
+    OutputSpec,
+    draw_seed,
+    invalid_request_from,
+)
+from pipeline.output_format import FORMATS, check_output_spec
 
 
 def _output(request: GenerationRequest, settings: Settings) -> OutputSpec:
     """The finished file: the request over the deployment's audio defaults.
 
-    Building the ``OutputSpec`` runs the worker's own check against the output-format table, so
-    a combination the worker could not render (mp3 at 96 kHz, a peak target of -65 dBFS) is
-    refused here, naming the request's field, before any GPU time is spent.
+    The worker's own check against the output-format table runs here, so a combination the
+    worker could not render (mp3 at 96 kHz, a peak target of -65 dBFS) is refused, naming the
+    request's field, before any GPU time is spent.
     """
     audio = settings.audio
     fmt = request.format or audio.format
@@ -37,10 +47,15 @@ def _output(request: GenerationRequest, settings: Settings) -> OutputSpec:
     if target is None:
         target = {"lufs": audio.lufs_target, "peak": audio.peak_target_dbfs,
                   "rms": audio.rms_target_dbfs}.get(normalization)
-    return OutputSpec(format=fmt, sample_rate=request.sample_rate or audio.sample_rate,
-                      channels=request.channels or audio.channels, bit_depth=depth,
-                      normalization=normalization, loudness_target=target,
-                      mp3_bitrate=audio.mp3_bitrate)
+    fields: dict[str, Any] = {
+        "format": fmt, "sample_rate": request.sample_rate or audio.sample_rate,
+        "channels": request.channels or audio.channels, "bit_depth": depth,
+        "normalization": normalization, "loudness_target": target,
+        "mp3_bitrate": audio.mp3_bitrate}
+    # The check first, on an unvalidated spec: it raises the typed error (UnsupportedOption or
+    # InvalidRequest naming the request's field), where validation would raise pydantic's.
+    check_output_spec(OutputSpec.model_construct(**fields))
+    return OutputSpec.model_validate(fields)
 
 
 def _melody(request: GenerationRequest, settings: Settings, melody_model: bool) -> MelodyInput | None:
@@ -55,22 +70,38 @@ def _melody(request: GenerationRequest, settings: Settings, melody_model: bool) 
     limits = MelodyLimits(max_size_mb=v.max_melody_size_mb, min_duration_s=v.melody_min_duration,
                           max_duration_s=v.melody_max_duration, allowed_formats=tuple(v.melody_formats),
                           min_sample_rate=v.melody_min_sample_rate)
-    validate_melody(request.melody, limits)
-    if isinstance(request.melody, bytes):
-        # Bytes travel inside the JSON payload (bounded by max_melody_size_mb); a path on shared
-        # storage keeps the broker light for big files.
-        return MelodyInput(data_b64=base64.b64encode(request.melody).decode("ascii"))
-    path = Path(request.melody).expanduser().resolve()
-    return MelodyInput(path=str(path), suffix=path.suffix or ".wav")
+    try:
+        validate_melody(request.melody, limits)
+        if isinstance(request.melody, bytes):
+            # Bytes travel inside the JSON payload (bounded by max_melody_size_mb); a path on
+            # shared storage keeps the broker light for big files.
+            return MelodyInput(data_b64=base64.b64encode(request.melody).decode("ascii"))
+        return MelodyInput(path=str(Path(request.melody).expanduser().resolve()))
+    except (OSError, ValueError) as exc:  # a path the OS refuses (too long, a loop, no access)
+        raise InvalidRequest(f"the melody cannot be read: {exc}", "melody") from exc
+
+
+def _revalidated(request: object) -> GenerationRequest:
+    """The request checked again: ``model_copy(update=...)`` and ``model_construct`` skip
+    validation, so a request object is no proof that its values were ever checked."""
+    if not isinstance(request, GenerationRequest):
+        raise InvalidRequest(f"expected a GenerationRequest, got {type(request).__name__}", "request")
+    return GenerationRequest(**dict(request))
 
 
 def resolve(request: GenerationRequest, settings: Settings, *, job_id: str) -> JobSpec:
-    """The request with every default filled in, or a typed error naming the field."""
+    """The request with every default filled in, or a typed error naming the field.
+
+    The spec is built through validation too (``JobSpec``'s bounds are the widest any
+    deployment allows), so nothing reaches the broker that a worker would refuse to decode.
+    """
+    request = _revalidated(request)
     if len(request.prompt) > settings.validation.max_prompt_length:
         raise InvalidRequest(f"prompt is {len(request.prompt)} characters; the limit is "
                              f"{settings.validation.max_prompt_length}", "prompt")
-    preset = request.model or settings.model.preset
-    model = model_settings_for(settings, preset)  # ModelNotFound for an unknown preset
+    # A closed set, looked up: ModelNotFound for anything else (never a path).
+    preset = check_preset(request.model) if request.model is not None else settings.model.preset
+    model = model_settings_for(settings, preset)
 
     gen = settings.generation
     duration = request.duration if request.duration is not None else gen.default_duration
@@ -80,6 +111,16 @@ def resolve(request: GenerationRequest, settings: Settings, *, job_id: str) -> J
     if duration > model.max_duration:
         raise UnsupportedOption(f"duration {duration:g} s is longer than the {model.max_duration:g} s window "
                                 f"of {preset}; windowed continuation is not supported yet", "duration")
+    try:
+        return _spec(request, settings, job_id=job_id, preset=preset, duration=duration,
+                     melody_model=model.melody)
+    except ValidationError as exc:  # a deployment default past the contract's bounds
+        raise invalid_request_from(exc) from exc
+
+
+def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset: str,
+          duration: float, melody_model: bool) -> JobSpec:
+    gen = settings.generation
     return JobSpec(
         job_id=job_id, prompt=request.prompt, duration=duration, model=preset,
         temperature=request.temperature if request.temperature is not None else gen.default_temperature,
@@ -88,6 +129,6 @@ def resolve(request: GenerationRequest, settings: Settings, *, job_id: str) -> J
         guidance_scale=(request.guidance_scale if request.guidance_scale is not None
                         else gen.default_guidance_scale),
         seed=request.seed if request.seed is not None else draw_seed(),
-        output=_output(request, settings), melody=_melody(request, settings, model.melody),
+        output=_output(request, settings), melody=_melody(request, settings, melody_model),
         user_id=request.user_id, priority=request.priority, enqueued_at=time.time(),
     )
