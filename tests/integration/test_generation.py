@@ -7,7 +7,9 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +18,18 @@ import soundfile as sf
 import pipeline
 from pipeline import GenerationRequest, JobStatus
 
-from .conftest import Worker, base_env, ffprobe, measured_lufs, run_caller
+from .conftest import (
+    Worker,
+    base_env,
+    caller_output,
+    ffprobe,
+    held,
+    measured_lufs,
+    release,
+    run_caller,
+    start_caller,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,10 +41,25 @@ def _settings(workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) ->
     return pipeline.load_settings(cwd=workdir)
 
 
-def test_caller_process_gets_the_file_it_asked_for(shared_worker: Worker, workdir: Path, redis_url: str) -> None:
-    out = run_caller(workdir, redis_url, {
-        "prompt": "calm piano\x07 over rain", "duration": 2.0, "format": "flac", "sample_rate": 44100,
-        "channels": 2, "bit_depth": 24, "normalization": "lufs", "loudness_target": -16.0, "seed": 7})
+def _progress_seen(log: Path) -> list[list[Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_caller_process_gets_the_file_it_asked_for(shared_worker: Worker, workdir: Path, redis_url: str,
+                                                   tmp_path: Path) -> None:
+    faults = Path(shared_worker.env["FAULTS_DIR"])
+    hold = f"progress-{uuid.uuid4().hex[:8]}"
+    seen_log = tmp_path / "progress.jsonl"
+    caller = start_caller(workdir, redis_url, {
+        "prompt": f"calm piano\x07 over rain FAULT:hold-progress={hold}", "duration": 2.0, "format": "flac",
+        "sample_rate": 44100, "channels": 2, "bit_depth": 24, "normalization": "lufs",
+        "loudness_target": -16.0, "seed": 7}, progress_log=seen_log)
+    # The job stays at its first generation step until the caller has seen it there: however
+    # fast the tiny model is, the caller observes progress while tokens are generated.
+    wait_for(lambda: caller.poll() is not None or any(0.0 < f < 0.9 for f, _ in _progress_seen(seen_log)),
+             120, "the caller to see a generation step")
+    release(faults, hold)
+    out = caller_output(caller)
     assert "error" not in out, out
     assert out["imported"] == [], "the calling service must not import the worker stack"
     result = out["result"]
@@ -47,12 +75,17 @@ def test_caller_process_gets_the_file_it_asked_for(shared_worker: Worker, workdi
     assert result["seed"] == 7 and result["model"] == "tiny"
     timings = result["timings"]
     assert timings["generate"] > 0 and timings["postprocess"] > 0 and timings["total"] >= timings["generate"]
-    fractions = [p[0] for p in out["progress"]]
-    assert any(0.0 < f < 0.9 for f in fractions), out["progress"]  # progress while tokens are generated
-    assert fractions == sorted(fractions)
+    progress = out["progress"]
+    assert progress == _progress_seen(seen_log)
+    fractions = [f for f, _ in progress]
+    assert fractions == sorted(fractions), progress  # never goes backwards
+    assert [p for p in progress if 0.0 < p[0] < 0.9], progress  # seen while tokens are generated
+    assert progress[-1] == [1.0, "done"], progress
     sidecar = json.loads(Path(result["sidecar_path"]).read_text())
-    assert sidecar["request"]["prompt"] == "calm piano over rain"  # control character stripped
+    # the control character is stripped
+    assert sidecar["request"]["prompt"] == f"calm piano over rain FAULT:hold-progress={hold}"
     assert sidecar["result"]["output_path"] == str(path)
+    assert held(faults, hold)
 
 
 @pytest.mark.parametrize(("fmt", "rate", "channels", "codec"), [
@@ -107,7 +140,9 @@ def test_idempotent_enqueue_gives_one_job(shared_worker: Worker, workdir: Path, 
     assert second.wait(5) == result
     outputs = list(Path(settings.storage.output_dir).glob(f"{job_id}.*"))
     assert sorted(p.suffix for p in outputs) == [".json", ".wav"]
-    time.sleep(1.0)  # a duplicate message, had one been sent, would have been received by now
+    # A duplicate message, had one been sent, was queued before this one: a worker with one slot
+    # takes messages in order, so once this one is done the duplicate would have been received.
+    producer.enqueue(GenerationRequest(prompt="after once only", duration=0.5, format="wav")).wait(120)
     assert shared_worker.log_text().count(f"musicgen.generate[{job_id}] received") == 1
 
 
@@ -115,23 +150,21 @@ def test_cancel_a_queued_job_and_a_running_one(shared_worker: Worker, workdir: P
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     settings = _settings(workdir, redis_url, monkeypatch)
     producer = pipeline.Producer(settings)
-    running = producer.enqueue(GenerationRequest(prompt="long one", duration=20.0, format="wav"))
+    faults = Path(shared_worker.env["FAULTS_DIR"])
+    hold = f"cancel-{uuid.uuid4().hex[:8]}"
+    # Held at its first generation step, so "running" and "queued" are states, not a race.
+    running = producer.enqueue(GenerationRequest(prompt=f"long one FAULT:hold-progress={hold}", duration=2.0,
+                                                 format="wav"))
+    wait_for(lambda: held(faults, hold), 120, "the long job to be generating")
     queued = producer.enqueue(GenerationRequest(prompt="never starts", duration=0.5, format="wav"))
-    deadline = time.monotonic() + 60
-    while running.status() not in (JobStatus.progress, JobStatus.started):
-        assert time.monotonic() < deadline, "the long job never started"
-        time.sleep(0.1)
+    assert running.status() is JobStatus.progress and running.progress().fraction > 0.0
     assert queued.status() is JobStatus.queued  # one job per GPU: the second waits
     assert queued.cancel() is True
     assert queued.status() is JobStatus.cancelled
-    while running.progress().fraction < 0.05:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
     assert running.cancel() is True
+    release(faults, hold)  # its next progress step sees the flag
     with pytest.raises(pipeline.JobCancelled):
-        while running.result() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        running.wait(120)
     # The worker moves on to the cancelled queued job, sees its flag, and skips it.
     probe = producer.enqueue(GenerationRequest(prompt="after", duration=0.5, format="wav"))
     probe.wait(120)
