@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from pipeline.errors import InvalidRequest, PipelineError, UnsupportedOption
 
@@ -83,9 +84,10 @@ class OutputSpec(BaseModel):
     ``loudness_target`` is dBFS for peak/rms and LUFS for lufs; None takes ``DEFAULT_TARGETS``.
     ``mp3_bitrate`` applies to mp3 only; below 32 kHz libmp3lame caps it at 160k (MPEG-2).
 
-    An impossible combination raises ``UnsupportedOption`` or ``InvalidRequest`` (not a
-    pydantic ``ValidationError``: pydantic lets other exceptions through), so a ``JobSpec``
-    decoded on the worker with a bad ``output`` is refused before any GPU work.
+    An impossible combination is a pydantic ``ValidationError`` at the option's own ``loc``
+    whose error type is the typed error's ``code``: a ``JobSpec`` decoded on the worker with a
+    bad ``output`` is refused (as ``output.sample_rate``...) before any GPU work. Code that wants
+    the typed error itself (``resolve()``) calls ``check_output_spec`` first.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -102,7 +104,15 @@ class OutputSpec(BaseModel):
 
     @model_validator(mode="after")
     def _renderable(self) -> OutputSpec:
-        check_output_spec(self)
+        try:
+            check_output_spec(self)
+        except PipelineError as exc:
+            # A ValidationError raised here is merged into the caller's: its loc nests under
+            # the field holding this spec (JobSpec.output), so the refusal names the option.
+            field = exc.field or "format"
+            raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+                type=PydanticCustomError(exc.code, "{message}", {"message": exc.message}),
+                loc=(field,), input=getattr(self, field, None))]) from exc
         return self
 
     @property

@@ -24,6 +24,7 @@ from pipeline.output_format import (
     OutputSpec,
     SampleRate,
     check_mp3_bitrate,
+    check_output_spec,
 )
 
 
@@ -141,12 +142,14 @@ class AudioSettings(_Section):
     def _renderable(self) -> AudioSettings:
         # A request that sets nothing gets exactly these defaults: they must be a combination a
         # worker can write (opus at 32000 Hz or flac at 8 bits would refuse every such request).
+        target = {"lufs": self.lufs_target, "peak": self.peak_target_dbfs,
+                  "rms": self.rms_target_dbfs}.get(self.normalization)
+        spec = OutputSpec.model_construct(
+            format=self.format, sample_rate=self.sample_rate, channels=self.channels,
+            bit_depth=self.bit_depth if FORMATS[self.format].lossless else None,
+            normalization=self.normalization, loudness_target=target, mp3_bitrate=self.mp3_bitrate)
         try:
-            OutputSpec(format=self.format, sample_rate=self.sample_rate, channels=self.channels,
-                       bit_depth=self.bit_depth if FORMATS[self.format].lossless else None,
-                       normalization=self.normalization, mp3_bitrate=self.mp3_bitrate,
-                       loudness_target={"lufs": self.lufs_target, "peak": self.peak_target_dbfs,
-                                        "rms": self.rms_target_dbfs}.get(self.normalization))
+            check_output_spec(spec)
         except PipelineError as exc:
             raise ValueError(f"the audio defaults cannot be written together ({exc.field}): "
                              f"{exc.message}") from exc

@@ -14,11 +14,12 @@ from typing import Any, get_args
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from pipeline.config import load_settings
 from pipeline.config.schema import Settings
 from pipeline.errors import InvalidRequest, PipelineError, SettingsError, UnsupportedOption
-from pipeline.jobs import GenerationRequest, JobSpec
+from pipeline.jobs import GenerationRequest, JobSpec, invalid_request_from
 from pipeline.output_format import (
     BIT_DEPTHS,
     FORMATS,
@@ -101,9 +102,13 @@ def test_depth_rules_for_accepted_requests(defaults: Settings, options: dict[str
 def test_a_spec_decoded_on_the_worker_with_a_bad_output_is_refused(defaults: Settings) -> None:
     payload = resolve(GenerationRequest(**BASE), defaults, job_id="j1").model_dump(mode="json")
     payload["output"] |= {"format": "mp3", "sample_rate": 96000, "bit_depth": None}
-    with pytest.raises(UnsupportedOption) as refused:
+    with pytest.raises(ValidationError) as refused:
         JobSpec.model_validate(payload)
-    assert refused.value.field == "sample_rate"
+    [problem] = refused.value.errors()
+    assert (problem["loc"], problem["type"]) == (("output", "sample_rate"), "unsupported_option")
+    # What the worker's task makes of it (workers/tasks.py _decode): a typed, permanent refusal.
+    typed = invalid_request_from(refused.value, "spec.")
+    assert typed.field == "spec.output.sample_rate" and not typed.retryable
 
 
 def test_every_rate_and_depth_of_the_table_is_a_request_value() -> None:
@@ -182,10 +187,17 @@ def test_every_accepted_request_passes_the_worker_check(deployments: list[Settin
         assert math.isclose(spec.output.target, options["loudness_target"])
 
 
-def test_an_output_spec_cannot_be_built_unrenderable() -> None:
-    with pytest.raises(UnsupportedOption) as refused:
-        OutputSpec(format="opus", sample_rate=44100)
-    assert refused.value.field == "sample_rate"
-    with pytest.raises(InvalidRequest) as refused_target:
-        OutputSpec.model_validate({"normalization": "peak", "loudness_target": -65.0})
-    assert refused_target.value.field == "loudness_target"
+@pytest.mark.parametrize(("options", "error", "field"), [
+    ({"format": "opus", "sample_rate": 44100}, UnsupportedOption, "sample_rate"),
+    ({"normalization": "peak", "loudness_target": -65.0}, InvalidRequest, "loudness_target"),
+])
+def test_an_output_spec_cannot_be_built_unrenderable(options: dict[str, Any],
+                                                     error: type[PipelineError],
+                                                     field: str) -> None:
+    with pytest.raises(ValidationError) as built:
+        OutputSpec(**options)
+    [problem] = built.value.errors()
+    assert (problem["loc"], problem["type"]) == ((field,), error.code)
+    with pytest.raises(error) as checked:  # the check itself raises the typed error
+        check_output_spec(OutputSpec.model_construct(**options))
+    assert checked.value.field == field
