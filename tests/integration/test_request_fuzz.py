@@ -21,6 +21,7 @@ from pipeline import GenerationRequest
 from pipeline.config.presets import known_presets
 from pipeline.errors import InvalidRequest, ModelNotFound, PipelineError, UnsupportedOption
 from pipeline.keys import queue_list_keys
+from pipeline.output_format import BIT_DEPTHS, CHANNELS, FORMATS, NORMALIZATIONS, SAMPLE_RATES
 from pipeline.quota.configured import prepare_database
 
 from .conftest import REPO, base_env
@@ -41,12 +42,11 @@ BAD: dict[str, st.SearchStrategy[Any]] = {
     "top_p": st.one_of(st.floats(max_value=-0.0001), st.floats(min_value=1.0001)),
     "guidance_scale": st.one_of(st.floats(max_value=-0.0001), st.floats(min_value=20.0001)),
     "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**32)),
-    "format": st.text(min_size=1, max_size=8).filter(lambda s: s not in ("wav", "mp3", "flac", "ogg", "opus")),
-    "sample_rate": st.integers().filter(lambda r: r not in (8000, 12000, 16000, 22050, 24000, 32000, 44100,
-                                                             48000, 96000)),
-    "channels": st.integers().filter(lambda c: c not in (1, 2)),
-    "bit_depth": st.integers().filter(lambda b: b not in (8, 16, 24, 32)),
-    "normalization": st.text(min_size=1, max_size=6).filter(lambda s: s not in ("none", "peak", "rms", "lufs")),
+    "format": st.text(min_size=1, max_size=8).filter(lambda s: s not in FORMATS),
+    "sample_rate": st.integers().filter(lambda r: r not in SAMPLE_RATES),
+    "channels": st.integers().filter(lambda c: c not in CHANNELS),
+    "bit_depth": st.integers().filter(lambda b: b not in BIT_DEPTHS),
+    "normalization": st.text(min_size=1, max_size=6).filter(lambda s: s not in NORMALIZATIONS),
     "loudness_target": st.one_of(st.floats(min_value=0.0001), st.floats(max_value=-70.0001)),
     "melody": st.one_of(st.binary(min_size=0, max_size=64), st.just(Path("/nonexistent/melody.wav")),
                         st.just(Path("/tmp/" + "m" * 300 + ".wav")), st.text(min_size=4097, max_size=4100),
@@ -79,7 +79,7 @@ ALTERED: dict[str, st.SearchStrategy[Any]] = {
     "top_p": st.one_of(st.just(math.nan), st.floats(min_value=1.0001)),
     "top_k": st.integers(max_value=-1),
     "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**32)),
-    "format": st.text(min_size=1, max_size=6).filter(lambda s: s not in ("wav", "mp3", "flac", "ogg", "opus")),
+    "format": st.text(min_size=1, max_size=6).filter(lambda s: s not in FORMATS),
     "prompt": st.text(alphabet="\x00\x01\x7f", min_size=1, max_size=10),
     "priority": st.one_of(st.integers(min_value=10), st.integers(max_value=-1)),
     "user_id": st.sampled_from(["a\x00b", "", "x" * 129]),
