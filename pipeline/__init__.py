@@ -13,6 +13,7 @@ from pipeline.errors import (
     InvalidRequest,
     JobCancelled,
     JobFailed,
+    JobIdConflict,
     JobNotFound,
     JobTimeout,
     ModelNotFound,
@@ -34,7 +35,8 @@ __all__ = [
     # settings
     "Settings", "load_settings",
     # errors
-    "PipelineError", "SettingsError", "InvalidRequest", "UnsupportedOption", "ModelNotFound",
+    "PipelineError", "SettingsError", "InvalidRequest", "JobIdConflict", "UnsupportedOption",
+    "ModelNotFound",
     "JobNotFound", "JobFailed", "JobCancelled", "JobTimeout", "QuotaExceeded",
     "ServiceUnavailable", "Backpressure",
 ]

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import JobCancelled, JobFailed, JobNotFound, JobTimeout, PipelineError
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+
+from pipeline.errors import (
+    JobCancelled,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    PipelineError,
+    ServiceUnavailable,
+)
 from pipeline.jobs import JobResult, JobStatus
 
 if TYPE_CHECKING:
@@ -24,6 +36,18 @@ _STATUS = {
 # Exceptions Celery raises itself, outside our task code.
 _CELERY_CODES = {"TimeLimitExceeded": "timeout", "SoftTimeLimitExceeded": "timeout",
                  "WorkerLostError": "worker_lost"}
+
+
+@contextmanager
+def _reachable(job_id: str) -> Iterator[None]:
+    """A Redis or database outage while following a job is the service's, typed as such: every
+    failure of the public API is a ``PipelineError`` (the driver's text is not passed on)."""
+    try:
+        yield
+    except (OperationalError, RedisError, OSError, SQLAlchemyError) as exc:
+        raise ServiceUnavailable(f"cannot reach the result backend for job {job_id} "
+                                 f"({type(exc).__name__}); try again", None,
+                                 {"retry_after": 5}) from exc
 
 
 @dataclass(frozen=True)
@@ -57,14 +81,19 @@ class JobHandle:
         return f"JobHandle({self.id!r})"
 
     def _state(self) -> tuple[str, Any]:
-        result = self._app.AsyncResult(self.id)
-        return result.state, result.info
+        with _reachable(self.id):
+            result = self._app.AsyncResult(self.id)
+            return result.state, result.info
+
+    def _exists(self) -> bool:
+        with _reachable(self.id):
+            return self._registry.exists(self.id)
 
     def status(self) -> JobStatus:
         """Where the job is now; ``JobNotFound`` for an id nobody enqueued (or long expired)."""
         state, _ = self._state()
         if state == "PENDING":
-            if self._registry.exists(self.id):  # claimed, QUEUED not written yet
+            if self._exists():  # claimed, QUEUED not written yet
                 return JobStatus.queued
             raise JobNotFound(f"no job with id {self.id!r}", "job_id")
         return _STATUS.get(state, JobStatus.started)
@@ -89,7 +118,7 @@ class JobHandle:
                             {"error_code": code, "error_message": message})
         if state == "REVOKED":
             raise JobCancelled(f"job {self.id} was cancelled", "job_id")
-        if state == "PENDING" and not self._registry.exists(self.id):
+        if state == "PENDING" and not self._exists():
             raise JobNotFound(f"no job with id {self.id!r}", "job_id")
         return None
 
@@ -115,12 +144,13 @@ class JobHandle:
         if status.finished:
             return False
         ttl = self._app.settings.broker.result_expires
-        self._registry.cancel(self.id, ttl)
-        if status is JobStatus.queued:
-            self._app.backend.mark_as_revoked(self.id, "cancelled before start")
-            if self._quota is not None:  # it will never run: give the slot back now
-                self._quota.mark_finished(self.id, status="cancelled", error_code="cancelled")
-        if not self._app.embedded:
-            # Let workers that hold it in their prefetch drop it too; the flag is the guarantee.
-            self._app.control.revoke(self.id)
+        with _reachable(self.id):
+            self._registry.cancel(self.id, ttl)
+            if status is JobStatus.queued:
+                self._app.backend.mark_as_revoked(self.id, "cancelled before start")
+                if self._quota is not None:  # it will never run: give the slot back now
+                    self._quota.mark_finished(self.id, status="cancelled", error_code="cancelled")
+            if not self._app.embedded:
+                # Let workers that hold it in their prefetch drop it too; the flag is the guarantee.
+                self._app.control.revoke(self.id)
         return True

@@ -98,6 +98,11 @@ def run(workdir: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory)
            # the files of four dead children, and each load time reaches them with its job.
            "MUSICGEN_WORKER__MAX_TASKS_PER_CHILD": "1",
            "MUSICGEN_MODEL__PRELOAD": "false"}
+    # The ledger is set up explicitly, as a deployment does before its producers run.
+    upgrade = subprocess.run([sys.executable, "-m", "pipeline.cli", "db", "upgrade"], cwd=workdir,
+                             env=base_env(workdir, redis_url, **env), capture_output=True,
+                             text=True, timeout=120, check=False)
+    assert upgrade.returncode == 0, upgrade.stderr[-2000:]
     factory = WorkerFactory(workdir, redis_url, tmp)
     worker = factory.start(faults=True, **env)
     try:
