@@ -10,21 +10,30 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from pydantic import ValidationError
 
 from pipeline.celery_app import TASK_GENERATE, PipelineCelery
-from pipeline.errors import GpuOutOfMemory, JobNotFound, JobTimeout, ModelRuntimeError, PoisonJob, TransientError
+from pipeline.errors import (
+    GpuOutOfMemory,
+    JobNotFound,
+    JobTimeout,
+    ModelRuntimeError,
+    PoisonJob,
+    TransientError,
+)
 from pipeline.handle import error_of
 from pipeline.jobs import JobSpec, invalid_request_from, queue_for
+from pipeline.policies.breaker import Admission, CircuitBreaker
 from pipeline.policies.configured import Policies
 from pipeline.quota import QuotaStore
 from pipeline.quota.configured import store_for
 from pipeline.registry import JobRegistry, registry_for
-from workers.job_runner import JobCancelledByUser, JobRunner
+from workers import typed_celery
+from workers.job_runner import JobCancelledByUser, JobRunner, discard_job_files
 from workers.metrics import model_of, observe_failure, observe_success
 
 log = logging.getLogger(__name__)
@@ -33,6 +42,9 @@ PROGRESS_INTERVAL_S = 0.25  # throttles result-backend writes and cancel-flag re
 # Failures that say the model or the GPU is unwell: they count towards opening the breaker.
 # Bad input, unsupported options and cancellations say nothing about the model.
 BREAKER_FAILURES = (GpuOutOfMemory, ModelRuntimeError, JobTimeout)
+# Also a verdict on the model: a job that kills its worker, and a soft limit caught anywhere.
+_FAILURE_VERDICTS = (*BREAKER_FAILURES, PoisonJob, SoftTimeLimitExceeded)
+Verdict = Literal["success", "failure", "release"]
 
 
 class WorkerState:
@@ -92,7 +104,8 @@ def _progress_reporter(task: Task, reg: JobRegistry) -> Any:
         last[0] = now
         try:
             cancelled = reg.is_cancelled(task.request.id)
-            task.update_state(state="PROGRESS", meta={"progress": round(fraction, 4), "message": message})
+            task.update_state(state="PROGRESS",
+                              meta={"progress": round(fraction, 4), "message": message})
         except Exception:  # progress is best-effort: a Redis blip must not fail the job
             log.warning("could not report progress of %s", task.request.id, exc_info=True)
             return
@@ -114,45 +127,101 @@ def _defer(task: Task, wait: float, reason: str) -> None:
     delivery (it did not start), so neither the retry budget nor the poison count moves."""
     log.info("job %s waits %.1f s: %s", task.request.id, wait, reason)
     task.backend.store_result(task.request.id, {"reason": reason}, "QUEUED")
-    task.signature_from_request(task.request, countdown=wait, retries=task.request.retries).apply_async()
+    task.signature_from_request(task.request, countdown=wait,
+                                retries=task.request.retries).apply_async()
     raise Ignore()
 
 
-def _admit(task: Task, spec: JobSpec, reg: JobRegistry, policies: Policies) -> Any:
-    """Breaker, rate limit, then the poison cap; returns the breaker (or None)."""
+def _admit(task: Task, spec: JobSpec,
+           policies: Policies) -> tuple[CircuitBreaker | None, Admission | None]:
+    """Rate limit, then the breaker; defers the job (raises ``Ignore``) when either says wait.
+
+    The rate limit comes first so that no exit after a won probe claim is a deferral: the
+    caller settles whatever breaker pass it gets back (see :func:`settle_breaker`).
+    """
     app: PipelineCelery = task.app
-    breaker = policies.breaker(spec.model)
-    if breaker is not None and not breaker.try_acquire():
-        # Open, or another worker runs the half-open probe: this model takes no job for now.
-        wait = float(breaker.status().get("retry_after") or 0) or app.settings.circuit_breaker.reset_timeout / 4
-        _defer(task, max(1.0, wait), f"circuit breaker of {spec.model} is not closed")
     if policies.rate_limit is not None:
         wait = policies.rate_limit.try_acquire(queue_for(spec.model))
         if wait > 0:  # over the global limit: the job waits, it is not failed
             _defer(task, wait, f"global rate limit {policies.rate_limit.rate}")
+    breaker = policies.breaker(spec.model)
+    if breaker is None:
+        return None, None
+    admission = breaker.admit()
+    if admission is None:
+        # Open, or another worker runs the half-open probe: this model takes no job for now.
+        wait = (float(breaker.status().get("retry_after") or 0)
+                or app.settings.circuit_breaker.reset_timeout / 4)
+        _defer(task, max(1.0, wait), f"circuit breaker of {spec.model} is not closed")
+    return breaker, admission
+
+
+def _check_poison(task: Task, spec: JobSpec, reg: JobRegistry) -> None:
     # Every start counts; retries are starts we asked for. What is left are redeliveries:
-    # a worker died (or was killed) holding this job.
+    # a worker died (or was killed) holding this job. Its files go in on_failure.
+    app: PipelineCelery = task.app
     cap = app.settings.worker.redelivery_cap
     starts = reg.count_delivery(spec.job_id, app.settings.broker.result_expires)
     redeliveries = starts - 1 - task.request.retries
     if redeliveries >= cap:
-        if breaker is not None:
+        raise PoisonJob(f"job was delivered {starts} times without finishing (it kills its "
+                        f"worker); giving up after worker.redelivery_cap={cap}", None,
+                        {"deliveries": starts})
+
+
+def verdict_of(exc: BaseException | None) -> Verdict:
+    """What a job's end says about its model: nothing (release) unless the model or GPU failed."""
+    if exc is None:
+        return "success"
+    return "failure" if isinstance(exc, _FAILURE_VERDICTS) else "release"
+
+
+def settle_breaker(breaker: CircuitBreaker | None, admission: Admission | None,
+                   verdict: Verdict) -> None:
+    """Settle a job's breaker pass exactly once: record the verdict, or give the probe back.
+
+    Called from ``finally``, so it never raises: a Redis blip here must not replace the job's
+    own outcome (a claim that cannot be released still expires after ``probe_timeout``).
+    """
+    if breaker is None or admission is None:
+        return
+    try:
+        if verdict == "success":
+            breaker.record_success()
+        elif verdict == "failure":
             breaker.record_failure()
-        raise PoisonJob(f"job was delivered {starts} times without finishing (it kills its worker); "
-                        f"giving up after worker.redelivery_cap={cap}", None, {"deliveries": starts})
-    return breaker
+        else:
+            breaker.release_probe(admission)
+    except Exception:
+        log.exception("could not settle the circuit breaker of %s (%s)", breaker.name, verdict)
 
 
 def run_generate(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
     app: PipelineCelery = task.app
     started_at = time.time()
     spec = _decode(payload)
-    reg, policies, runner = _registry(app), _policies(app), runner_for(app)
+    reg, policies = _registry(app), _policies(app)
     if reg.is_cancelled(spec.job_id):
         task.backend.mark_as_revoked(spec.job_id, "cancelled before start", request=task.request)
         _ledger(app, "mark_finished", spec.job_id, status="cancelled", error_code="cancelled")
         raise Ignore()
-    breaker = _admit(task, spec, reg, policies)
+    breaker, admission = _admit(task, spec, policies)
+    # From here every exit (result, model failure, bad input, cancel, soft limit, poison,
+    # Ignore, a bug) passes the one finally below; only a hard kill skips it (on_failure then).
+    error: BaseException | None = None
+    try:
+        _check_poison(task, spec, reg)
+        return _run(task, spec, reg, started_at)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        settle_breaker(breaker, admission, verdict_of(error))
+
+
+def _run(task: Task, spec: JobSpec, reg: JobRegistry, started_at: float) -> dict[str, Any]:
+    app: PipelineCelery = task.app
+    runner = runner_for(app)
     if _ledger(app, "mark_started", spec.job_id, worker=task.request.hostname or "worker",
                queue_wait_seconds=max(0.0, started_at - spec.enqueued_at)) is False:
         # The job already ended (a late redelivery of a finished job): do not make it twice.
@@ -168,16 +237,8 @@ def run_generate(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
         raise Ignore() from None
     except SoftTimeLimitExceeded as exc:
         runner.remove_outputs(spec.job_id)
-        if breaker is not None:
-            breaker.record_failure()
-        raise JobTimeout(f"job passed its soft time limit of {app.settings.worker.soft_time_limit} s",
-                         "duration") from exc
-    except BREAKER_FAILURES:
-        if breaker is not None:
-            breaker.record_failure()
-        raise
-    if breaker is not None:
-        breaker.record_success()
+        limit = app.settings.worker.soft_time_limit
+        raise JobTimeout(f"job passed its soft time limit of {limit} s", "duration") from exc
     return outcome.result.model_dump(mode="json")
 
 
@@ -186,15 +247,20 @@ class GenerationTask(Task):  # type: ignore[misc]
     the last retry, and calls on_failure even for a hard time-limit kill (from the parent)."""
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        _ledger(self.app, "mark_finished", task_id, status="succeeded", produced_seconds=retval["duration"],
-                gpu_seconds=retval["timings"]["generate"])
+        _ledger(self.app, "mark_finished", task_id, status="succeeded",
+                produced_seconds=retval["duration"], gpu_seconds=retval["timings"]["generate"])
         observe_success(str(retval.get("model")), retval)
 
-    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
         code, _ = error_of(exc)
-        _ledger(self.app, "mark_finished", task_id, status="timeout" if code == "timeout" else "failed", error_code=code)
+        # Any final failure (poison, a hard time limit that killed the child, a last retry)
+        # leaves none of the job's files; this runs in the parent after a hard kill.
+        discard_job_files(self.app.settings, task_id)
+        _ledger(self.app, "mark_finished", task_id,
+                status="timeout" if code == "timeout" else "failed", error_code=code)
         observe_failure(model_of(args), code)
-        if isinstance(exc, TimeLimitExceeded) and args:  # killed by the hard limit: a sick model too
+        if isinstance(exc, TimeLimitExceeded) and args:  # killed by the hard limit: sick model too
             breaker = _policies(self.app).breaker(str(args[0].get("model")))
             if breaker is not None:
                 breaker.record_failure()
@@ -204,9 +270,9 @@ def register_tasks(app: PipelineCelery) -> None:
     """Add the generation task to a worker's app, with its retry policy from settings."""
     w = app.settings.worker
 
-    @app.task(name=TASK_GENERATE, bind=True, base=GenerationTask, acks_late=True, reject_on_worker_lost=True,
-              autoretry_for=(TransientError,), max_retries=w.max_retries,
-              retry_backoff=w.retry_backoff, retry_backoff_max=int(w.retry_backoff_max),
-              retry_jitter=w.retry_jitter)
+    @typed_celery.task(app, name=TASK_GENERATE, bind=True, base=GenerationTask, acks_late=True,
+                       reject_on_worker_lost=True, autoretry_for=(TransientError,),
+                       max_retries=w.max_retries, retry_backoff=w.retry_backoff,
+                       retry_backoff_max=int(w.retry_backoff_max), retry_jitter=w.retry_jitter)
     def generate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         return run_generate(self, payload)

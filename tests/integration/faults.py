@@ -116,3 +116,32 @@ def try_acquire(self: GlobalRateLimit, key: str) -> float:
 
 
 GlobalRateLimit.try_acquire = try_acquire  # type: ignore[method-assign]
+
+
+# --- a kill during encoding -------------------------------------------------------------------
+# ``FAULT:hold-encoding``: the first attempt stops right after ffmpeg has written its ``.part``
+# file beside the output, creates ``$FAULTS_DIR/encoding.held`` and waits there (for a kill -9);
+# any later attempt, in this worker or another, passes through.
+import workers.audio.postprocess as postprocess  # noqa: E402
+
+_job_prompt = [""]
+_generate_before_encoding_hold = job_runner.generate
+_real_encode = postprocess._encode
+
+
+def _generate_noting_prompt(loaded: Any, items: list[Any], progress: Any = None) -> list[Any]:
+    _job_prompt[0] = items[0].prompt  # the encoder is not told which job it encodes
+    return _generate_before_encoding_hold(loaded, items, progress)
+
+
+def _encode_then_hold(*args: Any, **kwargs: Any) -> str:
+    stderr = _real_encode(*args, **kwargs)
+    held = Path(os.environ["FAULTS_DIR"]) / "encoding.held"
+    if "FAULT:hold-encoding" in _job_prompt[0] and not held.exists():
+        held.touch()
+        time.sleep(3600)  # only the test's kill -9 ends this attempt
+    return stderr
+
+
+job_runner.generate = _generate_noting_prompt
+postprocess._encode = _encode_then_hold
