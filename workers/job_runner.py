@@ -90,7 +90,8 @@ class JobRunner:
         m = self._model_settings[preset]
         log.info("loading model %s from %s on %s", preset, m.source, m.device)
         return load_model(m.source, device=m.device, dtype=m.dtype, compile=m.compile,
-                          offline=m.offline, cache_dir=m.cache_dir)
+                          offline=m.offline, cache_dir=m.cache_dir,
+                          download_timeout=m.download_timeout)
 
     def model(self, preset: str) -> tuple[LoadedModel, float]:
         """The loaded model for a preset and the seconds spent loading it (0 when cached)."""

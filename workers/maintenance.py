@@ -40,6 +40,7 @@ from pipeline.quota import roll_up
 from pipeline.quota.configured import store_for
 from pipeline.quota.windows import resolve_zone
 from workers.storage import PART_SUFFIX
+from workers.typed_celery import receiver, task
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def rollup_ledger(settings: Settings, *, now: datetime | None = None) -> dict[st
     Yesterday as well because its last hour, and its jobs that ended after midnight, changed
     after the last run before midnight. A day is final once a run has covered it after it
     ended; beat runs hourly, so only an outage of more than a day leaves one to ``roll_up`` by
-    hand. Uses the settings' database (a SQLite file is created and migrated on first use).
+    hand. Uses the settings' database, which `musicgen-pipeline db upgrade` set up.
     """
     zone_name = settings.quotas.timezone
     today = (now or datetime.now(UTC)).astimezone(resolve_zone(zone_name)).date()
@@ -208,14 +209,14 @@ def register(app: PipelineCelery) -> None:
     temp_age = max(TEMP_MAX_AGE_S, float(hard_limit))
 
     # shared=False: a closure over this app's settings must not be added to apps built later.
-    @app.task(name=TASK_SWEEP_TEMP, queue=MAINTENANCE_QUEUE, shared=False)
+    @task(app, name=TASK_SWEEP_TEMP, queue=MAINTENANCE_QUEUE, shared=False)
     def sweep_temp_task() -> dict[str, int]:
         result = sweep_temp(Path(storage.temp_dir), older_than=temp_age,
                             output_dir=Path(storage.output_dir))
         log.info("maintenance: temp sweep removed %s", result.as_dict())
         return result.as_dict()
 
-    @app.task(name=TASK_SWEEP_OUTPUTS, queue=MAINTENANCE_QUEUE, shared=False)
+    @task(app, name=TASK_SWEEP_OUTPUTS, queue=MAINTENANCE_QUEUE, shared=False)
     def sweep_outputs_task() -> dict[str, int]:
         result = sweep_outputs(Path(storage.output_dir), retention_days=storage.retention_days,
                                part_older_than=temp_age)
@@ -223,7 +224,7 @@ def register(app: PipelineCelery) -> None:
                  storage.retention_days, result.as_dict())
         return result.as_dict()
 
-    @app.task(name=TASK_ROLLUP_LEDGER, queue=MAINTENANCE_QUEUE, shared=False)
+    @task(app, name=TASK_ROLLUP_LEDGER, queue=MAINTENANCE_QUEUE, shared=False)
     def rollup_ledger_task() -> dict[str, Any]:
         result = rollup_ledger(app.settings)
         log.info("maintenance: ledger roll-up of %s wrote %d rows", result["days"], result["rows"])
@@ -231,7 +232,7 @@ def register(app: PipelineCelery) -> None:
 
     app.conf.beat_schedule = maintenance_schedule()
 
-    @celeryd_after_setup.connect(weak=False)
+    @receiver(celeryd_after_setup)
     def _consume_maintenance(sender: str, instance: Any, **_: Any) -> None:
         # Celery's documented way to add a queue a worker always consumes, whatever its -Q.
         # queues[name] declares it as a sender's auto-created queue is (its own direct exchange).

@@ -9,10 +9,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from workers.metrics import observe_model_load, setup_metrics
 from workers.tasks import STATE, runner_for
+from workers.typed_celery import receiver
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +39,18 @@ def connect(app: Any) -> None:
     pool = app.settings.worker.pool
     setup_metrics(app)
 
-    @worker_process_init.connect(weak=False)
+    @receiver(worker_process_init)
     def _in_child(**_: Any) -> None:  # prefork children
         STATE.runner = None
         _setup(app)
 
-    @worker_process_shutdown.connect(weak=False)
-    @worker_shutdown.connect(weak=False)
+    @receiver(worker_process_shutdown)
+    @receiver(worker_shutdown)
     def _release(**_: Any) -> None:  # drop the models and give GPU memory back before exit
         if STATE.runner is not None:
             STATE.runner.cache.clear()
 
-    @worker_ready.connect(weak=False)
+    @receiver(worker_ready)
     def _in_main(**_: Any) -> None:  # solo and threads pools run jobs in the main process
         if pool in ("solo", "threads"):
             _setup(app)

@@ -18,7 +18,6 @@ from pipeline.config import Settings
 from pipeline.jobs import queue_for
 
 
-
 def override_env(overrides: Mapping[str, str]) -> dict[str, str]:
     """``{"model.preset": "tiny"}`` -> ``{"MUSICGEN_MODEL__PRESET": "tiny"}``."""
     return {"MUSICGEN_" + k.upper().replace(".", "__"): v for k, v in overrides.items()}

@@ -62,7 +62,7 @@ def _secret(raw: Raw, dotted: str) -> str | None:
 
 
 def _is_production(raw: Raw) -> bool:
-    return get(raw, "app.environment") == "production"
+    return bool(get(raw, "app.environment") == "production")
 
 
 @dataclass(frozen=True)

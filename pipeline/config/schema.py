@@ -184,7 +184,8 @@ class WorkerSettings(_Section):
                                                   "which, after a job and a cache cleanup, the "
                                                   "process takes no further job and is replaced")
     cleanup_threshold_percent: float = Field(75.0, ge=10.0, le=95.0,
-                                             description="empty the model cache above this memory use")
+                                             description="memory use above which the process empties "
+                                                         "its model cache after a job")
     shutdown_grace: int = Field(30, ge=0, le=3600)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -120,7 +121,7 @@ def test_transient_fault_retries_with_backoff_and_permanent_error_is_tried_once(
     assert flaky.wait(120).job_id == flaky.id
     times = attempts(workers, "FAULT:oom-twice")
     assert len(times) == 3
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in pairwise(times)]
     assert gaps[0] >= 1.0 and gaps[1] >= 2.0, gaps  # exponential: 1 s, then 2 s
 
     # A permanent error (bad input found by the worker) fails at once: one attempt, no retry.
