@@ -33,7 +33,8 @@ COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY workers ./workers
 COPY settings ./settings
-RUN pip install ".[worker]"
+# postgres: the worker writes the usage ledger to the same PostgreSQL as the producers.
+RUN pip install ".[worker,postgres]"
 
 # Non-root. The model cache is a volume: weights are put there once (production runs with
 # model.offline = true) and survive image rebuilds. HF_HOME points the Hugging Face cache at it.
