@@ -157,7 +157,9 @@ def test_breaker_opens_refuses_fast_probes_and_closes_across_two_workers(
             prod.enqueue(GenerationRequest(prompt="refused", duration=0.5))
         timings.append(time.perf_counter() - started)
     timings.sort()
-    assert timings[len(timings) // 2] < 0.010, timings  # the median refusal: well under 10 ms
+    # Refused at once: no wait for a worker or a timeout. The bound is loose on purpose (two
+    # workers share this 2-core host); benchmarks/, not this test, measure how fast it is.
+    assert timings[len(timings) // 2] < 0.25, timings
     assert 0 < refused.value.details["retry_after"] <= 4
     wait_for(lambda: other.breaker("tiny").state().value == "half_open", 10, "half-open")
     probe = prod.enqueue(GenerationRequest(prompt="probe", duration=0.5, format="wav"))
