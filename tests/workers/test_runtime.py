@@ -27,7 +27,7 @@ from workers.runtime import GenerationItem, LoadedModel, ModelCache, generate, l
 from workers.runtime.batch import batch_groups
 from workers.runtime.device import resolve_device, resolve_dtype
 from workers.runtime.melody import ChromaExtractor, resample
-from workers.runtime.musicgen import frames_for, max_new_tokens_for
+from workers.runtime.musicgen import bucket_for, frames_for, max_new_tokens_for
 from workers.runtime.progress import ProgressReporter
 
 
@@ -220,20 +220,26 @@ def test_batch_of_three_comes_back_in_order(tiny_model: LoadedModel) -> None:
     results = generate(tiny_model, items)
     assert [r.samples.shape[-1] for r in results] == [16000, 9600, 22400]
     assert [r.seed for r in results] == [1, 2, 3]
-    # Different seeds run as separate calls, so each equals the item generated on its own.
+    # Three duration buckets (32, 16 and 40 frames) run as three calls.
+    assert [r.batch_size for r in results] == [1, 1, 1]
     for item, result in zip(items, results, strict=True):
         assert np.array_equal(result.samples, generate(tiny_model, [item])[0].samples)
 
 
-def test_items_sharing_seed_and_parameters_share_one_padded_call(tiny_model: LoadedModel) -> None:
-    items = [GenerationItem("a", 1.0, seed=5), GenerationItem("a much longer prompt", 1.0, seed=5),
-             GenerationItem("a", 1.0, seed=6), GenerationItem("a", 1.0, seed=5, top_k=50)]
-    groups = batch_groups(items, [5, 5, 6, 5], lambda d: frames_for(d, tiny_model))
-    assert groups == [[0, 1], [2], [3]]
+def test_items_differing_in_prompt_seed_and_sampling_share_one_padded_call(
+        tiny_model: LoadedModel) -> None:
+    items = [GenerationItem("a", 1.0, seed=5),
+             GenerationItem("a much longer prompt", 0.99, seed=6, temperature=0.5, top_k=50),
+             GenerationItem("b", 1.05, seed=7, top_p=0.9, temperature=0.0)]
+    assert batch_groups(items, lambda d: bucket_for(d, tiny_model)) == [[0, 1, 2]]
     calls: list[tuple[float, str]] = []
-    results = generate(tiny_model, items[:2], progress=lambda f, m: calls.append((f, m)))
-    assert calls[-2][1] == "generating 53/53 steps"  # one call of 53 steps, not two
-    assert not np.array_equal(results[0].samples, results[1].samples)
+    results = generate(tiny_model, items, progress=lambda f, m: calls.append((f, m)))
+    # One call of the 56-frame bucket (56 + 3 delay-pattern steps), not three.
+    assert calls[-2][1] == "generating 59/59 steps"
+    assert [r.batch_size for r in results] == [3, 3, 3]
+    assert [r.samples.shape[-1] for r in results] == [32000, 31680, 33600]
+    assert len({r.generate_seconds for r in results}) == 1
+    assert not np.array_equal(results[0].samples[:, :31680], results[1].samples)
 
 
 def test_progress_is_monotone_and_ends_at_one(tiny_model: LoadedModel) -> None:

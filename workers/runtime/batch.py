@@ -1,8 +1,24 @@
-"""What the runtime takes and gives back: one item per requested clip, and how items are batched."""
+"""What the runtime takes and gives back: one item per requested clip, and how items are batched.
+
+What shares a ``model.generate`` call (the batch key), and why nothing else splits a batch:
+
+- the duration bucket: every item is generated for its bucket's frame count, alone or batched,
+  and trimmed to its own length; a call generates one length for all its rows, so short items
+  batched with long ones would pay for the long ones, and an item's last frames would depend on
+  how far its neighbours run (MusicGen's delay pattern feeds padding to the higher codebooks of
+  a row's final frames, so a longer run changes them);
+- the guidance scale: transformers takes one CFG scale per call, and CFG on or off changes the
+  batch itself (the unconditional half is only built when it is on);
+- melody or text-only: the melody processor conditions every row of a call or none.
+
+Prompt, seed, temperature, top-k and top-p differ freely inside a call: prompts are padded with an
+attention mask and ``workers.runtime.sampling.JobSampler`` gives every item its own parameters
+and its own random stream.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +51,8 @@ class GeneratedAudio:
 
     ``seed`` is the seed actually used (reproduces the clip); ``generate_seconds`` is the wall
     time of the ``model.generate`` call that produced it, shared by the items batched with it.
+    ``batch_size`` is how many items that call generated; ``padding_waste`` is the fraction of
+    the call's generated frames that no item needed (see ``padding_waste``).
     """
 
     samples: np.ndarray
@@ -42,6 +60,8 @@ class GeneratedAudio:
     duration_s: float
     seed: int
     generate_seconds: float
+    batch_size: int = 1
+    padding_waste: float = 0.0
 
 
 def validate_items(items: list[GenerationItem], *, max_duration_s: float, sampling_rate: int,
@@ -72,7 +92,7 @@ def validate_items(items: list[GenerationItem], *, max_duration_s: float, sampli
                                         ("guidance_scale", item.guidance_scale, 0.0, None)):
             if not value >= low or (high is not None and value > high):
                 raise InvalidRequest(f"{field} out of range: {value}", field=field)
-        # torch.manual_seed takes any 64-bit value; bound it here so a bad seed is the caller's
+        # torch.Generator.manual_seed takes any 64-bit value; bound it here so a bad seed is the caller's
         # error, not a (retryable) runtime failure inside generation.
         if item.seed is not None and not (isinstance(item.seed, (int, np.integer)) and 0 <= item.seed < 2**63):
             raise InvalidRequest(f"seed must be an integer in [0, 2**63), got {item.seed!r}",
@@ -97,16 +117,52 @@ def _check_melody(melody: tuple[np.ndarray, int], supported: bool) -> None:
                              field="melody")
 
 
-def batch_groups(items: list[GenerationItem], seeds: list[int],
-                 frames: Callable[[float], int]) -> list[list[int]]:
+# Bucket edges: four per octave of frames, never finer than MIN_BUCKET_FRAMES. Padding an item to
+# its bucket costs at most ~25% of its frames (about 12% on average), and lengths near each other
+# still meet in one bucket. Changing these changes the audio of a seed: keep them fixed.
+MIN_BUCKET_FRAMES = 8
+BUCKETS_PER_OCTAVE = 4
+
+
+def bucket_frames(frames: int, max_frames: int) -> int:
+    """The frame count an item needing ``frames`` is generated for, capped at the model's window.
+
+    ``frames`` is rounded up to a multiple of a quarter of the largest power of two at or below
+    it (at least ``MIN_BUCKET_FRAMES``): 25 -> 32, 100 -> 112, 500 -> 512, 1490 -> 1500 (capped).
+    """
+    if frames < 1:
+        raise ValueError(f"frames must be positive, got {frames}")
+    step = max(MIN_BUCKET_FRAMES, (1 << (frames.bit_length() - 1)) // BUCKETS_PER_OCTAVE)
+    return max(frames, min(-(-frames // step) * step, max_frames))
+
+
+def padding_waste(needed: Sequence[int], generated: Sequence[int]) -> float:
+    """Generated frames beyond each row's need, as a fraction of all generated frames.
+
+    ``needed[i]`` and ``generated[i]`` are one item's frames; 0.0 for nothing generated.
+    """
+    total = sum(generated)
+    if len(needed) != len(generated) or any(
+            g < n for n, g in zip(needed, generated, strict=True)):
+        raise ValueError("every item needs as many generated frames as it uses, or more")
+    return (total - sum(needed)) / total if total else 0.0
+
+
+def batch_groups(items: list[GenerationItem],
+                 bucket: Callable[[float], int]) -> list[list[int]]:
     """Indices of ``items`` that can share one ``model.generate`` call, in first-seen order.
 
-    Items share a call only when they have the same seed, frame count and sampling parameters,
-    and either all or none carry a melody; ``frames`` maps a duration to codec frames.
+    ``bucket`` maps a duration to its bucket's frame count. Items share a call when they share
+    that bucket, the guidance scale and melody or not (the module docstring says why); prompt,
+    seed, temperature, top-k and top-p do not split a batch.
     """
     groups: dict[Hashable, list[int]] = {}
-    for index, (item, seed) in enumerate(zip(items, seeds, strict=True)):
-        key = (seed, frames(item.duration_s), item.temperature, item.top_k, item.top_p,
-               item.guidance_scale, item.melody is not None)
+    for index, item in enumerate(items):
+        key = (bucket(item.duration_s), _guidance_key(item.guidance_scale), item.melody is not None)
         groups.setdefault(key, []).append(index)
     return list(groups.values())
+
+
+def _guidance_key(scale: float) -> float:
+    # transformers turns guidance off for any scale <= 1, so those scales run the same call.
+    return scale if scale > 1 else 1.0

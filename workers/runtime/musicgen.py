@@ -32,18 +32,27 @@ from pipeline.errors import (
     PipelineError,
     UnsupportedOption,
 )
-from workers.runtime.batch import GeneratedAudio, GenerationItem, batch_groups, validate_items
+from workers.runtime.batch import (
+    GeneratedAudio,
+    GenerationItem,
+    batch_groups,
+    bucket_frames,
+    padding_waste,
+    validate_items,
+)
 from workers.runtime.device import resolve_device, resolve_dtype
 from workers.runtime.melody import MelodyProcessor, resample
 from workers.runtime.progress import ProgressCallback, ProgressReporter, StepCounter
+from workers.runtime.sampling import JobSampler, JobSampling
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DURATION_S = 30.0  # what MusicGen was trained on: a 1500-token window at 50 Hz
 
-# torch's default generator is process-global: a seed set by one thread would be consumed by another
-# thread's sampling. One generation at a time per process keeps seeded runs reproducible (and a GPU
-# gains nothing from two interleaved generate calls anyway).
+# Sampling no longer touches torch's process-global generator (each item draws from its own, see
+# workers.runtime.sampling), so this lock is not about reproducibility. It keeps one generate call
+# at a time per process: two interleaved calls would each hold their KV caches in GPU memory and
+# contend for the same kernels, where one wider batch does the same work in one pass.
 _GENERATE_LOCK = threading.Lock()
 
 
@@ -163,30 +172,42 @@ def max_new_tokens_for(frames: int, num_codebooks: int) -> int:
     return max(frames + num_codebooks - 1, 2 * num_codebooks - 2)
 
 
+def bucket_for(duration_s: float, loaded: LoadedModel) -> int:
+    """Frames generated for an item of ``duration_s`` seconds, alone or in any batch."""
+    return bucket_frames(frames_for(duration_s, loaded), frames_for(loaded.max_duration_s, loaded))
+
+
+def padding_waste_for(loaded: LoadedModel, items: list[GenerationItem]) -> float:
+    """The fraction of frames ``generate`` would produce for ``items`` that no item needs."""
+    return padding_waste([frames_for(item.duration_s, loaded) for item in items],
+                         [bucket_for(item.duration_s, loaded) for item in items])
+
+
 def generate(loaded: LoadedModel, items: list[GenerationItem],
              progress: ProgressCallback | None = None) -> list[GeneratedAudio]:
     """Generate audio for every item of a batch; results come back in the items' order.
 
-    Items that share a seed and every sampling parameter run in one padded ``model.generate``
-    call; the others run one group after another. Each call starts with ``torch.manual_seed`` of
-    its group's seed, so a seed (reported back, drawn at random when the item has none)
-    reproduces the audio bit for bit on the same model and hardware. Batching items with
-    different seeds would make an item's audio depend on its batch neighbours, so it is not done.
+    Items that share a duration bucket, a guidance scale and melody or not run in one padded
+    ``model.generate`` call (``batch_groups``); the groups run one after another. Each item is
+    generated for its bucket's frame count, samples from its own generator seeded with its seed
+    (reported back, drawn at random when the item has none) and is trimmed to its own length, so
+    a seed reproduces the clip bit for bit on the same model and hardware, whatever the item's
+    batch neighbours (see the README for how exact that is across batch shapes).
     """
     validate_items(items, max_duration_s=loaded.max_duration_s, sampling_rate=loaded.sampling_rate,
                    melody_supported=loaded.is_melody)
     seeds = [int(item.seed) if item.seed is not None else secrets.randbelow(2**31) for item in items]
-    groups = batch_groups(items, seeds, lambda d: frames_for(d, loaded))
-    steps = {tuple(g): max_new_tokens_for(frames_for(items[g[0]].duration_s, loaded),
+    groups = batch_groups(items, lambda d: bucket_for(d, loaded))
+    steps = {tuple(g): max_new_tokens_for(bucket_for(items[g[0]].duration_s, loaded),
                                           loaded.num_codebooks) for g in groups}
     reporter = ProgressReporter(progress, sum(steps.values()))
     results: list[GeneratedAudio | None] = [None] * len(items)
     for group in groups:
-        first = items[group[0]]
         started = time.perf_counter()
-        audio = _generate_group(loaded, [items[i] for i in group], seeds[group[0]],
+        audio = _generate_group(loaded, [items[i] for i in group], [seeds[i] for i in group],
                                 steps[tuple(group)], reporter)
         elapsed = time.perf_counter() - started
+        waste = padding_waste_for(loaded, [items[i] for i in group])
         for row, index in enumerate(group):
             target = round(items[index].duration_s * loaded.sampling_rate)
             if audio.shape[-1] < target:
@@ -196,28 +217,30 @@ def generate(loaded: LoadedModel, items: list[GenerationItem],
             results[index] = GeneratedAudio(
                 samples=np.ascontiguousarray(audio[row, :, :target]),
                 sample_rate=loaded.sampling_rate, duration_s=target / loaded.sampling_rate,
-                seed=seeds[index], generate_seconds=elapsed)
-        log.debug("generated %d item(s) of %.2fs in %.2fs", len(group), first.duration_s, elapsed)
+                seed=seeds[index], generate_seconds=elapsed, batch_size=len(group),
+                padding_waste=waste)
+        log.debug("generated %d item(s) in %.2fs, %d steps, %.0f%% padding waste", len(group),
+                  elapsed, steps[tuple(group)], 100 * waste)
     reporter.finish(f"generated {len(items)} item(s)")
     return [r for r in results if r is not None]
 
 
-def _generate_group(loaded: LoadedModel, items: list[GenerationItem], seed: int,
+def _generate_group(loaded: LoadedModel, items: list[GenerationItem], seeds: list[int],
                     max_new_tokens: int, reporter: ProgressReporter) -> np.ndarray:
-    """One ``model.generate`` call for items sharing seed and parameters: (batch, channels, n)."""
-    item = items[0]
-    inputs = _model_inputs(loaded, items)
-    sampling = item.temperature > 0
+    """One ``model.generate`` call for items sharing a batch key: (batch, channels, n)."""
+    guidance_scale = items[0].guidance_scale
+    sampler = JobSampler(
+        [JobSampling(seed=seed, temperature=item.temperature, top_k=item.top_k, top_p=item.top_p)
+         for item, seed in zip(items, seeds, strict=True)],
+        guidance_scale=guidance_scale, device=loaded.device)
+    # do_sample=False: the sampler has already chosen each token, greedy decoding only reads it
+    # back, and HF adds none of its own temperature/top-k/top-p warpers after it.
     kwargs: dict[str, Any] = {
-        **inputs, "do_sample": sampling, "guidance_scale": item.guidance_scale,
-        "max_new_tokens": max_new_tokens, "logits_processor": [StepCounter(reporter)],
+        **_model_inputs(loaded, items), "do_sample": False, "guidance_scale": guidance_scale,
+        "max_new_tokens": max_new_tokens, "logits_processor": [StepCounter(reporter), sampler],
     }
-    if sampling:  # 0 means "off" in the request contract; HF wants 0 / 1.0 for that
-        kwargs.update(temperature=item.temperature, top_k=item.top_k,
-                      top_p=item.top_p if 0 < item.top_p < 1 else 1.0)
     with _GENERATE_LOCK:
         try:
-            torch.manual_seed(seed)
             with torch.inference_mode():
                 out = loaded.model.generate(**kwargs)
         except PipelineError:

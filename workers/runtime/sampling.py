@@ -1,0 +1,136 @@
+"""Per-job sampling inside one batched ``model.generate`` call.
+
+HF's sampling draws every row of a batch from torch's process-global generator, so a job's tokens
+would depend on how many rows were drawn before it, i.e. on its batch neighbours. ``JobSampler``
+instead samples each job's rows from that job's own ``torch.Generator`` with its own temperature,
+top-k and top-p, and hands back logits on which greedy decoding picks exactly the sampled token:
+``generate`` runs with ``do_sample=False``, so none of HF's own warpers touch the logits after it.
+
+Draw order (what makes a job's stream independent of its neighbours): at every decoding step each
+sampling job draws ``rows_per_job`` uniforms (one per codebook row, codebook 0 first) from its own
+generator, whether or not the delay pattern later overwrites that position. A job's n-th draw is
+therefore always the same number, however many jobs share the call and whatever their lengths.
+Tokens are picked by inverting the cumulative distribution over the kept tokens, sorted by
+descending probability (stable, so ties break by token id).
+
+Classifier-free guidance: transformers' MusicGen ``generate`` appends its own
+``ClassifierFreeGuidanceLogitsProcessor`` *after* the processors it is given, so this processor
+sees the doubled (conditional, unconditional) logits. It combines them itself with the same
+formula and returns its choice twice; HF's guidance then computes ``u + (c - u) * s`` with
+``c == u``, which is exactly ``u`` in floating point. Should a later transformers apply guidance
+first, the logits arrive undoubled and are used as they are: correct either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor
+
+
+@dataclass(frozen=True)
+class JobSampling:
+    """One job's sampling parameters, as the request contract defines them.
+
+    ``temperature`` 0 is greedy (the seed is then unused); ``top_k`` 0 and ``top_p`` 0 or 1 are off.
+    """
+
+    seed: int
+    temperature: float
+    top_k: int
+    top_p: float
+
+    @property
+    def greedy(self) -> bool:
+        """Whether this job takes the most likely token at every step."""
+        return self.temperature <= 0
+
+
+class JobSampler(LogitsProcessor):
+    """Samples each job's rows from its own generator; greedy decoding then picks that token.
+
+    ``jobs`` are in batch order; row ``r`` of the (guided) logits belongs to job
+    ``r // rows_per_job`` (transformers lays MusicGen's rows out as batch x codebooks).
+    ``guidance_scale`` is the call's CFG scale, applied when the logits arrive doubled.
+    """
+
+    def __init__(self, jobs: Sequence[JobSampling], *, guidance_scale: float,
+                 device: str | torch.device) -> None:
+        if not jobs:
+            raise ValueError("JobSampler needs at least one job")
+        self._jobs = list(jobs)
+        self._guidance_scale = guidance_scale
+        self._device = torch.device(device)
+        # Generators live on the model's device: a CUDA draw from a CPU generator is refused.
+        self._generators = [
+            None if job.greedy else torch.Generator(device=self._device).manual_seed(job.seed)
+            for job in self._jobs]
+        self._temperature = torch.tensor(
+            [1.0 if job.greedy else job.temperature for job in self._jobs], device=self._device)
+        self._top_k = torch.tensor([job.top_k for job in self._jobs], device=self._device)
+        # top_p 0 ("off") keeps every token: compare against infinity rather than 1.0, so that
+        # float rounding of a cumulative sum near 1 can never drop a token when it is off.
+        self._top_p = torch.tensor(
+            [job.top_p if 0 < job.top_p < 1 else float("inf") for job in self._jobs],
+            device=self._device)
+        self._greedy = torch.tensor([job.greedy for job in self._jobs], device=self._device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        doubled = scores.shape[0] == 2 * input_ids.shape[0]
+        if doubled:  # (conditional, unconditional) halves: HF's own formula, in the same order
+            half = input_ids.shape[0]
+            cond, uncond = scores[:half], scores[half:]
+            logits = uncond + (cond - uncond) * self._guidance_scale
+        else:
+            logits = scores
+        tokens = self.choose(logits)
+        picked = torch.zeros_like(logits)
+        # 1 on the chosen token and 0 elsewhere: finite, so HF's guidance arithmetic after us is
+        # exact, and argmax (greedy decoding) returns the chosen token.
+        picked.scatter_(1, tokens[:, None], 1.0)
+        out = torch.cat([picked, picked]) if doubled else picked
+        return out  # type: ignore[return-value]
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """The token of every row of (guided) ``logits``, shaped ``(rows,)``."""
+        rows, vocab = logits.shape
+        if rows % len(self._jobs):
+            raise ValueError(f"{rows} logit rows do not divide among {len(self._jobs)} jobs")
+        per_job = rows // len(self._jobs)
+        greedy_tokens = logits.argmax(dim=-1)
+        if all(generator is None for generator in self._generators):
+            return greedy_tokens
+
+        def per_row(values: torch.Tensor) -> torch.Tensor:  # one value per job -> (rows, 1)
+            return values.repeat_interleave(per_job)[:, None]
+
+        scaled = logits.float() / per_row(self._temperature)
+        sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
+        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        top_k = per_row(self._top_k)
+        sorted_logits = sorted_logits.masked_fill((top_k > 0) & (ranks >= top_k), float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        # top-p (after top-k, as HF orders them): drop a token once the tokens ranked above it
+        # already hold top_p of the mass; the most likely token always stays.
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop = mass_before >= per_row(self._top_p)
+        drop[:, 0] = False
+        probs = probs.masked_fill(drop, 0.0)
+        cdf = probs.cumsum(dim=-1)
+        draws = self._draws(per_job, logits.device) * cdf[:, -1]
+        index = torch.searchsorted(cdf, draws[:, None], right=True).squeeze(1)
+        # A draw rounding up to the total mass would land past the kept tokens: the kept tokens
+        # are a prefix of the sorted order, so clamp to its last one.
+        last_kept = (probs > 0).sum(dim=-1) - 1
+        index = torch.minimum(index, last_kept)
+        sampled = order.gather(1, index[:, None]).squeeze(1)
+        return torch.where(per_row(self._greedy).squeeze(1), greedy_tokens, sampled)
+
+    def _draws(self, per_job: int, device: torch.device) -> torch.Tensor:
+        """``per_job`` uniforms in [0, 1) per job, from that job's generator (zeros if greedy)."""
+        parts = [torch.zeros(per_job, device=device) if generator is None
+                 else torch.rand(per_job, generator=generator, device=device)
+                 for generator in self._generators]
+        return torch.cat(parts)
