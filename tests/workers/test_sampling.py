@@ -53,6 +53,24 @@ def test_a_seeded_item_sounds_the_same_alone_and_among_different_neighbours(
     assert float(np.abs(reordered[0].samples - alone.samples).max()) <= ALONE_VS_BATCHED_MAX_DIFF
 
 
+def test_a_melody_item_sounds_the_same_alone_and_among_different_neighbours(
+        tiny_melody_model: LoadedModel) -> None:
+    t = np.arange(64000) / 32000
+    tone = ((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 32000)
+    shorter = ((0.5 * np.sin(2 * np.pi * 330 * t[:40000])).astype(np.float32), 32000)
+    target = GenerationItem("calm piano", 0.5, seed=7, melody=tone)
+    alone = generate(tiny_melody_model, [target])[0]
+    neighbours = [GenerationItem("soft drums", 0.55, seed=1, melody=shorter, top_k=20), target,
+                  GenerationItem("calm piano", 0.6, seed=3, temperature=0.0, melody=tone),
+                  # A longer prompt runs in its own call: the melody model attends to padding.
+                  GenerationItem("loud rock drums with a much longer prompt", 0.5, seed=4,
+                                 melody=tone)]
+    batched = generate(tiny_melody_model, neighbours)
+    assert [r.batch_size for r in batched] == [3, 3, 3, 1]
+    difference = float(np.abs(batched[1].samples - alone.samples).max())
+    assert difference <= ALONE_VS_BATCHED_MAX_DIFF
+
+
 def test_a_job_draws_the_same_tokens_wherever_it_sits_in_the_batch() -> None:
     torch.manual_seed(0)
     mine = torch.randn(4, 2048)
@@ -172,6 +190,10 @@ def test_batch_groups_split_by_bucket_guidance_and_melody_only() -> None:
     ]
     groups = batch_groups(items, lambda d: bucket_frames(max(1, round(d * 50)), 1500))
     assert groups == [[0, 1, 7], [2], [3, 4], [5], [6]]
+    # A melody model also splits by prompt length in tokens (here: words).
+    by_words = batch_groups(items, lambda d: bucket_frames(max(1, round(d * 50)), 1500),
+                            lambda prompt: len(prompt.split()))
+    assert by_words == [[0, 7], [1], [2], [3, 4], [5], [6]]
 
 
 # --- (6) the padding waste ---------------------------------------------------------------------

@@ -9,7 +9,11 @@ What shares a ``model.generate`` call (the batch key), and why nothing else spli
   a row's final frames, so a longer run changes them);
 - the guidance scale: transformers takes one CFG scale per call, and CFG on or off changes the
   batch itself (the unconditional half is only built when it is on);
-- melody or text-only: the melody processor conditions every row of a call or none.
+- melody or text-only: the melody processor conditions every row of a call or none;
+- on MusicGen-Melody only, the prompt's length in tokens: that model prepends the text states to
+  the decoder's input and attends to a shorter prompt's padding (transformers zeroes the padded
+  states but passes no mask for them), so padding would change a job's audio. Text-only MusicGen
+  reads the prompt by cross-attention with a mask, where padding changes nothing.
 
 Prompt, seed, temperature, top-k and top-p differ freely inside a call: prompts are padded with an
 attention mask and ``workers.runtime.sampling.JobSampler`` gives every item its own parameters
@@ -148,17 +152,20 @@ def padding_waste(needed: Sequence[int], generated: Sequence[int]) -> float:
     return (total - sum(needed)) / total if total else 0.0
 
 
-def batch_groups(items: list[GenerationItem],
-                 bucket: Callable[[float], int]) -> list[list[int]]:
+def batch_groups(items: list[GenerationItem], bucket: Callable[[float], int],
+                 prompt_tokens: Callable[[str], int] | None = None) -> list[list[int]]:
     """Indices of ``items`` that can share one ``model.generate`` call, in first-seen order.
 
     ``bucket`` maps a duration to its bucket's frame count. Items share a call when they share
-    that bucket, the guidance scale and melody or not (the module docstring says why); prompt,
-    seed, temperature, top-k and top-p do not split a batch.
+    that bucket, the guidance scale, melody or not and, when ``prompt_tokens`` is given (for
+    MusicGen-Melody), the prompt's token count (the module docstring says why); seed,
+    temperature, top-k and top-p never split a batch.
     """
     groups: dict[Hashable, list[int]] = {}
     for index, item in enumerate(items):
-        key = (bucket(item.duration_s), _guidance_key(item.guidance_scale), item.melody is not None)
+        length = prompt_tokens(item.prompt) if prompt_tokens is not None else None
+        key = (bucket(item.duration_s), _guidance_key(item.guidance_scale),
+               item.melody is not None, length)
         groups.setdefault(key, []).append(index)
     return list(groups.values())
 

@@ -12,6 +12,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -187,7 +188,8 @@ def generate(loaded: LoadedModel, items: list[GenerationItem],
              progress: ProgressCallback | None = None) -> list[GeneratedAudio]:
     """Generate audio for every item of a batch; results come back in the items' order.
 
-    Items that share a duration bucket, a guidance scale and melody or not run in one padded
+    Items that share a duration bucket, a guidance scale and melody or not (and, on a melody
+    model, a prompt length in tokens) run in one padded
     ``model.generate`` call (``batch_groups``); the groups run one after another. Each item is
     generated for its bucket's frame count, samples from its own generator seeded with its seed
     (reported back, drawn at random when the item has none) and is trimmed to its own length, so
@@ -197,7 +199,8 @@ def generate(loaded: LoadedModel, items: list[GenerationItem],
     validate_items(items, max_duration_s=loaded.max_duration_s, sampling_rate=loaded.sampling_rate,
                    melody_supported=loaded.is_melody)
     seeds = [int(item.seed) if item.seed is not None else secrets.randbelow(2**31) for item in items]
-    groups = batch_groups(items, lambda d: bucket_for(d, loaded))
+    groups = batch_groups(items, lambda d: bucket_for(d, loaded),
+                          _prompt_tokens(loaded) if loaded.is_melody else None)
     steps = {tuple(g): max_new_tokens_for(bucket_for(items[g[0]].duration_s, loaded),
                                           loaded.num_codebooks) for g in groups}
     reporter = ProgressReporter(progress, sum(steps.values()))
@@ -223,6 +226,15 @@ def generate(loaded: LoadedModel, items: list[GenerationItem],
                   elapsed, steps[tuple(group)], 100 * waste)
     reporter.finish(f"generated {len(items)} item(s)")
     return [r for r in results if r is not None]
+
+
+def _prompt_tokens(loaded: LoadedModel) -> Callable[[str], int]:
+    tokenizer = loaded.processor.tokenizer
+
+    def count(prompt: str) -> int:
+        return len(tokenizer(prompt)["input_ids"])
+
+    return count
 
 
 def _generate_group(loaded: LoadedModel, items: list[GenerationItem], seeds: list[int],
