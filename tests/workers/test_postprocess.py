@@ -1,4 +1,5 @@
-"""Post-processing with real ffmpeg: every file is checked with ffprobe and measured again.
+"""Post-processing with real ffmpeg: every file is checked with ffprobe and measured again,
+by ffmpeg (its ebur128 and astats meters), independently of the render's in-process meters.
 
 Duration tolerances (the container's own duration, as ffprobe reports it):
 - wav, flac: exact to the sample (half a sample of slack for float rounding);
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from pipeline.errors import (
 )
 from workers.audio import FORMATS, OutputSpec, check_output_spec, render
 from workers.audio.formats import FfmpegCaps, encoder_args
-from workers.audio.loudness import analyse
+from workers.audio.ffmpeg_meters import analyse
 
 SOURCE_RATE = 32000  # MusicGen's rate
 CODECS = {"wav": "pcm_s16le", "flac": "flac", "mp3": "mp3", "ogg": "vorbis", "opus": "opus"}
@@ -49,6 +51,14 @@ def sine(seconds: float, channels: int = 1, freq: float = 440.0, amp: float = 0.
 def noise(seconds: float, channels: int = 2, amp: float = 0.05, seed: int = 7) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return (amp * rng.standard_normal((channels, int(seconds * SOURCE_RATE)))).astype(np.float32)
+
+
+def ebur128_lufs(path: Path) -> float:
+    """Integrated loudness of a finished file by ffmpeg's ebur128 filter (not the render's)."""
+    out = subprocess.run(["ffmpeg", "-nostats", "-hide_banner", "-i", str(path), "-af", "ebur128",
+                          "-f", "null", "-"], capture_output=True, text=True, check=True)
+    lines = [line for line in out.stderr.splitlines() if line.strip().startswith("I:")]
+    return float(lines[-1].split()[1])
 
 
 def container_tolerance_s(fmt: str, rate: int) -> float:
@@ -150,22 +160,25 @@ def test_lufs_normalisation_lands_within_half_a_lu(signal: str, fmt: str, rate: 
     result = render(samples, SOURCE_RATE, spec, dest, temp_dir=temp_dir)
 
     assert abs(result.loudness_lufs - target) <= 0.5
-    remeasured = analyse(dest, ffmpeg="ffmpeg", timeout_s=60)  # the file, measured again
-    assert remeasured.loudness is not None
-    assert remeasured.loudness.integrated_lufs == pytest.approx(result.loudness_lufs, abs=0.01)
-    assert result.true_peak_dbtp <= -1.0 + 0.5  # loudnorm's ceiling, codec overshoot allowed
+    independent = ebur128_lufs(dest)  # the file, decoded and measured by ffmpeg
+    assert abs(independent - target) <= 0.5  # the promise
+    assert independent == pytest.approx(result.loudness_lufs, abs=0.2)  # the two meters agree
+    assert result.true_peak_dbtp <= -1.0 + 0.5  # the ceiling, codec overshoot allowed
 
 
 def test_lufs_when_the_peak_ceiling_forbids_a_linear_gain(temp_dir: Path, out_dir: Path) -> None:
     # A quiet tone with full-scale clicks: +15 dB of linear gain would put the true peak at
-    # about +15 dBTP, so loudnorm must switch to dynamic mode and limit.
+    # about +15 dBTP, so the render must limit (in process) instead of clipping.
     samples = sine(3.0, amp=0.05)
     samples[0, ::8000] = 0.99
-    result = render(samples, SOURCE_RATE, OutputSpec(format="wav", normalization="lufs"),
-                    out_dir / "take.wav", temp_dir=temp_dir)
-    assert abs(result.loudness_lufs - -14.0) <= 0.5
-    assert result.true_peak_dbtp <= -0.5
-    assert any("dynamic mode" in note for note in result.notes)
+    dest = out_dir / "take.wav"
+    result = render(samples, SOURCE_RATE, OutputSpec(format="wav", bit_depth=24,
+                                                     normalization="lufs"), dest,
+                    temp_dir=temp_dir)
+    assert abs(result.loudness_lufs - -14.0) <= 0.5 and abs(ebur128_lufs(dest) + 14.0) <= 0.5
+    assert result.true_peak_dbtp <= -1.0 + 0.05
+    assert analyse(dest, ffmpeg="ffmpeg", timeout_s=60, loudness=False).peak_dbfs <= -1.0
+    assert any("true-peak limiter" in note for note in result.notes)
 
 
 def test_lufs_input_above_full_scale(temp_dir: Path, out_dir: Path) -> None:
@@ -290,17 +303,17 @@ def test_encoder_fallbacks_follow_what_ffmpeg_has() -> None:
 
 def test_missing_ffmpeg_is_service_unavailable(temp_dir: Path, out_dir: Path) -> None:
     with pytest.raises(ServiceUnavailable) as raised:
-        render(sine(0.2), SOURCE_RATE, OutputSpec(), out_dir / "take.wav", temp_dir=temp_dir,
-               ffmpeg="/nonexistent/ffmpeg")
+        render(sine(0.2), SOURCE_RATE, OutputSpec(format="mp3"), out_dir / "take.mp3",
+               temp_dir=temp_dir, ffmpeg="/nonexistent/ffmpeg")
     assert "ffmpeg not found" in raised.value.message
     assert list(out_dir.iterdir()) == [] and list(temp_dir.iterdir()) == []
 
 
 def test_ffmpeg_that_fails_is_retryable_and_leaves_nothing(temp_dir: Path,
                                                           out_dir: Path) -> None:
-    dest = out_dir / "take.wav"
+    dest = out_dir / "take.ogg"
     with pytest.raises(PostProcessFailed) as raised:
-        render(sine(0.2), SOURCE_RATE, OutputSpec(), dest, temp_dir=temp_dir,
+        render(sine(0.2), SOURCE_RATE, OutputSpec(format="ogg"), dest, temp_dir=temp_dir,
                ffmpeg="/bin/false")
     assert raised.value.retryable and raised.value.details["returncode"] == 1
     assert not dest.exists() and list(out_dir.iterdir()) == [] and list(temp_dir.iterdir()) == []
@@ -330,7 +343,7 @@ def test_crash_mid_encode_cleans_up_and_keeps_old_output(tmp_path: Path, temp_di
     assert "encoder exploded" in raised.value.details["stderr_tail"]
     assert dest.read_bytes() == b"the previous, complete take"
     assert list(out_dir.iterdir()) == [dest]  # the half-written .part is gone
-    assert list(temp_dir.iterdir()) == []  # the stage WAVs are gone too
+    assert list(temp_dir.iterdir()) == []  # nothing is staged there
 
 
 @pytest.mark.parametrize(("samples", "match"), [

@@ -1,69 +1,62 @@
-"""Turn generated samples into a finished file: resample, map channels, normalise, encode.
+"""Turn generated samples into a finished file: map channels, resample, normalise, encode.
 
-Every step is a real ffmpeg run (built with ffmpeg-python, run with a timeout):
+Everything but the encoder runs in process on the samples (``dsp``, ``loudness``, ``limiter``),
+and the encoder runs once (``encode``): wav and flac are written by libsndfile, mp3, ogg and
+opus by one ffmpeg run that reads the finished float samples from stdin. Numbers in
+``RenderResult`` are measured in process: for wav, flac and opus on the samples encoded (what
+a lossless file holds exactly; libopus keeps loudness within 0.25 LU), for mp3 and ogg on the
+file decoded back by libsndfile, because LAME and Vorbis move loudness by up to 0.6 and 1.9 LU
+at low rates; a file more than ``LUFS_TRIM_LU`` off its lufs target is encoded once more with
+the aim trimmed by the miss. The promise, held by the tests with ffmpeg's own ebur128 meter: the
+finished file is within ``LUFS_PROMISE_LU`` of the loudness target.
 
-1. the float samples go to a float WAV in a private folder under ``temp_dir``;
-2. stage: pan to the requested channels, resample (soxr when linked) -> a float WAV, and in
-   the same run measure it (sample peak and RMS with astats, loudnorm's R128 analysis for lufs);
-3. choose the gain (or loudnorm's second pass) from those measurements;
-4. encode: gain (or loudnorm's second pass) + the encoder, into a ``.part`` file beside ``dest``;
-5. measure the encoded file (the numbers in ``RenderResult`` are of the file as written),
-   then rename it over ``dest``.
-
-Temp files go on success and on failure; ``dest`` appears whole or not at all.
+Steps: (stereo->mono as (L+R)/2, mono->stereo duplicated) -> soxr to the output rate -> when
+normalising, a 10 Hz DC high-pass -> the gain for peak/rms/lufs (lufs: a true-peak limiter when
+one linear gain would cross -1 dBTP) -> measure -> encode into a ``.part`` beside ``dest`` that
+is renamed over it. ``dest`` appears whole or not at all; nothing is written to ``temp_dir``.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import ffmpeg as ffmpeg_lib
 import numpy as np
-import soundfile as sf
 
 from pipeline.output_format import OutputSpec, check_output_spec
-from workers.audio.formats import (
-    FfmpegCaps,
-    encoder_args,
-    ffmpeg_capabilities,
-    run_ffmpeg,
+from workers.audio.dsp import channels_first, map_channels, remove_dc, resample
+from workers.audio.encode import (
+    decode,
+    encode_with_ffmpeg,
+    for_integer_pcm,
+    reads_back,
+    write_lossless,
+    writes_in_process,
 )
-from workers.audio.loudness import (
-    TRUE_PEAK_CEILING_DBTP,
-    Analysis,
-    Loudness,
-    add_meters,
-    analyse,
-    loudnorm_pass2,
-    parse_loudnorm_json,
-    parse_meters,
-    shifted,
-)
+from workers.audio.formats import encoder_args, ffmpeg_capabilities
+from workers.audio.limiter import limit
+from workers.audio.loudness import TRUE_PEAK_CEILING_DBTP, Levels, integrated_lufs, measure
 from workers.storage import atomic_write_path
 
 CLIP_CEILING_DBFS = -0.1  # rms gain stops here: a hair under full scale so PCM rounding can't clip
-LUFS_TOLERANCE_LU = 0.2  # re-encode with a trimmed target when the file misses by more than this
-LUFS_MAX_TRIMS = 2
-SUBSONIC_HZ = 10  # DC-blocking high-pass corner, applied whenever the level is normalised
-LOUDNORM_MAX_INPUT_LUFS = -1.0  # loudnorm's measured_I must be <= 0; keep a margin
-
-Filter = tuple[str, tuple[Any, ...], dict[str, Any]]
+LUFS_PROMISE_LU = 0.5  # the finished file's loudness is this close to the target
+LUFS_AIM_LU = 0.1  # the limiter loop stops this close (limiting lowers loudness a little)
+LUFS_TRIM_LU = 0.2  # a read-back lossy file further off than this is encoded once more
+LIMITER_PASSES = 4
 
 
 @dataclass(frozen=True)
 class RenderResult:
-    """The finished file and what was measured on it (after encoding, not before).
+    """The finished file and what was measured on the samples encoded into it.
 
     ``sample_rate`` is the encoded rate (an Opus decoder always plays at 48 kHz);
-    ``duration_s`` is the decoded, gapless duration; ``gain_db`` is the linear gain applied for
-    peak/rms (0 for none and lufs); ``notes`` records anything the caller should know, such as
-    a capped rms gain or loudnorm falling back to dynamic mode.
+    ``duration_s`` is the duration of the samples encoded (gapless); ``gain_db`` is the linear
+    gain applied (0 for none); ``notes`` records anything the caller should know, such as a
+    capped rms gain or the true-peak limiter at work.
     """
 
     path: Path
@@ -92,192 +85,130 @@ def render(samples: np.ndarray, sample_rate: int, spec: OutputSpec, dest: Path, 
     """Write ``samples`` ((channels, n) or 1-D mono float) to ``dest`` as ``spec`` asks.
 
     Raises ``UnsupportedOption`` for a bad spec before anything runs, ``ServiceUnavailable``
-    when ffmpeg is missing, ``PostProcessFailed`` (retryable) when ffmpeg fails or times out,
-    and ``ValueError`` for samples that are not finite float audio of 1 or 2 channels.
+    when ffmpeg is missing (mp3, ogg, opus), ``PostProcessFailed`` (retryable) when ffmpeg fails
+    or times out, and ``ValueError`` for samples that are not finite float audio of 1 or 2
+    channels. ``temp_dir`` is accepted for the caller's contract; nothing is staged there.
     """
+    del temp_dir  # every stage lives in memory now
     started = time.perf_counter()
     check_output_spec(spec)
-    audio = _channels_first(samples)
+    audio = channels_first(samples)
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
             or sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
-    sample_rate = int(sample_rate)
-    caps = ffmpeg_capabilities(ffmpeg)
-    codec = encoder_args(spec, caps)
-    temp_dir = Path(temp_dir)
-    temp_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="render-", dir=temp_dir) as work_dir:
-        raw, stage = Path(work_dir) / "input.wav", Path(work_dir) / "stage.wav"
-        sf.write(raw, audio.T, sample_rate, subtype="FLOAT")
-        before = _stage(raw, stage, audio.shape[0], spec, caps, ffmpeg, timeout_s)
-        with atomic_write_path(Path(dest)) as part:
-            if spec.normalization == "lufs":
-                final, notes = _encode_lufs(stage, part, spec, caps, codec, before, ffmpeg,
-                                            timeout_s)
-                gain = 0.0
-            else:
-                gain, notes = _linear_gain(spec, before)
-                chain = [("volume", (), {"volume": f"{gain:.4f}dB"})] if gain else []
-                _encode(stage, part, [*chain, _aformat(spec)], codec, ffmpeg, timeout_s,
-                        what=f"encoding {spec.format}")
-                final = analyse(part, ffmpeg=ffmpeg, timeout_s=timeout_s)
-    assert final.loudness is not None  # analyse() measures loudness by default
+    codec = {} if writes_in_process(spec) else encoder_args(spec, ffmpeg_capabilities(ffmpeg))
+    rate = spec.sample_rate
+    audio = resample(map_channels(audio, spec.channels), int(sample_rate), rate)
+    if spec.normalization != "none":
+        audio = remove_dc(audio, rate)
+    target, source = spec.target, audio
+    audio, gain, levels, notes = _normalise(source, rate, spec, target)
+    with atomic_write_path(Path(dest)) as part:
+        _encode(audio, rate, spec, codec, part, ffmpeg=ffmpeg, timeout_s=timeout_s)
+        if reads_back(spec):
+            written = _read_back(part, levels)
+            lufs_target = target if spec.normalization == "lufs" else None
+            miss = 0.0 if lufs_target is None else lufs_target - written.loudness_lufs
+            if lufs_target is not None and not written.unmeasurable and abs(miss) > LUFS_TRIM_LU:
+                # The codec moved loudness (Vorbis and LAME at low rates): one more encode with
+                # the aim moved by the measured miss; the codec's shift is close to constant.
+                audio, gain, levels, notes = _normalise(source, rate, spec, lufs_target + miss)
+                _encode(audio, rate, spec, codec, part, ffmpeg=ffmpeg, timeout_s=timeout_s)
+                notes.append(f"the {spec.format} encoder moved loudness by {-miss:+.2f} LU; "
+                             "encoded once more with the aim trimmed by that much")
+                written = _read_back(part, levels)
+            levels = written
     return RenderResult(
-        path=Path(dest), format=spec.format, duration_s=final.duration_s,
-        sample_rate=spec.sample_rate, channels=spec.channels, bit_depth=spec.effective_bit_depth,
-        loudness_lufs=final.loudness.integrated_lufs, peak_dbfs=final.peak_dbfs,
-        true_peak_dbtp=final.loudness.true_peak_dbtp,
+        path=Path(dest), format=spec.format, duration_s=levels.duration_s, sample_rate=rate,
+        channels=spec.channels, bit_depth=spec.effective_bit_depth,
+        loudness_lufs=levels.loudness_lufs, peak_dbfs=levels.peak_dbfs,
+        true_peak_dbtp=levels.true_peak_dbtp,
         postprocess_seconds=time.perf_counter() - started, gain_db=gain, notes=tuple(notes))
 
 
-def _channels_first(samples: np.ndarray) -> np.ndarray:
-    audio = np.asarray(samples)
-    if not np.issubdtype(audio.dtype, np.floating):
-        raise ValueError(f"samples must be floating point in [-1, 1], got dtype {audio.dtype}")
-    if audio.ndim == 1:
-        audio = audio[np.newaxis, :]
-    if audio.ndim != 2 or audio.shape[0] not in (1, 2):
-        raise ValueError(f"samples must be shaped (channels, n) with 1 or 2 channels, got "
-                         f"{audio.shape}; transpose an (n, channels) array first")
-    if audio.shape[1] == 0:
-        raise ValueError("samples are empty")
-    if not np.isfinite(audio).all():
-        raise ValueError("samples contain NaN or infinity")
-    return np.ascontiguousarray(audio, dtype=np.float32)
+def _read_back(part: Path, encoded: Levels) -> Levels:
+    """The levels of the file as a player decodes it; its duration is the samples' own."""
+    decoded, rate = decode(part)
+    measured = measure(decoded, rate)
+    return Levels(measured.peak_dbfs, measured.rms_dbfs, measured.true_peak_dbtp,
+                  measured.loudness_lufs, encoded.samples, encoded.sample_rate)
 
 
-def _stage(raw: Path, stage: Path, in_channels: int, spec: OutputSpec, caps: FfmpegCaps,
-           ffmpeg: str, timeout_s: float) -> Analysis:
-    """Pan and resample ``raw`` into the float ``stage`` file and measure it in the same run."""
-    stream = ffmpeg_lib.input(str(raw))
-    chain = [_pan(in_channels, spec.channels), *_resample(spec, caps)]
-    if spec.normalization != "none":
-        # A DC offset or subsonic drift takes headroom and no loudness (K-weighting ignores it),
-        # so no gain could reach a loudness target past it. A 2-pole 10 Hz high-pass removes it
-        # and leaves everything audible; "none" keeps the samples exactly as generated.
-        chain.append(("highpass", (), {"f": str(SUBSONIC_HZ), "poles": "2"}))
-    for name, args, kwargs in chain:
-        stream = stream.filter(name, *args, **kwargs)
-    split = stream.filter_multi_output("asplit")
-    lufs = spec.normalization == "lufs"
-    to_file = split[0].output(str(stage), f="wav", acodec="pcm_f32le")
-    to_meters = add_meters(split[1], loudness=lufs).output("-", f="null")
-    argv = (ffmpeg_lib.merge_outputs(to_file, to_meters).overwrite_output()
-            .global_args("-hide_banner", "-nostdin", "-nostats").compile(cmd=ffmpeg))
-    stderr = run_ffmpeg(argv, what="resampling, mapping channels and measuring",
-                        timeout_s=timeout_s)
-    return parse_meters(stderr, loudness=lufs, sample_rate=spec.sample_rate)
+def _encode(audio: np.ndarray, rate: int, spec: OutputSpec, codec: Mapping[str, Any],
+            part: Path, *, ffmpeg: str, timeout_s: float) -> str:
+    """Write the finished samples into ``part``: the one encoder step (ffmpeg's stderr or "")."""
+    if writes_in_process(spec):
+        write_lossless(audio, rate, spec, part)
+        return ""
+    return encode_with_ffmpeg(audio, rate, codec, part, ffmpeg=ffmpeg, timeout_s=timeout_s)
 
 
-def _pan(in_channels: int, out_channels: int) -> Filter:
-    # "<" renormalises the gains, so "c0<c0+c1" is the 0.5/0.5 downmix. ("=" would need
-    # escaping that ffmpeg-python gets wrong for pan.) pan also names the layout, which the
-    # float WAV from soundfile lacks and later filters need.
-    sources = ["c0"] if in_channels == 1 else ["c0", "c1"]
-    if out_channels == 1:
-        spec = "mono|c0<" + "+".join(sources)
-    else:
-        spec = f"stereo|c0<{sources[0]}|c1<{sources[-1]}"
-    return ("pan", (spec,), {})
-
-
-def _resample(spec: OutputSpec, caps: FfmpegCaps) -> list[Filter]:
-    options: dict[str, Any] = {"resampler": "soxr", "precision": 28} if caps.has_soxr else {}
-    return [("aresample", (spec.sample_rate,), options), _aformat(spec)]
-
-
-def _aformat(spec: OutputSpec) -> Filter:
-    # Pin rate and layout at the end of every chain: after loudnorm, ffmpeg 5.1 cannot
-    # negotiate a channel layout for the encoder without it ("Cannot select channel layout").
-    layout = "mono" if spec.channels == 1 else "stereo"
-    return ("aformat", (), {"sample_rates": spec.sample_rate, "channel_layouts": layout})
-
-
-def _encode(src: Path, out: Path, chain: Sequence[Filter], codec: dict[str, Any], ffmpeg: str,
-            timeout_s: float, *, what: str) -> str:
-    stream = ffmpeg_lib.input(str(src))
-    for name, args, kwargs in chain:
-        stream = stream.filter(name, *args, **kwargs)
-    argv = (stream.output(str(out), **codec).overwrite_output()
-            .global_args("-hide_banner", "-nostdin", "-nostats").compile(cmd=ffmpeg))
-    return run_ffmpeg(argv, what=what, timeout_s=timeout_s)
-
-
-def _linear_gain(spec: OutputSpec, before: Analysis) -> tuple[float, list[str]]:
-    """The gain (dB) for none/peak/rms, and notes on anything unusual."""
+def _normalise(audio: np.ndarray, rate: int, spec: OutputSpec,
+               target: float | None) -> tuple[np.ndarray, float, Levels, list[str]]:
+    """Apply ``spec``'s normalisation aiming at ``target``: the samples, the gain (dB), their
+    levels, and notes."""
+    before = measure(audio, rate)
     notes: list[str] = []
-    target = spec.target
     if target is None:
         if before.peak_dbfs > 0:
             notes.append(f"input peaks at {before.peak_dbfs:+.2f} dBFS; without normalization "
                          "the encoder clips it")
-        return 0.0, notes
+        return _as_written(audio, rate, spec, before, 0.0, notes)
+    if spec.normalization == "lufs":  # says why silence or a too-short clip has no loudness
+        return _lufs(audio, rate, spec, target, before)
     if not math.isfinite(before.peak_dbfs):
         notes.append("input is silent; normalization skipped")
-        return 0.0, notes
+        return _as_written(audio, rate, spec, before, 0.0, notes)
     if spec.normalization == "peak":
-        return target - before.peak_dbfs, notes
-    gain = target - before.rms_dbfs
-    headroom = CLIP_CEILING_DBFS - before.peak_dbfs
-    if gain > headroom:
-        notes.append(f"rms gain capped at {headroom:+.2f} dB (wanted {gain:+.2f} dB) so the peak "
-                     f"stays at {CLIP_CEILING_DBFS} dBFS; RMS lands at "
-                     f"{before.rms_dbfs + headroom:.2f} dBFS, not {target:.2f}")
-        gain = headroom
-    return gain, notes
+        gain = target - before.peak_dbfs
+    else:
+        gain = target - before.rms_dbfs
+        headroom = CLIP_CEILING_DBFS - before.peak_dbfs
+        if gain > headroom:
+            notes.append(f"rms gain capped at {headroom:+.2f} dB (wanted {gain:+.2f} dB) so the "
+                         f"peak stays at {CLIP_CEILING_DBFS} dBFS; RMS lands at "
+                         f"{before.rms_dbfs + headroom:.2f} dBFS, not {target:.2f}")
+            gain = headroom
+    return _as_written(_gained(audio, gain), rate, spec, before.shifted(gain), gain, notes)
 
 
-def _encode_lufs(stage: Path, part: Path, spec: OutputSpec, caps: FfmpegCaps,
-                 codec: dict[str, Any], before: Analysis, ffmpeg: str,
-                 timeout_s: float) -> tuple[Analysis, list[str]]:
-    """EBU R128 two-pass loudnorm, checked on the encoded file and trimmed if it missed.
-
-    Pass 1 is ``before.loudness`` (loudnorm's analysis of the stage file). Pass 2 runs
-    loudnorm with those measured values and linear=true: one constant gain, the same as
-    ``volume``, unless that gain would push the true peak over -1 dBTP, when loudnorm switches
-    to its dynamic mode (a gain that rides the 3 s short-term loudness, plus a limiter).
-    loudnorm works at 192 kHz, so ``aresample`` takes the result back to the requested rate.
-
-    Why the trim loop: what is measured on the finished file is what counts, and three things
-    move it after pass 2: the 192 kHz round trip removes the band next to Nyquist (~0.25 LU on
-    full-band noise at 32 kHz), lossy encoders low-pass and reshape peaks, and dynamic mode on
-    short clips lands a few tenths off. Each miss > LUFS_TOLERANCE_LU re-runs pass 2 with the
-    target moved by the measured error; in linear mode the error is a constant so one trim
-    lands it, in dynamic mode loudnorm re-solves for the new target.
-    """
-    target = spec.target
-    assert target is not None and before.loudness is not None
-    notes: list[str] = []
-    if before.loudness.unmeasurable:
-        notes.append("input has no integrated loudness (silent, or shorter than one 0.4 s "
-                     "BS.1770 block); loudness normalization skipped")
-        _encode(stage, part, [_aformat(spec)], codec, ffmpeg, timeout_s,
-                what=f"encoding {spec.format}")
-        return analyse(part, ffmpeg=ffmpeg, timeout_s=timeout_s), notes
-    measured: Loudness = before.loudness
-    pre: list[Filter] = []
-    if measured.integrated_lufs > LOUDNORM_MAX_INPUT_LUFS:
-        # Louder than loudnorm's measured_I range (float input above full scale): turn it
-        # down first by a known gain and shift the pass-1 numbers by the same amount.
-        pre_gain = -10.0 - measured.integrated_lufs
-        pre = [("volume", (), {"volume": f"{pre_gain:.4f}dB"})]
-        measured = shifted(measured, pre_gain)
-    aim = target
-    for attempt in range(LUFS_MAX_TRIMS + 1):
-        chain = [*pre, ("loudnorm", (), loudnorm_pass2(measured, aim)), *_resample(spec, caps)]
-        stderr = _encode(stage, part, chain, codec, ffmpeg, timeout_s,
-                         what=f"normalising loudness and encoding {spec.format}")
-        mode = parse_loudnorm_json(stderr).normalization_type
-        final = analyse(part, ffmpeg=ffmpeg, timeout_s=timeout_s)
-        assert final.loudness is not None
-        error = target - final.loudness.integrated_lufs
-        if abs(error) <= LUFS_TOLERANCE_LU or attempt == LUFS_MAX_TRIMS:
+def _lufs(audio: np.ndarray, rate: int, spec: OutputSpec, target: float,
+          before: Levels) -> tuple[np.ndarray, float, Levels, list[str]]:
+    """One linear gain to ``target`` LUFS; the true-peak limiter when that gain would cross
+    the ceiling, with the gain raised until the limited audio lands within ``LUFS_AIM_LU``."""
+    if before.unmeasurable:
+        notes = ["input has no integrated loudness (silent, or shorter than one 0.4 s BS.1770 "
+                 "block); loudness normalization skipped"]
+        return _as_written(audio, rate, spec, before, 0.0, notes)
+    gain = target - before.loudness_lufs
+    if before.true_peak_dbtp + gain <= TRUE_PEAK_CEILING_DBTP:
+        return _as_written(_gained(audio, gain), rate, spec, before.shifted(gain), gain, [])
+    wanted = gain
+    for _ in range(LIMITER_PASSES):
+        limited, reduction = limit(_gained(audio, gain), rate, TRUE_PEAK_CEILING_DBTP)
+        error = target - integrated_lufs(limited, rate)
+        if abs(error) <= LUFS_AIM_LU or not math.isfinite(error):
             break
-        aim = min(-5.0, max(-70.0, aim + error))
-    if mode == "dynamic":
-        notes.append(f"loudnorm used dynamic mode: one linear gain to {target} LUFS would have "
-                     f"put the true peak above {TRUE_PEAK_CEILING_DBTP} dBTP")
-    if abs(error) > LUFS_TOLERANCE_LU:
-        notes.append(f"loudness landed {-error:+.2f} LU from the {target} LUFS target")
-    return final, notes
+        gain += error
+    notes = [f"true-peak limiter: one linear gain of {wanted:+.2f} dB to {target} LUFS would have "
+             f"put the true peak at {before.true_peak_dbtp + wanted:+.2f} dBTP, above "
+             f"{TRUE_PEAK_CEILING_DBTP} dBTP; {gain:+.2f} dB applied and up to {reduction:.2f} dB "
+             "limited"]
+    written, _, levels, more = _as_written(limited, rate, spec, measure(limited, rate), gain, [])
+    if abs(levels.loudness_lufs - target) > LUFS_PROMISE_LU:
+        more.append(f"loudness landed {levels.loudness_lufs - target:+.2f} LU from the {target} "
+                    "LUFS target: the limiter could not reach it under the true-peak ceiling")
+    return written, gain, levels, notes + more
 
+
+def _gained(audio: np.ndarray, gain_db: float) -> np.ndarray:
+    return audio if gain_db == 0 else audio * np.float32(10.0 ** (gain_db / 20.0))
+
+
+def _as_written(audio: np.ndarray, rate: int, spec: OutputSpec, levels: Levels, gain: float,
+                notes: list[str]) -> tuple[np.ndarray, float, Levels, list[str]]:
+    """The samples as the encoder will store them, with levels that describe exactly those."""
+    if writes_in_process(spec) and levels.peak_dbfs > 0:
+        audio = for_integer_pcm(audio)  # integer PCM clips past full scale: measure what stays
+        levels = measure(audio, rate)
+    return audio, gain, levels, notes
