@@ -10,8 +10,10 @@ Draw order (what makes a job's stream independent of its neighbours): at every d
 sampling job draws ``rows_per_job`` uniforms (one per codebook row, codebook 0 first) from its own
 generator, whether or not the delay pattern later overwrites that position. A job's n-th draw is
 therefore always the same number, however many jobs share the call and whatever their lengths.
-Tokens are picked by inverting the cumulative distribution over the kept tokens, sorted by
-descending probability (stable, so ties break by token id).
+Tokens are picked by inverting the cumulative distribution over the kept tokens in token-id
+order. Every step is a per-row operation over the whole vocabulary (no sort of the batch: a full
+stable sort cost more than the tiny model's decoder step), so a row's arithmetic does not depend
+on its neighbours; only rows with top-p are sorted, each on its own.
 
 Classifier-free guidance: transformers' MusicGen ``generate`` appends its own
 ``ClassifierFreeGuidanceLogitsProcessor`` *after* the processors it is given, so this processor
@@ -107,26 +109,31 @@ class JobSampler(LogitsProcessor):
             return values.repeat_interleave(per_job)[:, None]
 
         scaled = logits.float() / per_row(self._temperature)
-        sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
-        ranks = torch.arange(vocab, device=logits.device)[None, :]
-        top_k = per_row(self._top_k)
-        sorted_logits = sorted_logits.masked_fill((top_k > 0) & (ranks >= top_k), float("-inf"))
-        probs = sorted_logits.softmax(dim=-1)
-        # top-p (after top-k, as HF orders them): drop a token once the tokens ranked above it
-        # already hold top_p of the mass; the most likely token always stays.
-        mass_before = probs.cumsum(dim=-1) - probs
-        drop = mass_before >= per_row(self._top_p)
-        drop[:, 0] = False
-        probs = probs.masked_fill(drop, 0.0)
+        scaled = self._top_k_filter(scaled, per_row(self._top_k))
+        probs = scaled.softmax(dim=-1)
+        nucleus = per_row(self._top_p).squeeze(1).isfinite().nonzero().squeeze(1)
+        if nucleus.numel():
+            probs[nucleus] = _top_p_filter(probs[nucleus], per_row(self._top_p)[nucleus])
         cdf = probs.cumsum(dim=-1)
         draws = self._draws(per_job, logits.device) * cdf[:, -1]
         index = torch.searchsorted(cdf, draws[:, None], right=True).squeeze(1)
-        # A draw rounding up to the total mass would land past the kept tokens: the kept tokens
-        # are a prefix of the sorted order, so clamp to its last one.
-        last_kept = (probs > 0).sum(dim=-1) - 1
-        index = torch.minimum(index, last_kept)
-        sampled = order.gather(1, index[:, None]).squeeze(1)
+        # A draw rounding up to the total mass would land past the last kept token: clamp to it.
+        ids = torch.arange(vocab, device=logits.device)
+        last_kept = torch.where(probs > 0, ids, 0).amax(dim=-1)
+        sampled = torch.minimum(index, last_kept)
         return torch.where(per_row(self._greedy).squeeze(1), greedy_tokens, sampled)
+
+    @staticmethod
+    def _top_k_filter(scaled: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+        """Keep each row's ``top_k`` largest logits (ties at the k-th kept, as HF does); 0 = all."""
+        active = top_k > 0
+        if not bool(active.any()):
+            return scaled
+        vocab = scaled.shape[-1]
+        k = top_k.clamp(1, vocab)
+        largest = scaled.topk(int(k[active].max()), dim=-1).values  # exact copies of the values
+        kth = largest.gather(1, (k.clamp(max=largest.shape[-1]) - 1))
+        return scaled.masked_fill(active & (scaled < kth), float("-inf"))
 
     def _draws(self, per_job: int, device: torch.device) -> torch.Tensor:
         """``per_job`` uniforms in [0, 1) per job, from that job's generator (zeros if greedy)."""
@@ -134,3 +141,14 @@ class JobSampler(LogitsProcessor):
                  else torch.rand(per_job, generator=generator, device=device)
                  for generator in self._generators]
         return torch.cat(parts)
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero the tokens outside each row's nucleus: once the more likely tokens (ties broken by
+    token id) hold ``top_p`` of the mass, the rest go; the most likely token always stays."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop_sorted = mass_before >= top_p
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return probs.masked_fill(drop, 0.0)
