@@ -32,8 +32,8 @@ from pipeline.errors import (
     UnsupportedOption,
 )
 from workers.audio import FORMATS, OutputSpec, check_output_spec, render
-from workers.audio.formats import FfmpegCaps, encoder_args
 from workers.audio.ffmpeg_meters import analyse
+from workers.audio.formats import FfmpegCaps, encoder_args
 
 SOURCE_RATE = 32000  # MusicGen's rate
 CODECS = {"wav": "pcm_s16le", "flac": "flac", "mp3": "mp3", "ogg": "vorbis", "opus": "opus"}
