@@ -27,15 +27,17 @@ def stderr_tail(stderr: bytes | None) -> str:
     return (stderr or b"").decode("utf-8", "replace")[-STDERR_TAIL_CHARS:]
 
 
-def exec_ffmpeg(argv: Sequence[str], *, what: str,
-                timeout_s: float) -> subprocess.CompletedProcess[bytes]:
-    """Run ``argv`` (stdout and stderr captured); return it whatever its exit status.
+def exec_ffmpeg(argv: Sequence[str], *, what: str, timeout_s: float,
+                input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run ``argv`` (``input`` on its stdin, stdout and stderr captured); return it whatever
+    its exit status.
 
     Raises ``ServiceUnavailable`` when ``argv[0]`` cannot be executed and the retryable
     ``PostProcessFailed`` (details: ``stderr_tail``, ``argv``, ``timeout_s``) on a timeout.
     """
     try:
-        return subprocess.run(list(argv), capture_output=True, timeout=timeout_s, check=False)
+        return subprocess.run(list(argv), input=input, capture_output=True, timeout=timeout_s,
+                              check=False)
     except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
         raise ServiceUnavailable(
             f"{argv[0]} not found or not executable: install ffmpeg 5+ (which ships ffprobe) on "
@@ -57,10 +59,10 @@ def failure(proc: subprocess.CompletedProcess[bytes], *, what: str) -> PostProce
                                       "stderr_tail": stderr_tail(proc.stderr)})
 
 
-def run_checked(argv: Sequence[str], *, what: str,
-                timeout_s: float) -> subprocess.CompletedProcess[bytes]:
+def run_checked(argv: Sequence[str], *, what: str, timeout_s: float,
+                input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     """:func:`exec_ffmpeg`, and a non-zero exit or a signal raises ``PostProcessFailed``."""
-    proc = exec_ffmpeg(argv, what=what, timeout_s=timeout_s)
+    proc = exec_ffmpeg(argv, what=what, timeout_s=timeout_s, input=input)
     if proc.returncode != 0:
         raise failure(proc, what=what)
     return proc

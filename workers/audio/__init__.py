@@ -1,6 +1,6 @@
-"""Audio post-processing on the worker: output formats, loudness, rendering with ffmpeg."""
+"""Audio post-processing on the worker: levels measured and set in process, one encoder run."""
 
-from workers.audio.formats import FORMATS, OutputSpec, check_output_spec
+from pipeline.output_format import FORMATS, OutputSpec, check_output_spec
 from workers.audio.postprocess import RenderResult, render
 
 __all__ = [

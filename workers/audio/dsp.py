@@ -6,8 +6,8 @@ All in process (numpy, soxr, scipy), so a render spends no ffmpeg run on them.
 from __future__ import annotations
 
 import numpy as np
-import scipy.signal  # type: ignore[import-untyped]
-import soxr  # type: ignore[import-untyped]
+import scipy.signal
+import soxr
 
 SUBSONIC_HZ = 10.0  # DC-blocking high-pass corner, applied whenever the level is normalised
 RESAMPLE_QUALITY = "VHQ"  # soxr's very high quality: what ffmpeg's soxr at precision 28 gave

@@ -6,14 +6,13 @@ cost more than the whole render. mp3, ogg and opus go through exactly one ffmpeg
 interleaved float32 samples from stdin (already at the output rate and channel count) and
 encodes them with the arguments of ``formats.encoder_args``.
 
-Errors map as ``pipeline.ffmpeg_runner`` maps them: a missing or unexecutable binary is
+Errors are mapped by ``pipeline.ffmpeg_runner``, the project's one runner: a missing or unexecutable binary is
 ``ServiceUnavailable``, a timeout, a non-zero exit or a signal is the retryable
 ``PostProcessFailed`` with the tail of stderr in ``details``.
 """
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,8 @@ import ffmpeg as ffmpeg_lib
 import numpy as np
 import soundfile as sf
 
-from pipeline.errors import PostProcessFailed, ServiceUnavailable
-from pipeline.ffmpeg_runner import failure, stderr_tail
+from pipeline.errors import PostProcessFailed
+from pipeline.ffmpeg_runner import run_checked
 from pipeline.output_format import OutputSpec
 
 # libsndfile's subtype for each bit depth: unsigned 8-bit is what WAV means by 8 bits.
@@ -65,19 +64,7 @@ def encode_with_ffmpeg(audio: np.ndarray, sample_rate: int, codec: Mapping[str, 
     argv = encode_command(audio.shape[0], sample_rate, codec, out, ffmpeg)
     what = f"encoding {out.name}"
     interleaved = np.ascontiguousarray(audio.T, dtype="<f4").tobytes()
-    try:
-        proc = subprocess.run(argv, input=interleaved, capture_output=True, timeout=timeout_s,
-                              check=False)
-    except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
-        raise ServiceUnavailable(
-            f"{argv[0]} not found or not executable: install ffmpeg 5+ on this host or point "
-            "the ffmpeg setting at it", details={"binary": argv[0]}) from e
-    except subprocess.TimeoutExpired as e:
-        raise PostProcessFailed(f"{argv[0]} timed out after {timeout_s:g} s while {what}",
-                                details={"stderr_tail": stderr_tail(e.stderr), "argv": argv,
-                                         "timeout_s": timeout_s}) from e
-    if proc.returncode != 0:
-        raise failure(proc, what=what)
+    proc = run_checked(argv, what=what, timeout_s=timeout_s, input=interleaved)
     return proc.stderr.decode("utf-8", "replace")
 
 

@@ -19,7 +19,7 @@ Gain reduction is computed in dB per sample and is vectorised (no per-sample Pyt
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import maximum_filter1d, uniform_filter1d  # type: ignore[import-untyped]
+from scipy.ndimage import maximum_filter1d, uniform_filter1d
 
 from workers.audio.loudness import true_peak_envelope
 

@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import pyloudnorm  # type: ignore[import-untyped]
-import soxr  # type: ignore[import-untyped]
+import pyloudnorm
+import soxr
 
 TRUE_PEAK_CEILING_DBTP = -1.0  # the usual streaming ceiling for lufs normalisation
 SILENCE_LUFS = -70.0  # BS.1770's absolute gate: anything quieter has no integrated loudness
