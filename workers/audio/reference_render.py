@@ -31,6 +31,7 @@ import numpy as np
 import soundfile as sf
 
 from pipeline.output_format import OutputSpec, check_output_spec
+from workers.audio.dsp import channels_first
 from workers.audio.ffmpeg_meters import (
     TRUE_PEAK_CEILING_DBTP,
     Analysis,
@@ -70,7 +71,7 @@ def render(samples: np.ndarray, sample_rate: int, spec: OutputSpec, dest: Path, 
     """
     started = time.perf_counter()
     check_output_spec(spec)
-    audio = _channels_first(samples)
+    audio = channels_first(samples)
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
             or sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
@@ -101,22 +102,6 @@ def render(samples: np.ndarray, sample_rate: int, spec: OutputSpec, dest: Path, 
         loudness_lufs=final.loudness.integrated_lufs, peak_dbfs=final.peak_dbfs,
         true_peak_dbtp=final.loudness.true_peak_dbtp,
         postprocess_seconds=time.perf_counter() - started, gain_db=gain, notes=tuple(notes))
-
-
-def _channels_first(samples: np.ndarray) -> np.ndarray:
-    audio = np.asarray(samples)
-    if not np.issubdtype(audio.dtype, np.floating):
-        raise ValueError(f"samples must be floating point in [-1, 1], got dtype {audio.dtype}")
-    if audio.ndim == 1:
-        audio = audio[np.newaxis, :]
-    if audio.ndim != 2 or audio.shape[0] not in (1, 2):
-        raise ValueError(f"samples must be shaped (channels, n) with 1 or 2 channels, got "
-                         f"{audio.shape}; transpose an (n, channels) array first")
-    if audio.shape[1] == 0:
-        raise ValueError("samples are empty")
-    if not np.isfinite(audio).all():
-        raise ValueError("samples contain NaN or infinity")
-    return np.ascontiguousarray(audio, dtype=np.float32)
 
 
 def _stage(raw: Path, stage: Path, in_channels: int, spec: OutputSpec, caps: FfmpegCaps,
