@@ -13,6 +13,14 @@ SUBSONIC_HZ = 10.0  # DC-blocking high-pass corner, applied whenever the level i
 RESAMPLE_QUALITY = "VHQ"  # soxr's very high quality: what ffmpeg's soxr at precision 28 gave
 
 
+def input_rate(sample_rate: object) -> int:
+    """``sample_rate`` as a positive int; ValueError for anything else (bool included)."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
+            or sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
+    return int(sample_rate)
+
+
 def channels_first(samples: np.ndarray) -> np.ndarray:
     """``samples`` as contiguous float32 shaped (channels, n); ValueError for anything else."""
     audio = np.asarray(samples)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.output_format import OutputSpec, check_output_spec
-from workers.audio.dsp import channels_first, map_channels, remove_dc, resample
+from workers.audio.dsp import channels_first, input_rate, map_channels, remove_dc, resample
 from workers.audio.encode import (
     decode,
     encode_with_ffmpeg,
@@ -97,12 +97,10 @@ def render(samples: np.ndarray, sample_rate: int, spec: OutputSpec, dest: Path, 
     started = time.perf_counter()
     check_output_spec(spec)
     audio = channels_first(samples)
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
-            or sample_rate <= 0:
-        raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
+    sample_rate = input_rate(sample_rate)
     codec = {} if writes_in_process(spec) else encoder_args(spec, ffmpeg_capabilities(ffmpeg))
     rate = spec.sample_rate
-    audio = resample(map_channels(audio, spec.channels), int(sample_rate), rate)
+    audio = resample(map_channels(audio, spec.channels), sample_rate, rate)
     if spec.normalization != "none":
         audio = remove_dc(audio, rate)
     target, source = spec.target, audio

@@ -31,7 +31,7 @@ import numpy as np
 import soundfile as sf
 
 from pipeline.output_format import OutputSpec, check_output_spec
-from workers.audio.dsp import channels_first
+from workers.audio.dsp import channels_first, input_rate
 from workers.audio.ffmpeg_meters import (
     TRUE_PEAK_CEILING_DBTP,
     Analysis,
@@ -72,10 +72,7 @@ def render(samples: np.ndarray, sample_rate: int, spec: OutputSpec, dest: Path, 
     started = time.perf_counter()
     check_output_spec(spec)
     audio = channels_first(samples)
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
-            or sample_rate <= 0:
-        raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
-    sample_rate = int(sample_rate)
+    sample_rate = input_rate(sample_rate)
     caps = ffmpeg_capabilities(ffmpeg)
     codec = encoder_args(spec, caps)
     temp_dir = Path(temp_dir)
