@@ -4,7 +4,7 @@ It wraps the model call of the real worker (``workers.job_runner.generate``) and
 markers in the prompt, so a test can make a real worker process hang, ignore its soft limit,
 die, or fail like a sick GPU, and then watch the real Celery machinery deal with it. Every
 attempt is appended to ``$FAULTS_DIR/attempts.log`` as ``<time> <job prompt>``, and every slot
-the global rate limiter grants as ``<time> ADMIT <queue>``.
+the global rate limiter grants as ``<time> ADMIT <queue> <time before the grant>``.
 
 Holds make a job's position a state the test waits for instead of a race against a fast tiny
 job: ``FAULT:hold=NAME`` stops the job at the model boundary, ``FAULT:hold-progress=NAME``
@@ -74,30 +74,43 @@ def _holding_progress(progress: Callable[[float, str], None], name: str) -> Call
 
 
 def generate(loaded: Any, items: list[Any], progress: Any = None) -> list[Any]:
-    prompt = items[0].prompt
-    _log(prompt)
-    if hold := re.search(r"FAULT:hold=(\S+)", prompt):
+    """One generate call of the engine: a batch of one job or more.
+
+    Every job's prompt is logged; a marker in any prompt of the batch acts on the whole call,
+    as a real fault of the model would.
+    """
+    prompts = [item.prompt for item in items]
+    for prompt in prompts:
+        _log(prompt)
+    everything = "\n".join(prompts)
+    if hold := re.search(r"FAULT:hold=(\S+)", everything):
         _hold(hold.group(1))
-    if (hold := re.search(r"FAULT:hold-progress=(\S+)", prompt)) and progress is not None:
+    if (hold := re.search(r"FAULT:hold-progress=(\S+)", everything)) and progress is not None:
         progress = _holding_progress(progress, hold.group(1))
-    _seen[prompt] = _seen.get(prompt, 0) + 1
-    if "FAULT:oom-twice" in prompt and _seen[prompt] <= 2:
+    for prompt in prompts:
+        _seen[prompt] = _seen.get(prompt, 0) + 1
+    if any("FAULT:oom-twice" in p and _seen[p] <= 2 for p in prompts):
         raise GpuOutOfMemory("CUDA out of memory (injected)")
-    if "FAULT:permanent" in prompt:
+    if "FAULT:oom-batch" in everything and len(items) > 1:
+        raise GpuOutOfMemory(f"CUDA out of memory with a batch of {len(items)} (injected)")
+    if "FAULT:permanent" in everything:
         raise InvalidRequest("the prompt asks for something no model can do (injected)", "prompt")
-    if "FAULT:model-error" in prompt:
+    if "FAULT:model-error" in everything:
         raise ModelRuntimeError("the model produced NaNs (injected)")
-    if "FAULT:hang" in prompt:
-        time.sleep(3600)  # the soft limit interrupts this
-    if "FAULT:ignore-soft" in prompt:
-        while True:  # swallows the soft limit: only the hard limit ends it
+    if "FAULT:hang" in everything:
+        while True:  # a generation that never ends but still steps: dropping its jobs stops it
+            if progress is not None:
+                progress(0.5, "hanging")
+            time.sleep(0.05)
+    if "FAULT:ignore-soft" in everything:
+        while True:  # a hung kernel: no step, nothing to interrupt; only the hard limit ends it
             try:
                 time.sleep(3600)
             except SoftTimeLimitExceeded:
                 continue
-    if "FAULT:slow-first" in prompt and not _restarted_worker():
+    if "FAULT:slow-first" in everything and not _restarted_worker():
         time.sleep(3600)  # long enough that only a shutdown ends it
-    if "FAULT:crash" in prompt:
+    if "FAULT:crash" in everything:
         os.kill(os.getpid(), signal.SIGKILL)  # the worker process dies mid-job
     return _real_generate(loaded, items, progress)
 
@@ -108,10 +121,16 @@ _real_try_acquire = GlobalRateLimit.try_acquire
 
 
 def try_acquire(self: GlobalRateLimit, key: str) -> float:
-    """The real limiter; each slot it grants is logged as ``<time> ADMIT <key>``."""
+    """The real limiter; each slot it grants is logged as ``<after> ADMIT <key> <before>``.
+
+    The limiter stamps a slot with a clock read somewhere inside the call, so the test gets both
+    ends: the stamp lies between ``before`` and ``after`` (a log time alone is late by a few ms,
+    enough to make a correct limiter look as if it granted early).
+    """
+    before = time.time()
     wait = _real_try_acquire(self, key)
     if wait == 0.0:
-        _log(f"ADMIT {key}")
+        _log(f"ADMIT {key} {before:.3f}")
     return wait
 
 
