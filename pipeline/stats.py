@@ -11,7 +11,13 @@ Definitions (the CLI prints them too, so an operator reads the same numbers as t
   (reserved or started) jobs have no outcome yet: neither counts towards the error rate.
 - *Error rate* = (failed + timeout) / finished, in percent; ``None`` when nothing finished.
 - *Audio per GPU second* = sum of ``produced_seconds`` / sum of ``gpu_seconds`` over succeeded
-  jobs that recorded both.
+  jobs that recorded both. A job's ``gpu_seconds`` is its share of the generate call it shared
+  with ``batch_size - 1`` others, so batching shows here as more audio per GPU second.
+- *Mean batch size* = mean of ``batch_size`` over succeeded jobs that recorded one (rows from
+  before batching did not; they are left out, not counted as 1). It is weighted by job: a batch
+  of 4 counts four times, a batch of 2 twice (4, 4, 4, 4, 2, 2 -> 3.33), so it reads "the
+  average job shared its generate call with this many", and is above the mean per call
+  (Prometheus's ``musicgen_batch_size`` histogram counts calls: 3.0 for the same two calls).
 - *Latency* is end to end, ``created_at`` -> ``finished_at``, over succeeded jobs: how long a
   caller waited for a file. Failures are often fast and would flatter it; they show in the
   error rate instead.
@@ -89,6 +95,8 @@ class GroupStats:
     audio_seconds: float
     gpu_seconds: float
     audio_per_gpu_second: float | None
+    mean_batch_size: float | None  # None: no succeeded job recorded one
+    batch_size_jobs: int  # the succeeded jobs that recorded a batch size (the mean's count)
     queue_wait: Percentiles
     latency: Percentiles
 
@@ -98,7 +106,8 @@ class GroupStats:
 
 
 def summarise(rows: Sequence[LedgerRow]) -> GroupStats:
-    """Counts, error rate by code, audio per GPU second and the percentiles of ``rows``."""
+    """Counts, error rate by code, audio per GPU second, mean batch size and the percentiles
+    of ``rows``."""
     by_status: dict[str, int] = {}
     errors_by_code: dict[str, int] = {}
     for row in rows:
@@ -112,6 +121,7 @@ def summarise(rows: Sequence[LedgerRow]) -> GroupStats:
     measured = [r for r in ok if r["produced_seconds"] is not None and r["gpu_seconds"] is not None]
     audio = sum(float(r["produced_seconds"] or 0.0) for r in measured)
     gpu = sum(float(r["gpu_seconds"] or 0.0) for r in measured)
+    sizes = [r["batch_size"] for r in ok if r["batch_size"] is not None]
     finished = sum(by_status.get(s, 0) for s in _FINISHED)
     errors = sum(by_status.get(s, 0) for s in _ERRORS)
     return GroupStats(
@@ -125,6 +135,7 @@ def summarise(rows: Sequence[LedgerRow]) -> GroupStats:
         errors_by_code=dict(sorted(errors_by_code.items(), key=lambda kv: (-kv[1], kv[0]))),
         audio_seconds=audio, gpu_seconds=gpu,
         audio_per_gpu_second=audio / gpu if gpu > 0 else None,
+        mean_batch_size=sum(sizes) / len(sizes) if sizes else None, batch_size_jobs=len(sizes),
         queue_wait=Percentiles.of([float(r["queue_wait_seconds"]) for r in rows
                                    if r["queue_wait_seconds"] is not None]),
         latency=Percentiles.of([(r["finished_at"] - r["created_at"]).total_seconds() for r in ok

@@ -20,16 +20,21 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready
 
 from workers.typed_celery import receiver
 
+if TYPE_CHECKING:
+    # Only for the annotation: importing workers.batcher loads workers.runtime, hence torch,
+    # which this module (imported by every task module) must not pay for.
+    from workers.batcher import BatchStats
+
 log = logging.getLogger(__name__)
 
-__all__ = ["model_of", "observe_failure", "observe_model_load", "observe_success",
-           "setup_metrics"]
+__all__ = ["model_of", "observe_batch", "observe_failure", "observe_model_load",
+           "observe_success", "setup_metrics"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Scraped from the monitoring host, so not loopback only; the metrics hold no secret.
@@ -43,13 +48,15 @@ _GENERATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _RTF_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 4, 8, 16, 32)
 _WAIT_BUCKETS = (0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 _LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+_BATCH_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class _Metrics:
     """The metric objects, built on first use: after ``PROMETHEUS_MULTIPROC_DIR`` is set."""
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.jobs = Counter("musicgen_jobs", "Jobs that reached a final outcome",
                             ["model", "outcome", "error_code"])
@@ -65,6 +72,24 @@ class _Metrics:
                                     ["model"], buckets=_WAIT_BUCKETS)
         self.model_load = Histogram("musicgen_model_load_seconds", "Time to load a model",
                                     ["model"], buckets=_LOAD_BUCKETS)
+        # One observation per generate call (not per job): the mean is jobs per call.
+        self.batch_size = Histogram("musicgen_batch_size", "Jobs in one generate call",
+                                    ["model"], buckets=_BATCH_SIZE_BUCKETS)
+        self.batch_wait = Histogram("musicgen_batch_wait_seconds",
+                                    "Submission of a batch's oldest job to its generate call",
+                                    ["model"], buckets=_BATCH_WAIT_BUCKETS)
+        # The fraction belongs to one process's generation loop: summing it over processes is
+        # meaningless, so "liveall" keeps one series per live process (label pid) and drops a
+        # pool child's series when it exits (mark_process_dead in setup_metrics). "max" would
+        # instead keep a dead child's last value in the maximum until the node restarts. Take
+        # max or avg by (model) in the query.
+        self.busy_fraction = Gauge("musicgen_generation_busy_fraction",
+                                   "Share of its wall time the generation loop spent generating",
+                                   ["model"], multiprocess_mode="liveall")
+        # A counter as well, so rate() gives the busy share over any window, not since start.
+        self.busy_seconds = Counter("musicgen_generation_busy_seconds",
+                                    "Seconds the generation loop spent in generate calls",
+                                    ["model"])
 
 
 _metrics: _Metrics | None = None
@@ -124,6 +149,20 @@ def observe_model_load(model: str, seconds: float) -> None:
         _get().model_load.labels(model).observe(seconds)
     except Exception:
         log.warning("could not record the load time of %s", model, exc_info=True)
+
+
+def observe_batch(stats: BatchStats) -> None:
+    """Record one generate call of the batching engine (``Batcher``'s ``on_batch``)."""
+    try:
+        m = _get()
+        m.batch_size.labels(stats.model).observe(stats.size)
+        m.batch_wait.labels(stats.model).observe(max(0.0, stats.wait_s))
+        m.busy_fraction.labels(stats.model).set(stats.busy_fraction)
+        if stats.generate_s > 0:  # a Counter refuses a negative increment
+            m.busy_seconds.labels(stats.model).inc(stats.generate_s)
+    except Exception:
+        log.warning("could not record metrics of a batch of %s", getattr(stats, "model", "?"),
+                    exc_info=True)
 
 
 def metrics_dir(data_dir: str, node: str) -> Path:

@@ -93,13 +93,13 @@ def _pcts(p: Percentiles) -> str:
 
 def _table(title: str, key: str, groups: dict[str, GroupStats]) -> list[str]:
     head = (f"  {key:<24} {'jobs':>5} {'ok':>5} {'err':>5} {'error %':>8} {'audio/GPU s':>11} "
-            f"{'wait p50':>9} {'lat p50':>9} {'lat p95':>9}")
+            f"{'batch':>6} {'wait p50':>9} {'lat p50':>9} {'lat p95':>9}")
     lines = [title, head]
     for name, g in groups.items():
         lines.append(f"  {name:<24} {g.jobs:>5} {g.succeeded:>5} {g.failed + g.timeout:>5} "
                      f"{_pct(g.error_rate_percent):>8} {_ratio(g.audio_per_gpu_second):>11} "
-                     f"{_sec(g.queue_wait.p50):>9} {_sec(g.latency.p50):>9} "
-                     f"{_sec(g.latency.p95):>9}")
+                     f"{_ratio(g.mean_batch_size):>6} {_sec(g.queue_wait.p50):>9} "
+                     f"{_sec(g.latency.p50):>9} {_sec(g.latency.p95):>9}")
     if not groups:
         lines.append("  (no jobs)")
     return lines
@@ -117,6 +117,9 @@ def render_text(report: StatsReport, window: str) -> str:
          f"{report.finished_per_minute:.3f} finished"),
         (f"audio per GPU s:  {_ratio(o.audio_per_gpu_second)} ({o.audio_seconds:.2f} s of audio "
          f"in {o.gpu_seconds:.2f} s of generation, succeeded jobs)"),
+        # Weighted by job (see pipeline.stats): what the average job shared its call with.
+        (f"mean batch size:  {_ratio(o.mean_batch_size)} ({o.batch_size_jobs} succeeded jobs "
+         "that recorded one, weighted by job)"),
         (f"error rate:       {_pct(o.error_rate_percent)} "
          f"({o.failed + o.timeout} of {o.finished} finished)"),
     ]
@@ -143,10 +146,11 @@ def stats(
     env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
     sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
 ) -> None:
-    """Throughput, audio per GPU second, errors, latency and backlog over a window.
+    """Throughput, audio per GPU second, batching, errors, latency and backlog over a window.
 
-    Jobs per minute, error rate overall and by code, queue wait and end-to-end latency p50/p95
-    (nearest-rank), backlog per queue, and the same per model and per worker.
+    Jobs per minute, audio per GPU second and mean batch size, error rate overall and by code,
+    queue wait and end-to-end latency p50/p95 (nearest-rank), backlog per queue, and the same
+    per model and per worker.
     """
     window = window_or_exit(since)
     settings = load_or_exit(env, parse_sets(sets))

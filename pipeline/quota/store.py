@@ -178,21 +178,27 @@ class QuotaStore:
 
     def mark_finished(self, job_id: str, *, status: LedgerStatus | str,
                       produced_seconds: float | None = None, gpu_seconds: float | None = None,
-                      error_code: str | None = None) -> bool:
+                      error_code: str | None = None, batch_size: int | None = None) -> bool:
         """Record the job's final outcome; failed, timeout and cancelled refund the slot.
 
-        Call it once per job, on the final outcome (not before a retry). The first final
-        outcome wins: returns False, changing nothing, when the job had already ended.
+        ``gpu_seconds`` is the job's own share of the generate call, and ``batch_size`` how many
+        jobs shared that call (None: not known, as on rows from before batching). Call it once
+        per job, on the final outcome (not before a retry). The first final outcome wins:
+        returns False, changing nothing, when the job had already ended.
         """
         final = LedgerStatus(status)
         if final not in TERMINAL_STATUSES:
             raise ValueError(f"{final.value!r} is not a final status; use one of "
                              f"{sorted(s.value for s in TERMINAL_STATUSES)}")
+        # A caller's bug (the worker's), not a user's request: refused before it skews stats.
+        if batch_size is not None and (isinstance(batch_size, bool)
+                                       or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a whole number >= 1 or None, got {batch_size!r}")
         stmt = (update(UsageLedger)
                 .where(UsageLedger.job_id == job_id, UsageLedger.status.in_(_OPEN))
                 .values(status=final.value, finished_at=self._now(),
                         produced_seconds=produced_seconds, gpu_seconds=gpu_seconds,
-                        error_code=error_code)
+                        error_code=error_code, batch_size=batch_size)
                 .execution_options(synchronize_session=False))
         return self._settle(stmt, job_id)
 

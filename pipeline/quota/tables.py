@@ -139,6 +139,7 @@ class LedgerRow(TypedDict):
     finished_at: datetime | None
     worker: str | None
     attempts: int
+    batch_size: int | None
 
 
 class DailyUsageRow(TypedDict):
@@ -210,6 +211,10 @@ class UsageLedger(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     worker: Mapped[str | None] = mapped_column(String(255))
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # How many jobs shared the succeeded job's generate call (gpu_seconds is its share of that
+    # call). NULL on rows written before batching (revision 0003) and on jobs that did not
+    # succeed: the worker records it with a success only.
+    batch_size: Mapped[int | None] = mapped_column(Integer)
 
     def to_row(self) -> LedgerRow:
         """This row as plain data (no ORM state)."""

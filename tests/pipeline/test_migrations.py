@@ -8,18 +8,28 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import insert, inspect, select
+from sqlalchemy import Engine, insert, inspect, select
 
-from pipeline.quota import current, daily_usage, make_engine, roll_up, upgrade
+from pipeline.quota import (
+    DEFAULT_TIERS,
+    QuotaStore,
+    current,
+    daily_usage,
+    make_engine,
+    roll_up,
+    upgrade,
+)
 from pipeline.quota.migrate import MIGRATIONS_DIR, alembic_config
 from pipeline.quota.tables import Base, UsageLedger, UserQuota
 
-HEAD = "0002"
+HEAD = "0003"
 REPO_ROOT = Path(__file__).resolve().parents[2]  # where ``import pipeline`` finds this tree
 
 # quota_empty_db_url: an empty SQLite file, and an empty PostgreSQL database of its own.
@@ -91,6 +101,58 @@ def test_0002_adds_usage_daily_to_a_0001_ledger_and_goes_back(quota_empty_db_url
         assert current(quota_empty_db_url) == "0001"
         tables = set(inspect(engine).get_table_names())
         assert "usage_daily" not in tables and "usage_ledger" in tables
+    finally:
+        engine.dispose()
+
+
+def _ledger_schema(engine: Engine) -> dict[str, Any]:
+    """usage_ledger's columns, indexes and constraints as the database reports them."""
+    inspector = inspect(engine)
+    return {
+        "columns": [(c["name"], str(c["type"]), c["nullable"], c.get("default"))
+                    for c in inspector.get_columns("usage_ledger")],
+        "indexes": sorted((ix["name"], tuple(ix["column_names"]))
+                          for ix in inspector.get_indexes("usage_ledger")),
+        "uniques": [(u["name"], u["column_names"])
+                    for u in inspector.get_unique_constraints("usage_ledger")],
+        "pk": inspector.get_pk_constraint("usage_ledger"),
+    }
+
+
+@pytest.mark.parametrize("start", ["0001", "0002"])
+def test_0003_adds_batch_size_to_a_ledger_with_rows_and_goes_back(quota_empty_db_url: str,
+                                                                   start: str) -> None:
+    upgrade(quota_empty_db_url, start)
+    engine = make_engine(quota_empty_db_url)
+    try:
+        before = _ledger_schema(engine)
+        created = datetime(2026, 11, 21, 9, tzinfo=UTC)
+        with engine.begin() as conn:  # one job finished before batching, one still running
+            conn.execute(insert(UsageLedger), [
+                {"job_id": "old", "user_id": "alice", "model": "small", "requested_seconds": 8.0,
+                 "produced_seconds": 8.0, "gpu_seconds": 2.0, "status": "succeeded",
+                 "created_at": created, "worker": "gpu-0", "attempts": 1},
+                {"job_id": "running", "user_id": "alice", "model": "small",
+                 "requested_seconds": 8.0, "produced_seconds": None, "gpu_seconds": None,
+                 "status": "started", "created_at": created,
+                 "worker": "gpu-0", "attempts": 1}])
+        upgrade(quota_empty_db_url)
+        assert current(quota_empty_db_url) == HEAD
+        # The job that was running across the upgrade finishes with the new worker's numbers.
+        store = QuotaStore(engine, tiers=DEFAULT_TIERS, default_tier="free")
+        assert store.mark_finished("running", status="succeeded", produced_seconds=8.0,
+                                   gpu_seconds=0.5, batch_size=4)
+        rows = {r["job_id"]: r for r in store.ledger()}
+        assert (rows["old"]["batch_size"], rows["old"]["gpu_seconds"]) == (None, 2.0)
+        assert (rows["running"]["batch_size"], rows["running"]["gpu_seconds"]) == (4, 0.5)
+        command.downgrade(alembic_config(quota_empty_db_url), "0002")
+        assert current(quota_empty_db_url) == "0002"
+        if start == "0002":  # the table is back as 0002 made it (SQLite rebuilt it: batch mode)
+            assert _ledger_schema(engine) == before
+        assert "batch_size" not in {c["name"] for c in inspect(engine).get_columns("usage_ledger")}
+        with engine.connect() as conn:
+            assert sorted(conn.execute(select(UsageLedger.job_id, UsageLedger.gpu_seconds))
+                          .all()) == [("old", 2.0), ("running", 0.5)]
     finally:
         engine.dispose()
 

@@ -126,6 +126,35 @@ def test_redelivered_job_is_charged_once(quota_store: QuotaStore) -> None:
     assert quota_store.usage("alice").daily.used == 1
 
 
+def test_succeeded_records_the_batch_size_and_the_jobs_gpu_share(quota_store: QuotaStore) -> None:
+    for job in ("batched", "failed", "unknown-size"):
+        reserve(quota_store, job)
+        quota_store.mark_started(job, worker="gpu-0")
+    # The worker passes the call's generate time divided by the jobs that shared it.
+    assert quota_store.mark_finished("batched", status="succeeded", produced_seconds=8.0,
+                                     gpu_seconds=0.75, batch_size=4)
+    assert quota_store.mark_finished("failed", status="failed", error_code="gpu_oom")
+    assert quota_store.mark_finished("unknown-size", status="succeeded", produced_seconds=8.0,
+                                     gpu_seconds=3.0)
+    rows = {r["job_id"]: r for r in quota_store.ledger()}
+    assert (rows["batched"]["batch_size"], rows["batched"]["gpu_seconds"]) == (4, 0.75)
+    assert rows["failed"]["batch_size"] is None and rows["unknown-size"]["batch_size"] is None
+    # The first final outcome wins for the batch size too.
+    assert quota_store.mark_finished("batched", status="succeeded", batch_size=2) is False
+    assert quota_store.ledger()[0]["batch_size"] == 4
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "4"])
+def test_a_batch_size_below_one_or_not_whole_is_refused(quota_store: QuotaStore,
+                                                        bad: object) -> None:
+    reserve(quota_store, "j")
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
+        quota_store.mark_finished("j", status="succeeded", batch_size=bad)  # type: ignore[arg-type]
+    [row] = quota_store.ledger()  # nothing was written: the job can still finish properly
+    assert (row["status"], row["batch_size"]) == ("reserved", None)
+    assert quota_store.mark_finished("j", status="succeeded", batch_size=1)
+
+
 def test_rereserve_returns_existing_job_even_when_quota_is_full(quota_store: QuotaStore) -> None:
     fill(quota_store, 10)
     again = quota_store.reserve(job_id="alice/job-3", user_id="alice", model="small",

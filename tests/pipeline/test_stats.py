@@ -1,13 +1,18 @@
-"""pipeline.stats: the arithmetic of `stats` and `health` on hand-built ledger rows."""
+"""pipeline.stats: the arithmetic of `stats` and `health` on hand-built ledger rows, and the
+batching figures on a real ledger (SQLite and PostgreSQL), through the `stats` command too."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from typer.testing import CliRunner
 
-from pipeline.quota import LedgerRow
+from pipeline.cli import app
+from pipeline.cli.stats_cmd import render_text
+from pipeline.quota import LedgerRow, QuotaStore
 from pipeline.stats import (
     NO_WORKER,
     Thresholds,
@@ -18,6 +23,12 @@ from pipeline.stats import (
     summarise,
 )
 
+if TYPE_CHECKING:  # only the types: the module itself is loaded as a plugin, below
+    from tests.pipeline.quota_conftest import FakeClock
+
+# The quota fixtures (quota_db_url, quota_store, ...): the ledger tests run on both backends.
+pytest_plugins = ["tests.pipeline.quota_conftest"]
+
 T0 = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 SINCE, UNTIL = T0 - timedelta(hours=1), T0
 
@@ -25,7 +36,7 @@ SINCE, UNTIL = T0 - timedelta(hours=1), T0
 def row(status: str = "succeeded", *, minute: float = -30.0, model: str = "tiny",
         worker: str | None = "w1@test", produced: float | None = 10.0, gpu: float | None = 4.0,
         wait: float | None = 1.0, latency: float | None = 5.0, code: str | None = None,
-        job: str | None = None) -> LedgerRow:
+        job: str | None = None, batch: int | None = None) -> LedgerRow:
     """A ledger row created ``minute`` minutes from T0 and finished ``latency`` s later."""
     created = T0 + timedelta(minutes=minute)
     finished = None if latency is None else created + timedelta(seconds=latency)
@@ -36,7 +47,8 @@ def row(status: str = "succeeded", *, minute: float = -30.0, model: str = "tiny"
         "gpu_seconds": gpu if status == "succeeded" else None, "queue_wait_seconds": wait,
         "status": status, "error_code": code, "created_at": created,
         "started_at": None if wait is None else created + timedelta(seconds=wait),
-        "finished_at": finished, "worker": worker, "attempts": 1 if worker else 0}
+        "finished_at": finished, "worker": worker, "attempts": 1 if worker else 0,
+        "batch_size": batch}
     return data  # type: ignore[return-value]
 
 
@@ -112,6 +124,16 @@ def test_audio_per_gpu_second_ignores_jobs_missing_one_of_the_two() -> None:
     assert (g.audio_seconds, g.gpu_seconds, g.audio_per_gpu_second) == (10.0, 5.0, 2.0)
 
 
+def test_mean_batch_size_is_over_succeeded_jobs_that_recorded_one() -> None:
+    g = summarise([row(batch=4), row(batch=4), row(batch=2),
+                   row(batch=None),  # written before batching: left out, not counted as 1
+                   row("failed", code="gpu_oom", batch=8)])  # no audio: not a batching figure
+    assert g.mean_batch_size == pytest.approx(10 / 3)
+    assert g.batch_size_jobs == 3
+    none = summarise([row(batch=None), row("failed", batch=None)])
+    assert (none.mean_batch_size, none.batch_size_jobs) == (None, 0)
+
+
 def test_a_failed_row_without_a_code_is_counted_under_its_status() -> None:
     assert summarise([row("failed"), row("timeout")]).errors_by_code == {"failed": 1, "timeout": 1}
 
@@ -121,6 +143,7 @@ def test_empty_window_has_zero_counts_and_no_rates() -> None:
     o = report.overall
     assert (o.jobs, o.finished, o.errors_by_code) == (0, 0, {})
     assert o.error_rate_percent is None and o.audio_per_gpu_second is None
+    assert (o.mean_batch_size, o.batch_size_jobs) == (None, 0)
     assert (o.latency.p50, o.latency.p95, o.queue_wait.p95) == (None, None, None)
     assert report.jobs_per_minute == 0.0 and report.by_model == {} and report.by_worker == {}
     assert health_problems(report, Thresholds(0.0, 1, 0.001), "1h") == []  # idle is healthy
@@ -197,3 +220,62 @@ def test_health_ignores_unknown_backlogs() -> None:
     report = compute_stats([], since=SINCE, until=UNTIL, backlog={"musicgen.tiny": None})
     assert report.max_backlog is None
     assert health_problems(report, Thresholds(20.0, 1, 180.0), "1h") == []
+
+
+# --- batching on a real ledger ------------------------------------------------------------------
+
+def _finish_batched_jobs(store: QuotaStore) -> None:
+    """What workers write: two calls of 4 and 2 jobs (3 of them here) and one job from before
+    batching (no batch size), each job's gpu_seconds its share of its call, and one failure."""
+    jobs = [("b4-1", 4, 10.0, 1.0), ("b4-2", 4, 10.0, 1.0), ("b2-1", 2, 8.0, 2.0),
+            ("old", None, 8.0, 4.0)]
+    for job_id, size, produced, gpu in jobs:
+        store.reserve(job_id=job_id, user_id="alice", model="tiny", requested_seconds=10.0)
+        store.mark_started(job_id, worker="w1@test", queue_wait_seconds=0.5)
+        assert store.mark_finished(job_id, status="succeeded", produced_seconds=produced,
+                                   gpu_seconds=gpu, batch_size=size)
+    store.reserve(job_id="bad", user_id="alice", model="tiny", requested_seconds=10.0)
+    store.mark_started("bad", worker="w1@test")
+    assert store.mark_finished("bad", status="failed", error_code="gpu_oom")
+
+
+def test_mean_batch_size_from_the_ledger_leaves_older_rows_out(quota_store: QuotaStore,
+                                                               quota_clock: FakeClock) -> None:
+    _finish_batched_jobs(quota_store)
+    now = quota_clock()
+    report = compute_stats(quota_store.ledger(), since=now - timedelta(hours=1),
+                           until=now + timedelta(minutes=1), backlog={})
+    o = report.overall
+    assert o.mean_batch_size == pytest.approx(10 / 3)  # 4, 4, 2; the older row left out
+    assert o.batch_size_jobs == 3
+    # Audio per GPU second over every succeeded job: 36 s of audio in 8 GPU-seconds of shares.
+    assert o.audio_per_gpu_second == pytest.approx(36 / 8)
+    assert report.by_model["tiny"].mean_batch_size == pytest.approx(10 / 3)
+    text = render_text(report, "1h")
+    assert "audio per GPU s:  4.50 (36.00 s of audio in 8.00 s of generation" in text
+    assert "mean batch size:  3.33 (3 succeeded jobs that recorded one" in text
+    data = report.to_dict()
+    assert data["overall"]["mean_batch_size"] == pytest.approx(10 / 3)
+    assert data["by_worker"]["w1@test"]["batch_size_jobs"] == 3
+
+
+@pytest.mark.usefixtures("isolated_settings_env")
+def test_stats_command_shows_audio_per_gpu_second_and_mean_batch_size(
+        quota_db_url: str, quota_store: QuotaStore, quota_clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The command's window ends at the real now: write the rows a minute before it.
+    quota_clock.now = datetime.now(UTC) - timedelta(minutes=1)
+    _finish_batched_jobs(quota_store)
+    monkeypatch.setenv("MUSICGEN_DATABASE__URL", quota_db_url)
+    runner = CliRunner()
+    as_json = runner.invoke(app, ["stats", "--since", "1h", "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    overall = json.loads(as_json.stdout)["overall"]
+    assert overall["mean_batch_size"] == pytest.approx(10 / 3)
+    assert overall["audio_per_gpu_second"] == pytest.approx(4.5)
+    text = runner.invoke(app, ["stats", "--since", "1h"])
+    assert text.exit_code == 0, text.output
+    assert "audio per GPU s:  4.50" in text.stdout
+    assert "mean batch size:  3.33 (3 succeeded jobs" in text.stdout
+    [tiny_line] = [line for line in text.stdout.splitlines() if line.startswith("  tiny ")]
+    assert tiny_line.split()[5:7] == ["4.50", "3.33"]  # the table's audio/GPU s and batch
