@@ -163,11 +163,16 @@ def batch_groups(items: list[GenerationItem], bucket: Callable[[float], int],
     """
     groups: dict[Hashable, list[int]] = {}
     for index, item in enumerate(items):
-        length = prompt_tokens(item.prompt) if prompt_tokens is not None else None
-        key = (bucket(item.duration_s), _guidance_key(item.guidance_scale),
-               item.melody is not None, length)
-        groups.setdefault(key, []).append(index)
+        groups.setdefault(batch_key(item, bucket, prompt_tokens), []).append(index)
     return list(groups.values())
+
+
+def batch_key(item: GenerationItem, bucket: Callable[[float], int],
+              prompt_tokens: Callable[[str], int] | None = None) -> Hashable:
+    """What an item must share with others to run in their ``model.generate`` call."""
+    length = prompt_tokens(item.prompt) if prompt_tokens is not None else None
+    return (bucket(item.duration_s), _guidance_key(item.guidance_scale), item.melody is not None,
+            length)
 
 
 def _guidance_key(scale: float) -> float:

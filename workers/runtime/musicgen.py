@@ -12,7 +12,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -37,6 +37,7 @@ from workers.runtime.batch import (
     GeneratedAudio,
     GenerationItem,
     batch_groups,
+    batch_key,
     bucket_frames,
     padding_waste,
     validate_items,
@@ -226,6 +227,12 @@ def generate(loaded: LoadedModel, items: list[GenerationItem],
                   elapsed, steps[tuple(group)], 100 * waste)
     reporter.finish(f"generated {len(items)} item(s)")
     return [r for r in results if r is not None]
+
+
+def batch_key_for(loaded: LoadedModel, item: GenerationItem) -> Hashable:
+    """The key under which ``item`` may share a ``generate`` call with others on ``loaded``."""
+    return batch_key(item, lambda d: bucket_for(d, loaded),
+                     _prompt_tokens(loaded) if loaded.is_melody else None)
 
 
 def _prompt_tokens(loaded: LoadedModel) -> Callable[[str], int]:

@@ -1,0 +1,237 @@
+"""The batching engine: one generation loop per worker process, fed by the task threads.
+
+Each Celery task thread that has a job ready to generate (decoded, admitted, its melody read)
+submits it here and gets a :class:`Ticket`; one loop thread takes up to ``max_batch_size`` tickets
+that may share a ``model.generate`` call (same model, same batch key: see
+``workers.runtime.batch``) and generates them together. A ticket that arrives alone waits at
+most ``batch_wait_s`` (from its own submission) for company, then runs; the oldest ticket always
+leads the next batch, so no key starves another.
+
+The loop only generates. The task thread that submitted a ticket waits on it, reports its
+progress, watches its cancel flag and soft time limit, and renders the audio itself once the
+ticket resolves, so the loop is generating the next batch while the last one is encoded (the
+worker's concurrency, twice the batch size, bounds how many renders can be waiting).
+
+Per-job failure semantics live here:
+
+- a ticket dropped by its task (cancel, soft limit) leaves its batch at the next decoding step:
+  it resolves at once and its row is discarded; when every row of a call is dropped the call is
+  abandoned (``transformers``' generate cannot remove a row mid-call, so the dropped row's
+  compute goes on until the call ends or is abandoned);
+- a transient error of a whole call (GPU out of memory) splits the batch and runs the halves;
+  only a single job's out-of-memory reaches that job (as a retryable error);
+- any other error of a call fails the jobs of that call (the model failed for all of them);
+- a call that runs past ``hard_limit_s`` (a hung kernel, a stuck driver) ends the process, as
+  Celery's hard time limit would: the unacked messages are redelivered and the poison cap
+  counts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.errors import GpuOutOfMemory
+from workers.runtime.batch import GeneratedAudio, GenerationItem
+
+log = logging.getLogger(__name__)
+
+GenerateFn = Callable[[Any, list[GenerationItem], Callable[[float, str], None]], list[GeneratedAudio]]
+# How often the watchdog looks at the running call; the hard limit is enforced to this precision.
+WATCHDOG_INTERVAL_S = 0.5
+HARD_LIMIT_EXIT_CODE = 70  # EX_SOFTWARE: the supervisor sees a crash, not a clean stop
+
+
+class BatchAbandoned(Exception):
+    """Raised inside a generate call whose every row was dropped: nobody waits for its audio."""
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """One finished ``model.generate`` call, for metrics."""
+
+    model: str
+    size: int
+    wait_s: float  # how long the batch's oldest job waited between submission and the call
+    generate_s: float
+    busy_fraction: float  # the loop's generating time over its wall time since it started
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One job's place in the engine; its task thread waits on ``future``."""
+
+    loaded: Any  # the LoadedModel the job runs on; batches never mix models
+    item: GenerationItem
+    key: Hashable
+    model: str = ""  # the preset's name, for metrics and logs
+    submitted: float = field(default_factory=time.monotonic)
+    future: Future[GeneratedAudio] = field(default_factory=Future)
+    fraction: float = 0.0  # generation progress in [0, 1], written by the loop
+
+    @property
+    def dropped(self) -> bool:
+        """Resolved before its audio arrived (cancelled, timed out) or already answered."""
+        return self.future.done()
+
+    def drop(self, reason: BaseException) -> None:
+        """The job no longer wants its audio: leave the batch at the next step."""
+        _settle(self.future, error=reason)
+
+
+def _settle(future: Future[GeneratedAudio], *, audio: GeneratedAudio | None = None,
+            error: BaseException | None = None) -> None:
+    # The task thread may drop a ticket while the loop resolves it: the first answer wins.
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(audio)  # type: ignore[arg-type]
+    except Exception:  # InvalidStateError: already answered
+        pass
+
+
+class Batcher:
+    """The generation loop of one worker process (started on the first submission)."""
+
+    def __init__(self, generate: GenerateFn, *, max_batch_size: int, batch_wait_s: float,
+                 hard_limit_s: float | None = None,
+                 on_batch: Callable[[BatchStats], None] | None = None,
+                 on_hard_limit: Callable[[], None] | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self._generate = generate
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = max(0.0, batch_wait_s)
+        self.hard_limit_s = hard_limit_s
+        self._on_batch = on_batch
+        self._on_hard_limit = on_hard_limit or _exit_process
+        self._pending: list[Ticket] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._call_started: float | None = None  # monotonic start of the running call
+        self._loop_started = 0.0
+        self._busy_s = 0.0
+
+    def submit(self, loaded: Any, item: GenerationItem, key: Hashable, *, model: str = "") -> Ticket:
+        """Queue one job; the loop generates it with others of the same model and ``key``."""
+        ticket = Ticket(loaded=loaded, item=item, key=key, model=model)
+        with self._cond:
+            self._start()
+            self._pending.append(ticket)
+            self._cond.notify_all()
+        return ticket
+
+    def pending(self) -> int:
+        """Tickets waiting for a batch (not counting the running call)."""
+        with self._cond:
+            return sum(1 for t in self._pending if not t.dropped)
+
+    def _start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._loop_started = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="generation-loop", daemon=True)
+        self._thread.start()
+        if self.hard_limit_s is not None:
+            threading.Thread(target=self._watchdog, name="generation-watchdog", daemon=True).start()
+
+    # --- the loop ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            wait_s = time.monotonic() - batch[0].submitted
+            started = time.monotonic()
+            self._run(batch)
+            elapsed = time.monotonic() - started
+            self._busy_s += elapsed
+            if self._on_batch is not None:
+                wall = max(time.monotonic() - self._loop_started, 1e-9)
+                try:
+                    self._on_batch(BatchStats(batch[0].model, len(batch), wait_s, elapsed, self._busy_s / wall))
+                except Exception:  # metrics must never stop the loop
+                    log.exception("could not record batch metrics")
+
+    def _next_batch(self) -> list[Ticket]:
+        """Block until a batch is due: full, or its oldest job has waited ``batch_wait_s``."""
+        with self._cond:
+            while True:
+                self._pending = [t for t in self._pending if not t.dropped]
+                if not self._pending:
+                    self._cond.wait()
+                    continue
+                head = self._pending[0]
+                mates = [t for t in self._pending
+                         if t.loaded is head.loaded and t.key == head.key][:self.max_batch_size]
+                remaining = head.submitted + self.batch_wait_s - time.monotonic()
+                if len(mates) >= self.max_batch_size or remaining <= 0:
+                    taken = set(map(id, mates))
+                    self._pending = [t for t in self._pending if id(t) not in taken]
+                    return mates
+                self._cond.wait(remaining)
+
+    def _run(self, batch: list[Ticket]) -> None:
+        live = [t for t in batch if not t.dropped]
+        if not live:
+            return
+        self._call_started = time.monotonic()
+        try:
+            audio = self._generate(live[0].loaded, [t.item for t in live], self._progress(live))
+        except BatchAbandoned:
+            log.info("abandoned a batch of %d: every job in it was dropped", len(live))
+            return
+        except GpuOutOfMemory as exc:
+            if len(live) == 1:
+                _settle(live[0].future, error=exc)
+                return
+            half = len(live) // 2
+            log.warning("out of GPU memory with a batch of %d; running it as %d + %d",
+                        len(live), half, len(live) - half)
+            self._call_started = None
+            self._run(live[:half])
+            self._run(live[half:])
+            return
+        except BaseException as exc:  # the model failed for every job of this call
+            for ticket in live:
+                _settle(ticket.future, error=exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            self._call_started = None
+        for ticket, clip in zip(live, audio, strict=True):
+            ticket.fraction = 1.0
+            _settle(ticket.future, audio=clip)
+
+    @staticmethod
+    def _progress(batch: list[Ticket]) -> Callable[[float, str], None]:
+        def report(fraction: float, _message: str) -> None:
+            if all(t.dropped for t in batch):
+                raise BatchAbandoned()
+            for ticket in batch:
+                ticket.fraction = fraction
+
+        return report
+
+    def _watchdog(self) -> None:
+        assert self.hard_limit_s is not None
+        while True:
+            time.sleep(WATCHDOG_INTERVAL_S)
+            started = self._call_started
+            if started is not None and time.monotonic() - started > self.hard_limit_s:
+                log.critical("hard time limit (%g s) passed by a generate call: ending the "
+                             "process so its jobs are redelivered", self.hard_limit_s)
+                self._on_hard_limit()
+                return
+
+
+def _exit_process() -> None:
+    # A hung CUDA kernel cannot be interrupted from Python; only the process's end frees the GPU.
+    logging.shutdown()
+    os._exit(HARD_LIMIT_EXIT_CODE)
