@@ -288,6 +288,9 @@ class JobResult(BaseModel):
     seed: int
     worker: str
     timings: Timings
+    # How many jobs shared this job's model.generate call; timings.generate is that call's wall
+    # time, so the job's share of the GPU is generate / batch_size.
+    batch_size: int = Field(1, ge=1)
 
 
 def new_job_id() -> str:

@@ -1,7 +1,9 @@
 """One worker process's job runner: cached models, generate, post-process, write the file.
 
-decode (JobSpec) -> predict (MusicGen on the device) -> encode (ffmpeg, atomic file). Celery
-stays out of this module: the task passes in callbacks for progress and cancellation.
+decode (JobSpec) -> predict (MusicGen on the device, batched with other jobs by
+``workers.batcher``) -> encode (in the calling task thread, while the engine generates the next
+batch). Celery stays out of this module: the task passes in callbacks for progress and
+cancellation.
 """
 
 from __future__ import annotations
@@ -18,18 +20,23 @@ import numpy.typing as npt
 
 from pipeline.config.presets import model_settings_for
 from pipeline.config.schema import ModelSettings, Settings
+from pipeline.errors import JobTimeout
 from pipeline.jobs import JobResult, JobSpec, Timings
 from workers.audio.decode import decode_mono
 from workers.audio.formats import FORMATS
 from workers.audio.postprocess import render
-from workers.runtime.batch import GenerationItem
+from workers.batcher import Batcher, BatchStats, Ticket
+from workers.runtime.batch import GeneratedAudio, GenerationItem, validate_items
 from workers.runtime.model_cache import ModelCache
-from workers.runtime.musicgen import LoadedModel, generate, load_model
+from workers.runtime.musicgen import LoadedModel, batch_key_for, generate, load_model
 from workers.storage import remove_partial, write_sidecar
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
+# How often a task thread waiting for its batch wakes to report progress and look at its cancel
+# flag and time limit: the engine's loop itself never touches Redis.
+WAIT_POLL_S = 0.25
 # A job's output is <job_id><extension> for the one format it asked for; cleanup does not know
 # which, so it tries each name exactly (never a glob on the id: "abc.*" is also job "abc.def").
 OUTPUT_EXTENSIONS: tuple[str, ...] = tuple(sorted({f.extension for f in FORMATS.values()}))
@@ -76,7 +83,8 @@ class RunOutcome:
 class JobRunner:
     """Everything a worker process keeps between jobs: its settings and its model cache."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
         self.settings = settings
         if settings.model.num_threads:
             # Process-wide; on a shared CPU host one thread per worker process beats oversubscription.
@@ -85,6 +93,14 @@ class JobRunner:
             torch.set_num_threads(settings.model.num_threads)
         self.cache: ModelCache[LoadedModel] = ModelCache(settings.model.cache_size, self._load)
         self._model_settings: dict[str, ModelSettings] = {}
+        gen = settings.generation
+        # Only the threads pool has more than one job in a process at a time: in prefork and solo
+        # a batch is one job, and waiting for company that cannot come would only add latency.
+        batch = gen.max_batch_size if settings.worker.pool == "threads" else 1
+        self.batcher = Batcher(_generate, max_batch_size=batch,
+                               batch_wait_s=gen.batch_wait_ms / 1000,
+                               hard_limit_s=float(settings.worker.hard_time_limit),
+                               on_batch=on_batch)
 
     def _load(self, preset: str) -> LoadedModel:
         m = self._model_settings[preset]
@@ -122,8 +138,13 @@ class JobRunner:
                 prompt=spec.prompt, duration_s=spec.duration, temperature=spec.temperature,
                 top_k=spec.top_k, top_p=spec.top_p, guidance_scale=spec.guidance_scale, seed=spec.seed,
                 melody=self._melody(spec, temp_dir, loaded.sampling_rate))
-            # The batch API takes a list even for one job, so cross-job batching needs no rewrite.
-            audio = generate(loaded, [item], lambda f, msg: progress(0.9 * f, msg))[0]
+            # Checked here, alone, so a job the model cannot do fails by itself and never takes
+            # its batch down with it.
+            validate_items([item], max_duration_s=loaded.max_duration_s,
+                           sampling_rate=loaded.sampling_rate, melody_supported=loaded.is_melody)
+            progress(0.0, "waiting for a batch")
+            ticket = self.batcher.submit(loaded, item, batch_key_for(loaded, item), model=spec.model)
+            audio = self._wait(ticket, progress, deadline=started_at + self.settings.worker.soft_time_limit)
             progress(0.9, "post-processing")
             # spec.output is the shared OutputSpec, checked when the spec was decoded; the
             # table's suffix is also what maintenance sweeps.
@@ -138,10 +159,10 @@ class JobRunner:
                 format=rendered.format, duration=rendered.duration_s, sample_rate=rendered.sample_rate,
                 channels=rendered.channels, bit_depth=rendered.bit_depth,
                 loudness_lufs=rendered.loudness_lufs, peak_dbfs=rendered.peak_dbfs, model=spec.model,
-                seed=audio.seed, worker=worker, timings=timings)
+                seed=audio.seed, worker=worker, timings=timings, batch_size=audio.batch_size)
             write_sidecar(dest, {"request": spec.model_dump(mode="json"),
                                  "result": result.model_dump(mode="json")})
-            return RunOutcome(result, rendered.duration_s, audio.generate_seconds)
+            return RunOutcome(result, rendered.duration_s, audio.generate_seconds / audio.batch_size)
         except BaseException:
             # A file without its sidecar (or a sidecar's .part) is no result: a failed attempt
             # leaves nothing; a retry writes the whole pair again.
@@ -149,6 +170,27 @@ class JobRunner:
             raise
         finally:
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+    def _wait(self, ticket: Ticket, progress: Progress, *, deadline: float) -> GeneratedAudio:
+        """Wait for the engine to generate this job, reporting its progress meanwhile.
+
+        Whatever ends the wait early (the cancel flag seen by ``progress``, the soft time limit,
+        Celery's own soft limit in a prefork child) drops the ticket, so the job leaves its batch
+        at the next step while its neighbours go on.
+        """
+        try:
+            while True:
+                try:
+                    return ticket.future.result(timeout=WAIT_POLL_S)
+                except TimeoutError:
+                    pass
+                progress(0.9 * ticket.fraction, "generating" if ticket.fraction else "waiting for a batch")
+                if time.time() > deadline:
+                    limit = self.settings.worker.soft_time_limit
+                    raise JobTimeout(f"job passed its soft time limit of {limit} s", "duration")
+        except BaseException as exc:
+            ticket.drop(exc)
+            raise
 
     def _melody(self, spec: JobSpec, temp_dir: Path,
                 sampling_rate: int) -> tuple[npt.NDArray[np.float32], int] | None:
@@ -160,3 +202,10 @@ class JobRunner:
         """Delete every file a cancelled or timed-out job left (see :func:`discard_job_files`)."""
         discard_job_files(self.settings, job_id)
 
+
+
+def _generate(loaded: LoadedModel, items: list[GenerationItem],
+              progress: Callable[[float, str], None]) -> list[GeneratedAudio]:
+    # Looked up at call time, so a wrapper installed on this module (tests/integration/faults.py)
+    # sees every batch the engine runs.
+    return generate(loaded, items, progress)

@@ -34,7 +34,7 @@ from pipeline.quota.configured import store_for
 from pipeline.registry import JobRegistry, registry_for
 from workers import typed_celery
 from workers.job_runner import JobCancelledByUser, JobRunner, discard_job_files
-from workers.metrics import model_of, observe_failure, observe_success
+from workers.metrics import model_of, observe_batch, observe_failure, observe_success
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ STATE = WorkerState()
 
 def runner_for(app: PipelineCelery) -> JobRunner:
     if STATE.runner is None:
-        STATE.runner = JobRunner(app.settings)
+        STATE.runner = JobRunner(app.settings, on_batch=observe_batch)
     return STATE.runner
 
 
@@ -247,8 +247,12 @@ class GenerationTask(Task):  # type: ignore[misc]
     the last retry, and calls on_failure even for a hard time-limit kill (from the parent)."""
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        # timings.generate is the wall time of the call the job shared with batch_size - 1
+        # others: the job's own GPU time is its share.
+        batch_size = int(retval.get("batch_size") or 1)
         _ledger(self.app, "mark_finished", task_id, status="succeeded",
-                produced_seconds=retval["duration"], gpu_seconds=retval["timings"]["generate"])
+                produced_seconds=retval["duration"],
+                gpu_seconds=retval["timings"]["generate"] / batch_size, batch_size=batch_size)
         observe_success(str(retval.get("model")), retval)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
