@@ -23,6 +23,18 @@ def override_env(overrides: Mapping[str, str]) -> dict[str, str]:
     return {"MUSICGEN_" + k.upper().replace(".", "__"): v for k, v in overrides.items()}
 
 
+def default_concurrency(pool: str, max_batch_size: int) -> int:
+    """Task slots when none are set: one batch generating plus one batch waiting or rendering.
+
+    With the threads pool each slot is a thread holding one job (and, with late acks, its
+    unacked message): ``max_batch_size`` of them feed the generation loop while as many more
+    render the previous batch or queue for the next, and the prefetch multiplier of 1 keeps the
+    node from holding more, so other nodes are not starved. Prefork and solo run one job per
+    process: one slot.
+    """
+    return 2 * max_batch_size if pool == "threads" else 1
+
+
 def worker_argv(settings: Settings, *, queues: Sequence[str] = (), pool: str | None = None,
                 concurrency: int | None = None, name: str | None = None,
                 loglevel: str | None = None, include: Sequence[str] = ()) -> list[str]:
@@ -31,7 +43,8 @@ def worker_argv(settings: Settings, *, queues: Sequence[str] = (), pool: str | N
     chosen_pool = pool or w.pool
     argv = [sys.executable, "-m", "celery", "-A", "workers", "worker",
             "-Q", ",".join(queues or [queue_for(settings.model.preset)]),
-            "--pool", chosen_pool, "--concurrency", str(concurrency or w.concurrency),
+            "--pool", chosen_pool,
+            "--concurrency", str(concurrency or w.concurrency or default_concurrency(chosen_pool, settings.generation.max_batch_size)),
             "--prefetch-multiplier", str(w.prefetch_multiplier),
             "--loglevel", (loglevel or settings.app.log_level).upper(), "-E"]
     if name:
@@ -45,19 +58,20 @@ def worker_argv(settings: Settings, *, queues: Sequence[str] = (), pool: str | N
 
 
 def spawn_worker(settings: Settings, env: Mapping[str, str], *, queues: Sequence[str] = (),
-                 pool: str | None = None, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+                 pool: str | None = None, concurrency: int | None = None,
+                 log_path: Path | None = None) -> subprocess.Popen[bytes]:
     """Start a worker subprocess (the embedded default and the tests use this)."""
-    argv = worker_argv(settings, queues=queues, pool=pool)
+    argv = worker_argv(settings, queues=queues, pool=pool, concurrency=concurrency)
+    child_env = {**os.environ, **env, **({"MUSICGEN_WORKER__POOL": pool} if pool else {})}
     if log_path is None:
-        return subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(argv, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     with open(log_path, "ab") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(argv, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(argv, env=child_env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def worker(
     queues: list[str] = typer.Option([], "--queue", "-Q", help="queues to serve (default: the preset's)"),
-    pool: str = typer.Option(None, help="prefork (default) | solo | threads"),
+    pool: str = typer.Option(None, help="threads (default: the batching engine) | prefork | solo"),
     concurrency: int = typer.Option(None, "--concurrency", "-c"),
     name: str = typer.Option(None, "--name", "-n", help="worker node name, e.g. gpu0@%h"),
     env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
@@ -77,6 +91,8 @@ def worker(
     child_env.setdefault("REMAP_SIGTERM", "SIGQUIT")
     if env:
         child_env["MUSICGEN_ENV"] = env
+    if pool:  # the worker's own settings say which pool runs it (the engine batches only in threads)
+        child_env["MUSICGEN_WORKER__POOL"] = pool
     argv = worker_argv(settings, queues=queues, pool=pool, concurrency=concurrency, name=name,
                        loglevel=loglevel, include=include)
     os.execve(argv[0], argv, child_env)

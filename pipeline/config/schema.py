@@ -107,9 +107,12 @@ class GenerationSettings(_Section):
     default_top_k: int = Field(250, ge=0, le=2048)
     default_top_p: float = Field(0.0, ge=0.0, le=1.0)
     default_guidance_scale: float = Field(3.0, ge=0.0, le=20.0)
-    max_batch_size: int = Field(1, ge=1, le=32,
-                                description="reserved for cross-job batching, which is not built yet: "
-                                            "today every job runs on its own")
+    max_batch_size: int = Field(4, ge=1, le=32,
+                                description="jobs of one model a worker generates in one call; "
+                                            "more than 1 needs worker.pool = threads")
+    batch_wait_ms: int = Field(50, ge=0, le=60000,
+                               description="how long a job that arrives alone waits for company "
+                                           "before its batch runs")
 
 
 class AudioSettings(_Section):
@@ -167,8 +170,10 @@ class StorageSettings(_Section):
 class WorkerSettings(_Section):
     """One Celery worker per GPU: pool, limits, retries."""
 
-    pool: Literal["solo", "threads", "prefork"] = "prefork"
-    concurrency: int = Field(1, ge=1, le=64)
+    pool: Literal["solo", "threads", "prefork"] = "threads"
+    concurrency: int | None = Field(None, ge=1, le=128,
+                                    description="task slots; default 1, or twice "
+                                                "generation.max_batch_size for the threads pool")
     prefetch_multiplier: int = Field(1, ge=1, le=16)
     soft_time_limit: int = Field(300, ge=1, le=86400, description="seconds")
     hard_time_limit: int = Field(360, ge=1, le=86400, description="seconds")
