@@ -26,7 +26,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 import workers.job_runner as job_runner
-from pipeline.errors import GpuOutOfMemory, InvalidRequest, ModelRuntimeError
+from pipeline.errors import GpuOutOfMemory, InvalidRequest, ModelRuntimeError, UnsupportedOption
 from pipeline.policies.rate_limit import GlobalRateLimit
 from workers.tasks import PROGRESS_INTERVAL_S
 
@@ -116,6 +116,19 @@ def generate(loaded: Any, items: list[Any], progress: Any = None) -> list[Any]:
 
 
 job_runner.generate = generate
+
+_real_validate_items = job_runner.validate_items
+
+
+def validate_items(items: list[Any], **limits: Any) -> None:
+    """``FAULT:unsupported``: the worker's own per-job check refuses the job, as it refuses a
+    duration past the model's window, before the job can join a batch."""
+    if any("FAULT:unsupported" in item.prompt for item in items):
+        raise UnsupportedOption("this model cannot do what the prompt asks (injected)", "prompt")
+    _real_validate_items(items, **limits)
+
+
+job_runner.validate_items = validate_items
 
 _real_try_acquire = GlobalRateLimit.try_acquire
 

@@ -157,7 +157,9 @@ def test_cancel_a_queued_job_and_a_running_one(shared_worker: Worker, workdir: P
                                                  format="wav"))
     wait_for(lambda: held(faults, hold), 120, "the long job to be generating")
     queued = producer.enqueue(GenerationRequest(prompt="never starts", duration=0.5, format="wav"))
-    assert running.status() is JobStatus.progress and running.progress().fraction > 0.0
+    # The task thread publishes its job's step within its poll interval of the step itself.
+    wait_for(lambda: running.status() is JobStatus.progress and running.progress().fraction > 0.0,
+             30, "the held job's progress to be published")
     assert queued.status() is JobStatus.queued  # one job per GPU: the second waits
     assert queued.cancel() is True
     assert queued.status() is JobStatus.cancelled
@@ -188,3 +190,30 @@ def test_embedded_default_needs_no_server(workdir: Path, tmp_path: Path) -> None
     assert Path(result["output_path"]).parent == tmp_path / "out"
     assert float(ffprobe(Path(result["output_path"]))["format"]["duration"]) == pytest.approx(1.0, abs=1e-3)
     assert (tmp_path / "data" / "broker").is_dir()  # the file-system broker, not Redis
+
+
+def test_count_makes_variations_in_one_batch_on_the_embedded_default(workdir: Path, tmp_path: Path) -> None:
+    env = base_env(workdir, None, MUSICGEN_APP__DATA_DIR=str(tmp_path / "data"),
+                   MUSICGEN_STORAGE__OUTPUT_DIR=str(tmp_path / "out"),
+                   # the N jobs are queued before the worker starts: a batch runs when it is full
+                   MUSICGEN_GENERATION__BATCH_WAIT_MS="60000")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "generate", "lofi loop", "--model", "tiny",
+                           "--duration", "0.5", "--format", "wav", "--count", "3", "--seed", "40", "--json"],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout)
+    assert [r["seed"] for r in results] == [40, 41, 42]
+    assert [r["batch_size"] for r in results] == [3, 3, 3]
+    files = [Path(r["output_path"]) for r in results]
+    assert len({f.read_bytes() for f in files}) == 3  # three different variations
+    assert all(f.parent == tmp_path / "out" for f in files)
+
+
+def test_count_past_the_seed_range_is_one_clear_error(workdir: Path, tmp_path: Path) -> None:
+    env = base_env(workdir, None, MUSICGEN_APP__DATA_DIR=str(tmp_path / "data"))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "generate", "x", "--model", "tiny",
+                           "--count", "2", "--seed", str(2**32 - 1)],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0
+    assert "invalid_request" in proc.stderr and "seed" in proc.stderr, proc.stderr
+    assert not (tmp_path / "data" / "broker").exists()  # refused before anything was queued
