@@ -8,7 +8,7 @@ A new revision (after changing ``tables.py``), from a scratch database at head::
 
     from alembic import command
     command.revision(alembic_config("sqlite:///scratch.db"), "what changed",
-                     autogenerate=True, rev_id="0002")
+                     autogenerate=True, rev_id="0004")
 """
 
 from __future__ import annotations
