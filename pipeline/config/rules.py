@@ -171,6 +171,18 @@ def _timezone_known(raw: Raw) -> Problem | None:
     return None
 
 
+def _threads_fill_a_batch(raw: Raw) -> Problem | None:
+    # Each threads-pool slot holds one job: with fewer slots than a batch, no batch ever fills
+    # and every one of them waits out generation.batch_wait_ms for company that cannot come.
+    slots, batch = _num(raw, "worker.concurrency"), _num(raw, "generation.max_batch_size")
+    if get(raw, "worker.pool") != "threads" or slots is None or batch is None or slots >= batch:
+        return None
+    return Problem("worker.concurrency", get(raw, "worker.concurrency"),
+                   f"the threads pool needs at least generation.max_batch_size ({batch:g}) slots "
+                   "to fill a batch",
+                   "unset worker.concurrency (default: 2 x generation.max_batch_size) or raise it")
+
+
 RULES: tuple[Rule, ...] = (
     _greater("generation.max_duration", "generation.default_duration",
              "raise generation.max_duration or lower generation.default_duration"),
@@ -196,6 +208,7 @@ RULES: tuple[Rule, ...] = (
     _strong_secret("database.password", "the database password", required_when=lambda raw: False),
     Rule("quotas: default tier exists", _default_tier_exists),
     Rule("quotas: time zone", _timezone_known),
+    Rule("threads pool: slots for a batch", _threads_fill_a_batch),
 )
 
 
