@@ -9,6 +9,7 @@ decides when each applies.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Literal
 
@@ -57,30 +58,37 @@ class WorkerState:
 
 
 STATE = WorkerState()
+# The threads pool's task threads may all ask for the runner at once on a fresh process: two
+# runners would be two generation loops, each making smaller batches.
+_STATE_LOCK = threading.Lock()
 
 
 def runner_for(app: PipelineCelery) -> JobRunner:
-    if STATE.runner is None:
-        STATE.runner = JobRunner(app.settings, on_batch=observe_batch)
-    return STATE.runner
+    with _STATE_LOCK:
+        if STATE.runner is None:
+            STATE.runner = JobRunner(app.settings, on_batch=observe_batch)
+        return STATE.runner
 
 
 def _registry(app: PipelineCelery) -> JobRegistry:
-    if STATE.registry is None:
-        STATE.registry = registry_for(app)
-    return STATE.registry
+    with _STATE_LOCK:
+        if STATE.registry is None:
+            STATE.registry = registry_for(app)
+        return STATE.registry
 
 
 def _policies(app: PipelineCelery) -> Policies:
-    if STATE.policies is None:
-        STATE.policies = Policies.for_app(app)
-    return STATE.policies
+    with _STATE_LOCK:
+        if STATE.policies is None:
+            STATE.policies = Policies.for_app(app)
+        return STATE.policies
 
 
 def _quota(app: PipelineCelery) -> QuotaStore:
-    if STATE.quota is None:  # its own engine per process: connections must not cross a fork
-        STATE.quota = store_for(app.settings)
-    return STATE.quota
+    with _STATE_LOCK:
+        if STATE.quota is None:  # its own engine per process: connections must not cross a fork
+            STATE.quota = store_for(app.settings)
+        return STATE.quota
 
 
 def _ledger(app: PipelineCelery, action: str, job_id: str, **values: Any) -> bool | None:
