@@ -4,6 +4,11 @@ The format table, ``OutputSpec`` and ``check_output_spec`` live in ``pipeline.ou
 shared with the producer so that it refuses a bad combination before it is queued; they are
 re-exported here for worker code. What stays here needs the ffmpeg binary: which encoders it
 has, and ``encoder_args``, which refuses a format whose encoder this ffmpeg lacks.
+
+The render asks for ``encoder_args`` only for the formats ffmpeg encodes there (mp3, opus:
+``encode.encoder_for`` decides); wav, flac and ogg are written in process by libsndfile, so an
+ffmpeg without libvorbis no longer limits ogg there. Every branch stays for the multi-pass
+reference render (``reference_render``), which encodes every format with ffmpeg.
 """
 
 from __future__ import annotations

@@ -1,14 +1,18 @@
 """Turn generated samples into a finished file: map channels, resample, normalise, encode.
 
 Everything but the encoder runs in process on the samples (``dsp``, ``loudness``, ``limiter``),
-and the encoder runs once (``encode``): wav and flac are written by libsndfile, mp3, ogg and
-opus by one ffmpeg run that reads the finished float samples from stdin. Numbers in
-``RenderResult`` are measured in process: for wav, flac and opus on the samples encoded (what
-a lossless file holds exactly; libopus keeps loudness within 0.25 LU), for mp3 and ogg on the
-file decoded back by libsndfile, because LAME and Vorbis move loudness by up to 0.6 and 1.9 LU
-at low rates; a file more than ``LUFS_TRIM_LU`` off its lufs target is encoded once more with
-the aim trimmed by the miss. The promise, held by the tests with ffmpeg's own ebur128 meter: the
-finished file is within ``LUFS_PROMISE_LU`` of the loudness target.
+and the encoder runs once (``encode``; ``encode.encoder_for`` chooses it): wav, flac and ogg
+are written in process by libsndfile, because starting ffmpeg (~85 ms) would cost more than
+their encoding; mp3 and opus by one ffmpeg run that reads the finished float samples from
+stdin (``encode``'s docstring has the measurements: the LAME and libopus inside soundfile's
+wheel are slower than ffmpeg's start plus Debian's builds, and libsndfile cannot ask libopus
+for ffmpeg's unconstrained VBR). Numbers in ``RenderResult`` are measured in process: for wav,
+flac and opus on the samples encoded (what a lossless file holds exactly; libopus keeps
+loudness within 0.25 LU), for mp3 and ogg on the file decoded back by libsndfile, because LAME
+and Vorbis move loudness by up to 0.6 and 1.9 LU at low rates; a file more than
+``LUFS_TRIM_LU`` off its lufs target is encoded once more with the aim trimmed by the miss.
+The promise, held by the tests with ffmpeg's own ebur128 meter: the finished file is within
+``LUFS_PROMISE_LU`` of the loudness target.
 
 Steps: (stereo->mono as (L+R)/2, mono->stereo duplicated) -> soxr to the output rate -> when
 normalising, a 10 Hz DC high-pass -> the gain for peak/rms/lufs (lufs: a true-peak limiter when
@@ -32,10 +36,10 @@ from workers.audio.dsp import channels_first, input_rate, map_channels, remove_d
 from workers.audio.encode import (
     decode,
     encode_with_ffmpeg,
+    encoder_for,
     for_integer_pcm,
     reads_back,
-    write_lossless,
-    writes_in_process,
+    write_in_process,
 )
 from workers.audio.formats import encoder_args, ffmpeg_capabilities
 from workers.audio.limiter import limit
@@ -89,16 +93,19 @@ def render(samples: np.ndarray, sample_rate: int, spec: OutputSpec, dest: Path, 
     """Write ``samples`` ((channels, n) or 1-D mono float) to ``dest`` as ``spec`` asks.
 
     Raises ``UnsupportedOption`` for a bad spec before anything runs, ``ServiceUnavailable``
-    when ffmpeg is missing (mp3, ogg, opus), ``PostProcessFailed`` (retryable) when ffmpeg fails
-    or times out, and ``ValueError`` for samples that are not finite float audio of 1 or 2
-    channels. ``temp_dir`` is accepted for the caller's contract; nothing is staged there.
+    when ffmpeg is missing (mp3, opus), ``PostProcessFailed`` (retryable) when ffmpeg or
+    libsndfile fails or ffmpeg times out, and ``ValueError`` for samples that are not finite
+    float audio of 1 or 2 channels. ``temp_dir`` is accepted for the caller's contract;
+    nothing is staged there.
     """
     del temp_dir  # every stage lives in memory now
     started = time.perf_counter()
     check_output_spec(spec)
     audio = channels_first(samples)
     sample_rate = input_rate(sample_rate)
-    codec = {} if writes_in_process(spec) else encoder_args(spec, ffmpeg_capabilities(ffmpeg))
+    # Asked before any work: an ffmpeg that lacks the encoder refuses the spec up front.
+    ffmpeg_encodes = encoder_for(spec) == "ffmpeg"
+    codec = encoder_args(spec, ffmpeg_capabilities(ffmpeg)) if ffmpeg_encodes else {}
     rate = spec.sample_rate
     audio = resample(map_channels(audio, spec.channels), sample_rate, rate)
     if spec.normalization != "none":
@@ -139,8 +146,8 @@ def _read_back(part: Path, encoded: Levels) -> Levels:
 def _encode(audio: np.ndarray, rate: int, spec: OutputSpec, codec: Mapping[str, Any],
             part: Path, *, ffmpeg: str, timeout_s: float) -> str:
     """Write the finished samples into ``part``: the one encoder step (ffmpeg's stderr or "")."""
-    if writes_in_process(spec):
-        write_lossless(audio, rate, spec, part)
+    if encoder_for(spec) == "libsndfile":
+        write_in_process(audio, rate, spec, part)
         return ""
     return encode_with_ffmpeg(audio, rate, codec, part, ffmpeg=ffmpeg, timeout_s=timeout_s)
 
@@ -210,7 +217,7 @@ def _gained(audio: np.ndarray, gain_db: float) -> np.ndarray:
 def _as_written(audio: np.ndarray, rate: int, spec: OutputSpec, levels: Levels, gain: float,
                 notes: list[str]) -> tuple[np.ndarray, float, Levels, list[str]]:
     """The samples as the encoder will store them, with levels that describe exactly those."""
-    if writes_in_process(spec) and levels.peak_dbfs > 0:
+    if spec.info.lossless and levels.peak_dbfs > 0:
         audio = for_integer_pcm(audio)  # integer PCM clips past full scale: measure what stays
         levels = measure(audio, rate)
     return audio, gain, levels, notes
