@@ -62,11 +62,12 @@ class _Metrics:
                             ["model", "outcome", "error_code"])
         self.audio = Counter("musicgen_audio_seconds", "Seconds of audio produced", ["model"])
         self.generation = Histogram("musicgen_generation_seconds",
-                                    "Time in the model's generate call per succeeded job",
+                                    "Time in the model's generate call per succeeded job (the "
+                                    "whole call, shared with the job's batch)",
                                     ["model"], buckets=_GENERATION_BUCKETS)
         self.realtime_factor = Histogram("musicgen_realtime_factor",
-                                         "Audio seconds per generation second (>1: faster "
-                                         "than real time)", ["model"], buckets=_RTF_BUCKETS)
+                                         "Audio seconds per second of the job's share of its "
+                                         "generate call (>1: faster than real time)", ["model"], buckets=_RTF_BUCKETS)
         self.queue_wait = Histogram("musicgen_queue_wait_seconds",
                                     "Enqueue to start of the succeeded job's last attempt",
                                     ["model"], buckets=_WAIT_BUCKETS)
@@ -127,7 +128,10 @@ def observe_success(model: str, result: Mapping[str, Any]) -> None:
         if generate > 0:
             m.generation.labels(model).observe(generate)
             if audio > 0:
-                m.realtime_factor.labels(model).observe(audio / generate)
+                # The call made batch_size clips at once: the job's own share of it is what its
+                # audio cost, so a full batch reads as the speed-up it is.
+                share = generate / max(1, int(result.get("batch_size") or 1))
+                m.realtime_factor.labels(model).observe(audio / share)
         load = float(timings.get("model_load") or 0.0)
         if load >= MODEL_LOAD_MIN_S:  # the job itself loaded the model (cache miss)
             observe_model_load(model, load)

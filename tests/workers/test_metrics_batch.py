@@ -130,3 +130,25 @@ def test_busy_fraction_is_one_series_per_live_process(folder: Path) -> None:
     assert (busy(samples, gone), busy(samples, alive)) == (None, 0.2)
     assert samples[("musicgen_generation_busy_seconds_total", (("model", "tiny"),))] == 3.0
     assert samples[("musicgen_batch_size_sum", (("model", "tiny"),))] == 3.0
+
+
+_SUCCESS = """
+import json, sys
+from workers.metrics import observe_success
+for result in json.loads(sys.argv[1]):
+    observe_success("tiny", result)
+"""
+
+
+def test_a_batched_jobs_real_time_factor_counts_its_share_of_the_call(folder: Path) -> None:
+    results = [{"duration": 2.0, "batch_size": 4, "timings": {"generate": 1.0}},
+               {"duration": 2.0, "timings": {"generate": 1.0}}]  # an older result: a batch of one
+    env = {**os.environ, metrics.MULTIPROC_ENV: str(folder)}
+    proc = subprocess.run([sys.executable, "-c", _SUCCESS, json.dumps(results)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    samples = _scrape(folder)
+    tiny = (("model", "tiny"),)
+    # 2 s of audio from a quarter of a 1 s call is 8x real time; alone, 2x.
+    assert samples[("musicgen_realtime_factor_sum", tiny)] == pytest.approx(8.0 + 2.0)
+    assert samples[("musicgen_generation_seconds_sum", tiny)] == pytest.approx(2.0)  # whole calls
