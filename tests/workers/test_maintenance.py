@@ -30,20 +30,23 @@ from pipeline.monitor_app import (
 from pipeline.quota import DEFAULT_TIERS, QuotaStore, daily_usage, make_engine, upgrade
 from workers.maintenance import register, rollup_ledger, sweep_outputs, sweep_temp
 
+# The sweep functions take ``now``: tests of them age files against this fixed instant. The
+# registered tasks read the clock when they run, so their tests age files against the clock
+# (``now=time.time()``): against NOW, a file would age by however long the suite ran before it.
 NOW = time.time()
 HOUR = 3600.0
 DAY = 86400.0
 
 
-def _write(path: Path, size: int, age: float) -> Path:
+def _write(path: Path, size: int, age: float, now: float = NOW) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"x" * size)
-    os.utime(path, (NOW - age, NOW - age))
+    os.utime(path, (now - age, now - age))
     return path
 
 
-def _age(path: Path, age: float) -> None:
-    os.utime(path, (NOW - age, NOW - age), follow_symlinks=False)
+def _age(path: Path, age: float, now: float = NOW) -> None:
+    os.utime(path, (now - age, now - age), follow_symlinks=False)
 
 
 def test_temp_sweep_removes_a_crashed_jobs_folder_and_counts_it(tmp_path: Path) -> None:
@@ -170,10 +173,11 @@ def test_registered_tasks_sweep_the_settings_folders(tmp_path: Path) -> None:
     app = make_celery(_settings(tmp_path))
     register(app)
     crashed = tmp_path / "tmp" / "job-1"
-    _write(crashed / "a.wav", 11, 2 * HOUR)
-    _age(crashed, 2 * HOUR)
-    _write(tmp_path / "outputs" / "old.wav", 13, 3 * DAY)
-    _write(tmp_path / "outputs" / "old.wav.json", 2, 3 * DAY)
+    now = time.time()
+    _write(crashed / "a.wav", 11, 2 * HOUR, now)
+    _age(crashed, 2 * HOUR, now)
+    _write(tmp_path / "outputs" / "old.wav", 13, 3 * DAY, now)
+    _write(tmp_path / "outputs" / "old.wav.json", 2, 3 * DAY, now)
 
     assert app.tasks[TASK_SWEEP_TEMP].run() == {"removed_files": 1, "removed_bytes": 11,
                                                 "removed_dirs": 1, "errors": 0}
@@ -187,8 +191,9 @@ def test_a_long_hard_time_limit_raises_the_temp_age(tmp_path: Path) -> None:
     app = make_celery(_settings(tmp_path, hard_limit=7200))
     register(app)
     job = tmp_path / "tmp" / "job-long"
-    _write(job / "a.wav", 11, 1.5 * HOUR)
-    _age(job, 1.5 * HOUR)
+    now = time.time()
+    _write(job / "a.wav", 11, 1.5 * HOUR, now)
+    _age(job, 1.5 * HOUR, now)
     assert app.tasks[TASK_SWEEP_TEMP].run()["removed_files"] == 0
     assert job.is_dir()
 
