@@ -33,6 +33,7 @@ from pipeline.policies.configured import Policies
 from pipeline.quota.configured import database_failure, store_for
 from pipeline.registry import JobRegistry, registry_for
 from pipeline.resolve import resolve
+from pipeline.user_context import UserContext
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Producer:
         never a second; from another user it raises ``JobIdConflict`` and changes nothing."""
         request = _as_request(request, "request")
         job_id = check_job_id(request.job_id) if request.job_id else new_job_id()
-        spec = resolve(request, self.settings, job_id=job_id)
+        spec = resolve(request, self.settings, job_id=job_id, user=self.user_context(request))
         return self._send(spec)
 
     def enqueue_many(self, requests: Sequence[GenerationRequest]) -> list[JobHandle]:
@@ -84,11 +85,20 @@ class Producer:
             request = _as_request(item, f"requests[{i}]")
             job_id = check_job_id(request.job_id) if request.job_id else new_job_id()
             try:
-                specs.append(resolve(request, self.settings, job_id=job_id))
+                specs.append(resolve(request, self.settings, job_id=job_id,
+                                     user=self.user_context(request)))
             except InvalidRequest as exc:
                 raise InvalidRequest(f"requests[{i}]: {exc.message}", f"requests[{i}].{exc.field}",
                                      exc.details) from exc
         return [self._send(spec) for spec in specs]
+
+    def user_context(self, request: GenerationRequest) -> UserContext:
+        """The request's user and tier, read once: flags and experiments decide on it."""
+        try:
+            tier = self.quota.tier_of(request.user_id)
+        except SQLAlchemyError as exc:
+            raise database_failure(exc, self.quota) from exc
+        return UserContext(request.user_id, tier)
 
     def get_job(self, job_id: str, user_id: str | None = None) -> JobHandle:
         """A handle for a job enqueued earlier, by this process or another.

@@ -26,6 +26,7 @@ from pipeline.jobs import (
     invalid_request_from,
 )
 from pipeline.output_format import FORMATS, check_output_spec
+from pipeline.user_context import UserContext
 
 
 def _output(request: GenerationRequest, settings: Settings) -> OutputSpec:
@@ -89,13 +90,19 @@ def _revalidated(request: object) -> GenerationRequest:
     return GenerationRequest(**dict(request))
 
 
-def resolve(request: GenerationRequest, settings: Settings, *, job_id: str) -> JobSpec:
+def resolve(request: GenerationRequest, settings: Settings, *, job_id: str,
+            user: UserContext | None = None) -> JobSpec:
     """The request with every default filled in, or a typed error naming the field.
+
+    ``user`` is who the request is for (the producer reads the tier from the quota tables);
+    without it the request's user on the default tier, as for a user with no quota row.
 
     The spec is built through validation too (``JobSpec``'s bounds are the widest any
     deployment allows), so nothing reaches the broker that a worker would refuse to decode.
     """
     request = _revalidated(request)
+    if user is None:
+        user = UserContext(request.user_id, settings.quotas.default_tier)
     if len(request.prompt) > settings.validation.max_prompt_length:
         raise InvalidRequest(f"prompt is {len(request.prompt)} characters; the limit is "
                              f"{settings.validation.max_prompt_length}", "prompt")

@@ -214,6 +214,12 @@ class QuotaStore:
         return UsageSummary(user_id, tier, WindowUsage(day_used, daily, self._local(day.end)),
                             WindowUsage(month_used, monthly, self._local(month.end)))
 
+    def tier_of(self, user_id: str) -> str:
+        """The user's tier (the default tier for a user with no row yet); one indexed read."""
+        with self._sessions.begin() as s:
+            tier = s.scalar(select(UserQuota.tier).where(UserQuota.user_id == user_id))
+        return tier if tier is not None else self._default_tier
+
     def set_quota(self, user_id: str, *, tier: str, daily: int | None = None,
                   monthly: int | None = None) -> None:
         """Put ``user_id`` on ``tier``; ``daily``/``monthly`` override the tier (None = tier's)."""
