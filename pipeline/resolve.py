@@ -17,6 +17,7 @@ from pipeline.audio_probe import MelodyLimits, validate_melody
 from pipeline.config.presets import check_preset, model_settings_for
 from pipeline.config.schema import Settings
 from pipeline.errors import InvalidRequest, UnsupportedOption
+from pipeline.flags import FlagRule, enabled
 from pipeline.jobs import (
     GenerationRequest,
     JobSpec,
@@ -59,11 +60,17 @@ def _output(request: GenerationRequest, settings: Settings) -> OutputSpec:
     return OutputSpec.model_validate(fields)
 
 
-def _melody(request: GenerationRequest, settings: Settings, melody_model: bool) -> MelodyInput | None:
+def _melody(request: GenerationRequest, settings: Settings, melody_model: bool,
+            user: UserContext) -> MelodyInput | None:
     if request.melody is None:
         return None
-    if not settings.features.melody_conditioning:
-        raise UnsupportedOption("melody conditioning is switched off in this deployment", "melody")
+    if not enabled(settings.features, "melody_conditioning", user):
+        # A plain false (or a rule switched off) is the deployment's choice; a rule that
+        # leaves this user out (percentage, tiers, deny) is about this user only.
+        flag = settings.features.melody_conditioning
+        everyone = flag is False or (isinstance(flag, FlagRule) and not flag.enabled)
+        raise UnsupportedOption("melody conditioning is switched off "
+                                + ("in this deployment" if everyone else "for this user"), "melody")
     if not melody_model:
         raise UnsupportedOption("this model preset takes no melody; use a melody preset "
                                 "such as musicgen-melody", "melody")
@@ -120,13 +127,13 @@ def resolve(request: GenerationRequest, settings: Settings, *, job_id: str,
                                 f"of {preset}; windowed continuation is not supported yet", "duration")
     try:
         return _spec(request, settings, job_id=job_id, preset=preset, duration=duration,
-                     melody_model=model.melody)
+                     melody_model=model.melody, user=user)
     except ValidationError as exc:  # a deployment default past the contract's bounds
         raise invalid_request_from(exc) from exc
 
 
 def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset: str,
-          duration: float, melody_model: bool) -> JobSpec:
+          duration: float, melody_model: bool, user: UserContext) -> JobSpec:
     gen = settings.generation
     return JobSpec(
         job_id=job_id, prompt=request.prompt, duration=duration, model=preset,
@@ -136,6 +143,13 @@ def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset
         guidance_scale=(request.guidance_scale if request.guidance_scale is not None
                         else gen.default_guidance_scale),
         seed=request.seed if request.seed is not None else draw_seed(),
-        output=_output(request, settings), melody=_melody(request, settings, melody_model),
-        user_id=request.user_id, priority=request.priority, enqueued_at=time.time(),
+        output=_output(request, settings), melody=_melody(request, settings, melody_model, user),
+        user_id=request.user_id, enqueued_at=time.time(),
+        # priority_boost raises the job one level of Priority (pipeline/jobs.py: 0-9, 9 first; 9
+        # stays 9). A level is one of the ten values celery_priority (pipeline/celery_app.py)
+        # maps to the broker's 9 - level, served lowest first; kombu's Redis transport keeps one
+        # list per priority_steps entry (default 0, 3, 6, 9), so a level moves a job ahead of
+        # others only where it crosses into the next list.
+        priority=(min(request.priority + 1, 9) if enabled(settings.features, "priority_boost", user)
+                  else request.priority),
     )

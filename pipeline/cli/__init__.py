@@ -9,6 +9,7 @@ import typer
 from pipeline.cli.beat_cmd import beat
 from pipeline.cli.breaker_cmd import breaker_app
 from pipeline.cli.db_cmd import db_app
+from pipeline.cli.flags_cmd import flags_app
 from pipeline.cli.flower_cmd import flower
 from pipeline.cli.generate_cmd import generate
 from pipeline.cli.health_cmd import health
@@ -30,6 +31,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(breaker_app, name="breaker")
 app.add_typer(db_app, name="db")
 app.add_typer(quota_app, name="quota")
+app.add_typer(flags_app, name="flags")
 app.command("stats")(stats)
 app.command("health")(health)
 app.command("generate")(generate)

@@ -7,6 +7,7 @@ defensively: a value that is missing or of the wrong type is pydantic's to repor
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -183,6 +184,29 @@ def _threads_fill_a_batch(raw: Raw) -> Problem | None:
                    "unset worker.concurrency (default: 2 x generation.max_batch_size) or raise it")
 
 
+def _flag_tiers_exist(raw: Raw) -> Problem | None:
+    # A misspelt tier in a flag rule matches nobody: the flag would be silently off for the tier
+    # it was meant for. Flags are checked in name order; the first one with a bad tier is named.
+    tiers = get(raw, "quotas.tiers")
+    if not isinstance(tiers, Mapping):
+        from pipeline.config.schema import QuotaSettings  # no tiers set: the schema's apply
+        tiers = QuotaSettings().tiers
+    features = get(raw, "features")
+    for name, rule in sorted(features.items() if isinstance(features, Mapping) else []):
+        wanted = rule.get("tiers") if isinstance(rule, Mapping) else None
+        if not isinstance(wanted, list):
+            continue  # no tiers, or not a list: pydantic's to report
+        unknown = [t for t in wanted if isinstance(t, str) and t not in tiers]
+        if not unknown:
+            continue
+        hints = []
+        for tier in unknown:
+            close = difflib.get_close_matches(tier, list(tiers), n=1)
+            hints.append(f"'{tier}': did you mean '{close[0]}'?" if close else f"'{tier}'")
+        return Problem(f"features.{name}.tiers", unknown, "a flag's tiers must be among quotas.tiers",
+                       f"{'; '.join(hints)} (tiers: {', '.join(sorted(tiers))})")
+    return None
+
 RULES: tuple[Rule, ...] = (
     _greater("generation.max_duration", "generation.default_duration",
              "raise generation.max_duration or lower generation.default_duration"),
@@ -209,6 +233,7 @@ RULES: tuple[Rule, ...] = (
     Rule("quotas: default tier exists", _default_tier_exists),
     Rule("quotas: time zone", _timezone_known),
     Rule("threads pool: slots for a batch", _threads_fill_a_batch),
+    Rule("features: flag tiers exist", _flag_tiers_exist),
 )
 
 

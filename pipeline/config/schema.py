@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from pipeline.errors import PipelineError
+from pipeline.flags import FlagValue
 from pipeline.output_format import (
     DEFAULT_TARGETS,
     FORMATS,
@@ -254,9 +255,15 @@ class MonitoringSettings(_Section):
 
 
 class FeatureSettings(_Section):
-    """Switches for optional behaviour."""
+    """Switches for optional behaviour.
 
-    melody_conditioning: bool = True
+    Per-user flags are ``bool | FlagRule`` (pipeline/flags.py: percentage, tiers, allow, deny),
+    each with one line in ``pipeline.flags.FLAGS`` naming its reader.
+    """
+
+    melody_conditioning: FlagValue = Field(True, description="requests may carry a melody")
+    priority_boost: FlagValue = Field(False, description="jobs queued one priority level higher")
+    # A deployment switch, not per user: a plain bool.
     embedded_broker: bool = Field(True, description="development: run without Redis")
 
 
