@@ -65,6 +65,7 @@ Priority = Annotated[int, Field(ge=0, le=9, description="9 is the most urgent")]
 UserId = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_printable)]
 JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
 PresetName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable)]
+ExperimentName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable)]
 
 
 def queue_for(preset: str) -> str:
@@ -243,6 +244,19 @@ class JobSpec(BaseModel):
     user_id: UserId
     priority: Priority
     enqueued_at: float = Field(ge=0, allow_inf_nan=False)
+    # The experiment that chose this job's model and the variant (a preset) it was given, both
+    # recorded in the ledger; unset for a job no experiment touched (pipeline/experiments.py).
+    experiment: ExperimentName | None = None
+    variant: PresetName | None = None
+
+    @model_validator(mode="after")
+    def _variant_is_the_model(self) -> JobSpec:
+        # Stats compare variants by what ran: a variant other than the model would mislabel it.
+        if (self.experiment is None) != (self.variant is None):
+            raise ValueError("experiment and variant are set together or not at all")
+        if self.variant is not None and self.variant != self.model:
+            raise ValueError(f"variant {self.variant!r} is not the job's model {self.model!r}")
+        return self
 
     @field_validator("prompt")
     @classmethod

@@ -27,6 +27,7 @@ from pipeline.errors import (
     PipelineError,
     ServiceUnavailable,
 )
+from pipeline.experiments import control_fallback
 from pipeline.handle import JobHandle
 from pipeline.jobs import GenerationRequest, JobSpec, check_job_id, new_job_id, queue_for
 from pipeline.policies.configured import Policies
@@ -141,12 +142,29 @@ class Producer:
         try:
             # Fail fast, before anything is queued: a broken model or a full queue.
             breaker = self.policies.breaker(spec.model)
-            if breaker is not None:
-                breaker.check()
+            try:
+                if breaker is not None:
+                    breaker.check()
+            except ServiceUnavailable as refused:
+                # An experiment's failing variant is no reason to fail a request its control
+                # can serve; a breaker that cannot be read (no "state") is an outage, not this.
+                details = refused.details if isinstance(refused.details, dict) else {}
+                fallback = (control_fallback(spec, self.settings)
+                            if details.get("state") == "open" else None)
+                if fallback is None:
+                    raise
+                log.warning("job %s: experiment %s variant %s has its circuit breaker open; "
+                            "falling back to the control %s", spec.job_id, spec.experiment,
+                            spec.variant, fallback.variant)
+                spec = fallback
+                control = self.policies.breaker(spec.model)
+                if control is not None:
+                    control.check()
             self.policies.check_backlog(queue_for(spec.model))
             # Atomic in SQL; a retried or redelivered job is charged once (one ledger row per id).
             self.quota.reserve(job_id=spec.job_id, user_id=spec.user_id, model=spec.model,
-                               requested_seconds=spec.duration)
+                               requested_seconds=spec.duration, experiment=spec.experiment,
+                               variant=spec.variant)
             reserved = stored = True  # from here a failure may leave a QUEUED state behind
             self.app.backend.store_result(spec.job_id, {"model": spec.model, "user_id": spec.user_id,
                                                         "enqueued_at": spec.enqueued_at}, "QUEUED")

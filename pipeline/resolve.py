@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from pipeline.audio_probe import MelodyLimits, validate_melody
 from pipeline.config.presets import check_preset, model_settings_for
 from pipeline.config.schema import Settings
 from pipeline.errors import InvalidRequest, UnsupportedOption
+from pipeline.experiments import Assignment, assign
 from pipeline.flags import FlagRule, enabled
 from pipeline.jobs import (
     GenerationRequest,
@@ -114,7 +116,10 @@ def resolve(request: GenerationRequest, settings: Settings, *, job_id: str,
         raise InvalidRequest(f"prompt is {len(request.prompt)} characters; the limit is "
                              f"{settings.validation.max_prompt_length}", "prompt")
     # A closed set, looked up: ModelNotFound for anything else (never a path).
-    preset = check_preset(request.model) if request.model is not None else settings.model.preset
+    # A pinned model is the caller's choice; otherwise an experiment may choose (sticky per user).
+    assigned = assign(settings, user, datetime.now(UTC)) if request.model is None else None
+    preset = (check_preset(request.model) if request.model is not None
+              else assigned.variant if assigned is not None else settings.model.preset)
     model = model_settings_for(settings, preset)
 
     gen = settings.generation
@@ -127,13 +132,14 @@ def resolve(request: GenerationRequest, settings: Settings, *, job_id: str,
                                 f"of {preset}; windowed continuation is not supported yet", "duration")
     try:
         return _spec(request, settings, job_id=job_id, preset=preset, duration=duration,
-                     melody_model=model.melody, user=user)
+                     melody_model=model.melody, user=user, assigned=assigned)
     except ValidationError as exc:  # a deployment default past the contract's bounds
         raise invalid_request_from(exc) from exc
 
 
 def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset: str,
-          duration: float, melody_model: bool, user: UserContext) -> JobSpec:
+          duration: float, melody_model: bool, user: UserContext,
+          assigned: Assignment | None = None) -> JobSpec:
     gen = settings.generation
     return JobSpec(
         job_id=job_id, prompt=request.prompt, duration=duration, model=preset,
@@ -152,4 +158,6 @@ def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset
         # others only where it crosses into the next list.
         priority=(min(request.priority + 1, 9) if enabled(settings.features, "priority_boost", user)
                   else request.priority),
+        experiment=assigned.experiment if assigned else None,
+        variant=assigned.variant if assigned else None,
     )

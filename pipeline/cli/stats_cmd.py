@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from enum import Enum
 from typing import TYPE_CHECKING
 
 import typer
@@ -17,7 +18,15 @@ from pipeline.cli.common import fail, load_or_exit, parse_sets
 from pipeline.cli.db_cmd import open_store
 from pipeline.config.schema import Settings
 from pipeline.errors import ServiceUnavailable
-from pipeline.stats import GroupStats, Percentiles, StatsReport, compute_stats, parse_since
+from pipeline.stats import (
+    GroupStats,
+    Percentiles,
+    StatsReport,
+    VariantStats,
+    compute_stats,
+    compute_variant_stats,
+    parse_since,
+)
 
 if TYPE_CHECKING:
     from pipeline.quota import LedgerRow
@@ -140,9 +149,35 @@ def render_text(report: StatsReport, window: str) -> str:
     return "\n".join(lines)
 
 
+def render_variants(groups: list[VariantStats], window: str) -> str:
+    """The model experiments' view: one row per (experiment, variant)."""
+    head = (f"  {'experiment':<20} {'variant':<20} {'jobs':>5} {'ok':>5} {'err':>5} "
+            f"{'error %':>8} {'lat p50':>9} {'lat p95':>9} {'audio/GPU s':>11}")
+    lines = [f"by variant over the last {window} (jobs no experiment touched are left out)", head]
+    for v in groups:
+        g = v.stats
+        lines.append(f"  {v.experiment:<20} {v.variant:<20} {g.jobs:>5} {g.succeeded:>5} "
+                     f"{g.failed + g.timeout:>5} {_pct(g.error_rate_percent):>8} "
+                     f"{_sec(g.latency.p50):>9} {_sec(g.latency.p95):>9} "
+                     f"{_ratio(g.audio_per_gpu_second):>11}")
+    if not groups:
+        lines.append("  (no experiment jobs)")
+    return "\n".join(lines)
+
+
+class StatsView(str, Enum):
+    """Another grouping than the default report's."""
+
+    variant = "variant"
+
+
 def stats(
     since: str = typer.Option("1h", "--since", help="window: 30m, 1h, 2d, 1w (s m h d w)"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    by: StatsView = typer.Option(None, "--by",
+                                 help="variant: compare model experiments' variants instead"),
+    experiment: str = typer.Option(None, "--experiment",
+                                   help="with --by variant: this experiment only"),
     env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
     sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
 ) -> None:
@@ -150,15 +185,28 @@ def stats(
 
     Jobs per minute, audio per GPU second and mean batch size, error rate overall and by code,
     queue wait and end-to-end latency p50/p95 (nearest-rank), backlog per queue, and the same
-    per model and per worker.
+    per model and per worker. ``--by variant``: per model experiment and variant instead (jobs,
+    error rate, latency p50/p95, audio per GPU second).
     """
     window = window_or_exit(since)
+    if experiment is not None and by is not StatsView.variant:
+        raise typer.BadParameter("only with --by variant", param_hint="--experiment")
     settings = load_or_exit(env, parse_sets(sets))
     until = datetime.now(UTC)
     try:
         rows = read_ledger(settings, until - window)
     except ServiceUnavailable as exc:
         fail(exc)
+    if by is StatsView.variant:  # the ledger alone: no backlog to read
+        groups = compute_variant_stats(rows, since=until - window, until=until,
+                                       experiment=experiment)
+        if as_json:
+            typer.echo(json.dumps({"window": since, "since": (until - window).isoformat(),
+                                   "until": until.isoformat(),
+                                   "by_variant": [g.to_dict() for g in groups]}, indent=2))
+        else:
+            typer.echo(render_variants(groups, since))
+        return
     try:
         backlog = read_backlog(settings)
     except ServiceUnavailable as exc:  # the ledger numbers are still worth showing

@@ -213,8 +213,51 @@ def check_device(settings: Settings, *,
     return [CheckResult("device", Status.fail, f"{device}: not available ({reason})")]
 
 
+def check_experiments(settings: Settings, *, timeout: float = 1.0) -> list[CheckResult]:
+    """Each variant of a running or coming model experiment has a live worker on its queue.
+
+    The workers are asked over the broker (Celery's ``inspect().active_queues()``, waiting
+    ``timeout`` s for replies). A variant nobody serves is a warning naming the experiment, the
+    variant and the queue: its jobs would wait for a worker that never comes. No experiments: no
+    line, and no broadcast.
+    """
+    if not settings.experiments:
+        return []
+    from datetime import UTC, datetime
+
+    from pipeline.experiments import unserved_variants
+
+    if settings.broker.url is None:
+        return [CheckResult("experiments", Status.warn, "the embedded broker cannot ask workers "
+                            "which queues they serve; variants not checked")]
+    from kombu.exceptions import OperationalError
+    from redis import RedisError
+
+    from pipeline.celery_app import make_celery
+
+    app = make_celery(settings)
+    try:
+        replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    except (OperationalError, RedisError, OSError) as exc:  # the broker check names the cause
+        return [CheckResult("experiments", Status.warn,
+                            f"could not ask the workers for their queues: {type(exc).__name__}")]
+    finally:
+        app.close()
+    served = {q.get("name") for queues in replies.values() for q in queues or []
+              if isinstance(q, dict)}
+    missing = unserved_variants(settings, {q for q in served if isinstance(q, str)},
+                                datetime.now(UTC))
+    if not missing:
+        return [CheckResult("experiments", Status.ok, f"every variant has a live worker "
+                            f"({len(replies)} worker(s) answered)")]
+    return [CheckResult(f"experiments.{m.experiment}", Status.warn,
+                        f"variant {m.variant}: no live worker consumes its queue {m.queue}")
+            for m in missing]
+
+
 def run_checks(settings: Settings, environ: Mapping[str, str] | None = None) -> list[CheckResult]:
     """Every check, in an order where each one's prerequisites come first (dirs before SQLite)."""
     environ = os.environ if environ is None else environ
     return [*check_dirs(settings), *check_broker(settings), *check_database(settings),
-            *check_ffmpeg(), *check_model(settings, environ), *check_device(settings)]
+            *check_ffmpeg(), *check_model(settings, environ), *check_device(settings),
+            *check_experiments(settings)]

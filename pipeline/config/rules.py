@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -184,6 +185,119 @@ def _threads_fill_a_batch(raw: Raw) -> Problem | None:
                    "unset worker.concurrency (default: 2 x generation.max_batch_size) or raise it")
 
 
+# --- experiments (pipeline/experiments.py): one rule per kind of problem --------------------
+# A rule yields one Problem, so each reports its first offending experiment (by name) and names
+# the others in its text: all kinds of problem still show at once, whichever experiment has them.
+
+def _experiments(raw: Raw) -> list[tuple[str, Mapping[str, Any]]]:
+    found = get(raw, "experiments")
+    if not isinstance(found, Mapping):
+        return []
+    return sorted((str(k), v) for k, v in found.items() if isinstance(v, Mapping))
+
+
+def _variants(exp: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    variants = exp.get("variants")
+    return variants if isinstance(variants, Mapping) and variants else None
+
+
+def _first_of(found: list[Problem]) -> Problem | None:
+    if not found:
+        return None
+    first = found[0]
+    if len(found) == 1:
+        return first
+    others = ", ".join(p.path for p in found[1:])
+    return Problem(first.path, first.value, f"{first.rule} (also: {others})", first.fix)
+
+
+def _experiment_percents(raw: Raw) -> Problem | None:
+    found = []
+    for name, exp in _experiments(raw):
+        variants = _variants(exp)
+        if variants is None:
+            continue
+        try:
+            total = sum(float(v) for v in variants.values() if not isinstance(v, bool))
+        except (TypeError, ValueError):
+            continue  # a value that is not a number is pydantic's to report
+        if abs(total - 100.0) > 1e-6:
+            found.append(Problem(f"experiments.{name}.variants", dict(variants),
+                                 f"the variants' percents must sum to 100, not {total:g}",
+                                 "adjust the percents so that they add up to 100"))
+    return _first_of(found)
+
+
+def _experiment_presets_known(raw: Raw) -> Problem | None:
+    from pipeline.config.presets import known_presets  # presets import the schema: import late
+
+    known = known_presets()
+    found = []
+    for name, exp in _experiments(raw):
+        unknown = [str(v) for v in _variants(exp) or {} if v not in known]
+        if not unknown:
+            continue
+        hints = []
+        for variant in unknown:
+            close = difflib.get_close_matches(variant[:64], known, n=1)
+            hints.append(f"'{variant}': did you mean '{close[0]}'?" if close else f"'{variant}'")
+        found.append(Problem(f"experiments.{name}.variants", unknown,
+                             "a variant must be a known model preset",
+                             f"{'; '.join(hints)} (known presets: {', '.join(known)})"))
+    return _first_of(found)
+
+
+def _experiment_control(raw: Raw) -> Problem | None:
+    found = []
+    for name, exp in _experiments(raw):
+        variants, control = _variants(exp), exp.get("control")
+        if variants is not None and isinstance(control, str) and control not in variants:
+            found.append(Problem(f"experiments.{name}.control", control,
+                                 "the control must be one of the experiment's variants",
+                                 f"use one of: {', '.join(map(str, variants))}"))
+    return _first_of(found)
+
+
+def _experiment_tiers(raw: Raw) -> Problem | None:
+    tiers = get(raw, "quotas.tiers")
+    if not isinstance(tiers, Mapping):
+        from pipeline.config.schema import QuotaSettings  # no tiers set: the schema's apply
+        tiers = QuotaSettings().tiers
+    found = []
+    for name, exp in _experiments(raw):
+        wanted = exp.get("tiers")
+        if not isinstance(wanted, list):
+            continue
+        unknown = [t for t in wanted if isinstance(t, str) and t not in tiers]
+        if unknown:
+            found.append(Problem(f"experiments.{name}.tiers", unknown,
+                                 "an experiment's tiers must be among quotas.tiers",
+                                 f"use some of: {', '.join(sorted(tiers))}"))
+    return _first_of(found)
+
+
+def _aware(value: Any) -> datetime | None:
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        return None  # not a time, or a naive one: pydantic reports it
+    return value
+
+
+def _experiment_window(raw: Raw) -> Problem | None:
+    found = []
+    for name, exp in _experiments(raw):
+        start, end = _aware(exp.get("start")), _aware(exp.get("end"))
+        if start is not None and end is not None and end <= start:
+            found.append(Problem(f"experiments.{name}.end", end.isoformat(),
+                                 f"must be after experiments.{name}.start ({start.isoformat()})",
+                                 "set end later than start, or unset it"))
+    return _first_of(found)
+
+
 def _flag_tiers_exist(raw: Raw) -> Problem | None:
     # A misspelt tier in a flag rule matches nobody: the flag would be silently off for the tier
     # it was meant for. Flags are checked in name order; the first one with a bad tier is named.
@@ -234,6 +348,11 @@ RULES: tuple[Rule, ...] = (
     Rule("quotas: time zone", _timezone_known),
     Rule("threads pool: slots for a batch", _threads_fill_a_batch),
     Rule("features: flag tiers exist", _flag_tiers_exist),
+    Rule("experiments: percents sum to 100", _experiment_percents),
+    Rule("experiments: variants are known presets", _experiment_presets_known),
+    Rule("experiments: control is a variant", _experiment_control),
+    Rule("experiments: tiers exist", _experiment_tiers),
+    Rule("experiments: end after start", _experiment_window),
 )
 
 

@@ -7,10 +7,20 @@ Unknown keys are errors (``extra="forbid"``); ``report.py`` adds a did-you-mean 
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import PipelineError
 from pipeline.flags import FlagValue
@@ -267,6 +277,36 @@ class FeatureSettings(_Section):
     embedded_broker: bool = Field(True, description="development: run without Redis")
 
 
+# Lower case because the loader lower-cases every key; no dots, so a dotted path stays one path;
+# 64 characters, the ledger's column.
+ExperimentName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+Percent = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
+
+
+class ExperimentSettings(_Section):
+    """An A/B split of the requests that pin no model, over model presets (pipeline/experiments.py).
+
+    Rules across fields (percents sum to 100, known presets, the control among the variants,
+    tiers that exist, end after start) live in rules.py, so they are reported with every other
+    problem instead of only when the rest of this section is valid.
+    """
+
+    enabled: bool = Field(True, description="the switch: off assigns nobody, keeps the settings")
+    variants: dict[str, Percent] = Field(min_length=1,
+                                         description="model preset -> percent of the split")
+    control: str = Field(min_length=1, description="the variant a request falls back to when "
+                                                   "another variant's circuit breaker is open")
+    tiers: list[str] | None = Field(None, description="quota tiers in the experiment; unset = all")
+    start: AwareDatetime | None = Field(None, description="assign from this instant (inclusive)")
+    end: AwareDatetime | None = Field(None, description="assign until this instant (exclusive)")
+
+    @field_serializer("start", "end")
+    def _iso(self, value: datetime | None) -> str | None:
+        # Dumped as ISO 8601 text, which loads back as the same instant: `settings show`, `diff`
+        # and `export` print dumped values as JSON or TOML, and neither knows a datetime.
+        return None if value is None else value.isoformat()
+
+
 class Settings(_Section):
     """The whole validated settings tree; built once per process and passed explicitly."""
 
@@ -284,3 +324,4 @@ class Settings(_Section):
     validation: ValidationSettings = ValidationSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
     features: FeatureSettings = FeatureSettings()
+    experiments: dict[ExperimentName, ExperimentSettings] = {}

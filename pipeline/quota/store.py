@@ -123,12 +123,19 @@ class QuotaStore:
         except SQLAlchemyError:
             return None
 
-    def reserve(self, *, job_id: str, user_id: str, model: str,
-                requested_seconds: float) -> Reservation:
-        """Charge one job to ``user_id``, or raise ``QuotaExceeded``; idempotent per ``job_id``."""
+    def reserve(self, *, job_id: str, user_id: str, model: str, requested_seconds: float,
+                experiment: str | None = None, variant: str | None = None) -> Reservation:
+        """Charge one job to ``user_id``, or raise ``QuotaExceeded``; idempotent per ``job_id``.
+
+        ``experiment`` and ``variant`` record the model experiment that chose the job's preset
+        (``stats --by variant`` compares its variants); None for a job no experiment touched.
+        """
         for field, value, longest in (("job_id", job_id, 128), ("user_id", user_id, 128),
                                       ("model", model, 64)):
             _check_text(field, value, longest)
+        for field, optional in (("experiment", experiment), ("variant", variant)):
+            if optional is not None:
+                _check_text(field, optional, 64)
         if not (math.isfinite(requested_seconds) and requested_seconds > 0):
             raise InvalidRequest("requested_seconds must be a positive number",
                                  field="requested_seconds")
@@ -142,7 +149,8 @@ class QuotaStore:
                 self._check_room(s, user_id, now)
                 row = UsageLedger(job_id=job_id, user_id=user_id, model=model,
                                   requested_seconds=float(requested_seconds), created_at=now,
-                                  status=LedgerStatus.RESERVED.value, attempts=0)
+                                  status=LedgerStatus.RESERVED.value, attempts=0,
+                                  experiment=experiment, variant=variant)
                 s.add(row)
             return self._as_reservation(row, user_id, new=True)
         except IntegrityError as e:

@@ -140,6 +140,8 @@ class LedgerRow(TypedDict):
     worker: str | None
     attempts: int
     batch_size: int | None
+    experiment: str | None
+    variant: str | None
 
 
 class DailyUsageRow(TypedDict):
@@ -215,6 +217,10 @@ class UsageLedger(Base):
     # call). NULL on rows written before batching (revision 0003) and on jobs that did not
     # succeed: the worker records it with a success only.
     batch_size: Mapped[int | None] = mapped_column(Integer)
+    # The model experiment that chose this job's preset and the variant it got (revision 0004;
+    # pipeline/experiments.py). NULL for jobs no experiment touched and for older rows.
+    experiment: Mapped[str | None] = mapped_column(String(64))
+    variant: Mapped[str | None] = mapped_column(String(64))
 
     def to_row(self) -> LedgerRow:
         """This row as plain data (no ORM state)."""
