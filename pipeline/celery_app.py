@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import Celery
 
+from pipeline import keys
 from pipeline.config.schema import Settings
 from pipeline.config.urls import with_password
 
@@ -27,6 +28,11 @@ class PipelineCelery(Celery):  # type: ignore[misc]
     @property
     def embedded(self) -> bool:
         return self.settings.broker.url is None
+
+    @cached_property
+    def Worker(self) -> Any:  # noqa: N802 (Celery's name)
+        """The worker class (only a worker process asks for it): see workers/shutdown.py."""
+        return self.subclass_with_self("workers.shutdown:Worker")
 
     @cached_property
     def redis(self) -> Any:
@@ -88,8 +94,8 @@ def make_celery(settings: Settings, *, name: str = "musicgen-pipeline") -> Pipel
         # goes back to the queue. No new job starts meanwhile: Celery waits out the grace inside
         # the signal handler, so the loop that fetches messages is not running, then cancels the
         # task consumer before anything else (tests/integration/test_failures.py holds to this).
+        # The wait ends early when the jobs do (workers/shutdown.py); an idle worker stops at once.
         worker_soft_shutdown_timeout=float(w.shutdown_grace),
-        worker_enable_soft_shutdown_on_idle=True,
         enable_utc=True,
     )
     if settings.broker.url is None:
@@ -113,6 +119,7 @@ def make_celery(settings: Settings, *, name: str = "musicgen-pipeline") -> Pipel
                 # to a second worker while the first still works on it.
                 "visibility_timeout": settings.broker.visibility_timeout,
                 "queue_order_strategy": "priority",
+                "priority_steps": list(keys.KOMBU_PRIORITY_STEPS),
             },
             result_backend_transport_options={"visibility_timeout": settings.broker.visibility_timeout},
             # A finished job's result must survive a short Redis outage, not vanish with it.
