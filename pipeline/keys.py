@@ -34,8 +34,11 @@ DELIVERY_PREFIX = ROOT_PREFIX + "deliveries:"
 #: kombu.transport.redis.Channel.sep: a queue ``Q`` with priority step ``p > 0`` is the LIST
 #: ``Q + sep + str(p)``; step 0 is the LIST ``Q`` itself. kombu does not let this be configured.
 KOMBU_PRIORITY_SEP = "\x06\x16"
-#: kombu.transport.redis.PRIORITY_STEPS, the transport's default.
-KOMBU_PRIORITY_STEPS: tuple[int, ...] = (0, 3, 6, 9)
+#: The broker's ``priority_steps`` transport option (pipeline/celery_app.py): one list per
+#: priority, so each of the ten request priorities is its own place in the queue. kombu's
+#: default, (0, 3, 6, 9), folds 4, 5 and 6 into one list: the default priority and a boosted
+#: one would wait side by side.
+KOMBU_PRIORITY_STEPS: tuple[int, ...] = tuple(range(10))
 
 
 def breaker_key(name: str, prefix: str = BREAKER_PREFIX) -> str:

@@ -153,9 +153,8 @@ def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset
         user_id=request.user_id, enqueued_at=time.time(),
         # priority_boost raises the job one level of Priority (pipeline/jobs.py: 0-9, 9 first; 9
         # stays 9). A level is one of the ten values celery_priority (pipeline/celery_app.py)
-        # maps to the broker's 9 - level, served lowest first; kombu's Redis transport keeps one
-        # list per priority_steps entry (default 0, 3, 6, 9), so a level moves a job ahead of
-        # others only where it crosses into the next list.
+        # maps to the broker's 9 - level, served lowest first; the Redis transport keeps one
+        # list per level (priority_steps, pipeline/keys.py), so one level is a real step ahead.
         priority=(min(request.priority + 1, 9) if enabled(settings.features, "priority_boost", user)
                   else request.priority),
         experiment=assigned.experiment if assigned else None,

@@ -23,7 +23,7 @@ def queue_depth(redis_client: redis.Redis, queue: str, *,
     """Jobs waiting in Celery queue ``queue``: the sum of LLEN over its priority lists.
 
     One pipelined round trip. ``priority_steps`` must match the broker's transport option of the
-    same name (kombu's default is ``(0, 3, 6, 9)``). A deployment that sets kombu's
+    same name (ours is every level, 0-9: pipeline/keys.py). A deployment that sets kombu's
     ``global_keyprefix`` must pass the prefixed queue name.
     """
     pipe = redis_client.pipeline(transaction=False)

@@ -18,10 +18,10 @@ def test_depth_sums_every_priority_list(redis_client: redis.Redis, key_prefix: s
     redis_client.lpush(queue, "a", "b")
     redis_client.lpush(f"{queue}\x06\x163", "c", "d", "e")
     redis_client.lpush(f"{queue}\x06\x169", "f")
-    redis_client.lpush(f"{queue}\x06\x165", "g")  # not a step of the default (0, 3, 6, 9)
+    redis_client.lpush(f"{queue}\x06\x165", "g")  # not a step of kombu's default (0, 3, 6, 9)
     redis_client.lpush(f"{queue}-other", "h")  # another queue
-    assert queue_depth(redis_client, queue) == 6
-    assert queue_depth(redis_client, queue, priority_steps=range(10)) == 7
+    assert queue_depth(redis_client, queue) == 7  # ours: one list per level
+    assert queue_depth(redis_client, queue, priority_steps=(0, 3, 6, 9)) == 6
     assert queue_depth(redis_client, queue, priority_steps=[0]) == 2
 
 
@@ -32,9 +32,16 @@ def test_depth_of_a_missing_queue_is_zero(redis_client: redis.Redis, key_prefix:
 def test_key_names_match_kombu_transport() -> None:
     from kombu.transport import redis as kombu_redis
 
+    from pipeline.celery_app import make_celery
+    from pipeline.config import Settings
+
     assert keys.KOMBU_PRIORITY_SEP == kombu_redis.Channel.sep
-    assert keys.KOMBU_PRIORITY_STEPS == tuple(kombu_redis.PRIORITY_STEPS)
-    assert keys.queue_list_keys("q") == ["q", "q\x06\x163", "q\x06\x166", "q\x06\x169"]
+    assert keys.queue_list_keys("q", kombu_redis.PRIORITY_STEPS) == [
+        "q", "q\x06\x163", "q\x06\x166", "q\x06\x169"]
+    assert keys.queue_list_keys("q")[:3] == ["q", "q\x06\x161", "q\x06\x162"]
+    # What the broker is told is what the depth counts.
+    app = make_celery(Settings.model_validate({"broker": {"url": "redis://127.0.0.1:6379/0"}}))
+    assert tuple(app.conf.broker_transport_options["priority_steps"]) == keys.KOMBU_PRIORITY_STEPS
 
 
 @pytest.mark.parametrize("steps", [(0, 3, 6, 9), tuple(range(10))])
