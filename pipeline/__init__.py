@@ -25,7 +25,7 @@ from pipeline.errors import (
 )
 from pipeline.handle import JobHandle, Progress
 from pipeline.jobs import GenerationRequest, JobResult, JobStatus
-from pipeline.producer import Producer, enqueue, enqueue_many, get_job
+from pipeline.producer import Producer, enqueue, enqueue_many, get_job, reload_settings
 
 __all__ = [
     # the job contract
@@ -33,7 +33,7 @@ __all__ = [
     # the producer
     "enqueue", "enqueue_many", "get_job", "Producer",
     # settings
-    "Settings", "load_settings",
+    "Settings", "load_settings", "reload_settings",
     # errors
     "PipelineError", "SettingsError", "InvalidRequest", "JobIdConflict", "UnsupportedOption",
     "ModelNotFound",

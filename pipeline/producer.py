@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.celery_app import TASK_GENERATE, PipelineCelery, celery_priority, make_celery
+from pipeline.config.live import FileWatcher, LiveSettings, ReloadResult
 from pipeline.config.schema import Settings
 from pipeline.errors import (
     InvalidRequest,
@@ -92,6 +93,15 @@ class Producer:
                 raise InvalidRequest(f"requests[{i}]: {exc.message}", f"requests[{i}].{exc.field}",
                                      exc.details) from exc
         return [self._send(spec) for spec in specs]
+
+    def apply_settings(self, settings: Settings) -> None:
+        """A live settings change (``LiveSettings`` listener): requests from now on are checked
+        and admitted under ``settings``. The broker connection is not live (a restart key)."""
+        policies = Policies(settings, redis_client=self.app.redis,
+                            redis_url=None if self.app.embedded else self.app.conf.broker_url)
+        quota = store_for(settings) if settings.quotas != self.settings.quotas else self.quota
+        self.app.settings = settings
+        self.settings, self.policies, self.quota = settings, policies, quota
 
     def user_context(self, request: GenerationRequest) -> UserContext:
         """The request's user and tier, read once: flags and experiments decide on it."""
@@ -211,15 +221,28 @@ _lock = threading.Lock()
 _producers: dict[int, tuple[Settings, Producer]] = {}
 
 
+_live: LiveSettings | None = None
+
+
 def producer_for(settings: Settings | None) -> Producer:
-    """The process's producer for these settings (loaded from the environment if None)."""
+    """The process's producer for these settings (loaded from the environment if None).
+
+    Settings loaded here are live: their files are watched (``app.settings_poll_interval``) and
+    ``reload_settings()`` reloads them at once. Settings passed in belong to the caller.
+    """
+    global _live
     with _lock:
         if settings is None:
             from pipeline.config import load_settings
             key = 0
             if key not in _producers:
                 loaded = load_settings()
-                _producers[key] = (loaded, Producer(loaded))
+                producer = Producer(loaded)
+                _producers[key] = (loaded, producer)
+                _live = LiveSettings(current=loaded)
+                _live.subscribe(lambda _old, new: producer.apply_settings(new))
+                FileWatcher(_live, interval=lambda: _live.current.app.settings_poll_interval
+                            if _live is not None else 0).start()
             return _producers[key][1]
         key = id(settings)
         if key not in _producers:
@@ -243,3 +266,11 @@ def get_job(job_id: str, settings: Settings | None = None, *,
     given and the job is another user's (without ``user_id``: the operator's view)."""
     return producer_for(settings).get_job(job_id, user_id)
 
+
+def reload_settings() -> ReloadResult:
+    """Reload the settings of this process's default producer (the one ``enqueue`` uses without
+    ``settings``) now: for a host service's own SIGHUP handler or admin endpoint. The library
+    never installs a signal handler of its own: the signals belong to the host program."""
+    producer_for(None)
+    assert _live is not None
+    return _live.reload("reload_settings()")

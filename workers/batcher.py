@@ -119,6 +119,19 @@ class Batcher:
         self._loop_started = 0.0
         self._busy_s = 0.0
 
+    def configure(self, *, max_batch_size: int, batch_wait_s: float,
+                  hard_limit_s: float | None) -> None:
+        """New limits from a settings reload: the next batch formed uses them (a running call
+        keeps the hard limit it started under only until the watchdog's next look)."""
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        with self._cond:
+            self.max_batch_size = max_batch_size
+            self.batch_wait_s = max(0.0, batch_wait_s)
+            if self.hard_limit_s is not None and hard_limit_s is not None:
+                self.hard_limit_s = hard_limit_s  # the watchdog thread exists only if set at start
+            self._cond.notify_all()  # a batch waiting for company may be due now
+
     def submit(self, loaded: Any, item: GenerationItem, key: Hashable, *, model: str = "") -> Ticket:
         """Queue one job; the loop generates it with others of the same model and ``key``."""
         ticket = Ticket(loaded=loaded, item=item, key=key, model=model)

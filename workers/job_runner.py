@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -80,6 +81,15 @@ class RunOutcome:
     gpu_seconds: float
 
 
+def _batcher_limits(settings: Settings) -> dict[str, Any]:
+    gen = settings.generation
+    # Only the threads pool has more than one job in a process at a time: in prefork and solo
+    # a batch is one job, and waiting for company that cannot come would only add latency.
+    batch = gen.max_batch_size if settings.worker.pool == "threads" else 1
+    return {"max_batch_size": batch, "batch_wait_s": gen.batch_wait_ms / 1000,
+            "hard_limit_s": float(settings.worker.hard_time_limit)}
+
+
 class JobRunner:
     """Everything a worker process keeps between jobs: its settings and its model cache."""
 
@@ -93,14 +103,14 @@ class JobRunner:
             torch.set_num_threads(settings.model.num_threads)
         self.cache: ModelCache[LoadedModel] = ModelCache(settings.model.cache_size, self._load)
         self._model_settings: dict[str, ModelSettings] = {}
-        gen = settings.generation
-        # Only the threads pool has more than one job in a process at a time: in prefork and solo
-        # a batch is one job, and waiting for company that cannot come would only add latency.
-        batch = gen.max_batch_size if settings.worker.pool == "threads" else 1
-        self.batcher = Batcher(_generate, max_batch_size=batch,
-                               batch_wait_s=gen.batch_wait_ms / 1000,
-                               hard_limit_s=float(settings.worker.hard_time_limit),
-                               on_batch=on_batch)
+        self.batcher = Batcher(_generate, on_batch=on_batch, **_batcher_limits(settings))
+
+    def apply_settings(self, settings: Settings) -> None:
+        """A live settings change: jobs that start from now on use ``settings`` (time limits,
+        batch size and wait); a running job keeps the limits it started with. What this object
+        built from the model settings (the model cache) is not live: those keys need a restart."""
+        self.batcher.configure(**_batcher_limits(settings))
+        self.settings = settings
 
     def _load(self, preset: str) -> LoadedModel:
         m = self._model_settings[preset]

@@ -91,6 +91,9 @@ class _Metrics:
         self.busy_seconds = Counter("musicgen_generation_busy_seconds",
                                     "Seconds the generation loop spent in generate calls",
                                     ["model"])
+        self.settings_reloads = Counter("musicgen_settings_reloads",
+                                        "Settings reloads by outcome (applied, unchanged, invalid, "
+                                        "restart_required, failed)", ["outcome"])
 
 
 _metrics: _Metrics | None = None
@@ -167,6 +170,14 @@ def observe_batch(stats: BatchStats) -> None:
     except Exception:
         log.warning("could not record metrics of a batch of %s", getattr(stats, "model", "?"),
                     exc_info=True)
+
+
+def observe_settings_reload(outcome: str) -> None:
+    """Count one settings reload of this process by its outcome."""
+    try:
+        _get().settings_reloads.labels(outcome).inc()
+    except Exception:
+        log.warning("could not record a settings reload", exc_info=True)
 
 
 def metrics_dir(data_dir: str, node: str) -> Path:

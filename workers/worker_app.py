@@ -7,15 +7,20 @@ from pipeline.config import Settings, load_settings
 
 
 def build_app(settings: Settings | None = None) -> PipelineCelery:
+    # Settings loaded here can be loaded again the same way: such a worker reloads them live.
+    # Settings handed in belong to the program that embeds the worker (``generate``'s worker).
+    reloadable = settings is None
     settings = settings if settings is not None else load_settings()
     app = make_celery(settings, name="musicgen-worker")
-    from workers import maintenance, memory_guard, signals, tasks
+    from workers import live_reload, maintenance, memory_guard, signals, tasks
     from workers.runtime.musicgen import apply_hub_timeouts
 
     tasks.register_tasks(app)
     maintenance.register(app)
     signals.connect(app)
     memory_guard.connect(app)
+    if reloadable:
+        live_reload.connect(app)
     # Before any model loads, in the parent too, so prefork children inherit it.
     apply_hub_timeouts(settings.model.download_timeout)
     return app

@@ -345,3 +345,47 @@ def check(env: EnvOption = None, file: FileOption = None, set_: SetOption = None
                styles=_STATUS_STYLE)
     if any(r.status is Status.fail for r in results):
         raise typer.Exit(1)
+
+
+@_command()
+def reload(env: EnvOption = None, file: FileOption = None, set_: SetOption = None,
+           timeout: Annotated[float, typer.Option(
+               "--timeout", min=0.1, max=120, help="Seconds to wait for the workers' answers.")] = 5.0,
+           as_json: JsonOption = False) -> None:
+    """Tell every running worker to reload its settings now, and print each answer.
+
+    Each worker loads its own layers again (the files and environment it was started with),
+    validates them in full, and applies the change whole, or refuses it whole (invalid, or a key
+    that needs a restart: broker, database, model preset, device) and keeps the settings it
+    has. These options only say where the broker is. Exit 1 when a worker refused or failed,
+    or when no worker answered.
+    """
+    from pipeline.celery_app import make_celery
+    from pipeline.config.live import RELOAD_COMMAND
+
+    layered = _load(env, file, set_)
+    if layered.settings is None:
+        _print_report(layered.report, to_stderr=True)
+        raise typer.Exit(1)
+    app = make_celery(layered.settings)
+    if app.embedded:
+        _fail("the embedded development broker has no remote control: send SIGHUP to the "
+              "worker process, or let it see the file change (app.settings_poll_interval)")
+    try:
+        replies = app.control.broadcast(RELOAD_COMMAND, reply=True, timeout=timeout)
+    except Exception as exc:  # kombu/redis connection errors
+        _fail(f"the broker is unreachable: {type(exc).__name__}")
+    answers = {node: answer for reply in replies or [] for node, answer in reply.items()}
+    if as_json:
+        _json(answers)
+    else:
+        rows = [[node, str(a.get("outcome")), str(a.get("message", "")).splitlines()[0]]
+                for node, a in sorted(answers.items())]
+        _table(["WORKER", "OUTCOME", "DETAIL"], rows)
+        for node, a in sorted(answers.items()):
+            if a.get("errors"):
+                typer.echo(f"{node}:\n" + "\n".join(f"  {line}" for line in a["errors"]), err=True)
+    if not answers:
+        _fail(f"no worker answered within {timeout:g} s")
+    if any(a.get("outcome") not in ("applied", "unchanged") for a in answers.values()):
+        raise typer.Exit(1)

@@ -63,6 +63,10 @@ class AppSettings(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     data_dir: str = Field(".musicgen", min_length=1, description="local state: embedded broker, tiny models")
     profile: Literal["high_volume", "low_latency", "cost_optimized"] | None = None
+    settings_poll_interval: float = Field(2.0, ge=0, le=3600,
+                                          description="seconds between looks at the settings files "
+                                                      "for a live reload; 0 = only on SIGHUP or "
+                                                      "`settings reload`")
 
 
 class BrokerSettings(_Section):

@@ -205,3 +205,19 @@ def test_the_oldest_job_leads_the_next_batch_and_takes_only_its_mates(tiny_model
 def test_batch_size_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="max_batch_size"):
         Batcher(generate, max_batch_size=0, batch_wait_s=0.0)
+
+
+def test_new_limits_from_a_settings_reload_release_a_waiting_batch() -> None:
+    """Lowering the batch size live: two jobs waiting for company that will not come (size 4,
+    an endless wait) run at once, and the next batch forms at the new size."""
+    recorder = Recorder()
+    batcher = Batcher(recorder, max_batch_size=4, batch_wait_s=FOREVER)
+    loaded = object()
+    first = [batcher.submit(loaded, _item(f"job {i}", seed=i), "k", model="m") for i in range(2)]
+    with pytest.raises(ValueError, match="at least 1"):
+        batcher.configure(max_batch_size=0, batch_wait_s=0.0, hard_limit_s=None)
+    batcher.configure(max_batch_size=2, batch_wait_s=FOREVER, hard_limit_s=None)
+    assert [t.future.result(WAIT).batch_size for t in first] == [2, 2]
+    later = [batcher.submit(loaded, _item(f"later {i}", seed=i), "k", model="m") for i in range(3)]
+    batcher.configure(max_batch_size=2, batch_wait_s=0.0, hard_limit_s=None)
+    assert sorted(t.future.result(WAIT).batch_size for t in later) == [1, 2, 2]
