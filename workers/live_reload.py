@@ -7,14 +7,15 @@ limiter, the breakers, the quota store's tiers) so the next job builds it again,
 batcher its new size and wait; a running job finishes under the settings it started with.
 
 SIGHUP normally makes Celery re-exec the whole worker (dropping its loaded model); here it means
-"reload the settings", as it does for most daemons. In a prefork main process it is also passed
-on to the children, as the remote-control command is.
+"reload the settings", as it does for most daemons. A prefork main process that reloads on
+SIGHUP or on the command tells its pool processes through a counter in shared memory (made
+before the pool forks): a signal would end them, billiard takes SIGHUP for a termination signal.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import multiprocessing
 import signal
 import threading
 from typing import Any
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 _live: LiveSettings | None = None
 _reloadable = False  # set by connect(): only for settings this process loaded itself
+# Raised by the main process after each reload it was asked for; pool processes watch it.
+_pokes: Any = None
 
 
 def apply_to_worker(app: PipelineCelery, new: Settings) -> None:
@@ -62,50 +65,48 @@ def live_settings(app: PipelineCelery) -> LiveSettings:
     return _live
 
 
-def _children(pool: Any) -> list[int]:
-    try:
-        return [int(pid) for pid in (pool.info or {}).get("processes", [])]
-    except Exception:  # a pool without processes (solo, threads)
-        return []
+def _tell_pool_processes() -> None:
+    if _pokes is not None:
+        with _pokes.get_lock():
+            _pokes.value += 1
 
 
-def _forward_hup(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGHUP)
-        except ProcessLookupError:  # a child that was just replaced starts with fresh settings
-            pass
-
-
-def _start_watching(app: PipelineCelery, pool: Any = None) -> None:
+def _start_watching(app: PipelineCelery, *, main: bool) -> None:
     live = live_settings(app)
-    FileWatcher(live, interval=lambda: live.current.app.settings_poll_interval).start()
+    poke = None if main or _pokes is None else (lambda: int(_pokes.value))
+    FileWatcher(live, interval=lambda: live.current.app.settings_poll_interval, poke=poke).start()
+    if not main:
+        return  # billiard owns a pool process's signals
     if threading.current_thread() is not threading.main_thread():
         log.warning("not on the main thread: SIGHUP will not reload the settings")
         return
 
+    def reload_and_tell() -> None:
+        live.reload("SIGHUP")
+        _tell_pool_processes()
+
     def on_hup(_signum: int, _frame: Any) -> None:
         # A signal handler must not take locks the interrupted code may hold: reload elsewhere.
-        threading.Thread(target=live.reload, args=("SIGHUP",), name="settings-reload",
-                         daemon=True).start()
-        _forward_hup(_children(pool))
+        threading.Thread(target=reload_and_tell, name="settings-reload", daemon=True).start()
 
     signal.signal(signal.SIGHUP, on_hup)
 
 
 def connect(app: PipelineCelery) -> None:
-    global _reloadable
+    """Called in the main process before the pool starts (so the counter is shared)."""
+    global _reloadable, _pokes
     _reloadable = True
+    _pokes = multiprocessing.Value("L", 0)  # a few bytes; used by the prefork pool only
 
     @receiver(worker_ready)
-    def _in_main(sender: Any = None, **_: Any) -> None:
-        _start_watching(app, getattr(sender, "pool", None))
+    def _in_main(**_: Any) -> None:
+        _start_watching(app, main=True)
 
     @receiver(worker_process_init)
     def _in_child(**_: Any) -> None:  # prefork children: their own copy, their own watcher
         global _live
         _live = None
-        _start_watching(app)
+        _start_watching(app, main=False)
 
 
 @control_command(name=RELOAD_COMMAND)  # type: ignore[untyped-decorator]
@@ -113,12 +114,9 @@ def _reload_command(state: Any, **_: Any) -> dict[str, Any]:
     """``app.control.broadcast(RELOAD_COMMAND, reply=True)``: reload and say what happened."""
     app = state.consumer.app
     if not _reloadable:
-        return {"outcome": "failed", "changes": [], "errors": [], "forwarded_to_children": 0,
+        return {"outcome": "failed", "changes": [], "errors": [],
                 "message": "this worker runs with settings its embedding program gave it; "
                            "it does not reload them"}
     result = live_settings(app).reload("settings reload command")
-    children = _children(state.consumer.pool)
-    _forward_hup(children)
-    reply = result.as_dict()
-    reply["forwarded_to_children"] = len(children)
-    return reply
+    _tell_pool_processes()
+    return result.as_dict()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,15 +210,25 @@ class FileWatcher:
     Polling (every ``interval`` seconds) rather than inotify: the files may sit on a network
     mount or a Kubernetes ConfigMap (a symlink swap), where change events are not delivered, and
     a stat of a handful of files a second costs nothing.
+
+    ``poke`` is an optional counter another process can raise to say "reload now" (a prefork
+    worker's main process tells its pool processes so: a signal would end a pool process,
+    billiard treats SIGHUP as a termination signal). It is read every ``TICK_S``, even while
+    the file polling is off.
     """
 
+    TICK_S = 0.5
+
     def __init__(self, live: LiveSettings, *,
-                 interval: float | Callable[[], float] = 2.0) -> None:
+                 interval: float | Callable[[], float] = 2.0,
+                 poke: Callable[[], int] | None = None) -> None:
         """``interval`` may be a callable, read before each poll, so that the poll interval is
-        itself a live setting; 0 pauses the watching (a reload then takes SIGHUP or the
+        itself a live setting; 0 pauses the file polling (a reload then takes SIGHUP or the
         command)."""
         self.live = live
         self._interval = interval if callable(interval) else (lambda: interval)
+        self._poke = poke
+        self._poked = poke() if poke is not None else 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Listed once (a full load), again after each reload: a poll is only a few stats.
@@ -239,7 +250,17 @@ class FileWatcher:
         stamps = self._read()
         if stamps == self._stamps:
             return None
-        result = self.live.reload("a settings file changed")
+        return self._reload("a settings file changed")
+
+    def check_poke(self) -> ReloadResult | None:
+        """Reload if the ``poke`` counter moved since the last look."""
+        if self._poke is None or self._poke() == self._poked:
+            return None
+        self._poked = self._poke()
+        return self._reload("told by the worker's main process")
+
+    def _reload(self, reason: str) -> ReloadResult:
+        result = self.live.reload(reason)
         self._paths = self.live.watched_files() or self._paths
         self._stamps = self._read()
         return result
@@ -254,13 +275,15 @@ class FileWatcher:
         self._stop.set()
 
     def _run(self) -> None:
+        last_poll = time.monotonic()
         while True:
             interval = self._interval()
-            if self._stop.wait(interval if interval > 0 else 1.0):
+            if self._stop.wait(min(interval, self.TICK_S) if interval > 0 else self.TICK_S):
                 return
-            if interval <= 0:
-                continue
             try:
-                self.check()
+                if self.check_poke() is None and interval > 0 \
+                        and time.monotonic() - last_poll >= interval:
+                    last_poll = time.monotonic()
+                    self.check()
             except Exception:  # the watcher must outlive a bad poll
                 log.exception("watching the settings files failed")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,26 @@ def test_a_worker_reloads_live_and_refuses_bad_edits(workers: WorkerFactory, wor
     out = run_caller(workdir, redis_url, _job("after a refused edit"))
     assert "result" in out, out
     assert worker.proc.poll() is None
+
+
+def test_a_prefork_worker_tells_its_pool_processes(workers: WorkerFactory, workdir: Path,
+                                                   redis_url: str, tmp_path: Path) -> None:
+    """The jobs of a prefork worker run in its pool processes: SIGHUP and the command reach
+    the main process, which passes the word on (a signal would end a pool process)."""
+    layer = tmp_path / "live.toml"
+    _edit(layer, "100/minute", poll=0)
+    worker = workers.start(pool="prefork", queues="musicgen.tiny",
+                           MUSICGEN_SETTINGS_FILES=str(layer), MUSICGEN_RATE_LIMIT__ENABLED="true")
+    _edit(layer, "5/minute", poll=0)
+    worker.proc.send_signal(signal.SIGHUP)
+    _logged(worker, "MainProcess] settings reload (SIGHUP): applied: rate_limit.rate")
+    _logged(worker, "ForkPoolWorker-1] settings reload (told by the worker's main process): "
+                    "applied: rate_limit.rate: '100/minute' -> '5/minute'")
+    _edit(layer, "6/minute", poll=0)
+    code, answers = _reload_cli(workdir, redis_url)
+    assert code == 0 and answers[worker.name]["outcome"] == "applied", answers
+    _logged(worker, "ForkPoolWorker-1] settings reload (told by the worker's main process): "
+                    "applied: rate_limit.rate: '5/minute' -> '6/minute'")
+    out = run_caller(workdir, redis_url, _job("prefork after two reloads"))
+    assert "result" in out, out
+    assert "exited with" not in worker.log_text()  # no pool process was ended by a reload
