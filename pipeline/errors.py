@@ -179,6 +179,40 @@ class ModelRuntimeError(TransientError):
     code = "model_runtime_error"
 
 
+# --- the HTTP gateway (pipeline/gateway): refused before the producer is asked ---------------
+
+class Unauthorized(PipelineError):
+    """Raised when an HTTP request carries no API key, or one that is unknown or revoked."""
+
+    code = "unauthorized"
+
+
+class RateLimited(PipelineError):
+    """Raised when an API key sends requests faster than ``api.rate``;
+    ``details["retry_after"]`` is when the next one is admitted (seconds)."""
+
+    code = "rate_limited"
+
+
+class PayloadTooLarge(PipelineError):
+    """Raised when a request body or a melody upload passes ``api.max_body_kb`` or
+    ``api.max_upload_mb``; ``field`` names the part (``request`` or ``melody``)."""
+
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(PipelineError):
+    """Raised when a request body is neither JSON nor multipart/form-data."""
+
+    code = "unsupported_media_type"
+
+
+class JobNotFinished(PipelineError):
+    """Raised when a job's audio is asked for before the job has succeeded."""
+
+    code = "job_not_finished"
+
+
 def _all_subclasses(cls: type[PipelineError]) -> list[type[PipelineError]]:
     out = [cls]
     for sub in cls.__subclasses__():

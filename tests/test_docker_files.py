@@ -19,7 +19,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
-SERVICES = {"redis", "postgres", "worker", "flower", "beat"}
+SERVICES = {"redis", "postgres", "worker", "flower", "beat", "api"}
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ Adding an area (generate, worker, models, ...) is two lines: import its Typer ap
 
 import typer
 
+from pipeline.cli.api_cmd import api
 from pipeline.cli.beat_cmd import beat
 from pipeline.cli.breaker_cmd import breaker_app
 from pipeline.cli.db_cmd import db_app
@@ -13,6 +14,7 @@ from pipeline.cli.flags_cmd import flags_app
 from pipeline.cli.flower_cmd import flower
 from pipeline.cli.generate_cmd import generate
 from pipeline.cli.health_cmd import health
+from pipeline.cli.keys_cmd import keys_app
 from pipeline.cli.models_cmd import models_app
 from pipeline.cli.quota_cmd import quota_app
 from pipeline.cli.settings_cmd import settings_app
@@ -32,12 +34,14 @@ app.add_typer(breaker_app, name="breaker")
 app.add_typer(db_app, name="db")
 app.add_typer(quota_app, name="quota")
 app.add_typer(flags_app, name="flags")
+app.add_typer(keys_app, name="keys")
 app.command("stats")(stats)
 app.command("health")(health)
 app.command("generate")(generate)
 app.command("worker", context_settings={"ignore_unknown_options": False})(worker)
 app.command("flower")(flower)
 app.command("beat")(beat)
+app.command("api")(api)
 
 
 def main() -> None:

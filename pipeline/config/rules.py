@@ -153,6 +153,18 @@ def _production_flower_auth(raw: Raw) -> Problem | None:
     return None
 
 
+def _api_auth_outside_development(raw: Raw) -> Problem | None:
+    # Every spelling pydantic reads as false counts: "false" from an env var must not slip by.
+    value = get(raw, "api.auth")
+    off = value is not None and str(value).strip().lower() in {"0", "off", "f", "false", "n", "no"}
+    env = get(raw, "app.environment")
+    if off and env in ("staging", "production"):
+        return Problem("api.auth", value, f"the HTTP gateway must require API keys in {env} "
+                       "(auth off is for development only)", "set api.auth = true and create keys "
+                       "with `musicgen-pipeline keys create USER`")
+    return None
+
+
 def _default_tier_exists(raw: Raw) -> Problem | None:
     tiers, default = get(raw, "quotas.tiers"), get(raw, "quotas.default_tier")
     if isinstance(tiers, Mapping) and isinstance(default, str) and default not in tiers:
@@ -340,6 +352,7 @@ RULES: tuple[Rule, ...] = (
     Rule("production: Redis password or TLS", _production_redis_secured),
     Rule("broker URL without password", _broker_url_has_no_password),
     Rule("production: Flower auth", _production_flower_auth),
+    Rule("staging/production: API auth", _api_auth_outside_development),
     _strong_secret("monitoring.flower_password", "the Flower password",
                    required_when=lambda raw: bool(get(raw, "monitoring.flower_user"))),
     _strong_secret("broker.password", "the Redis password", required_when=lambda raw: False),

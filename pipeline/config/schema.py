@@ -311,6 +311,29 @@ class ExperimentSettings(_Section):
         return None if value is None else value.isoformat()
 
 
+class ApiSettings(_Section):
+    """The HTTP gateway (``musicgen-pipeline api``, pipeline/gateway): a thin layer over the
+    producer; every job still passes the producer's validation, quota and policies."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="address uvicorn binds")
+    port: int = Field(8000, ge=1, le=65535)
+    auth: bool = Field(True, description="require an API key (`musicgen-pipeline keys create`); "
+                                         "false only in development (a settings rule)")
+    # An origin is scheme://host[:port] exactly: a path or a trailing slash never matches the
+    # browser's Origin header, so such an entry would silently allow nothing.
+    cors_origins: list[Annotated[str, Field(pattern=r"^(\*|https?://[^/\s]+)$")]] = Field(
+        default_factory=list, description="origins a browser page may call from, e.g. "
+                                          "https://app.example.com; empty = same origin only")
+    max_body_kb: int = Field(64, ge=1, le=10240, description="largest JSON request body")
+    max_upload_mb: float | None = Field(None, gt=0, le=1000,
+                                        description="largest melody upload; unset = "
+                                                    "validation.max_melody_size_mb")
+    # The same syntax as rate_limit.rate; None switches the per-key limit off.
+    rate: str | None = Field("120/minute",
+                             pattern=r"^\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day)s?$",
+                             description="requests per API key per window, e.g. 120/minute")
+
+
 class Settings(_Section):
     """The whole validated settings tree; built once per process and passed explicitly."""
 
@@ -329,3 +352,4 @@ class Settings(_Section):
     monitoring: MonitoringSettings = MonitoringSettings()
     features: FeatureSettings = FeatureSettings()
     experiments: dict[ExperimentName, ExperimentSettings] = {}
+    api: ApiSettings = ApiSettings()

@@ -253,3 +253,21 @@ class UsageDaily(Base):
     def to_row(self) -> DailyUsageRow:
         """This row as plain data (no ORM state)."""
         return cast(DailyUsageRow, {key: getattr(self, key) for key in DailyUsageRow.__annotations__})
+
+
+class ApiKey(Base):
+    """One API key of the HTTP gateway (pipeline/gateway/keystore.py): its public prefix, the
+    user it acts for, and a SHA-256 of the whole key. The key itself is never stored."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_user_id", "user_id"),)  # `keys list --user`
+
+    # The key's public part ("mgp_<prefix>_..."), so a request finds its row by primary key
+    # and only that row's hash is compared.
+    prefix: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Set once by `keys revoke`; a revoked row stays, so `keys list` shows what it was.
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -207,9 +207,9 @@ def health_ping(node: str, env: dict[str, str], cwd: Path) -> subprocess.Complet
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False)
 
 
-def test_the_procfile_declares_worker_flower_and_beat_as_project_commands() -> None:
+def test_the_procfile_declares_worker_flower_beat_and_api_as_project_commands() -> None:
     entries = procfile_entries()
-    assert set(entries) == {"worker", "flower", "beat"}
+    assert set(entries) == {"worker", "flower", "beat", "api"}  # api: tests/integration/test_gateway.py
     for name, command in entries.items():
         assert command.split()[:2] == ["musicgen-pipeline", name]
 

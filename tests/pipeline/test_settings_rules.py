@@ -65,6 +65,8 @@ CASES = [
          {"broker.url": "redis://127.0.0.1:6379/0"}, "broker.url"),
     Case("production: Flower auth", "production",
          {"monitoring.flower_user": ""}, {"monitoring.flower_user": "ops"}, "monitoring.flower_user"),
+    Case("staging/production: API auth", "production", {"api.auth": False}, {"api.auth": True},
+         "api.auth"),
     Case("monitoring.flower_password: present and strong", "production",
          {"monitoring.flower_password": "flower"}, {"monitoring.flower_password": STRONG},
          "monitoring.flower_password"),

@@ -1,0 +1,136 @@
+"""``create_app(settings)``: the gateway's FastAPI app, built from one Settings object.
+
+The app holds one ``Producer`` (the same one a Python service would use), the API key store on
+the producer's database, the per-key rate limit on the broker's Redis (in memory with the
+embedded development broker) and the request limits; routes find them in ``app.state``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipeline.config.schema import Settings
+from pipeline.gateway import errors, routes_jobs, routes_meta
+from pipeline.gateway.auth import Authenticator, KeyRate
+from pipeline.gateway.keystore import ApiKeyStore
+from pipeline.gateway.models import JobRequest
+from pipeline.gateway.uploads import KB, MB, Body
+from pipeline.gateway.views import models_view
+from pipeline.handle import JobHandle
+from pipeline.jobs import GenerationRequest, invalid_request_from
+from pipeline.producer import Producer
+
+VERSION = "1"
+access_log = logging.getLogger("pipeline.gateway.access")
+
+
+@dataclass
+class Gateway:
+    """What the routes share: the settings, the producer and the request limits."""
+
+    settings: Settings
+    producer: Producer
+    body_limit: int
+    upload_limit: int
+    upload_dir: Path
+    models: dict[str, Any]
+
+    def enqueue(self, body: Body, user_id: str) -> JobHandle:
+        """The body as a ``GenerationRequest`` for ``user_id``, enqueued by the producer."""
+        try:
+            payload = JobRequest.model_validate_json(body.request_json)
+        except ValidationError as exc:
+            raise invalid_request_from(exc) from exc
+        fields = payload.model_dump(exclude_unset=True)
+        if body.melody is not None:
+            fields["melody"] = body.melody
+        return self.producer.enqueue(GenerationRequest(**fields, user_id=user_id))
+
+
+class AccessLog:
+    """One line per request: method, path (never the query string), status, time, and the
+    key's public label. The key itself is never logged (uvicorn's own access log is off:
+    ``musicgen-pipeline api`` runs it with ``access_log=False``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [0]
+
+        async def record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            state = scope.get("state") or {}
+            access_log.info("%s %s %d %.1fms key=%s", scope["method"], scope["path"], status[0],
+                            (time.perf_counter() - start) * 1000, state.get("key_label", "-"))
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus ``JobRequest``, which the enqueue route reads by hand."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        request = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(request.pop("$defs", {}))
+        components["JobRequest"] = request
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _rate_storage(producer: Producer) -> str:
+    # The broker's Redis (password included, from its secret) so that every gateway process
+    # counts the same key together; one process's memory with the embedded broker.
+    return "memory://" if producer.app.embedded else str(producer.app.conf.broker_url)
+
+
+def create_app(settings: Settings, *, producer: Producer | None = None) -> FastAPI:
+    """The gateway for ``settings``; ``producer`` defaults to a new one for them.
+
+    Raises ``ServiceUnavailable`` when the quota database is missing, as a producer does.
+    """
+    producer = producer if producer is not None else Producer(settings)
+    api = settings.api
+    upload_dir = Path(settings.storage.temp_dir).expanduser().resolve()
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    upload_mb = api.max_upload_mb or settings.validation.max_melody_size_mb
+    app = FastAPI(title="musicgen-pipeline", version=VERSION,
+                  description="Enqueue MusicGen jobs, follow them and fetch their audio. "
+                              "Authenticate with `Authorization: Bearer <API key>`.")
+    app.state.gateway = Gateway(settings=settings, producer=producer,
+                                body_limit=api.max_body_kb * KB, upload_limit=int(upload_mb * MB),
+                                upload_dir=upload_dir, models=models_view(settings))
+    app.state.authenticator = Authenticator(enabled=api.auth,
+                                            keys=ApiKeyStore(producer.quota.engine),
+                                            rate=KeyRate(api.rate, _rate_storage(producer)))
+    errors.install(app)
+    app.include_router(routes_jobs.router)
+    app.include_router(routes_meta.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    if api.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=api.cors_origins,
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "Range"],
+                           expose_headers=["Location", "Retry-After", "Content-Range"])
+    app.add_middleware(AccessLog)
+    return app

@@ -1,0 +1,85 @@
+"""Who is calling: an API key (``Authorization: Bearer mgp_...``) names the user every job is
+enqueued and looked up for, so quotas apply and a key sees only its own jobs. Each key is
+held to ``api.rate`` requests per window.
+
+With ``api.auth = false`` (development only: a settings rule refuses it elsewhere) every
+request acts for the user ``anonymous``. The key itself is never logged: the access log gets
+its public label (``mgp_1a2b3c4d``) from ``request.state``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from pipeline.errors import RateLimited, Unauthorized
+from pipeline.gateway.keystore import ApiKeyStore, masked
+from pipeline.keys import ROOT_PREFIX
+from pipeline.policies.rate_limit import GlobalRateLimit
+
+ANONYMOUS = "anonymous"
+# The per-key request counters, beside the job rate limits in the broker's Redis
+# (``limits`` appends its own ``:LIMITER/...``).
+API_RATE_PREFIX = ROOT_PREFIX + "apirate"
+
+bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
+                    description="an API key from `musicgen-pipeline keys create USER`")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The user a request acts for, and the key's public label (None with auth off)."""
+
+    user_id: str
+    key_label: str | None
+
+
+class KeyRate:
+    """``api.rate`` per API key, shared by every gateway process on the same storage."""
+
+    def __init__(self, rate: str | None, storage_uri: str) -> None:
+        self.rate = rate
+        self._limit = (GlobalRateLimit(rate, storage_uri=storage_uri, key_prefix=API_RATE_PREFIX)
+                       if rate else None)
+
+    def check(self, key: str) -> None:
+        """``RateLimited`` (with ``retry_after``) past the rate; ``ServiceUnavailable`` when
+        the storage cannot be reached."""
+        if self._limit is None:
+            return
+        wait = self._limit.try_acquire(key)
+        if wait > 0:
+            raise RateLimited(f"more than {self.rate} requests with this API key; retry in "
+                              f"{math.ceil(wait)} s", None,
+                              {"retry_after": wait, "rate": self.rate})
+
+
+@dataclass(frozen=True)
+class Authenticator:
+    """What the ``caller`` dependency needs, built once per app."""
+
+    enabled: bool
+    keys: ApiKeyStore
+    rate: KeyRate
+
+
+def caller(request: Request,
+           credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+    """The dependency of every ``/v1/jobs`` route (sync: FastAPI runs it in its threadpool, so
+    the key lookup's database read never blocks the event loop)."""
+    auth: Authenticator = request.app.state.authenticator
+    if not auth.enabled:
+        who = Caller(ANONYMOUS, None)
+    else:
+        if credentials is None:
+            raise Unauthorized("an API key is required: send `Authorization: Bearer <key>`",
+                               "Authorization")
+        request.state.key_label = masked(credentials.credentials)
+        info = auth.keys.authenticate(credentials.credentials)
+        who = Caller(info.user_id, info.label)
+    auth.rate.check(who.key_label or who.user_id)
+    return who

@@ -1,0 +1,112 @@
+"""The gateway's request and response bodies, derived from the job contract's own models so
+the OpenAPI schema and ``pipeline.jobs`` cannot drift apart.
+
+``JobRequest`` is ``GenerationRequest`` without ``user_id`` (the API key names the user) and
+without ``melody`` (over HTTP a melody is an uploaded file, never a path on the gateway's disk).
+``JobResultView`` is ``JobResult`` without where the server keeps the file (the audio has its
+own URL).
+Both are built from the source model's fields, so a field added there appears here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from pipeline.jobs import GenerationRequest, JobResult, JobStatus
+
+REQUEST_EXCLUDED = frozenset({"user_id", "melody"})
+# Where the server keeps the file (paths, a file:// or s3:// URI) is not the caller's business:
+# the audio has its own URL (and a pre-signed download_url with object storage).
+RESULT_EXCLUDED = frozenset({"output_path", "sidecar_path", "uri"})
+
+
+def _without(model: type[BaseModel], name: str, drop: frozenset[str], doc: str) -> type[BaseModel]:
+    fields: dict[str, Any] = {key: (info.annotation, info) for key, info in
+                              model.model_fields.items() if key not in drop}
+    return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, **fields)
+
+
+JobRequest = _without(GenerationRequest, "JobRequest", REQUEST_EXCLUDED,
+                      "A generation request; unset fields take the deployment's defaults. The "
+                      "user is the API key's; a melody comes as a multipart file part.")
+JobResultView = _without(JobResult, "JobResultView", RESULT_EXCLUDED,
+                         "A finished job: what its file is (fetch it from audio_url).")
+
+
+class ProgressView(BaseModel):
+    fraction: float = Field(ge=0.0, le=1.0)
+    message: str
+
+
+class JobError(BaseModel):
+    """Why a job failed or was cancelled: the worker's stable code and its message."""
+
+    code: str
+    message: str
+
+
+# Built like the two above: its `result` field's type is one of them, known only at run time.
+_JOB_VIEW_FIELDS: dict[str, Any] = {
+    "id": (str, ...),
+    "status": (JobStatus, ...),
+    "progress": (ProgressView, ...),
+    "result": (JobResultView | None, None),
+    "error": (JobError | None, None),
+    "audio_url": (str | None, Field(None, description="set once the job has succeeded")),
+}
+JobView = create_model("JobView", __config__=ConfigDict(extra="forbid"),
+                       __doc__="One job as its owner sees it.", **_JOB_VIEW_FIELDS)
+
+
+class CancelView(BaseModel):
+    id: str
+    cancelled: bool = Field(description="false when the job had already finished")
+    status: JobStatus
+
+
+class ModelInfo(BaseModel):
+    name: str
+    description: str
+    max_duration: float = Field(description="seconds: the model's window, within the "
+                                            "deployment's limit")
+    melody: bool = Field(description="takes a melody upload")
+
+
+class FormatInfo(BaseModel):
+    sample_rates: list[int]
+    bit_depths: list[int] = Field(description="empty for lossy formats")
+    media_type: str
+
+
+class Limits(BaseModel):
+    min_duration: float
+    max_duration: float
+    default_duration: float
+    max_prompt_length: int
+    max_body_kb: int
+    max_upload_mb: float
+    melody_formats: list[str]
+    formats: dict[str, FormatInfo]
+
+
+class ModelsView(BaseModel):
+    default_model: str
+    default_format: str
+    models: list[ModelInfo]
+    limits: Limits
+
+
+class Health(BaseModel):
+    status: str
+
+
+class CheckView(BaseModel):
+    name: str
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    checks: list[CheckView]

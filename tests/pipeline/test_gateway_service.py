@@ -1,0 +1,146 @@
+"""The gateway around the jobs: /v1/models, /healthz, /readyz, the page, the OpenAPI schema,
+the access log (a key's public prefix only), and that FastAPI stays out of ``import pipeline``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from pipeline.config.presets import known_presets
+from pipeline.gateway.app import create_app
+from pipeline.jobs import GenerationRequest
+from pipeline.output_format import FORMATS
+from pipeline.producer import Producer
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import Settings
+
+    from .gateway_conftest import Gateway
+
+pytest_plugins = ["tests.pipeline.gateway_conftest"]
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_models_lists_every_preset_with_its_window_and_the_limits(gateway: Gateway) -> None:
+    body = gateway.client.get("/v1/models").json()  # no key needed: nothing private here
+    by_name = {m["name"]: m for m in body["models"]}
+    assert set(by_name) == set(known_presets())
+    assert by_name["tiny-melody"]["melody"] is True and by_name["tiny"]["melody"] is False
+    assert all(0 < m["max_duration"] <= body["limits"]["max_duration"] for m in by_name.values())
+    assert body["default_model"] == gateway.settings.model.preset
+    limits = body["limits"]
+    assert set(limits["formats"]) == set(FORMATS)
+    assert limits["formats"]["mp3"]["media_type"] == "audio/mpeg"
+    assert limits["formats"]["mp3"]["bit_depths"] == []
+    assert limits["max_upload_mb"] == gateway.settings.validation.max_melody_size_mb
+    assert limits["max_prompt_length"] == gateway.settings.validation.max_prompt_length
+
+
+def test_health_and_readiness(gateway: Gateway, tmp_path: Path) -> None:
+    assert gateway.client.get("/healthz").json() == {"status": "ok"}
+    ready = gateway.client.get("/readyz")
+    assert ready.status_code == 200
+    assert {c["name"]: c["status"] for c in ready.json()["checks"]} == {"broker": "ok",
+                                                                       "database": "ok"}
+    # A broker nobody answers on: not ready, with when to ask again.
+    settings = gateway.settings.model_copy(update={"broker": gateway.settings.broker.model_copy(
+        update={"url": "redis://127.0.0.1:9/0", "connect_timeout": 0.5})})
+    producer = Producer(settings)
+    try:
+        from fastapi.testclient import TestClient
+
+        with TestClient(create_app(settings, producer=producer)) as client:
+            down = client.get("/readyz")
+    finally:
+        producer.quota.close()
+    assert down.status_code == 503 and down.json()["code"] == "service_unavailable"
+    assert int(down.headers["Retry-After"]) > 0
+    assert {"name": "broker", "status": "fail"} in down.json()["details"]["checks"]
+    assert "127.0.0.1:9" not in down.text  # hosts stay in the log
+
+
+def test_the_page_and_its_script_are_served(gateway: Gateway) -> None:
+    page = gateway.client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src" not in page.headers["content-security-policy"]  # default-src 'self'
+    for element in ('id="api-key"', 'id="prompt"', 'id="duration"', 'id="model"', 'id="format"',
+                    "<progress", "<audio", 'id="download"', 'src="/app.js"'):
+        assert element in page.text, element
+    script = gateway.client.get("/app.js")
+    assert script.status_code == 200 and "/v1/jobs" in script.text and "/events" in script.text
+
+
+def test_openapi_comes_from_the_job_contract(gateway: Gateway) -> None:
+    schema = gateway.client.get("/openapi.json").json()
+    request = schema["components"]["schemas"]["JobRequest"]
+    expected = set(GenerationRequest.model_fields) - {"user_id", "melody"}
+    assert set(request["properties"]) == expected  # a contract field is never left out
+    assert request["additionalProperties"] is False
+    post = schema["paths"]["/v1/jobs"]["post"]
+    assert set(post["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert {"401", "413", "415", "422", "429", "503"} <= set(post["responses"])
+    assert schema["components"]["securitySchemes"]["ApiKey"]["scheme"] == "bearer"
+    events = schema["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    assert list(events) == ["text/event-stream"]
+    result = schema["components"]["schemas"]["JobResultView"]["properties"]
+    assert "output_path" not in result and "seed" in result
+
+
+def test_the_access_log_names_a_key_by_its_prefix_only(gateway: Gateway,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    new = gateway.keys.create("lena")
+    caplog.set_level(logging.INFO, logger="pipeline.gateway.access")
+    gateway.client.get("/v1/jobs/nothing?key=x", headers={"Authorization": f"Bearer {new.key}"})
+    [line] = [r.getMessage() for r in caplog.records if r.name == "pipeline.gateway.access"]
+    assert line.startswith("GET /v1/jobs/nothing 404 ") and line.endswith(f"key={new.info.label}")
+    secret = new.key.rsplit("_", 1)[1]
+    assert secret not in caplog.text and "key=x" not in caplog.text
+
+
+def test_import_pipeline_and_the_key_store_import_no_web_framework() -> None:
+    code = ("import sys, json, pipeline, pipeline.cli, pipeline.gateway.keystore\n"
+            "print(json.dumps([m for m in ('fastapi', 'starlette', 'uvicorn') "
+            "if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert json.loads(out.stdout) == []
+
+
+def test_an_app_without_a_quota_database_is_refused(
+        tmp_path: Path, settings_for: Callable[..., Settings]) -> None:
+    from pipeline.errors import ServiceUnavailable
+
+    with pytest.raises(ServiceUnavailable, match="db upgrade"):
+        create_app(settings_for(tmp_path))
+
+
+
+
+def test_every_error_a_request_can_meet_has_its_status_and_retry_after() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from pipeline import errors
+    from pipeline.gateway.errors import retry_after, status_of
+
+    def family(cls: type[errors.PipelineError]) -> list[type[errors.PipelineError]]:
+        return [cls, *(sub for child in cls.__subclasses__() for sub in family(child))]
+
+    server_side = {"pipeline_error", "invalid_settings", "timeout", "poison_job",
+                   "invalid_webhook_signature"}  # never raised by a request's own path
+    for cls in family(errors.PipelineError):
+        status = status_of(cls("m"))
+        assert (status == 500) == (cls.code in server_side), (cls.code, status)
+    assert status_of(errors.GpuOutOfMemory("m")) == 503  # transient: worth a retry
+    assert status_of(errors.Backpressure("m")) == 429
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    quota = errors.QuotaExceeded("m", None, {"resets_at": (now + timedelta(hours=2)).isoformat()})
+    assert retry_after(quota, now) == 7200
+    assert retry_after(errors.ServiceUnavailable("m", None, {"retry_after": 0.2})) == 1
+    assert retry_after(errors.Backpressure("m", None, {"queue": "q"})) == 5
