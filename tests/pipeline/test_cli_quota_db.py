@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.quota import DEFAULT_TIERS, QuotaStore, make_engine
+from tests.pipeline.test_migrations import HEAD
 
 pytest_plugins = ["tests.pipeline.quota_conftest"]
 pytestmark = pytest.mark.usefixtures("isolated_settings_env")
@@ -56,15 +57,15 @@ def test_db_upgrade_is_idempotent_and_current_reports_head(db: str) -> None:
     else:
         before = cli("db", "current")
         assert before.exit_code == 0, before.output
-        assert "revision: none (never migrated; head is 0003)" in before.stdout
+        assert f"revision: none (never migrated; head is {HEAD})" in before.stdout
         assert "postgres:***@127.0.0.1" in before.stdout  # the URL, its password masked
     first = cli("db", "upgrade")
     assert first.exit_code == 0, first.output
-    assert "revision: 0003 (head); upgraded from none" in first.stdout
+    assert f"revision: {HEAD} (head); upgraded from none" in first.stdout
     again = cli("db", "upgrade", "--revision", "head")
-    assert again.exit_code == 0 and again.stdout.splitlines()[-1] == "revision: 0003 (head)"
+    assert again.exit_code == 0 and again.stdout.splitlines()[-1] == f"revision: {HEAD} (head)"
     now = cli("db", "current")
-    assert now.exit_code == 0 and now.stdout.splitlines()[-1] == "revision: 0003 (head)"
+    assert now.exit_code == 0 and now.stdout.splitlines()[-1] == f"revision: {HEAD} (head)"
 
 
 def test_db_upgrade_to_an_unknown_revision_fails_clearly(db: str) -> None:
@@ -167,7 +168,7 @@ def test_the_console_script_migrates_and_sets_a_quota_on_postgresql(
 
         up = run("db", "upgrade")
         assert up.returncode == 0, up.stderr
-        assert up.stdout.splitlines()[-1] == "revision: 0003 (head); upgraded from none"
+        assert up.stdout.splitlines()[-1] == f"revision: {HEAD} (head); upgraded from none"
         assert run("quota", "set", "carol", "--tier", "enterprise").returncode == 0
         shown = run("quota", "show", "carol", "--json")
         assert shown.returncode == 0, shown.stderr
