@@ -19,7 +19,7 @@ COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY workers ./workers
 COPY settings ./settings
-RUN pip install ".[flower,postgres]"
+RUN pip install ".[flower,postgres,api,storage]"
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin musicgen \
  && mkdir -p /data \

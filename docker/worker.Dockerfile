@@ -34,7 +34,7 @@ COPY pipeline ./pipeline
 COPY workers ./workers
 COPY settings ./settings
 # postgres: the worker writes the usage ledger to the same PostgreSQL as the producers.
-RUN pip install ".[worker,postgres]"
+RUN pip install ".[worker,postgres,storage]"
 
 # Non-root. The model cache is a volume: weights are put there once (production runs with
 # model.offline = true) and survive image rebuilds. HF_HOME points the Hugging Face cache at it.

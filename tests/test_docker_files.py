@@ -106,7 +106,7 @@ def test_worker_image_is_cuda_non_root_with_the_cache_at_models() -> None:
     assert ("ENV", "HF_HOME=/models") in ins and '["/models"]' in _last(ins, "VOLUME")
     runs = " ".join(rest for word, rest in ins if word == "RUN")
     assert "python3.11" in runs and "ffmpeg" in runs
-    assert runs.index("torch==") < runs.index('".[worker,postgres]"')  # torch first, then the extras
+    assert runs.index("torch==") < runs.index('".[worker,postgres,storage]"')  # torch first, then the extras
     assert _last(ins, "CMD") == '["musicgen-pipeline", "worker"]'  # exec form: gets SIGTERM itself
 
 
@@ -115,7 +115,7 @@ def test_app_image_is_slim_non_root_without_torch() -> None:
     assert _last(ins, "FROM") == "python:3.11-slim"
     assert _last(ins, "USER") not in ("root", "0")
     runs = " ".join(rest for word, rest in ins if word == "RUN")
-    assert '".[flower,postgres]"' in runs and "ffmpeg" in runs and "torch" not in runs
+    assert '".[flower,postgres,api,storage]"' in runs and "ffmpeg" in runs and "torch" not in runs
 
 
 @pytest.mark.parametrize("dockerfile", ["worker.Dockerfile", "app.Dockerfile"])
