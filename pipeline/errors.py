@@ -213,6 +213,32 @@ class JobNotFinished(PipelineError):
     code = "job_not_finished"
 
 
+# --- storage, inputs by reference, webhooks (issue 13) -------------------------------------
+
+class InputUnavailable(PipelineError):
+    """Raised when a melody given by reference cannot be fetched (unreachable, missing,
+    refused) or is larger than ``validation.max_melody_size_mb``; permanent, never retried.
+
+    ``details["rule"]`` says which: ``unreachable``, ``missing`` or ``max_size_mb``.
+    """
+
+    code = "input_unavailable"
+
+
+class StorageUnavailable(TransientError):
+    """Raised when the output storage cannot store or return a file: unreachable, refused,
+    or the file is gone (past ``storage.retention_days``); ``details["rule"]`` says which."""
+
+    code = "storage_unavailable"
+
+
+class WebhookSignatureInvalid(PipelineError):
+    """Raised by ``pipeline.webhooks.verify`` when a webhook's signature, id or timestamp does
+    not check out (``field`` names the header)."""
+
+    code = "invalid_webhook_signature"
+
+
 def _all_subclasses(cls: type[PipelineError]) -> list[type[PipelineError]]:
     out = [cls]
     for sub in cls.__subclasses__():

@@ -6,7 +6,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
@@ -15,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pipeline.errors import (
     JobCancelled,
     JobFailed,
+    JobNotFinished,
     JobNotFound,
     JobTimeout,
     PipelineError,
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from pipeline.celery_app import PipelineCelery
     from pipeline.quota import QuotaStore
     from pipeline.registry import JobRegistry
+    from pipeline.webhooks import WebhookDelivery
 
 # Celery's states (and ours: QUEUED is written at enqueue, PROGRESS by the worker).
 _STATUS = {
@@ -65,6 +68,21 @@ def error_of(info: Any) -> tuple[str, str]:
     if isinstance(info, dict) and "code" in info:
         return str(info["code"]), str(info.get("message", ""))
     return "internal_error", str(info)
+
+
+def _fresh(result: JobResult, settings: Any) -> JobResult:
+    """The result with its pre-signed ``download_url`` signed again once it is within a minute
+    of expiring (the result outlives it: broker.result_expires), when this process can sign
+    (the ``storage`` extra and the same keys); otherwise as stored."""
+    if result.download_url is None or (result.download_expires_at or 0) > time.time() + 60:
+        return result
+    try:
+        from pipeline.storage_backends import presign_uri
+
+        url, expires_at = presign_uri(result.uri, settings.storage)
+    except Exception:  # no boto3 or no keys here: the caller still gets the stored result
+        return result
+    return result.model_copy(update={"download_url": url, "download_expires_at": expires_at})
 
 
 class JobHandle:
@@ -111,7 +129,7 @@ class JobHandle:
         """The result if the job succeeded, None while it runs; raises if it failed or was cancelled."""
         state, info = self._state()
         if state == "SUCCESS":
-            return JobResult.model_validate(info)
+            return _fresh(JobResult.model_validate(info), self._app.settings)
         if state == "FAILURE":
             code, message = error_of(info)
             raise JobFailed(f"job {self.id} failed: {code}: {message}", None,
@@ -136,6 +154,43 @@ class JobHandle:
                 raise JobTimeout(f"job {self.id} did not finish within {timeout:g} s "
                                  "(it is still queued or running)", "timeout")
             time.sleep(poll)
+
+    def _finished(self) -> JobResult:
+        result = self.result()  # raises for a failed, cancelled or unknown job
+        if result is None:
+            raise JobNotFinished(f"job {self.id} has not finished yet ({self.status().value}); "
+                                 "wait() for it first", "job_id")
+        return result
+
+    def download(self, dest: str | Path) -> Path:
+        """Fetch the finished file to ``dest`` on this machine (a file path, or an existing
+        folder: the file keeps its name) and return where it is. Works from any machine with
+        the same storage settings (a shared folder, or object storage with the ``storage``
+        extra); ``StorageUnavailable`` if the file is gone or the storage is unreachable."""
+        from pipeline.storage_backends import download
+
+        return download(self._finished().uri, Path(dest), self._app.settings.storage)
+
+    @contextmanager
+    def open(self) -> Iterator[IO[bytes]]:
+        """The finished file as a binary stream, wherever it is stored::
+
+            with handle.open() as audio:
+                data = audio.read()
+        """
+        from pipeline.storage_backends import open_uri
+
+        with open_uri(self._finished().uri, self._app.settings.storage) as stream:
+            yield stream
+
+    def webhook_deliveries(self) -> list[WebhookDelivery]:
+        """The job's webhook delivery (status, attempts, last error): empty if the request had
+        no ``webhook_url``, the job has not ended, or the broker is the embedded one."""
+        from pipeline.webhooks import DeliveryLog
+
+        with _reachable(self.id):
+            log = DeliveryLog(self._app.redis, self._app.settings.broker.result_expires)
+            return log.read(self.id)
 
     def cancel(self) -> bool:
         """Cancel: a queued job never starts; a running one stops at its next progress step

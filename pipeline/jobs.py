@@ -32,6 +32,7 @@ from pipeline.config.presets import known_presets
 from pipeline.errors import InvalidRequest
 from pipeline.output_format import BitDepth, FormatName, Normalization, SampleRate
 from pipeline.output_format import OutputSpec as OutputSpec  # noqa: PLC0414 (re-export)
+from pipeline.remote_urls import MELODY_SCHEMES, WEBHOOK_SCHEMES, check_url
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 QUEUE_PREFIX = "musicgen."
@@ -41,6 +42,7 @@ MAX_SEED = 2**32 - 1
 MAX_DURATION_S = 300.0
 MAX_PROMPT_CHARS = 10_000
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux: a longer melody path is refused, not an OSError
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # a melody string that is a URI, not a path
 
 
 def _printable(value: str) -> str:
@@ -143,7 +145,12 @@ class GenerationRequest(BaseModel):
     normalization: Normalization | None = None
     loudness_target: float | None = Field(None, ge=-70.0, le=0.0,
                                           description="LUFS for lufs, dBFS for peak and rms")
-    melody: Path | bytes | None = Field(None, description="a local audio file, or its bytes")
+    melody: Path | bytes | str | None = Field(
+        None, description="a local audio file, its bytes, or an s3:// or https:// URI the "
+                          "worker fetches (hosts and bucket allowed by the settings)")
+    webhook_url: str | None = Field(None, description="http(s) URL the worker POSTs the job's "
+                                                      "end to, signed; its host must be in "
+                                                      "webhooks.allowed_hosts")
     user_id: UserId = "anonymous"
     priority: Priority = 5
     job_id: JobId | None = Field(None, description="client id, scoped to its user: enqueueing "
@@ -171,25 +178,40 @@ class GenerationRequest(BaseModel):
         if value is None or isinstance(value, (bytes, bytearray)):
             return value
         if not isinstance(value, (str, Path)):
-            raise ValueError(f"melody must be a file path or the file's bytes, not "
+            raise ValueError(f"melody must be a file path, the file's bytes or a URI, not "
                              f"{type(value).__name__}")
+        if isinstance(value, str) and _URI.match(value):
+            check_url(value, MELODY_SCHEMES)  # a URI stays a str; every other str is a path
+            return value
         text = str(value)
         if not text or len(text) > MAX_PATH_CHARS:
             raise ValueError(f"a melody path must be 1 to {MAX_PATH_CHARS} characters")
         if any(len(part) > 255 for part in Path(text).parts):
             raise ValueError("a melody path has a name longer than 255 characters")
         _printable(text)
+        return Path(text)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_shape(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_url(value, WEBHOOK_SCHEMES)
         return value
 
 
 class MelodyInput(BaseModel):
-    """A melody as it crosses the broker: a path on shared storage, or base64 bytes."""
+    """A melody as it crosses the broker: a URI (``file://`` or ``s3://`` in the storage, put
+    there by the producer, or the caller's own ``s3://`` / ``https://``). ``path`` and
+    ``data_b64`` are read from messages of producers older than storage by reference."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS),
                     AfterValidator(_printable)] | None = None
     data_b64: str | None = None
+    uri: str | None = None
+    # Uploaded by the producer for this job: the worker deletes it when the job ends.
+    owned: bool = False
     # Joined into a file name on the worker: an extension, never a path.
     suffix: str = Field(".wav", pattern=r"^\.[A-Za-z0-9]{1,10}$")
 
@@ -210,14 +232,27 @@ class MelodyInput(BaseModel):
                 raise ValueError(f"data_b64 is not valid base64: {exc}") from exc
         return value
 
+    @field_validator("uri")
+    @classmethod
+    def _uri_shape(cls, value: str | None) -> str | None:
+        # file:// names no host: the worker reads it only inside its storage folder.
+        if value is not None and value.startswith("file:///"):
+            _printable(value)
+        elif value is not None:
+            check_url(value, MELODY_SCHEMES)
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> MelodyInput:
-        if (self.path is None) == (self.data_b64 is None):
-            raise ValueError("a melody is either a path or data_b64, exactly one of them")
+        if sum(v is not None for v in (self.path, self.data_b64, self.uri)) != 1:
+            raise ValueError("a melody is a uri, a path or data_b64, exactly one of them")
         return self
 
     def materialise(self, folder: Path) -> Path:
-        """A local file the worker can read (bytes are written under ``folder``)."""
+        """A local file the worker can read from a ``path`` or ``data_b64`` melody (bytes are
+        written under ``folder``); a ``uri`` is fetched by workers/inputs.py instead."""
+        if self.uri is not None:
+            raise ValueError("a melody by URI is fetched, not materialised")
         if self.path is not None:
             return Path(self.path)
         target = folder / f"melody-{uuid.uuid4().hex}{self.suffix}"
@@ -248,6 +283,15 @@ class JobSpec(BaseModel):
     # recorded in the ledger; unset for a job no experiment touched (pipeline/experiments.py).
     experiment: ExperimentName | None = None
     variant: PresetName | None = None
+    # Checked against webhooks.allowed_hosts by resolve() and again before each delivery.
+    webhook_url: str | None = None
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_shape(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_url(value, WEBHOOK_SCHEMES)
+        return value
 
     @model_validator(mode="after")
     def _variant_is_the_model(self) -> JobSpec:
@@ -284,13 +328,22 @@ class Timings(BaseModel):
 
 
 class JobResult(BaseModel):
-    """A finished job: where the file is and what it is."""
+    """A finished job: where the file is and what it is.
+
+    ``uri`` is where the file is stored (``file://`` or ``s3://``): ``handle.download()`` and
+    ``handle.open()`` fetch it from any machine with the same storage settings. On object
+    storage ``download_url`` is a pre-signed plain-HTTP GET URL valid until
+    ``download_expires_at`` (epoch seconds), and ``output_path`` / ``sidecar_path`` are None.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     job_id: str
-    output_path: str
-    sidecar_path: str
+    output_path: str | None = None
+    sidecar_path: str | None = None
+    uri: str
+    download_url: str | None = None
+    download_expires_at: float | None = None
     format: str
     duration: float
     sample_rate: int
@@ -305,6 +358,14 @@ class JobResult(BaseModel):
     # How many jobs shared this job's model.generate call; timings.generate is that call's wall
     # time, so the job's share of the GPU is generate / batch_size.
     batch_size: int = Field(1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _uri_of_a_local_result(cls, data: Any) -> Any:
+        # Results stored before storage by reference have a path and no uri: still readable.
+        if isinstance(data, dict) and not data.get("uri") and data.get("output_path"):
+            data = {**data, "uri": Path(str(data["output_path"])).absolute().as_uri()}
+        return data
 
 
 def new_job_id() -> str:

@@ -29,6 +29,11 @@ CLAIM_PREFIX = ROOT_PREFIX + "job:"
 CANCEL_PREFIX = ROOT_PREFIX + "cancel:"
 #: ``musicgen:deliveries:{id}``: how many times a worker started the job (poison detection).
 DELIVERY_PREFIX = ROOT_PREFIX + "deliveries:"
+#: ``musicgen:webhook:{id}``: a HASH recording the job-end webhook of a job (pipeline/webhooks.py):
+#: ``url``, ``event``, ``message_id``, ``status`` (pending, delivered, failed), ``attempts``,
+#: ``last_status`` (the receiver's HTTP status), ``last_error``, ``updated_at``. Created once
+#: (HSETNX), so a job that ends twice (a redelivery) notifies once.
+WEBHOOK_PREFIX = ROOT_PREFIX + "webhook:"
 
 # --- kombu's Redis transport (read-only for us) ---------------------------------------------
 #: kombu.transport.redis.Channel.sep: a queue ``Q`` with priority step ``p > 0`` is the LIST

@@ -30,6 +30,8 @@ from pipeline.errors import (
 )
 from pipeline.experiments import control_fallback
 from pipeline.handle import JobHandle
+from pipeline.inputs import by_reference
+from pipeline.inputs import discard as discard_input
 from pipeline.jobs import GenerationRequest, JobSpec, check_job_id, new_job_id, queue_for
 from pipeline.policies.configured import Policies
 from pipeline.quota.configured import database_failure, store_for
@@ -176,6 +178,9 @@ class Producer:
                                requested_seconds=spec.duration, experiment=spec.experiment,
                                variant=spec.variant)
             reserved = stored = True  # from here a failure may leave a QUEUED state behind
+            # Last before the send, once nothing else can refuse the job: only the melody's
+            # URI crosses the broker (a failure below removes the upload again).
+            spec = by_reference(spec, self.settings.storage)
             self.app.backend.store_result(spec.job_id, {"model": spec.model, "user_id": spec.user_id,
                                                         "enqueued_at": spec.enqueued_at}, "QUEUED")
             self.app.send_task(TASK_GENERATE, args=[spec.model_dump(mode="json")], task_id=spec.job_id,
@@ -201,6 +206,7 @@ class Producer:
         """Undo a refused enqueue: the quota slot, the QUEUED state and the id claim, so that
         nothing reads as a job that never was (the broker or database may be down too: each
         step is best effort, and the claim's TTL is the last resort)."""
+        discard_input(spec.melody, self.settings.storage)  # uploaded for this job only
         if reserved:
             try:
                 self.quota.mark_finished(spec.job_id, status="cancelled", error_code="not_queued")

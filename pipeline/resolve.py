@@ -7,10 +7,12 @@ never reach a GPU. Field names in errors are the request's own (``duration``, ``
 from __future__ import annotations
 
 import base64
+import re
 import time
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -29,7 +31,10 @@ from pipeline.jobs import (
     invalid_request_from,
 )
 from pipeline.output_format import FORMATS, check_output_spec
+from pipeline.remote_urls import host_allowed
 from pipeline.user_context import UserContext
+
+_SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,10}$")  # MelodyInput.suffix's own pattern
 
 
 def _output(request: GenerationRequest, settings: Settings) -> OutputSpec:
@@ -76,6 +81,8 @@ def _melody(request: GenerationRequest, settings: Settings, melody_model: bool,
     if not melody_model:
         raise UnsupportedOption("this model preset takes no melody; use a melody preset "
                                 "such as musicgen-melody", "melody")
+    if isinstance(request.melody, str):
+        return _melody_by_uri(request.melody, settings)
     v = settings.validation
     limits = MelodyLimits(max_size_mb=v.max_melody_size_mb, min_duration_s=v.melody_min_duration,
                           max_duration_s=v.melody_max_duration, allowed_formats=tuple(v.melody_formats),
@@ -89,6 +96,44 @@ def _melody(request: GenerationRequest, settings: Settings, melody_model: bool,
         return MelodyInput(path=str(Path(request.melody).expanduser().resolve()))
     except (OSError, ValueError) as exc:  # a path the OS refuses (too long, a loop, no access)
         raise InvalidRequest(f"the melody cannot be read: {exc}", "melody") from exc
+
+
+def _melody_by_uri(uri: str, settings: Settings) -> MelodyInput:
+    """A melody the caller keeps: fetched by the worker (limits checked there), never deleted.
+
+    An ``s3://`` one only from the deployment's own bucket (the workers' keys may reach others
+    the caller must not read through us); an ``https://`` one only from
+    ``storage.melody_url_hosts``.
+    """
+    parts = urlsplit(uri)
+    storage = settings.storage
+    if parts.scheme == "s3":
+        ours = urlsplit(storage.url or "")
+        if ours.scheme != "s3" or parts.netloc != ours.netloc:
+            raise InvalidRequest(f"an s3:// melody must be in this deployment's bucket "
+                                 f"({ours.netloc or 'none: storage.url is not s3://'})", "melody")
+    elif not host_allowed(parts.hostname or "", storage.melody_url_hosts):
+        raise InvalidRequest(f"melody host {parts.hostname!r} is not in storage.melody_url_hosts",
+                             "melody")
+    suffix = PurePosixPath(parts.path).suffix
+    return MelodyInput(uri=uri, suffix=suffix if _SUFFIX.match(suffix) else ".wav")
+
+
+def _webhook(request: GenerationRequest, settings: Settings) -> str | None:
+    """The request's webhook URL once this deployment's allowlist admits its host."""
+    url = request.webhook_url
+    if url is None:
+        return None
+    hooks = settings.webhooks
+    if not hooks.allowed_hosts or hooks.secret is None:
+        raise UnsupportedOption("webhooks are off in this deployment (webhooks.allowed_hosts "
+                                "and webhooks.secret are not both set)", "webhook_url")
+    host = urlsplit(url).hostname or ""
+    if not host_allowed(host, hooks.allowed_hosts):
+        # Said plainly, without listing the allowed hosts: the list is the operator's.
+        raise InvalidRequest(f"webhook host {host!r} is not allowed (webhooks.allowed_hosts)",
+                             "webhook_url")
+    return url
 
 
 def _revalidated(request: object) -> GenerationRequest:
@@ -159,4 +204,5 @@ def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset
                   else request.priority),
         experiment=assigned.experiment if assigned else None,
         variant=assigned.variant if assigned else None,
+        webhook_url=_webhook(request, settings),
     )

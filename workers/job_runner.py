@@ -23,14 +23,16 @@ from pipeline.config.presets import model_settings_for
 from pipeline.config.schema import ModelSettings, Settings
 from pipeline.errors import JobTimeout
 from pipeline.jobs import JobResult, JobSpec, Timings
+from pipeline.storage_backends import backend_for, local_root
 from workers.audio.decode import decode_mono
 from workers.audio.formats import FORMATS
 from workers.audio.postprocess import render
 from workers.batcher import Batcher, BatchStats, Ticket
+from workers.inputs import fetch_melody
 from workers.runtime.batch import GeneratedAudio, GenerationItem, validate_items
 from workers.runtime.model_cache import ModelCache
 from workers.runtime.musicgen import LoadedModel, batch_key_for, generate, load_model
-from workers.storage import remove_partial, write_sidecar
+from workers.storage import remove_partial, upload_pair, write_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,16 @@ def job_temp_dir(settings: Settings, job_id: str) -> Path:
     return Path(settings.storage.temp_dir).expanduser().resolve() / job_id
 
 
+def output_folder(settings: Settings, job_id: str) -> Path:
+    """Where a job's file is rendered: the storage folder itself (``file://`` or
+    ``output_dir``), or for object storage the job's temp folder it is uploaded from."""
+    root = local_root(settings.storage)
+    return root if root is not None else job_temp_dir(settings, job_id)
+
+
 def job_outputs(settings: Settings, job_id: str) -> list[Path]:
     """Every path the job's finished file may have, one per output format."""
-    out_dir = Path(settings.storage.output_dir).expanduser().resolve()
+    out_dir = output_folder(settings, job_id)
     return [out_dir / f"{job_id}{ext}" for ext in OUTPUT_EXTENSIONS]
 
 
@@ -68,6 +77,13 @@ def discard_job_files(settings: Settings, job_id: str) -> None:
     job's own, nothing of a job whose id merely starts with this one."""
     shutil.rmtree(job_temp_dir(settings, job_id), ignore_errors=True)
     remove_partial(job_outputs(settings, job_id))
+    if local_root(settings.storage) is None:
+        # A hard kill between the file's upload and its sidecar's leaves an object behind.
+        names = [f"{job_id}{ext}{tail}" for ext in OUTPUT_EXTENSIONS for tail in ("", ".json")]
+        try:
+            backend_for(settings.storage).delete(names)
+        except Exception:  # the retention sweep is the backstop
+            log.warning("could not remove the stored files of job %s", job_id, exc_info=True)
 
 
 class JobCancelledByUser(Exception):
@@ -136,8 +152,10 @@ class JobRunner:
         """Generate one job's file; partial files are removed whatever happens, and so are the
         leftovers of earlier attempts of the same job when this one starts."""
         storage = self.settings.storage
+        backend = backend_for(storage)
         temp_dir = job_temp_dir(self.settings, spec.job_id)
-        out_dir = Path(storage.output_dir).expanduser().resolve()
+        # Object storage: rendered in the job's temp folder, then uploaded.
+        out_dir = output_folder(self.settings, spec.job_id)
         clear_leftovers(self.settings, spec.job_id)
         temp_dir.mkdir(parents=True, exist_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,14 +182,24 @@ class JobRunner:
             timings = Timings(queue_wait=max(0.0, started_at - spec.enqueued_at), model_load=load_s,
                               generate=audio.generate_seconds, postprocess=rendered.postprocess_seconds,
                               total=time.time() - started_at)
+            key = dest.name
+            local = backend.local_root is not None
+            expires = storage.presign_expiry_s
             result = JobResult(
-                job_id=spec.job_id, output_path=str(rendered.path), sidecar_path=str(dest) + ".json",
+                job_id=spec.job_id, output_path=str(rendered.path) if local else None,
+                sidecar_path=str(dest) + ".json" if local else None,
+                uri=rendered.path.as_uri() if local else backend.uri(key),
+                download_url=None if local else backend.presign(key, expires),
+                download_expires_at=None if local else time.time() + expires,
                 format=rendered.format, duration=rendered.duration_s, sample_rate=rendered.sample_rate,
                 channels=rendered.channels, bit_depth=rendered.bit_depth,
                 loudness_lufs=rendered.loudness_lufs, peak_dbfs=rendered.peak_dbfs, model=spec.model,
                 seed=audio.seed, worker=worker, timings=timings, batch_size=audio.batch_size)
-            write_sidecar(dest, {"request": spec.model_dump(mode="json"),
-                                 "result": result.model_dump(mode="json")})
+            # The sidecar is metadata: a pre-signed URL in it would expire with nothing to renew it.
+            write_sidecar(dest, {"request": spec.model_dump(mode="json"), "result": result.model_dump(
+                mode="json", exclude={"download_url", "download_expires_at"})})
+            if not local:
+                upload_pair(backend, dest, key)  # the temp folder goes in the finally below
             return RunOutcome(result, rendered.duration_s, audio.generate_seconds / audio.batch_size)
         except BaseException:
             # A file without its sidecar (or a sidecar's .part) is no result: a failed attempt
@@ -206,7 +234,9 @@ class JobRunner:
                 sampling_rate: int) -> tuple[npt.NDArray[np.float32], int] | None:
         if spec.melody is None:
             return None
-        return decode_mono(spec.melody.materialise(temp_dir), sampling_rate), sampling_rate
+        # Fetched and checked (size, duration, format) before any GPU time is spent.
+        return decode_mono(fetch_melody(spec.melody, self.settings, temp_dir),
+                           sampling_rate), sampling_rate
 
     def remove_outputs(self, job_id: str) -> None:
         """Delete every file a cancelled or timed-out job left (see :func:`discard_job_files`)."""

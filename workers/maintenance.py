@@ -6,7 +6,9 @@ Beat (``musicgen-pipeline beat``) sends the two sweeps and the roll-up on the
 consume that queue as well as its model queue (they take milliseconds, so a GPU worker serves
 them between jobs). A sweep runs on whichever worker takes it, so it cleans the folders *that*
 worker sees: with several nodes, put ``storage`` on shared storage (as ``docker/compose.yaml``
-does) or the other nodes' folders are not swept. The roll-up works on the shared database.
+does) or the other nodes' folders are not swept. On object storage (``storage.url = s3://``)
+the output sweep works on the bucket's prefix instead, the same from any node; uploaded melody
+inputs are swept with the outputs. The roll-up works on the shared database.
 
 The sweeps are plain functions of a folder and an age (tested on real files), the roll-up a
 function of the settings; the tasks only read their settings and return the counts.
@@ -28,6 +30,8 @@ from celery.signals import celeryd_after_setup
 
 from pipeline.celery_app import PipelineCelery
 from pipeline.config import Settings
+from pipeline.config.schema import StorageSettings
+from pipeline.errors import PipelineError
 from pipeline.monitor_app import (
     MAINTENANCE_QUEUE,
     TASK_ROLLUP_LEDGER,
@@ -39,6 +43,7 @@ from pipeline.output_format import OUTPUT_SUFFIXES  # what JobRunner writes
 from pipeline.quota import roll_up
 from pipeline.quota.configured import store_for
 from pipeline.quota.windows import resolve_zone
+from pipeline.storage_backends import StorageBackend, StoredObject, backend_for, local_root
 from workers.storage import PART_SUFFIX
 from workers.typed_celery import receiver, task
 
@@ -59,6 +64,11 @@ class SweepResult:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    def add(self, other: SweepResult) -> SweepResult:
+        for name, value in other.as_dict().items():
+            setattr(self, name, getattr(self, name) + value)
+        return self
 
 
 def _newest_mtime(path: Path) -> float:
@@ -182,6 +192,70 @@ def sweep_outputs(output_dir: Path, *, retention_days: int, part_older_than: flo
     return result
 
 
+def sweep_inputs(inputs_dir: Path, *, retention_days: int, now: float | None = None) -> SweepResult:
+    """Delete uploaded melodies older than ``retention_days`` (a job's own is deleted when it
+    ends: these are a killed worker's leftovers), and ``.part`` files of uploads as old."""
+    cutoff = (time.time() if now is None else now) - retention_days * 86400.0
+    result = SweepResult()
+    for entry in _entries(Path(inputs_dir).expanduser().resolve()):
+        try:
+            st = entry.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
+            _remove(entry, result)
+    return result
+
+
+def sweep_store(backend: StorageBackend, *, retention_days: int, inputs_prefix: str,
+                now: float | None = None) -> SweepResult:
+    """The output sweep on object storage: delete what the pipeline wrote under the backend's
+    prefix (outputs, their sidecars, uploaded inputs) once older than ``retention_days``.
+
+    Object stores have no partial objects to sweep (an upload appears whole or not at all);
+    an unfinished multipart upload is aborted by the uploader, and a bucket lifecycle rule
+    (AbortIncompleteMultipartUpload) covers an uploader that died.
+    """
+    cutoff = (time.time() if now is None else now) - retention_days * 86400.0
+    stale: list[StoredObject] = []
+    for item in backend.list():
+        name = item.key.rsplit("/", 1)[-1]
+        ours = (item.key.startswith(inputs_prefix + "/")
+                or ("/" not in item.key and _is_output_name(name)))
+        if ours and item.modified < cutoff:
+            stale.append(item)
+    result = SweepResult()
+    try:
+        backend.delete(item.key for item in stale)
+    except PipelineError as exc:
+        log.warning("maintenance: could not delete %d stored objects: %s", len(stale), exc)
+        result.errors += len(stale)
+        return result
+    result.removed_files = len(stale)
+    result.removed_bytes = sum(item.size for item in stale)
+    return result
+
+
+def _is_output_name(name: str) -> bool:
+    audio = name.removesuffix(SIDECAR_SUFFIX)
+    return Path(audio).suffix.lower() in OUTPUT_SUFFIXES
+
+
+def sweep_results(storage: StorageSettings, *, part_older_than: float = TEMP_MAX_AGE_S,
+                  now: float | None = None) -> SweepResult:
+    """Beat's output sweep for whichever backend ``storage`` names: outputs, sidecars and
+    uploaded inputs past ``retention_days``, in the folder or in the bucket."""
+    backend = backend_for(storage)
+    days = storage.retention_days
+    if backend.local_root is None:
+        return sweep_store(backend, retention_days=days, inputs_prefix=storage.inputs_prefix,
+                           now=now)
+    result = sweep_outputs(backend.local_root, retention_days=days,
+                           part_older_than=part_older_than, now=now)
+    return result.add(sweep_inputs(backend.local_root / storage.inputs_prefix,
+                                   retention_days=days, now=now))
+
+
 def rollup_ledger(settings: Settings, *, now: datetime | None = None) -> dict[str, Any]:
     """Roll the ledger up for yesterday and today, local days in ``quotas.timezone``.
 
@@ -211,15 +285,15 @@ def register(app: PipelineCelery) -> None:
     # shared=False: a closure over this app's settings must not be added to apps built later.
     @task(app, name=TASK_SWEEP_TEMP, queue=MAINTENANCE_QUEUE, shared=False)
     def sweep_temp_task() -> dict[str, int]:
+        root = local_root(storage)
         result = sweep_temp(Path(storage.temp_dir), older_than=temp_age,
-                            output_dir=Path(storage.output_dir))
+                            output_dir=root if root is not None else Path(storage.output_dir))
         log.info("maintenance: temp sweep removed %s", result.as_dict())
         return result.as_dict()
 
     @task(app, name=TASK_SWEEP_OUTPUTS, queue=MAINTENANCE_QUEUE, shared=False)
     def sweep_outputs_task() -> dict[str, int]:
-        result = sweep_outputs(Path(storage.output_dir), retention_days=storage.retention_days,
-                               part_older_than=temp_age)
+        result = sweep_results(storage, part_older_than=temp_age)
         log.info("maintenance: output sweep (retention %s days) removed %s",
                  storage.retention_days, result.as_dict())
         return result.as_dict()

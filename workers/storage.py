@@ -3,7 +3,9 @@
 Everything is written to a hidden temp file in the destination's own directory (so the final
 ``os.replace`` never crosses a filesystem and is atomic), flushed to disk, then renamed over the
 destination. A crash, an exception or a cancelled job leaves at most a ``.part`` file, never a
-truncated output under the real name; ``remove_partial`` sweeps those up.
+truncated output under the real name; ``remove_partial`` sweeps those up. On object storage
+the pair is rendered in the job's temp folder and uploaded (``upload_pair``), each object
+whole or not at all (pipeline/storage_backends.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from contextlib import contextmanager
 from datetime import date, datetime
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.storage_backends import StorageBackend
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,22 @@ def write_sidecar(dest: Path, metadata: dict[str, Any]) -> Path:
     with atomic_write_path(sidecar) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return sidecar
+
+
+def upload_pair(backend: StorageBackend, dest: Path, key: str) -> str:
+    """Upload a rendered file (``key``) and then its sidecar (``key.json``) to object storage;
+    return the file's URI. Each upload is all or nothing; if the sidecar's fails, the file
+    is removed again, so the store never holds a result without its metadata."""
+    uri = backend.put_file(dest, key)
+    try:
+        backend.put_file(sidecar_path(dest), key + ".json")
+    except BaseException:
+        try:
+            backend.delete([key])
+        except Exception:  # the sweep removes it after retention_days
+            log.warning("could not remove %s after its sidecar failed", uri, exc_info=True)
+        raise
+    return uri
 
 
 def part_files(dest: Path) -> list[Path]:

@@ -36,6 +36,7 @@ from pipeline.registry import JobRegistry, registry_for
 from workers import typed_celery
 from workers.job_runner import JobCancelledByUser, JobRunner, discard_job_files
 from workers.metrics import model_of, observe_batch, observe_failure, observe_success
+from workers.webhook_task import job_ended
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,7 @@ def run_generate(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
     if reg.is_cancelled(spec.job_id):
         task.backend.mark_as_revoked(spec.job_id, "cancelled before start", request=task.request)
         _ledger(app, "mark_finished", spec.job_id, status="cancelled", error_code="cancelled")
+        job_ended(app, payload, "cancelled", error_code="cancelled")
         raise Ignore()
     breaker, admission = _admit(task, spec, policies)
     # From here every exit (result, model failure, bad input, cancel, soft limit, poison,
@@ -242,6 +244,7 @@ def _run(task: Task, spec: JobSpec, reg: JobRegistry, started_at: float) -> dict
         runner.remove_outputs(spec.job_id)
         task.backend.mark_as_revoked(spec.job_id, "cancelled while running", request=task.request)
         _ledger(app, "mark_finished", spec.job_id, status="cancelled", error_code="cancelled")
+        job_ended(app, spec.model_dump(mode="json"), "cancelled", error_code="cancelled")
         raise Ignore() from None
     except SoftTimeLimitExceeded as exc:
         runner.remove_outputs(spec.job_id)
@@ -262,6 +265,7 @@ class GenerationTask(Task):  # type: ignore[misc]
                 produced_seconds=retval["duration"],
                 gpu_seconds=retval["timings"]["generate"] / batch_size, batch_size=batch_size)
         observe_success(str(retval.get("model")), retval)
+        job_ended(self.app, args[0] if args else None, "succeeded", result=retval)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
@@ -272,6 +276,8 @@ class GenerationTask(Task):  # type: ignore[misc]
         _ledger(self.app, "mark_finished", task_id,
                 status="timeout" if code == "timeout" else "failed", error_code=code)
         observe_failure(model_of(args), code)
+        job_ended(self.app, args[0] if args else None,
+                  "timeout" if code == "timeout" else "failed", error_code=code)
         if isinstance(exc, TimeLimitExceeded) and args:  # killed by the hard limit: sick model too
             breaker = _policies(self.app).breaker(str(args[0].get("model")))
             if breaker is not None:

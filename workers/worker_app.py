@@ -12,11 +12,12 @@ def build_app(settings: Settings | None = None) -> PipelineCelery:
     reloadable = settings is None
     settings = settings if settings is not None else load_settings()
     app = make_celery(settings, name="musicgen-worker")
-    from workers import live_reload, maintenance, memory_guard, signals, tasks
+    from workers import live_reload, maintenance, memory_guard, signals, tasks, webhook_task
     from workers.runtime.musicgen import apply_hub_timeouts
 
     tasks.register_tasks(app)
     maintenance.register(app)
+    webhook_task.register(app)
     signals.connect(app)
     memory_guard.connect(app)
     if reloadable:

@@ -19,6 +19,7 @@ from pipeline.cli.models_cmd import models_app
 from pipeline.cli.quota_cmd import quota_app
 from pipeline.cli.settings_cmd import settings_app
 from pipeline.cli.stats_cmd import stats
+from pipeline.cli.webhooks_cmd import webhooks
 from pipeline.cli.worker_cmd import worker
 
 app = typer.Typer(
@@ -41,6 +42,7 @@ app.command("generate")(generate)
 app.command("worker", context_settings={"ignore_unknown_options": False})(worker)
 app.command("flower")(flower)
 app.command("beat")(beat)
+app.command("webhooks")(webhooks)
 app.command("api")(api)
 
 

@@ -28,6 +28,11 @@ from pipeline.jobs import MAX_SEED, GenerationRequest, queue_for
 MAX_COUNT = 32  # the largest batch a worker takes (generation.max_batch_size's upper bound)
 
 
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _stop(worker: subprocess.Popen[bytes]) -> None:
     if worker.poll() is None:
         worker.send_signal(signal.SIGTERM)
@@ -43,12 +48,17 @@ def generate(
     duration: float = typer.Option(None, "--duration", "-d", help="seconds of audio"),
     fmt: str = typer.Option(None, "--format", "-f", help="wav | mp3 | flac | ogg | opus"),
     model: str = typer.Option(None, "--model", "-m", help="model preset (see `settings list`)"),
-    melody: Path = typer.Option(None, "--melody", help="audio file to condition on (melody presets)"),
+    melody: str = typer.Option(None, "--melody", help="audio file, or an s3:// or https:// URI, "
+                                                     "to condition on (melody presets)"),
+    webhook_url: str = typer.Option(None, "--webhook-url",
+                                    help="POST the job's end here (host in webhooks.allowed_hosts)"),
     seed: int = typer.Option(None, "--seed", help="same seed + model + hardware = same audio"),
     count: int = typer.Option(1, "--count", "-n", min=1, max=MAX_COUNT,
                               help="variations of the prompt to make, each with its own seed "
                                    "(--seed, --seed+1, ... or random)"),
-    output_dir: Path = typer.Option(None, "--output-dir", "-o", help="where the file goes"),
+    output_dir: Path = typer.Option(None, "--output-dir", "-o",
+                                    help="download the finished file(s) into this folder on "
+                                         "this machine, wherever the storage is"),
     timeout: float = typer.Option(600.0, help="seconds to wait for the job"),
     env: str = typer.Option(None, "--env", "-e"),
     sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
@@ -58,8 +68,6 @@ def generate(
     from pipeline.producer import Producer
 
     overrides = parse_sets(sets)
-    if output_dir:
-        overrides["storage.output_dir"] = str(output_dir.resolve())
     settings = load_or_exit(env, overrides)
     console = Console(stderr=True)
     worker = None
@@ -68,7 +76,8 @@ def generate(
             raise InvalidRequest(f"--seed {seed} with --count {count} runs past the largest seed "
                                  f"{MAX_SEED}", "seed")
         requests = [GenerationRequest(prompt=prompt, duration=duration, format=fmt, model=model,
-                                      melody=melody, seed=None if seed is None else seed + i)
+                                      melody=melody, webhook_url=webhook_url,
+                                      seed=None if seed is None else seed + i)
                     for i in range(count)]
         if settings.broker.url is None:
             # The embedded default has nothing to install: setting it up is this command's
@@ -116,6 +125,9 @@ def generate(
             for handle, task in zip(handles, tasks, strict=True):
                 results.append(handle.wait(max(0.0, deadline - time.monotonic()), on_progress=follow(task)))
                 bar.update(task, completed=1.0, description="done")
+        # Fetched from wherever the worker stored it (a shared folder, object storage).
+        places = [str(h.download(_folder(output_dir))) if output_dir else r.output_path or r.uri
+                  for h, r in zip(handles, results, strict=True)]
     except PipelineError as exc:
         fail(exc)
     finally:
@@ -125,8 +137,8 @@ def generate(
         dumped = [r.model_dump(mode="json") for r in results]
         typer.echo(json.dumps(dumped[0] if count == 1 else dumped, indent=2))
         return
-    for result in results:
-        typer.echo(result.output_path)
+    for result, place in zip(results, places, strict=True):
+        typer.echo(place)
         console.print(f"[green]{result.duration:.2f} s {result.format} {result.sample_rate} Hz "
                       f"{result.channels} ch, {result.loudness_lufs} LUFS, seed {result.seed}[/] "
                       f"(queue {result.timings.queue_wait:.2f} s, load {result.timings.model_load:.2f} s, "

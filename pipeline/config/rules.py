@@ -8,6 +8,7 @@ defensively: a value that is missing or of the wrong type is pydantic's to repor
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -333,6 +334,40 @@ def _flag_tiers_exist(raw: Raw) -> Problem | None:
                        f"{'; '.join(hints)} (tiers: {', '.join(sorted(tiers))})")
     return None
 
+# --- storage and webhooks (pipeline/storage_backends.py, pipeline/webhooks.py) ---------------
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3's bucket naming rules
+
+
+def _storage_url(raw: Raw) -> Problem | None:
+    url = get(raw, "storage.url")
+    if url is None or url == "":
+        return None
+    fix = ("use file:///absolute/shared/folder or s3://bucket/prefix, or unset it for "
+           "storage.output_dir")
+    parts = urlsplit(str(url))
+    if parts.scheme == "s3":
+        if not _BUCKET.match(parts.netloc):
+            return Problem("storage.url", url, "an s3:// URL must name a bucket "
+                           "(3-63 lower-case letters, digits, dots, hyphens)", fix)
+        return None
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            return Problem("storage.url", url, "a file:// URL must name an absolute folder on "
+                           "this machine (file:///path)", fix)
+        return None
+    return Problem("storage.url", url, "storage.url must be a file:// or s3:// URL", fix)
+
+
+def _storage_keys_in_pairs(raw: Raw) -> Problem | None:
+    # A secret without its key id would silently fall back to boto3's own credential chain.
+    if get(raw, "storage.secret_access_key") and not get(raw, "storage.access_key_id"):
+        return Problem("storage.access_key_id", None, "storage.secret_access_key is set without "
+                       "its storage.access_key_id", "set both, or neither (boto3's own chain: "
+                       "environment, instance role)")
+    return None
+
+
 RULES: tuple[Rule, ...] = (
     _greater("generation.max_duration", "generation.default_duration",
              "raise generation.max_duration or lower generation.default_duration"),
@@ -366,6 +401,13 @@ RULES: tuple[Rule, ...] = (
     Rule("experiments: control is a variant", _experiment_control),
     Rule("experiments: tiers exist", _experiment_tiers),
     Rule("experiments: end after start", _experiment_window),
+    Rule("storage: url is a folder or a bucket", _storage_url),
+    Rule("storage: s3 keys in pairs", _storage_keys_in_pairs),
+    _strong_secret("storage.secret_access_key", "the object storage secret key",
+                   required_when=lambda raw: bool(get(raw, "storage.access_key_id"))),
+    # Unsigned events would let anyone who learns a receiver's URL forge job results.
+    _strong_secret("webhooks.secret", "the webhook signing secret",
+                   required_when=lambda raw: bool(get(raw, "webhooks.allowed_hosts"))),
 )
 
 

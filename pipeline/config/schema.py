@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -37,6 +38,10 @@ from pipeline.output_format import (
     check_mp3_bitrate,
     check_output_spec,
 )
+from pipeline.remote_urls import check_host_pattern
+
+# A host allowlist entry: example.com, *.example.com or an IP address (pipeline/remote_urls.py).
+HostPattern = Annotated[str, AfterValidator(check_host_pattern)]
 
 
 class _Section(BaseModel):
@@ -180,6 +185,44 @@ class StorageSettings(_Section):
     output_dir: str = Field(".musicgen/outputs", min_length=1)
     temp_dir: str = Field(".musicgen/tmp", min_length=1)
     retention_days: int = Field(7, ge=1, le=365)
+    # Results and melody inputs (pipeline/storage_backends.py); the URL's shape is a rule.
+    url: str | None = Field(None, description="unset = output_dir on the worker's disk; "
+                                             "file:///shared/path = a shared folder; "
+                                             "s3://bucket/prefix = S3-compatible object storage "
+                                             "(the `storage` extra)")
+    endpoint_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/\S*)?$",
+                                     description="the S3 API of a store other than AWS "
+                                                 "(MinIO, Ceph, R2): http(s)://host:port")
+    region: str | None = Field(None, min_length=1)
+    access_key_id: str | None = Field(None, min_length=1,
+                                      description="unset = boto3's own chain (environment, "
+                                                  "instance role)")
+    secret_access_key: SecretStr | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    presign_expiry_s: int = Field(3600, ge=60, le=7 * 86400,
+                                  description="how long a result's download_url works (S3 "
+                                              "caps pre-signed URLs at 7 days)")
+    inputs_prefix: str = Field("inputs", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+                               description="folder (or key prefix) of uploaded melodies, "
+                                           "under the storage's root")
+    melody_url_hosts: list[HostPattern] = Field(
+        default_factory=list, description="hosts an https:// melody may be fetched from "
+                                          "(example.com, *.example.com); empty = none")
+
+
+class WebhookSettings(_Section):
+    """Job-end events POSTed to a request's ``webhook_url``, signed in the Standard Webhooks
+    style (pipeline/webhooks.py) and delivered by a task of their own (``musicgen.webhooks``)."""
+
+    allowed_hosts: list[HostPattern] = Field(
+        default_factory=list, description="hosts a webhook_url may name (example.com, "
+                                          "*.example.com); empty = webhooks refused")
+    secret: SecretStr | None = Field(None, description="HMAC-SHA256 key: whsec_<base64> or text")
+    timeout_s: float = Field(10.0, gt=0, le=120, description="seconds per delivery attempt")
+    max_attempts: int = Field(5, ge=1, le=20)
+    backoff: float = Field(2.0, gt=0, le=3600,
+                           description="seconds before the second attempt, doubled each time "
+                                       "(at most an hour)")
 
 
 class WorkerSettings(_Section):
@@ -353,3 +396,4 @@ class Settings(_Section):
     features: FeatureSettings = FeatureSettings()
     experiments: dict[ExperimentName, ExperimentSettings] = {}
     api: ApiSettings = ApiSettings()
+    webhooks: WebhookSettings = WebhookSettings()

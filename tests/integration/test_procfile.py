@@ -232,7 +232,8 @@ def test_worker_line_comes_up_on_its_queues_and_exits_on_sigterm(
     finally:
         probe.close()
     assert queues, f"{node[1]} did not answer"
-    assert {q["name"] for q in queues[node[1]]} == {"musicgen.tiny", "musicgen.maintenance"}
+    assert {q["name"] for q in queues[node[1]]} == {"musicgen.tiny", "musicgen.maintenance",
+                                                    "musicgen.webhooks"}
 
     out = worker.terminate()
     # `musicgen-pipeline worker` remaps SIGTERM to Celery's cold shutdown (after the soft one).

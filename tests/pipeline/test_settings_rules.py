@@ -108,6 +108,21 @@ CASES = [
          "experiments.trial.end"),
     Case("features: flag tiers exist", "development", {"features.priority_boost": {"tiers": ["premum"]}},
          {"features.priority_boost": {"tiers": ["premium"]}}, "features.priority_boost.tiers"),
+    Case("storage: url is a folder or a bucket", "development", {"storage.url": "s3:///outputs"},
+         {"storage.url": "s3://musicgen-results/outputs"}, "storage.url"),
+    Case("storage: url is a folder or a bucket", "development", {"storage.url": "file://nas/out"},
+         {"storage.url": "file:///srv/musicgen/out"}, "storage.url"),
+    Case("storage: s3 keys in pairs", "development", {"storage.secret_access_key": STRONG},
+         {"storage.access_key_id": "AKIAEXAMPLE", "storage.secret_access_key": STRONG},
+         "storage.access_key_id"),
+    Case("storage.secret_access_key: present and strong", "production",
+         {"storage.access_key_id": "minioadmin", "storage.secret_access_key": "minioadmin"},
+         {"storage.access_key_id": "minioadmin", "storage.secret_access_key": STRONG},
+         "storage.secret_access_key"),
+    Case("webhooks.secret: present and strong", "production",
+         {"webhooks.allowed_hosts": ["hooks.example.com"]},
+         {"webhooks.allowed_hosts": ["hooks.example.com"], "webhooks.secret": STRONG},
+         "webhooks.secret"),
 ]
 
 RULE_BY_NAME = {rule.name: rule for rule in RULES}

@@ -1,0 +1,219 @@
+"""Job-end webhooks in the Standard Webhooks style: the event, its signature, one delivery
+attempt, the delivery record, and ``verify`` for receivers.
+
+A worker never POSTs from a job: it queues a delivery task (``workers/webhook_task.py``, queue
+``musicgen.webhooks``) that calls :func:`post` and retries with Celery's own retry on a 5xx, a
+connection error or a timeout. Each attempt is signed afresh::
+
+    webhook-id: <message id, the same on every attempt: receivers dedupe on it>
+    webhook-timestamp: <epoch seconds of this attempt>
+    webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">
+
+The key is ``webhooks.secret``: ``whsec_<base64>`` is decoded (the Standard Webhooks form),
+any other text is used as its UTF-8 bytes. Receivers check with :func:`verify`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline.errors import WebhookSignatureInvalid
+from pipeline.keys import WEBHOOK_PREFIX
+from pipeline.remote_urls import WEBHOOK_SCHEMES, check_url, host_allowed, opener
+
+TOLERANCE_S = 300  # a signature older (or newer) than this is a replay, not a delivery
+USER_AGENT = "musicgen-pipeline-webhooks/1"
+EVENT_TYPES = {"succeeded": "job.succeeded", "failed": "job.failed", "timeout": "job.timeout",
+               "cancelled": "job.cancelled"}
+
+
+def _key(secret: str | bytes) -> bytes:
+    if isinstance(secret, bytes):
+        return secret
+    if secret.startswith("whsec_"):
+        return base64.b64decode(secret.removeprefix("whsec_"))
+    return secret.encode("utf-8")
+
+
+def signature(secret: str | bytes, message_id: str, timestamp: int, body: bytes) -> str:
+    """``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    digest = hmac.new(_key(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode("ascii")
+
+
+def event(job_id: str, status: str, *, result: Mapping[str, Any] | None = None,
+          error_code: str | None = None, at: float | None = None) -> dict[str, Any]:
+    """The JSON event of a job's end (``status``: succeeded, failed, timeout or cancelled)."""
+    when = datetime.fromtimestamp(time.time() if at is None else at, UTC)
+    return {"type": EVENT_TYPES[status], "timestamp": when.isoformat().replace("+00:00", "Z"),
+            "data": {"job_id": job_id, "status": status,
+                     "result": dict(result) if result is not None else None,
+                     "error_code": error_code}}
+
+
+def body_of(payload: Mapping[str, Any]) -> bytes:
+    """The exact bytes that are signed and sent."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def headers(secret: str | bytes, message_id: str, body: bytes,
+            now: float | None = None) -> dict[str, str]:
+    stamp = int(time.time() if now is None else now)
+    return {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+            "webhook-id": message_id, "webhook-timestamp": str(stamp),
+            "webhook-signature": signature(secret, message_id, stamp, body)}
+
+
+def verify(body: bytes, headers: Mapping[str, str], secret: str | bytes, *,
+           tolerance_s: float = TOLERANCE_S, now: float | None = None) -> dict[str, Any]:
+    """Check a received webhook and return its event; ``WebhookSignatureInvalid`` otherwise.
+
+    ``body`` is the raw request body (before any JSON parsing), ``headers`` the request's
+    headers (any case), ``secret`` the same ``webhooks.secret`` the workers sign with.
+    """
+    lower = {k.lower(): v for k, v in headers.items()}
+    message_id, stamp, signed = (lower.get(h) for h in
+                                 ("webhook-id", "webhook-timestamp", "webhook-signature"))
+    if not message_id:
+        raise WebhookSignatureInvalid("no webhook-id header", "webhook-id")
+    if not signed:
+        raise WebhookSignatureInvalid("no webhook-signature header", "webhook-signature")
+    try:
+        sent_at = int(stamp or "")
+    except ValueError as exc:
+        raise WebhookSignatureInvalid("webhook-timestamp is not epoch seconds",
+                                      "webhook-timestamp") from exc
+    if abs((time.time() if now is None else now) - sent_at) > tolerance_s:
+        raise WebhookSignatureInvalid(f"webhook-timestamp is more than {tolerance_s:g} s away "
+                                      "from now (a replay, or a clock off)", "webhook-timestamp")
+    expected = signature(secret, message_id, sent_at, body)
+    # Several space-separated signatures may be sent (a secret being rotated): one must match.
+    if not any(hmac.compare_digest(expected, s) for s in signed.split()):
+        raise WebhookSignatureInvalid("no webhook-signature matches the body and the secret",
+                                      "webhook-signature")
+    try:
+        parsed: dict[str, Any] = json.loads(body)
+    except ValueError as exc:
+        raise WebhookSignatureInvalid("the signed body is not JSON", "body") from exc
+    return parsed
+
+
+# --- one delivery attempt ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Attempt:
+    """How one POST went: ``ok`` (2xx), or whether trying again may help (``retryable``)."""
+
+    ok: bool
+    retryable: bool
+    status: int | None
+    error: str | None
+
+
+def check_target(url: str, allowed_hosts: list[str]) -> str | None:
+    """Why a worker must not POST to ``url`` now (settings change), or None."""
+    try:
+        parts = check_url(url, WEBHOOK_SCHEMES)
+    except ValueError as exc:
+        return str(exc)
+    if not host_allowed(parts.hostname or "", allowed_hosts):
+        return f"host {parts.hostname!r} is not in webhooks.allowed_hosts"
+    return None
+
+
+def post(url: str, message_id: str, payload: Mapping[str, Any], secret: str | bytes, *,
+         timeout_s: float) -> Attempt:
+    """POST the signed event once. 2xx is delivered; a 5xx, 408, 429, a connection error or a
+    timeout may pass (retryable); any other answer (4xx, a redirect) will not."""
+    body = body_of(payload)
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers=headers(secret, message_id, body))
+    try:
+        with opener().open(request, timeout=timeout_s) as response:
+            return Attempt(True, False, response.status, None)
+    except urllib.error.HTTPError as exc:
+        retry = exc.code >= 500 or exc.code in (408, 429)
+        return Attempt(False, retry, exc.code, f"HTTP {exc.code} {exc.reason}")
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return Attempt(False, True, None, f"{type(reason).__name__}: {reason}")
+
+
+# --- the delivery record ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """A job's webhook as recorded in Redis (``musicgen:webhook:{job id}``)."""
+
+    job_id: str
+    url: str
+    event: str
+    message_id: str
+    status: str  # pending, delivered, failed
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    updated_at: float
+
+
+class DeliveryLog:
+    """The records on the broker's Redis (None with the embedded broker: nothing recorded)."""
+
+    def __init__(self, client: Any, ttl_s: int) -> None:
+        self.client, self.ttl_s = client, ttl_s
+
+    def open(self, job_id: str, url: str, event_type: str, message_id: str) -> bool:
+        """Record a new delivery; False if this job already has one (it ended twice)."""
+        if self.client is None:
+            return True
+        key = WEBHOOK_PREFIX + job_id
+        if not self.client.hsetnx(key, "message_id", message_id):
+            return False
+        self.client.hset(key, mapping={"url": url, "event": event_type, "status": "pending",
+                                       "attempts": 0, "updated_at": time.time()})
+        self.client.expire(key, self.ttl_s)
+        return True
+
+    def attempt(self, job_id: str, outcome: Attempt, *, final: bool) -> None:
+        if self.client is None:
+            return
+        key = WEBHOOK_PREFIX + job_id
+        status = "delivered" if outcome.ok else "failed" if final else "pending"
+        pipe = self.client.pipeline()
+        pipe.hincrby(key, "attempts", 1)
+        pipe.hset(key, mapping={"status": status, "last_status": outcome.status or "",
+                                "last_error": outcome.error or "", "updated_at": time.time()})
+        pipe.expire(key, self.ttl_s)
+        pipe.execute()
+
+    def read(self, job_id: str) -> list[WebhookDelivery]:
+        if self.client is None:
+            return []
+        raw = self.client.hgetall(WEBHOOK_PREFIX + job_id)
+        if not raw:
+            return []
+        row = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes)
+                                                              else v) for k, v in raw.items()}
+        return [WebhookDelivery(
+            job_id=job_id, url=row.get("url", ""), event=row.get("event", ""),
+            message_id=row.get("message_id", ""), status=row.get("status", "pending"),
+            attempts=int(row.get("attempts") or 0),
+            last_status=int(row["last_status"]) if row.get("last_status") else None,
+            last_error=row.get("last_error") or None,
+            updated_at=float(row.get("updated_at") or 0))]
+
+
+def message_id_for(job_id: str, status: str) -> str:
+    """One id per job end, the same on every attempt (receivers dedupe on it)."""
+    return f"msg_{job_id}_{status}"

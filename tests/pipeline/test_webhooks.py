@@ -1,0 +1,112 @@
+"""Webhooks: Standard Webhooks signatures (the spec's own example), verify's refusals, one POST
+to a real local receiver per outcome, and the URL checks (shape and host allowlist)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from pipeline import webhooks
+from pipeline.config.schema import Settings, WebhookSettings
+from pipeline.errors import InvalidRequest, UnsupportedOption, WebhookSignatureInvalid
+from pipeline.jobs import GenerationRequest
+from pipeline.resolve import resolve
+from tests.webhook_receiver import receiver
+
+pytestmark = pytest.mark.timeout(30)
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def test_the_signature_is_the_standard_webhooks_one() -> None:
+    # The example of the Standard Webhooks specification (and of its reference libraries).
+    body = b'{"test": 2432232314}'
+    assert webhooks.signature(SECRET, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body) == \
+        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+def test_verify_accepts_what_was_signed_and_nothing_else() -> None:
+    event = webhooks.event("job-1", "failed", error_code="gpu_oom", at=1_700_000_000)
+    body = webhooks.body_of(event)
+    headers = webhooks.headers(SECRET, "msg_job-1_failed", body)
+    assert webhooks.verify(body, headers, SECRET) == event
+    assert event["type"] == "job.failed" and event["data"]["error_code"] == "gpu_oom"
+    upper = {k.upper(): v for k, v in headers.items()}
+    assert webhooks.verify(body, upper, SECRET) == event  # header names in any case
+
+    cases = {
+        "body": (body.replace(b"gpu_oom", b"none"), headers, SECRET, "webhook-signature"),
+        "secret": (body, headers, "another-secret-of-sixteen", "webhook-signature"),
+        "id": (body, {**headers, "webhook-id": "msg_other"}, SECRET, "webhook-signature"),
+        "old": (body, webhooks.headers(SECRET, "m", body, now=time.time() - 3600), SECRET,
+                "webhook-timestamp"),
+        "unsigned": (body, {"webhook-id": "m", "webhook-timestamp": "1"}, SECRET,
+                     "webhook-signature"),
+    }
+    for name, (b, h, s, field) in cases.items():
+        with pytest.raises(WebhookSignatureInvalid) as refused:
+            webhooks.verify(b, h, s)
+        assert refused.value.field == field, name
+
+
+def test_one_post_per_outcome_against_a_real_receiver() -> None:
+    event = webhooks.event("job-2", "succeeded", result={"uri": "s3://b/job-2.wav"})
+    with receiver([500, 404]) as hook:
+        failed = webhooks.post(hook.url, "msg_2", event, SECRET, timeout_s=5)
+        refused = webhooks.post(hook.url, "msg_2", event, SECRET, timeout_s=5)
+        delivered = webhooks.post(hook.url, "msg_2", event, SECRET, timeout_s=5)
+        assert (failed.ok, failed.retryable, failed.status) == (False, True, 500)
+        assert (refused.ok, refused.retryable, refused.status) == (False, False, 404)
+        assert (delivered.ok, delivered.status) == (True, 200)
+        last = hook.received[-1]
+        assert webhooks.verify(last.body, last.headers, SECRET)["data"]["job_id"] == "job-2"
+        assert last.path == "/hooks/musicgen" and last.headers["content-type"] == "application/json"
+
+
+def test_a_redirect_is_never_followed() -> None:
+    with receiver(redirect_to="http://169.254.169.254/latest/meta-data/") as hook:
+        outcome = webhooks.post(hook.url, "m", webhooks.event("j", "cancelled"), SECRET,
+                                timeout_s=5)
+    assert (outcome.ok, outcome.retryable, outcome.status) == (False, False, 307)
+    assert len(hook.received) == 1
+
+
+def test_an_unreachable_receiver_is_worth_another_try() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    outcome = webhooks.post(f"http://127.0.0.1:{port}/x", "m", webhooks.event("j", "failed"),
+                            SECRET, timeout_s=2)
+    assert (outcome.ok, outcome.retryable, outcome.status) == (False, True, None)
+    assert outcome.error
+
+
+@pytest.mark.parametrize("url", ["ftp://hooks.example.com/x", "https://user:pw@hooks.example.com/x",
+                                 "https:///x", "https://hooks.example.com/a b",
+                                 "file:///etc/passwd"])
+def test_a_webhook_url_of_the_wrong_shape_is_refused(url: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        GenerationRequest(prompt="x", webhook_url=url)
+    assert refused.value.field == "webhook_url"
+
+
+def test_only_allowed_hosts_get_webhooks() -> None:
+    hooks = WebhookSettings(allowed_hosts=["hooks.example.com", "*.callbacks.example.org"],
+                            secret=SECRET)  # type: ignore[arg-type]
+    settings = Settings(webhooks=hooks)
+    for allowed in ("https://hooks.example.com/done", "http://a.callbacks.example.org:8080/x"):
+        spec = resolve(GenerationRequest(prompt="x", webhook_url=allowed), settings, job_id="j")
+        assert spec.webhook_url == allowed
+        assert len(json.dumps(spec.model_dump(mode="json"))) < 2048
+    for refused_url in ("http://127.0.0.1:6379/", "http://169.254.169.254/latest",
+                        "https://callbacks.example.org/x", "https://hooks.example.com.evil.net/"):
+        with pytest.raises(InvalidRequest) as refused:
+            resolve(GenerationRequest(prompt="x", webhook_url=refused_url), settings, job_id="j")
+        assert refused.value.field == "webhook_url"
+    with pytest.raises(UnsupportedOption) as off:  # no allowlist: webhooks are off
+        resolve(GenerationRequest(prompt="x", webhook_url="https://hooks.example.com/done"),
+                Settings(), job_id="j")
+    assert off.value.field == "webhook_url"

@@ -1,0 +1,115 @@
+"""What a job's end sets off outside the job: its uploaded melody is deleted and its webhook,
+if it has one, is queued for delivery by a task of its own.
+
+Delivery never runs in the generation loop nor in a job's task thread: ``job_ended`` only
+records the delivery and sends a message to ``musicgen.webhooks``, a queue every worker also
+consumes (added in ``register``, whatever the worker's ``-Q``). The delivery task POSTs once per
+attempt and retries with Celery's own retry (exponential backoff, ``webhooks.max_attempts``) on
+a 5xx, a 408/429, a connection error or a timeout; each attempt is recorded in Redis
+(``musicgen:webhook:{job id}``), where ``handle.webhook_deliveries()`` reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from celery import Task
+from celery.signals import celeryd_after_setup, task_revoked
+
+from pipeline import webhooks
+from pipeline.celery_app import TASK_GENERATE, PipelineCelery
+from pipeline.inputs import discard as discard_input
+from pipeline.jobs import MelodyInput
+from workers.typed_celery import receiver, task
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_QUEUE = "musicgen.webhooks"
+TASK_DELIVER_WEBHOOK = "musicgen.webhooks.deliver"
+MAX_BACKOFF_S = 3600.0  # below broker.visibility_timeout: a retry waiting longer could be redelivered
+
+
+def _log(app: PipelineCelery) -> webhooks.DeliveryLog:
+    return webhooks.DeliveryLog(app.redis, app.settings.broker.result_expires)
+
+
+def job_ended(app: PipelineCelery, payload: Any, status: str, *,
+              result: Mapping[str, Any] | None = None, error_code: str | None = None) -> None:
+    """A job ended for good (``status``: succeeded, failed, timeout, cancelled): delete its
+    uploaded melody and queue its webhook. Never raises: the job's own outcome stands."""
+    if not isinstance(payload, Mapping):
+        return
+    job_id = str(payload.get("job_id") or "")
+    try:
+        raw = payload.get("melody")
+        melody = MelodyInput.model_validate(raw) if isinstance(raw, Mapping) else None
+        discard_input(melody, app.settings.storage)
+    except Exception:
+        log.warning("job %s: could not read its melody input to delete it", job_id, exc_info=True)
+    url = payload.get("webhook_url")
+    if not isinstance(url, str) or not url or not job_id:
+        return
+    try:
+        message_id = webhooks.message_id_for(job_id, status)
+        if not _log(app).open(job_id, url, webhooks.EVENT_TYPES[status], message_id):
+            return  # this job's end was already announced (a redelivered job ending twice)
+        app.send_task(TASK_DELIVER_WEBHOOK, queue=WEBHOOK_QUEUE, args=[
+            job_id, url, message_id,
+            webhooks.event(job_id, status, result=result, error_code=error_code)])
+    except Exception:
+        log.exception("job %s: could not queue its webhook", job_id)
+
+
+def deliver(app: PipelineCelery, request_retries: int, job_id: str, url: str, message_id: str,
+            payload: Mapping[str, Any]) -> tuple[webhooks.Attempt, float | None]:
+    """One attempt; returns its outcome and the countdown to the next (None: no more)."""
+    hooks = app.settings.webhooks
+    attempt_no = request_retries + 1
+    refused = webhooks.check_target(url, hooks.allowed_hosts)
+    if refused is not None or hooks.secret is None:
+        outcome = webhooks.Attempt(False, False, None, refused or "webhooks.secret is unset")
+    else:
+        outcome = webhooks.post(url, message_id, payload, hooks.secret.get_secret_value(),
+                                timeout_s=hooks.timeout_s)
+    again = outcome.retryable and attempt_no < hooks.max_attempts
+    _log(app).attempt(job_id, outcome, final=not again)
+    if outcome.ok:
+        log.info("webhook of job %s delivered to %s (attempt %d)", job_id, url, attempt_no)
+    elif not again:
+        log.warning("webhook of job %s to %s failed after %d attempt(s): %s", job_id, url,
+                    attempt_no, outcome.error)
+    countdown = min(hooks.backoff * 2 ** request_retries, MAX_BACKOFF_S) if again else None
+    return outcome, countdown
+
+
+def register(app: PipelineCelery) -> None:
+    """Add the delivery task to a worker app, the webhook queue to every worker of it, and the
+    hook that sees a job revoked before it ever ran."""
+
+    # shared=False: a closure over this app must not be added to apps built later.
+    @task(app, name=TASK_DELIVER_WEBHOOK, queue=WEBHOOK_QUEUE, bind=True, shared=False,
+          ignore_result=True, max_retries=None, acks_late=True)
+    def deliver_task(self: Task, job_id: str, url: str, message_id: str,
+                     payload: dict[str, Any]) -> dict[str, Any]:
+        outcome, countdown = deliver(app, self.request.retries, job_id, url, message_id, payload)
+        if countdown is not None:
+            raise self.retry(countdown=countdown)
+        return {"delivered": outcome.ok, "status": outcome.status, "error": outcome.error}
+
+    @receiver(celeryd_after_setup)
+    def _consume_webhooks(sender: str, instance: Any, **_: Any) -> None:
+        if instance.app is app:  # as workers/maintenance.py adds its queue
+            queues = instance.app.amqp.queues
+            queues.select_add(queues[WEBHOOK_QUEUE])
+
+    @receiver(task_revoked)
+    def _revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+        # Celery drops a job revoked while queued without running it (no on_failure): its end
+        # is announced here. A job cancelled by our own flag ends in workers/tasks.py instead.
+        if getattr(sender, "name", None) != TASK_GENERATE or getattr(sender, "app", None) is not app:
+            return
+        args = getattr(request, "args", None) or ()
+        if args:
+            job_ended(app, args[0], "cancelled", error_code="cancelled")
