@@ -6,12 +6,14 @@ real billiard pool, the same pool class a prefork Celery worker uses.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import billiard
 import pytest
 from celery.exceptions import WorkerShutdown
 from celery.signals import task_postrun
@@ -104,26 +106,43 @@ def test_task_postrun_of_a_generation_job_runs_the_guard(
 
 # --- leaving a real billiard pool -------------------------------------------------------------
 
-def _install_in_child() -> None:
+# Run in a fresh interpreter: forked from the test process, which by then holds other tests'
+# threads (torch's pool, batcher loops), a pool child could inherit a lock held mid-fork and
+# hang (seen once in CI). A worker's pool is forked from a process without those threads.
+REPO = Path(__file__).resolve().parents[2]
+POOL_SCRIPT = """
+import json, os
+import billiard
+from workers.memory_guard import SWITCH
+
+def install():
     SWITCH.install_in_pool_child()
 
-
-def _job(stop: bool) -> tuple[int, bool]:
+def job(stop):
     if stop:
         SWITCH.request()
     return os.getpid(), SWITCH.in_pool_child
 
-
-def test_a_stopped_pool_child_delivers_its_result_and_is_replaced() -> None:
-    pool = billiard.Pool(1, initializer=_install_in_child)
+if __name__ == "__main__":
+    pool = billiard.Pool(1, initializer=install)
     try:
-        first_pid, in_child = pool.apply(_job, (True,))
-        assert in_child  # the receiver was wrapped before the work loop bound it
         # apply() blocks until a result comes: the next job can only run in a fresh child.
-        second_pid, _ = pool.apply(_job, (False,))
-        third_pid, _ = pool.apply(_job, (False,))
+        runs = [pool.apply_async(job, (stop,)).get(timeout=120) for stop in (True, False, False)]
     finally:
         pool.terminate()
         pool.join()
+    print(json.dumps(runs))
+"""
+
+
+def test_a_stopped_pool_child_delivers_its_result_and_is_replaced(tmp_path: Path) -> None:
+    script = tmp_path / "pool_run.py"
+    script.write_text(POOL_SCRIPT, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=240, check=False, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (first_pid, in_child), (second_pid, _), (third_pid, _) = json.loads(proc.stdout.splitlines()[-1])
+    assert in_child  # the receiver was wrapped before the work loop bound it
     assert second_pid != first_pid
     assert third_pid == second_pid  # without a stop request the child keeps serving
