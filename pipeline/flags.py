@@ -86,6 +86,8 @@ FLAGS: Mapping[str, FlagInfo] = {
                                     "pipeline/resolve.py _melody"),
     "priority_boost": FlagInfo("the user's jobs are queued one priority level higher",
                                "pipeline/resolve.py _spec"),
+    "webhooks": FlagInfo("requests may carry a webhook_url (webhooks.allowed_hosts still apply)",
+                         "pipeline/resolve.py _webhook"),
 }
 
 

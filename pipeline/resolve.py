@@ -119,11 +119,14 @@ def _melody_by_uri(uri: str, settings: Settings) -> MelodyInput:
     return MelodyInput(uri=uri, suffix=suffix if _SUFFIX.match(suffix) else ".wav")
 
 
-def _webhook(request: GenerationRequest, settings: Settings) -> str | None:
+def _webhook(request: GenerationRequest, settings: Settings, user: UserContext) -> str | None:
     """The request's webhook URL once this deployment's allowlist admits its host."""
     url = request.webhook_url
     if url is None:
         return None
+    if not enabled(settings.features, "webhooks", user):
+        raise UnsupportedOption("webhooks are switched off for this user (features.webhooks)",
+                                "webhook_url")
     hooks = settings.webhooks
     if not hooks.allowed_hosts or hooks.secret is None:
         raise UnsupportedOption("webhooks are off in this deployment (webhooks.allowed_hosts "
@@ -204,5 +207,5 @@ def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset
                   else request.priority),
         experiment=assigned.experiment if assigned else None,
         variant=assigned.variant if assigned else None,
-        webhook_url=_webhook(request, settings),
+        webhook_url=_webhook(request, settings, user),
     )

@@ -48,6 +48,7 @@ LIVE_KEYS: tuple[str, ...] = (
     "quotas.",
     "features.",
     "experiments.",
+    "webhooks.",
     "generation.max_batch_size",
     "generation.batch_wait_ms",
     "worker.soft_time_limit",

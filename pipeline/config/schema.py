@@ -320,6 +320,7 @@ class FeatureSettings(_Section):
 
     melody_conditioning: FlagValue = Field(True, description="requests may carry a melody")
     priority_boost: FlagValue = Field(False, description="jobs queued one priority level higher")
+    webhooks: FlagValue = Field(True, description="requests may carry a webhook_url")
     # A deployment switch, not per user: a plain bool.
     embedded_broker: bool = Field(True, description="development: run without Redis")
 

@@ -14,6 +14,7 @@ from pipeline.config.schema import Settings, WebhookSettings
 from pipeline.errors import InvalidRequest, UnsupportedOption, WebhookSignatureInvalid
 from pipeline.jobs import GenerationRequest
 from pipeline.resolve import resolve
+from pipeline.user_context import UserContext
 from tests.webhook_receiver import receiver
 
 pytestmark = pytest.mark.timeout(30)
@@ -110,3 +111,15 @@ def test_only_allowed_hosts_get_webhooks() -> None:
         resolve(GenerationRequest(prompt="x", webhook_url="https://hooks.example.com/done"),
                 Settings(), job_id="j")
     assert off.value.field == "webhook_url"
+
+
+def test_the_webhooks_flag_decides_per_user() -> None:
+    hooks = WebhookSettings(allowed_hosts=["hooks.example.com"], secret=SECRET)  # type: ignore[arg-type]
+    settings = Settings.model_validate({"webhooks": hooks.model_dump(),
+                                        "features": {"webhooks": {"allow": ["ops"], "percentage": 0}}})
+    request = GenerationRequest(prompt="x", webhook_url="https://hooks.example.com/done")
+    spec = resolve(request, settings, job_id="j", user=UserContext("ops", "free"))
+    assert spec.webhook_url == "https://hooks.example.com/done"
+    with pytest.raises(UnsupportedOption) as off:
+        resolve(request, settings, job_id="j", user=UserContext("someone", "free"))
+    assert off.value.field == "webhook_url" and "switched off for this user" in off.value.message
