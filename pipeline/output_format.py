@@ -58,21 +58,28 @@ class FormatInfo:
     lossless: bool
     bit_depths: tuple[int, ...] = ()  # empty for lossy formats: they have no bit depth
     sample_rates: tuple[int, ...] = SAMPLE_RATES
+    media_type: str = "application/octet-stream"  # Content-Type for HTTP and object storage
 
 
 FORMATS: Mapping[str, FormatInfo] = {
-    "wav": FormatInfo("wav", ".wav", "wav", "pcm_s16le", True, (8, 16, 24, 32)),
+    "wav": FormatInfo("wav", ".wav", "wav", "pcm_s16le", True, (8, 16, 24, 32),
+                      media_type="audio/wav"),
     # ffmpeg 5.x's FLAC encoder has no 8- or 32-bit mode.
-    "flac": FormatInfo("flac", ".flac", "flac", "flac", True, (16, 24)),
+    "flac": FormatInfo("flac", ".flac", "flac", "flac", True, (16, 24), media_type="audio/flac"),
     "mp3": FormatInfo("mp3", ".mp3", "mp3", "mp3", False,
-                      sample_rates=(8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)),
-    "ogg": FormatInfo("ogg", ".ogg", "ogg", "vorbis", False),
+                      sample_rates=(8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000),
+                      media_type="audio/mpeg"),
+    "ogg": FormatInfo("ogg", ".ogg", "ogg", "vorbis", False, media_type="audio/ogg"),
     # Opus is always Ogg-contained; libopus only takes these input rates.
     "opus": FormatInfo("opus", ".opus", "ogg", "opus", False,
-                       sample_rates=(8000, 12000, 16000, 24000, 48000)),
+                       sample_rates=(8000, 12000, 16000, 24000, 48000),
+                       media_type="audio/ogg; codecs=opus"),
 }
 if set(FORMATS) != set(get_args(FormatName)):  # pragma: no cover - a broken edit of this file
     raise RuntimeError("FORMATS and FormatName list different formats")
+# Content-Type by file suffix, for what serves or uploads a finished file (and its sidecar).
+MEDIA_TYPES_BY_SUFFIX: Mapping[str, str] = {
+    **{info.extension: info.media_type for info in FORMATS.values()}, ".json": "application/json"}
 # What the worker writes (maintenance sweeps files with these suffixes).
 OUTPUT_SUFFIXES: frozenset[str] = frozenset(info.extension for info in FORMATS.values())
 

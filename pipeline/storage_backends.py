@@ -17,12 +17,13 @@ import secrets
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any, NamedTuple, Protocol
 from urllib.parse import unquote, urlsplit
 
 from pipeline.config.schema import StorageSettings
 from pipeline.errors import StorageUnavailable
+from pipeline.output_format import MEDIA_TYPES_BY_SUFFIX
 
 PART_SUFFIX = ".part"  # what workers/storage.py names its temp files too: one sweep for both
 CHUNK = 1024 * 1024
@@ -268,7 +269,10 @@ class S3Backend:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
+            # The format's Content-Type, so a pre-signed download plays in a browser.
+            media = MEDIA_TYPES_BY_SUFFIX.get(PurePosixPath(key).suffix, "application/octet-stream")
             self.client.upload_fileobj(stream, self.bucket, self.full_key(key),
+                                       ExtraArgs={"ContentType": media},
                                        Config=self._transfer_config())
         except (BotoCoreError, ClientError, Boto3Error, OSError) as exc:
             raise _unavailable(f"could not store {self.uri(key)}", exc) from exc

@@ -105,6 +105,7 @@ def test_a_presigned_url_is_fetched_with_plain_http(s3_storage: StorageSettings)
     assert "X-Amz-Signature=" in url and "testing-secret" not in url
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.read() == b"finished audio"
+        assert response.headers["Content-Type"] == "audio/mpeg"  # plays in a browser
     tampered = url.replace("job-2.mp3", "job-3.mp3")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(tampered, timeout=10)
