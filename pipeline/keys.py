@@ -21,6 +21,8 @@ BREAKER_PREFIX = ROOT_PREFIX + "breaker:"
 #: Passed to ``limits`` as its storage ``key_prefix``; limits appends ``:`` and its own
 #: ``LIMITER/{key}/{amount}/{multiples}/{granularity}`` (a LIST of hit timestamps per key).
 RATE_LIMIT_PREFIX = ROOT_PREFIX + "ratelimit"
+#: The HTTP gateway's per-API-key request rate (pipeline/gateway/auth.py), the same layout.
+API_RATE_PREFIX = ROOT_PREFIX + "apirate"
 
 # --- per-job facts (pipeline/registry.py) ---------------------------------------------------
 #: ``musicgen:job:{id}``: set NX at enqueue; makes a client job id idempotent.

@@ -18,13 +18,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pipeline.errors import RateLimited, Unauthorized
 from pipeline.gateway.keystore import ApiKeyStore, masked
-from pipeline.keys import ROOT_PREFIX
+from pipeline.keys import API_RATE_PREFIX
 from pipeline.policies.rate_limit import GlobalRateLimit
 
 ANONYMOUS = "anonymous"
-# The per-key request counters, beside the job rate limits in the broker's Redis
-# (``limits`` appends its own ``:LIMITER/...``).
-API_RATE_PREFIX = ROOT_PREFIX + "apirate"
 
 bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
                     description="an API key from `musicgen-pipeline keys create USER`")
