@@ -88,6 +88,8 @@ FLAGS: Mapping[str, FlagInfo] = {
                                "pipeline/resolve.py _spec"),
     "webhooks": FlagInfo("requests may carry a webhook_url (webhooks.allowed_hosts still apply)",
                          "pipeline/resolve.py _webhook"),
+    "long_form": FlagInfo("durations past the model's window (windowed continuation)",
+                          "pipeline/resolve.py resolve"),
 }
 
 

@@ -37,6 +37,7 @@ from pipeline.policies.configured import Policies
 from pipeline.quota.configured import database_failure, store_for
 from pipeline.registry import JobRegistry, registry_for
 from pipeline.resolve import resolve
+from pipeline.time_limits import job_time_limits
 from pipeline.user_context import UserContext
 
 log = logging.getLogger(__name__)
@@ -183,8 +184,11 @@ class Producer:
             spec = by_reference(spec, self.settings.storage)
             self.app.backend.store_result(spec.job_id, {"model": spec.model, "user_id": spec.user_id,
                                                         "enqueued_at": spec.enqueued_at}, "QUEUED")
+            # Limits scaled with the job's duration: a prefork child enforces them per message.
+            limits = job_time_limits(self.settings.worker, spec.duration)
             self.app.send_task(TASK_GENERATE, args=[spec.model_dump(mode="json")], task_id=spec.job_id,
                                queue=queue_for(spec.model), priority=celery_priority(spec.priority),
+                               soft_time_limit=limits.soft, time_limit=limits.hard,
                                retry=True, retry_policy=_PUBLISH_RETRY)
         except PipelineError:
             self._give_back(spec, reserved, stored)

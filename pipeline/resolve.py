@@ -37,8 +37,11 @@ from pipeline.user_context import UserContext
 _SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,10}$")  # MelodyInput.suffix's own pattern
 
 
-def _output(request: GenerationRequest, settings: Settings) -> OutputSpec:
+def _output(request: GenerationRequest, settings: Settings, stereo_model: bool = False) -> OutputSpec:
     """The finished file: the request over the deployment's audio defaults.
+
+    A stereo preset's file keeps both channels unless the request asks for mono; a mono
+    model's follows ``audio.channels`` (upmixed when that says 2).
 
     The worker's own check against the output-format table runs here, so a combination the
     worker could not render (mp3 at 96 kHz, a peak target of -65 dBFS) is refused, naming the
@@ -58,7 +61,7 @@ def _output(request: GenerationRequest, settings: Settings) -> OutputSpec:
                   "rms": audio.rms_target_dbfs}.get(normalization)
     fields: dict[str, Any] = {
         "format": fmt, "sample_rate": request.sample_rate or audio.sample_rate,
-        "channels": request.channels or audio.channels, "bit_depth": depth,
+        "channels": request.channels or (2 if stereo_model else audio.channels), "bit_depth": depth,
         "normalization": normalization, "loudness_target": target,
         "mp3_bitrate": audio.mp3_bitrate}
     # The check first, on an unvalidated spec: it raises the typed error (UnsupportedOption or
@@ -175,19 +178,23 @@ def resolve(request: GenerationRequest, settings: Settings, *, job_id: str,
     if duration < gen.min_duration or duration > gen.max_duration:
         raise InvalidRequest(f"duration {duration:g} s is outside {gen.min_duration:g}..{gen.max_duration:g} s",
                              "duration")
-    if duration > model.max_duration:
+    if duration > model.max_duration and not enabled(settings.features, "long_form", user):
+        # Past the window the worker continues window by window (workers/runtime/longform.py);
+        # the flag decides who may ask for that.
         raise UnsupportedOption(f"duration {duration:g} s is longer than the {model.max_duration:g} s window "
-                                f"of {preset}; windowed continuation is not supported yet", "duration")
+                                f"of {preset}, and long-form generation is switched off for this user "
+                                "(features.long_form)", "duration")
     try:
         return _spec(request, settings, job_id=job_id, preset=preset, duration=duration,
-                     melody_model=model.melody, user=user, assigned=assigned)
+                     melody_model=model.melody, user=user, assigned=assigned,
+                     stereo_model=model.stereo)
     except ValidationError as exc:  # a deployment default past the contract's bounds
         raise invalid_request_from(exc) from exc
 
 
 def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset: str,
           duration: float, melody_model: bool, user: UserContext,
-          assigned: Assignment | None = None) -> JobSpec:
+          assigned: Assignment | None = None, stereo_model: bool = False) -> JobSpec:
     gen = settings.generation
     return JobSpec(
         job_id=job_id, prompt=request.prompt, duration=duration, model=preset,
@@ -197,7 +204,7 @@ def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset
         guidance_scale=(request.guidance_scale if request.guidance_scale is not None
                         else gen.default_guidance_scale),
         seed=request.seed if request.seed is not None else draw_seed(),
-        output=_output(request, settings), melody=_melody(request, settings, melody_model, user),
+        output=_output(request, settings, stereo_model), melody=_melody(request, settings, melody_model, user),
         user_id=request.user_id, enqueued_at=time.time(),
         # priority_boost raises the job one level of Priority (pipeline/jobs.py: 0-9, 9 first; 9
         # stays 9). A level is one of the ten values celery_priority (pipeline/celery_app.py)

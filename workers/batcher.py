@@ -74,6 +74,8 @@ class Ticket:
     submitted: float = field(default_factory=time.monotonic)
     future: Future[GeneratedAudio] = field(default_factory=Future)
     fraction: float = 0.0  # generation progress in [0, 1], written by the loop
+    message: str = ""  # what the loop is doing for it ("window 3 of 7: ..."), written by the loop
+    hard_limit_s: float | None = None  # this job's own hard limit (scaled with its duration)
 
     @property
     def dropped(self) -> bool:
@@ -116,6 +118,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._call_started: float | None = None  # monotonic start of the running call
+        self._call_limit: float | None = None  # the running call's hard limit
         self._loop_started = 0.0
         self._busy_s = 0.0
 
@@ -132,9 +135,14 @@ class Batcher:
                 self.hard_limit_s = hard_limit_s  # the watchdog thread exists only if set at start
             self._cond.notify_all()  # a batch waiting for company may be due now
 
-    def submit(self, loaded: Any, item: GenerationItem, key: Hashable, *, model: str = "") -> Ticket:
-        """Queue one job; the loop generates it with others of the same model and ``key``."""
-        ticket = Ticket(loaded=loaded, item=item, key=key, model=model)
+    def submit(self, loaded: Any, item: GenerationItem, key: Hashable, *, model: str = "",
+               hard_limit_s: float | None = None) -> Ticket:
+        """Queue one job; the loop generates it with others of the same model and ``key``.
+
+        ``hard_limit_s`` replaces the batcher's hard limit for calls this job is in (the
+        longest of a call's jobs applies): a long clip's call runs longer than a short one's.
+        """
+        ticket = Ticket(loaded=loaded, item=item, key=key, model=model, hard_limit_s=hard_limit_s)
         with self._cond:
             self._start()
             self._pending.append(ticket)
@@ -193,6 +201,8 @@ class Batcher:
         live = [t for t in batch if not t.dropped]
         if not live:
             return
+        limits = [t.hard_limit_s for t in live if t.hard_limit_s is not None]
+        self._call_limit = max(limits) if limits else self.hard_limit_s
         self._call_started = time.monotonic()
         try:
             audio = self._generate(live[0].loaded, [t.item for t in live], self._progress(live))
@@ -224,11 +234,12 @@ class Batcher:
 
     @staticmethod
     def _progress(batch: list[Ticket]) -> Callable[[float, str], None]:
-        def report(fraction: float, _message: str) -> None:
+        def report(fraction: float, message: str) -> None:
             if all(t.dropped for t in batch):
                 raise BatchAbandoned()
             for ticket in batch:
                 ticket.fraction = fraction
+                ticket.message = message
 
         return report
 
@@ -236,10 +247,10 @@ class Batcher:
         assert self.hard_limit_s is not None
         while True:
             time.sleep(WATCHDOG_INTERVAL_S)
-            started = self._call_started
-            if started is not None and time.monotonic() - started > self.hard_limit_s:
+            started, limit = self._call_started, self._call_limit or self.hard_limit_s
+            if started is not None and time.monotonic() - started > limit:
                 log.critical("hard time limit (%g s) passed by a generate call: ending the "
-                             "process so its jobs are redelivered", self.hard_limit_s)
+                             "process so its jobs are redelivered", limit)
                 self._on_hard_limit()
                 return
 

@@ -24,6 +24,7 @@ from pipeline.config.schema import ModelSettings, Settings
 from pipeline.errors import JobTimeout
 from pipeline.jobs import JobResult, JobSpec, Timings
 from pipeline.storage_backends import backend_for, local_root
+from pipeline.time_limits import job_time_limits
 from workers.audio.decode import decode_mono
 from workers.audio.formats import FORMATS
 from workers.audio.postprocess import render
@@ -165,14 +166,18 @@ class JobRunner:
             item = GenerationItem(
                 prompt=spec.prompt, duration_s=spec.duration, temperature=spec.temperature,
                 top_k=spec.top_k, top_p=spec.top_p, guidance_scale=spec.guidance_scale, seed=spec.seed,
-                melody=self._melody(spec, temp_dir, loaded.sampling_rate))
+                melody=self._melody(spec, temp_dir, loaded.sampling_rate),
+                window_stride_s=self.settings.generation.window_stride)
             # Checked here, alone, so a job the model cannot do fails by itself and never takes
             # its batch down with it.
             validate_items([item], max_duration_s=loaded.max_duration_s,
                            sampling_rate=loaded.sampling_rate, melody_supported=loaded.is_melody)
             progress(0.0, "waiting for a batch")
-            ticket = self.batcher.submit(loaded, item, batch_key_for(loaded, item), model=spec.model)
-            audio = self._wait(ticket, progress, deadline=started_at + self.settings.worker.soft_time_limit)
+            limits = job_time_limits(self.settings.worker, spec.duration)
+            ticket = self.batcher.submit(loaded, item, batch_key_for(loaded, item), model=spec.model,
+                                         hard_limit_s=limits.hard)
+            audio = self._wait(ticket, progress, deadline=started_at + limits.soft,
+                               limit=limits.soft)
             progress(0.9, "post-processing")
             # spec.output is the shared OutputSpec, checked when the spec was decoded; the
             # table's suffix is also what maintenance sweeps.
@@ -209,7 +214,8 @@ class JobRunner:
         finally:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
-    def _wait(self, ticket: Ticket, progress: Progress, *, deadline: float) -> GeneratedAudio:
+    def _wait(self, ticket: Ticket, progress: Progress, *, deadline: float,
+              limit: float) -> GeneratedAudio:
         """Wait for the engine to generate this job, reporting its progress meanwhile.
 
         Whatever ends the wait early (the cancel flag seen by ``progress``, the soft time limit,
@@ -222,10 +228,10 @@ class JobRunner:
                     return ticket.future.result(timeout=WAIT_POLL_S)
                 except TimeoutError:
                     pass
-                progress(0.9 * ticket.fraction, "generating" if ticket.fraction else "waiting for a batch")
+                progress(0.9 * ticket.fraction, ticket.message or (
+                    "generating" if ticket.fraction else "waiting for a batch"))
                 if time.time() > deadline:
-                    limit = self.settings.worker.soft_time_limit
-                    raise JobTimeout(f"job passed its soft time limit of {limit} s", "duration")
+                    raise JobTimeout(f"job passed its soft time limit of {limit:g} s", "duration")
         except BaseException as exc:
             ticket.drop(exc)
             raise

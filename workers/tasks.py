@@ -33,6 +33,7 @@ from pipeline.policies.configured import Policies
 from pipeline.quota import QuotaStore
 from pipeline.quota.configured import store_for
 from pipeline.registry import JobRegistry, registry_for
+from pipeline.time_limits import job_time_limits
 from workers import typed_celery
 from workers.job_runner import JobCancelledByUser, JobRunner, discard_job_files
 from workers.metrics import model_of, observe_batch, observe_failure, observe_success
@@ -248,8 +249,8 @@ def _run(task: Task, spec: JobSpec, reg: JobRegistry, started_at: float) -> dict
         raise Ignore() from None
     except SoftTimeLimitExceeded as exc:
         runner.remove_outputs(spec.job_id)
-        limit = app.settings.worker.soft_time_limit
-        raise JobTimeout(f"job passed its soft time limit of {limit} s", "duration") from exc
+        limit = job_time_limits(app.settings.worker, spec.duration).soft
+        raise JobTimeout(f"job passed its soft time limit of {limit:g} s", "duration") from exc
     return outcome.result.model_dump(mode="json")
 
 

@@ -368,6 +368,36 @@ def _storage_keys_in_pairs(raw: Raw) -> Problem | None:
     return None
 
 
+def _stride_inside_window(raw: Raw) -> Problem | None:
+    # Each next window is prompted with window - stride seconds: a stride at or past the
+    # window leaves no prompt (or a gap) and the clip would not continue.
+    stride, window = _num(raw, "generation.window_stride"), _num(raw, "model.max_duration")
+    if stride is None or window is None or 0 < stride < window:
+        return None
+    return Problem("generation.window_stride", get(raw, "generation.window_stride"),
+                   f"generation.window_stride must be above 0 and below the model's window "
+                   f"(model.max_duration, {window:g} s)", "use audiocraft's 18 s, or any value "
+                   "under the window (a shorter stride is a longer prompt and more windows)")
+
+
+def _visibility_covers_long_jobs(raw: Raw) -> Problem | None:
+    # pipeline/time_limits.py on the raw tree: the hard limit of the longest job allowed.
+    names = ("broker.visibility_timeout", "worker.soft_time_limit", "worker.hard_time_limit",
+             "worker.time_limit_per_second", "worker.time_limit_cap", "generation.max_duration")
+    values = [_num(raw, name) for name in names]
+    if any(v is None for v in values):
+        return None
+    visibility, soft, hard, per_second, cap, longest = (float(v or 0) for v in values)
+    longest_hard = max(soft, min(cap, soft + per_second * longest)) + hard - soft
+    if visibility > longest_hard:
+        return None
+    return Problem("broker.visibility_timeout", get(raw, "broker.visibility_timeout"),
+                   f"broker.visibility_timeout must exceed the hard limit of the longest job "
+                   f"({longest_hard:g} s for generation.max_duration, pipeline/time_limits.py)",
+                   "raise broker.visibility_timeout, or lower worker.time_limit_per_second or "
+                   "worker.time_limit_cap")
+
+
 RULES: tuple[Rule, ...] = (
     _greater("generation.max_duration", "generation.default_duration",
              "raise generation.max_duration or lower generation.default_duration"),
@@ -377,6 +407,8 @@ RULES: tuple[Rule, ...] = (
              "the hard limit kills the process: set it above the soft limit"),
     _greater("broker.visibility_timeout", "worker.hard_time_limit",
              "a job redelivered while still running would run twice: raise broker.visibility_timeout"),
+    Rule("long jobs: visibility covers the scaled hard limit", _visibility_covers_long_jobs),
+    Rule("long form: stride inside the window", _stride_inside_window),
     _greater("worker.max_memory_percent", "worker.cleanup_threshold_percent",
              "set worker.cleanup_threshold_percent below worker.max_memory_percent"),
     _greater("validation.melody_max_duration", "validation.melody_min_duration",

@@ -102,6 +102,7 @@ class ModelSettings(_Section):
     source: str = Field("facebook/musicgen-small", min_length=1, description="hub id or local path")
     description: str = ""
     melody: bool = Field(False, description="the checkpoint accepts melody conditioning")
+    stereo: bool = Field(False, description="the checkpoint generates two channels")
     max_duration: float = Field(30.0, gt=0, le=30.0, description="the model's window in seconds")
     cache_dir: str | None = None
     cache_size: int = Field(1, ge=1, le=20)
@@ -122,7 +123,10 @@ class GenerationSettings(_Section):
 
     default_duration: float = Field(10.0, ge=0.1, le=300.0)
     min_duration: float = Field(0.5, ge=0.01, le=10.0)
-    max_duration: float = Field(30.0, ge=0.1, le=300.0)
+    max_duration: float = Field(120.0, ge=0.1, le=300.0,
+                                description="past the model's window, windowed continuation")
+    window_stride: float = Field(18.0, gt=0, le=300.0,
+                                 description="seconds between long-form windows (under the window)")
     default_temperature: float = Field(1.0, ge=0.1, le=2.0)
     default_top_k: int = Field(250, ge=0, le=2048)
     default_top_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -235,6 +239,9 @@ class WorkerSettings(_Section):
     prefetch_multiplier: int = Field(1, ge=1, le=16)
     soft_time_limit: int = Field(300, ge=1, le=86400, description="seconds")
     hard_time_limit: int = Field(360, ge=1, le=86400, description="seconds")
+    time_limit_per_second: float = Field(2.0, ge=0, le=600,
+                                         description="seconds of limit added per second of audio")
+    time_limit_cap: int = Field(3600, ge=1, le=86400, description="longest scaled soft limit")
     max_retries: int = Field(3, ge=0, le=20)
     retry_backoff: float = Field(2.0, gt=0, le=600, description="first backoff in seconds, doubled each try")
     retry_backoff_max: float = Field(120.0, gt=0, le=3600)
@@ -321,6 +328,7 @@ class FeatureSettings(_Section):
     melody_conditioning: FlagValue = Field(True, description="requests may carry a melody")
     priority_boost: FlagValue = Field(False, description="jobs queued one priority level higher")
     webhooks: FlagValue = Field(True, description="requests may carry a webhook_url")
+    long_form: FlagValue = Field(True, description="durations past the model's window")
     # A deployment switch, not per user: a plain bool.
     embedded_broker: bool = Field(True, description="development: run without Redis")
 

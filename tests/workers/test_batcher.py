@@ -221,3 +221,26 @@ def test_new_limits_from_a_settings_reload_release_a_waiting_batch() -> None:
     later = [batcher.submit(loaded, _item(f"later {i}", seed=i), "k", model="m") for i in range(3)]
     batcher.configure(max_batch_size=2, batch_wait_s=0.0, hard_limit_s=None)
     assert sorted(t.future.result(WAIT).batch_size for t in later) == [1, 2, 2]
+
+
+def test_a_call_runs_under_the_longest_hard_limit_of_its_jobs(tiny_model: LoadedModel) -> None:
+    # A long clip's call takes longer: its job's scaled limit (pipeline/time_limits.py) applies,
+    # not the batcher's base one; the loop's message ("window 2 of 3") reaches every ticket.
+    seen: list[float | None] = []
+
+    def record(_: list[GenerationItem], progress: Any) -> None:
+        seen.append(batcher._call_limit)
+        progress(0.5, "window 2 of 3: generating")
+
+    batcher = Batcher(Recorder(record), max_batch_size=2, batch_wait_s=FOREVER, hard_limit_s=360.0)
+    items = [_item("long", seed=1), _item("longer", seed=2)]
+    tickets = [batcher.submit(tiny_model, item, batch_key_for(tiny_model, item), hard_limit_s=limit)
+               for item, limit in zip(items, (500.0, 620.0), strict=True)]
+    for ticket in tickets:
+        ticket.future.result(WAIT)
+    assert seen == [620.0]
+    assert [t.message for t in tickets] == ["window 2 of 3: generating"] * 2
+    lone = batcher.submit(tiny_model, items[0], batch_key_for(tiny_model, items[0]))
+    batcher.configure(max_batch_size=1, batch_wait_s=0.0, hard_limit_s=360.0)
+    lone.future.result(WAIT)
+    assert seen[-1] == 360.0  # a job without its own limit runs under the batcher's

@@ -166,9 +166,12 @@ def test_max_new_tokens_accounts_for_the_delay_pattern(tiny_model: LoadedModel,
     assert frames_for(frames / 50, tiny_model) == frames
 
 
-def test_duration_past_the_window_is_unsupported(tiny_model: LoadedModel) -> None:
+def test_duration_past_what_windowed_continuation_supports_is_unsupported(
+        tiny_model: LoadedModel) -> None:
+    # Past the window is long-form generation (tests/workers/test_longform.py); past 300 s is
+    # more than any deployment may configure, refused before any GPU time.
     with pytest.raises(UnsupportedOption, match="windowed continuation") as info:
-        generate(tiny_model, [GenerationItem("long", 30.5, seed=1)])
+        generate(tiny_model, [GenerationItem("long", 300.5, seed=1)])
     assert info.value.field == "duration"
 
 

@@ -29,6 +29,9 @@ import numpy as np
 
 from pipeline.errors import InvalidRequest, UnsupportedOption
 
+DEFAULT_WINDOW_STRIDE_S = 18.0  # audiocraft's default extend_stride: a 12 s prompt per window
+MAX_TOTAL_DURATION_S = 300.0  # the longest clip any deployment may configure
+
 
 @dataclass(frozen=True)
 class GenerationItem:
@@ -47,6 +50,9 @@ class GenerationItem:
     guidance_scale: float = 3.0
     seed: int | None = None
     melody: tuple[np.ndarray, int] | None = None
+    # Past the model's window: how far each next window starts after the last one (audiocraft's
+    # extend_stride); the window minus the stride is the next window's prompt.
+    window_stride_s: float = DEFAULT_WINDOW_STRIDE_S
 
 
 @dataclass(frozen=True)
@@ -72,8 +78,9 @@ def validate_items(items: list[GenerationItem], *, max_duration_s: float, sampli
                    melody_supported: bool) -> None:
     """Reject what the model cannot do before any GPU time is spent.
 
-    Raises ``InvalidRequest`` for values no model accepts, ``UnsupportedOption`` for what this
-    model does not support (a duration past its window, melody on a text-only checkpoint).
+    Raises ``InvalidRequest`` for values no model accepts (a window stride outside the window
+    for a clip past it), ``UnsupportedOption`` for what this model does not support (melody on
+    a text-only checkpoint, a clip past ``MAX_TOTAL_DURATION_S``).
     """
     if not items:
         raise InvalidRequest("a generation batch needs at least one item", field="items")
@@ -86,10 +93,14 @@ def validate_items(items: list[GenerationItem], *, max_duration_s: float, sampli
         if round(item.duration_s * sampling_rate) < 1:
             raise InvalidRequest(f"duration {item.duration_s:g}s is shorter than one sample",
                                  field="duration")
-        if item.duration_s > max_duration_s:
+        if item.duration_s > MAX_TOTAL_DURATION_S:
             raise UnsupportedOption(
-                f"duration {item.duration_s:g}s is past this model's {max_duration_s:g}s window; "
-                "windowed continuation for longer clips is not supported yet", field="duration")
+                f"duration {item.duration_s:g}s is past the {MAX_TOTAL_DURATION_S:g}s that "
+                "windowed continuation supports", field="duration")
+        if item.duration_s > max_duration_s and not 0 < item.window_stride_s < max_duration_s:
+            raise InvalidRequest(
+                f"window stride {item.window_stride_s:g}s must be in (0, {max_duration_s:g}) s, "
+                "the model's window", field="window_stride")
         for field, value, low, high in (("temperature", item.temperature, 0.0, None),
                                         ("top_k", item.top_k, 0, None),
                                         ("top_p", item.top_p, 0.0, 1.0),
@@ -171,8 +182,9 @@ def batch_key(item: GenerationItem, bucket: Callable[[float], int],
               prompt_tokens: Callable[[str], int] | None = None) -> Hashable:
     """What an item must share with others to run in their ``model.generate`` call."""
     length = prompt_tokens(item.prompt) if prompt_tokens is not None else None
+    # The stride changes where a long clip's windows start: only equal strides run in lockstep.
     return (bucket(item.duration_s), _guidance_key(item.guidance_scale), item.melody is not None,
-            length)
+            length, item.window_stride_s)
 
 
 def _guidance_key(scale: float) -> float:

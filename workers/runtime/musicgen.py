@@ -43,6 +43,7 @@ from workers.runtime.batch import (
     validate_items,
 )
 from workers.runtime.device import resolve_device, resolve_dtype
+from workers.runtime.longform import Window, WindowHook, generate_long, long_frames, plan_windows
 from workers.runtime.melody import MelodyProcessor, resample
 from workers.runtime.progress import ProgressCallback, ProgressReporter, StepCounter
 from workers.runtime.sampling import JobSampler, JobSampling
@@ -55,7 +56,7 @@ DEFAULT_MAX_DURATION_S = 30.0  # what MusicGen was trained on: a 1500-token wind
 # workers.runtime.sampling), so this lock is not about reproducibility. It keeps one generate call
 # at a time per process: two interleaved calls would each hold their KV caches in GPU memory and
 # contend for the same kernels, where one wider batch does the same work in one pass.
-_GENERATE_LOCK = threading.Lock()
+GENERATE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -74,6 +75,12 @@ class LoadedModel:
     is_melody: bool
     max_duration_s: float
     load_seconds: float
+    audio_channels: int = 1  # 2 for musicgen-stereo-*: codebooks interleaved left, right
+
+    @property
+    def delay_codebooks(self) -> int:
+        """Codebooks per channel: the delay pattern's depth (stereo delays left and right alike)."""
+        return self.num_codebooks // self.audio_channels
 
 
 def load_model(source: str, *, device: str = "auto", dtype: str = "auto", compile: bool = False,
@@ -122,7 +129,7 @@ def load_model(source: str, *, device: str = "auto", dtype: str = "auto", compil
         model.to(device)  # type: ignore[arg-type]
         model.eval()  # type: ignore[no-untyped-call]
     except RuntimeError as e:
-        _raise_runtime(e, f"moving {source!r} to {device}")
+        raise_runtime(e, f"moving {source!r} to {device}")
     audio = config.audio_encoder
     sampling_rate = int(audio.sampling_rate)
     hop = int(getattr(audio, "hop_length", 0) or round(sampling_rate / audio.frame_rate))
@@ -132,6 +139,7 @@ def load_model(source: str, *, device: str = "auto", dtype: str = "auto", compil
         sampling_rate=sampling_rate, frame_rate=frame_rate, samples_per_frame=hop,
         num_codebooks=int(config.decoder.num_codebooks), is_melody=is_melody,
         max_duration_s=_max_duration(model, frame_rate), load_seconds=0.0,
+        audio_channels=int(getattr(config.decoder, "audio_channels", 1) or 1),
     )
     if compile:
         _compile_decoder(loaded)
@@ -168,15 +176,35 @@ def max_new_tokens_for(frames: int, num_codebooks: int) -> int:
 
     HF's generate builds the codebook delay pattern over ``1 + max_new_tokens`` positions and
     strips the ``num_codebooks`` padding positions per codebook, leaving
-    ``max_new_tokens + 1 - num_codebooks`` frames. Below ``2*num_codebooks - 1`` positions it skips
+    ``max_new_tokens + 1 - num_codebooks`` frames (a stereo model delays each channel's
+    codebooks alike: pass ``LoadedModel.delay_codebooks``, its codebooks per channel). Below ``2*num_codebooks - 1`` positions it skips
     the pattern altogether, so short requests are lifted to that floor (and trimmed afterwards).
     """
     return max(frames + num_codebooks - 1, 2 * num_codebooks - 2)
 
 
 def bucket_for(duration_s: float, loaded: LoadedModel) -> int:
-    """Frames generated for an item of ``duration_s`` seconds, alone or in any batch."""
-    return bucket_frames(frames_for(duration_s, loaded), frames_for(loaded.max_duration_s, loaded))
+    """Frames generated for an item of ``duration_s`` seconds, alone or in any batch.
+
+    Past the window it is the long clip's total (``workers.runtime.longform``), always more than
+    any in-window bucket, so long and short items never share a call.
+    """
+    frames, window = frames_for(duration_s, loaded), window_frames(loaded)
+    return bucket_frames(frames, window) if frames <= window else long_frames(frames)
+
+
+def window_frames(loaded: LoadedModel) -> int:
+    """The frames one ``model.generate`` call may produce: the checkpoint's window."""
+    return frames_for(loaded.max_duration_s, loaded)
+
+
+def windows_of(item: GenerationItem, loaded: LoadedModel) -> list[Window]:
+    """The model calls ``item`` takes: one within the window, more past it."""
+    total = bucket_for(item.duration_s, loaded)
+    if total <= window_frames(loaded):
+        return [Window(0, 0, 0, total)]
+    return plan_windows(total, window_frames(loaded),
+                        max(1, round(item.window_stride_s * loaded.frame_rate)))
 
 
 def padding_waste_for(loaded: LoadedModel, items: list[GenerationItem]) -> float:
@@ -186,7 +214,8 @@ def padding_waste_for(loaded: LoadedModel, items: list[GenerationItem]) -> float
 
 
 def generate(loaded: LoadedModel, items: list[GenerationItem],
-             progress: ProgressCallback | None = None) -> list[GeneratedAudio]:
+             progress: ProgressCallback | None = None, *,
+             on_window: WindowHook | None = None) -> list[GeneratedAudio]:
     """Generate audio for every item of a batch; results come back in the items' order.
 
     Items that share a duration bucket, a guidance scale and melody or not (and, on a melody
@@ -196,20 +225,29 @@ def generate(loaded: LoadedModel, items: list[GenerationItem],
     (reported back, drawn at random when the item has none) and is trimmed to its own length, so
     a seed reproduces the clip bit for bit on the same model and hardware, whatever the item's
     batch neighbours (see the README for how exact that is across batch shapes).
+
+    Items past the model's window run window by window (``workers.runtime.longform``, in
+    lockstep with the items of their group); ``on_window`` hears of each finished window.
     """
     validate_items(items, max_duration_s=loaded.max_duration_s, sampling_rate=loaded.sampling_rate,
                    melody_supported=loaded.is_melody)
     seeds = [int(item.seed) if item.seed is not None else secrets.randbelow(2**31) for item in items]
     groups = batch_groups(items, lambda d: bucket_for(d, loaded),
                           _prompt_tokens(loaded) if loaded.is_melody else None)
-    steps = {tuple(g): max_new_tokens_for(bucket_for(items[g[0]].duration_s, loaded),
-                                          loaded.num_codebooks) for g in groups}
+    windows = {tuple(g): windows_of(items[g[0]], loaded) for g in groups}
+    steps = {key: sum(max_new_tokens_for(w.new, loaded.delay_codebooks) for w in plan)
+             for key, plan in windows.items()}
     reporter = ProgressReporter(progress, sum(steps.values()))
     results: list[GeneratedAudio | None] = [None] * len(items)
     for group in groups:
         started = time.perf_counter()
-        audio = _generate_group(loaded, [items[i] for i in group], [seeds[i] for i in group],
-                                steps[tuple(group)], reporter)
+        plan = windows[tuple(group)]
+        if len(plan) == 1:
+            audio = _generate_group(loaded, [items[i] for i in group], [seeds[i] for i in group],
+                                    steps[tuple(group)], reporter)
+        else:
+            audio = generate_long(loaded, [items[i] for i in group], [seeds[i] for i in group],
+                                  reporter, plan, on_window=on_window)
         elapsed = time.perf_counter() - started
         waste = padding_waste_for(loaded, [items[i] for i in group])
         for row, index in enumerate(group):
@@ -255,22 +293,22 @@ def _generate_group(loaded: LoadedModel, items: list[GenerationItem], seeds: lis
     # do_sample=False: the sampler has already chosen each token, greedy decoding only reads it
     # back, and HF adds none of its own temperature/top-k/top-p warpers after it.
     kwargs: dict[str, Any] = {
-        **_model_inputs(loaded, items), "do_sample": False, "guidance_scale": guidance_scale,
+        **model_inputs(loaded, items), "do_sample": False, "guidance_scale": guidance_scale,
         "max_new_tokens": max_new_tokens, "logits_processor": [StepCounter(reporter), sampler],
     }
-    with _GENERATE_LOCK:
+    with GENERATE_LOCK:
         try:
             with torch.inference_mode():
                 out = loaded.model.generate(**kwargs)
         except PipelineError:
             raise
         except RuntimeError as e:
-            _raise_runtime(e, "generation")
+            raise_runtime(e, "generation")
     audio: np.ndarray = out.to(torch.float32).cpu().numpy()
     return audio
 
 
-def _model_inputs(loaded: LoadedModel, items: list[GenerationItem]) -> dict[str, torch.Tensor]:
+def model_inputs(loaded: LoadedModel, items: list[GenerationItem]) -> dict[str, torch.Tensor]:
     prompts = [item.prompt for item in items]
     if any(item.melody is not None for item in items):
         rate = loaded.processor.sampling_rate
@@ -293,7 +331,7 @@ def _mono_at(melody: tuple[np.ndarray, int], rate: int) -> np.ndarray:
     return resample(torch.from_numpy(np.ascontiguousarray(wave)), source_rate, rate).numpy()
 
 
-def _raise_runtime(error: RuntimeError, during: str) -> NoReturn:
+def raise_runtime(error: RuntimeError, during: str) -> NoReturn:
     """Map a torch RuntimeError to the pipeline's errors (always raises)."""
     if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower():
         if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]

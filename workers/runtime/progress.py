@@ -29,6 +29,7 @@ class ProgressReporter:
         self._min_delta = min_delta
         self._done = 0
         self._last = -1.0
+        self.stage = ""  # what the steps belong to, e.g. "window 3 of 7" for a long clip
 
     @property
     def steps_done(self) -> int:
@@ -40,7 +41,8 @@ class ProgressReporter:
         self._done = min(self._done + 1, self._total)
         fraction = DECODE_SPAN * self._done / self._total
         if self._done == self._total or fraction - self._last >= self._min_delta:
-            self._report(fraction, f"generating {self._done}/{self._total} steps")
+            where = f"{self.stage}: " if self.stage else ""
+            self._report(fraction, f"{where}generating {self._done}/{self._total} steps")
 
     def finish(self, message: str = "done") -> None:
         """Report completion (1.0) once the audio is decoded."""

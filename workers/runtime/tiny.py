@@ -50,18 +50,20 @@ README = """# Tiny random MusicGen ({kind})
 
 This is **not** a real model. It is a tiny, randomly initialised MusicGen ({cls}) built by
 `workers.runtime.tiny.make_tiny` (seed {seed}). It has the real model's on-disk format and audio
-shapes (32 kHz mono, 50 frames/s, 4 codebooks) but its output is noise.
+shapes (32 kHz, 50 frames/s, 4 codebooks per channel) but its output is noise.
 
 It exists so that tests, CI and offline demos exercise the real loading and generation code
 without downloading multi-gigabyte checkpoints. Never serve it to users.
 """
 
 
-def make_tiny(path: Path, *, melody: bool = False, seed: int = 0) -> Path:
+def make_tiny(path: Path, *, melody: bool = False, stereo: bool = False, seed: int = 0) -> Path:
     """Build a tiny random MusicGen checkpoint into ``path`` and return ``path``.
 
     ``melody=True`` builds a MusicGen-Melody (chroma-conditioned) checkpoint instead of the
-    text-to-music one. The same ``seed`` gives the same weights.
+    text-to-music one; ``stereo=True`` one like facebook/musicgen-stereo-*: the decoder predicts
+    eight codebooks, left and right interleaved (``audio_channels = 2``), decoded by the same
+    mono EnCodec one channel at a time. The same ``seed`` gives the same weights.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -72,9 +74,9 @@ def make_tiny(path: Path, *, melody: bool = False, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if melody:
-            model = MusicgenMelodyForConditionalGeneration(_melody_config(len(tokenizer)))
+            model = MusicgenMelodyForConditionalGeneration(_melody_config(len(tokenizer), stereo))
         else:
-            model = MusicgenForConditionalGeneration(_config(len(tokenizer)))
+            model = MusicgenForConditionalGeneration(_config(len(tokenizer), stereo))
         _fill_codebooks(model)
     model.generation_config = _generation_config()
     model.save_pretrained(path)
@@ -88,7 +90,7 @@ def make_tiny(path: Path, *, melody: bool = False, seed: int = 0) -> Path:
         processor = MusicgenProcessor(  # type: ignore[no-untyped-call]
             feature_extractor=feature_extractor, tokenizer=tokenizer)
         processor.save_pretrained(path)
-    kind = "melody" if melody else "text-to-music"
+    kind = ("stereo " if stereo else "") + ("melody" if melody else "text-to-music")
     (path / "README.md").write_text(
         README.format(kind=kind, cls=type(model).__name__, seed=seed), encoding="utf-8"
     )
@@ -140,11 +142,12 @@ def _audio_encoder_config() -> EncodecConfig:
     )
 
 
-def _decoder_kwargs() -> dict[str, object]:
+def _decoder_kwargs(stereo: bool = False) -> dict[str, object]:
+    channels = 2 if stereo else 1
     return {
         "vocab_size": CODEBOOK_SIZE, "max_position_embeddings": 2048, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "hidden_size": 32, "ffn_dim": 64, "num_codebooks": NUM_CODEBOOKS,
-        "audio_channels": 1, "pad_token_id": CODEBOOK_SIZE, "bos_token_id": CODEBOOK_SIZE,
+        "num_attention_heads": 2, "hidden_size": 32, "ffn_dim": 64,
+        "num_codebooks": NUM_CODEBOOKS * channels, "audio_channels": channels, "pad_token_id": CODEBOOK_SIZE, "bos_token_id": CODEBOOK_SIZE,
         "activation_function": "gelu", "dropout": 0.1,
         # 10x the real init scale: at 0.02 a 32-wide random decoder is so close to uniform that
         # text or melody conditioning rarely changes a sampled token, and tests could not see it.
@@ -152,17 +155,17 @@ def _decoder_kwargs() -> dict[str, object]:
     }
 
 
-def _config(vocab_size: int) -> MusicgenConfig:
+def _config(vocab_size: int, stereo: bool = False) -> MusicgenConfig:
     return MusicgenConfig(
         text_encoder=_text_encoder_config(vocab_size), audio_encoder=_audio_encoder_config(),
-        decoder=MusicgenDecoderConfig(**_decoder_kwargs()),  # type: ignore[arg-type]
+        decoder=MusicgenDecoderConfig(**_decoder_kwargs(stereo)),  # type: ignore[arg-type]
     )
 
 
-def _melody_config(vocab_size: int) -> MusicgenMelodyConfig:
+def _melody_config(vocab_size: int, stereo: bool = False) -> MusicgenMelodyConfig:
     return MusicgenMelodyConfig(
         text_encoder=_text_encoder_config(vocab_size), audio_encoder=_audio_encoder_config(),
-        decoder=MusicgenMelodyDecoderConfig(**_decoder_kwargs()),  # type: ignore[arg-type]
+        decoder=MusicgenMelodyDecoderConfig(**_decoder_kwargs(stereo)),  # type: ignore[arg-type]
         num_chroma=12, chroma_length=235,
     )
 

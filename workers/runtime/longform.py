@@ -1,0 +1,212 @@
+"""Music longer than the model's window: windowed continuation in token space.
+
+A port of audiocraft's ``MusicGen._generate_tokens`` with ``extend_stride``. The first window
+generates up to the model's window; each next one starts ``stride`` frames later, is prompted
+with the codes of the previous window past that point (``window - stride`` frames) and keeps
+only the frames it adds. The prompt goes in un-delayed as ``decoder_input_ids`` (transformers
+applies the delay pattern itself), and the codes are taken from the decoder, not from
+re-encoded audio: transformers' top-level ``generate`` decodes to audio and drops the codes, so
+``_capture_codes`` stands in for the EnCodec decode during each window's call (which also saves
+decoding audio nobody hears). The codes of every window are concatenated and decoded once, so
+there is no seam from re-encoding.
+
+Items of one call run their windows in lockstep: they share the total frame count (bucketed,
+then trimmed) and the stride, so window ``i`` of every item runs in the same ``model.generate``
+call (the batch key says so, ``long_key``). One ``JobSampler`` serves every window of a call, so
+each item's random stream simply goes on from window to window: a seed reproduces the whole clip.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError
+from workers.runtime.batch import GenerationItem
+from workers.runtime.progress import ProgressReporter, StepCounter
+from workers.runtime.sampling import JobSampler, JobSampling
+
+# A long item's total frames are rounded up to a multiple of this (then trimmed), so clips a
+# few seconds apart share a call; a fixed step rather than the in-window buckets' quarter
+# octave, which would generate up to a quarter more of a five-minute clip for nothing.
+LONG_BUCKET_FRAMES = 128
+
+
+@dataclass(frozen=True)
+class Window:
+    """One model call of a long clip, in codec frames."""
+
+    index: int
+    start: int  # the clip's frame this window's prompt starts at
+    prompt: int  # frames of the previous window's codes fed in as the prompt
+    new: int  # frames this window adds to the clip
+
+
+@dataclass(frozen=True)
+class WindowCodes:
+    """What one window produced (for tests and partial results): ``codes`` is the decoder's
+    output ``(batch, codebooks, prompt + generated)``, prompt included as it went in."""
+
+    window: Window
+    count: int
+    prompt: torch.Tensor | None
+    codes: torch.Tensor
+
+
+WindowHook = Callable[[WindowCodes], None]
+
+
+def plan_windows(total: int, window: int, stride: int) -> list[Window]:
+    """The windows that cover ``total`` frames, audiocraft's loop: window ``i`` starts at
+    ``i * stride``, is prompted with what the previous one generated past that point and
+    generates up to ``window`` frames in all (prompt included). One window when it fits."""
+    if total < 1 or window < 1:
+        raise ValueError(f"total and window must be positive, got {total} and {window}")
+    if total <= window:
+        return [Window(0, 0, 0, total)]
+    if not 0 < stride < window:
+        raise ValueError(f"stride must be in (0, {window}) frames, got {stride}")
+    windows: list[Window] = []
+    start = prompt = 0
+    while start + prompt < total:
+        length = min(total - start, window)
+        windows.append(Window(len(windows), start, prompt, length - prompt))
+        prompt, start = length - stride, start + stride
+    return windows
+
+
+def long_frames(frames: int) -> int:
+    """Frames generated for a long item needing ``frames`` (bucketed, trimmed afterwards).
+    Changing the step changes the audio of a seed: keep it fixed."""
+    return -(-frames // LONG_BUCKET_FRAMES) * LONG_BUCKET_FRAMES
+
+
+def melody_segment(samples: np.ndarray, rate: int, start_s: float, length_s: float) -> np.ndarray:
+    """The melody under a window starting ``start_s`` into the clip, ``length_s`` long, wrapping
+    round to the melody's start when it is shorter than the clip (audiocraft's positions
+    ``arange(start, start + length) % len``). ``samples`` is ``(n,)`` or ``(channels, n)``."""
+    n = samples.shape[-1]
+    first = int(start_s * rate)
+    positions = np.arange(first, first + max(1, int(length_s * rate))) % n
+    return np.ascontiguousarray(samples[..., positions])
+
+
+@contextmanager
+def _capture_codes(model: Any) -> Iterator[list[torch.Tensor]]:
+    """Record the codes ``model.generate`` hands EnCodec instead of decoding them.
+
+    Stereo models decode left and right codebooks in two calls; the caller interleaves them.
+    An instance attribute shadows the method and ``del`` restores it; the generate lock held by
+    the caller keeps any other call from seeing the stand-in.
+    """
+    captured: list[torch.Tensor] = []
+    encoder = model.audio_encoder
+
+    def decode(audio_codes: torch.Tensor, *_args: Any, **_kwargs: Any) -> SimpleNamespace:
+        captured.append(audio_codes[0])
+        return SimpleNamespace(audio_values=torch.zeros(audio_codes.shape[1], 1, 1))
+
+    encoder.decode = decode
+    try:
+        yield captured
+    finally:
+        del encoder.decode
+
+
+def _joined(captured: list[torch.Tensor]) -> torch.Tensor:
+    if len(captured) == 1:
+        return captured[0]
+    left, right = captured  # stereo: codebooks interleaved left, right, left, ...
+    batch, half, frames = left.shape
+    return torch.stack([left, right], dim=2).reshape(batch, 2 * half, frames)
+
+
+def decode_codes(model: Any, codes: torch.Tensor) -> torch.Tensor:
+    """EnCodec's audio for ``codes`` ``(batch, codebooks, frames)``: ``(batch, channels, n)``."""
+    scales = [None] * codes.shape[0]
+    encoder = model.audio_encoder
+    if int(model.decoder.config.audio_channels) == 1:
+        audio: torch.Tensor = encoder.decode(codes[None], audio_scales=scales).audio_values
+        return audio
+    left = encoder.decode(codes[None, :, ::2], audio_scales=scales).audio_values
+    right = encoder.decode(codes[None, :, 1::2], audio_scales=scales).audio_values
+    return torch.cat([left, right], dim=1)
+
+
+def generate_long(loaded: Any, items: list[GenerationItem], seeds: list[int],
+                  reporter: ProgressReporter, windows: list[Window], *,
+                  on_window: WindowHook | None = None) -> np.ndarray:
+    """Generate ``items`` window by window, in lockstep; the decoded ``(batch, channels, n)``.
+
+    ``loaded`` is a ``workers.runtime.musicgen.LoadedModel``; the caller holds no lock.
+    """
+    from workers.runtime import musicgen  # musicgen dispatches here: imported at call time
+
+    guidance_scale = items[0].guidance_scale
+    sampler = JobSampler(
+        [JobSampling(seed=seed, temperature=item.temperature, top_k=item.top_k, top_p=item.top_p)
+         for item, seed in zip(items, seeds, strict=True)],
+        guidance_scale=guidance_scale, device=loaded.device)
+    counter = StepCounter(reporter)
+    parts: list[torch.Tensor] = []
+    prompt: torch.Tensor | None = None
+    window_s = loaded.max_duration_s
+    with musicgen.GENERATE_LOCK:
+        for window in windows:
+            reporter.stage = f"window {window.index + 1} of {len(windows)}"
+            start_s = window.start / loaded.frame_rate
+            inputs = musicgen.model_inputs(loaded, _windowed(items, start_s, window_s))
+            kwargs: dict[str, Any] = {
+                **inputs, "do_sample": False, "guidance_scale": guidance_scale,
+                "max_new_tokens": musicgen.max_new_tokens_for(window.new, loaded.delay_codebooks),
+                "logits_processor": [counter, sampler]}
+            if prompt is not None:
+                batch, codebooks, frames = prompt.shape
+                kwargs["decoder_input_ids"] = prompt.reshape(batch * codebooks, frames)
+            try:
+                with torch.inference_mode(), _capture_codes(loaded.model) as captured:
+                    loaded.model.generate(**kwargs)
+            except PipelineError:
+                raise
+            except RuntimeError as e:
+                musicgen.raise_runtime(e, f"window {window.index + 1} of {len(windows)}")
+            codes = _joined(captured)
+            parts.append(codes[:, :, window.prompt:window.prompt + window.new])
+            if on_window is not None:
+                on_window(WindowCodes(window, len(windows), prompt, codes))
+            if window.index + 1 < len(windows):
+                following = windows[window.index + 1]
+                # The next prompt: what this window holds from the next one's start onwards.
+                offset = following.start - window.start
+                prompt = codes[:, :, offset:offset + following.prompt]
+        try:
+            with torch.inference_mode():
+                audio = decode_codes(loaded.model, torch.cat(parts, dim=-1))
+        except RuntimeError as e:
+            musicgen.raise_runtime(e, "decoding the windows")
+    return np.asarray(audio.to(torch.float32).cpu().numpy())
+
+
+def _windowed(items: list[GenerationItem], start_s: float, length_s: float) -> list[GenerationItem]:
+    # Melody conditioning follows the window (wrapping round a short melody), as audiocraft does.
+    return [item if item.melody is None else replace(
+        item, melody=(melody_segment(np.asarray(item.melody[0]), int(item.melody[1]), start_s,
+                                     length_s), item.melody[1]))
+            for item in items]
+
+
+def windows_for(duration_s: float, stride_s: float, *, frame_rate: float, sampling_rate: int,
+                samples_per_frame: int, window_s: float) -> list[Window]:
+    """The windows a ``duration_s`` clip takes (one when it fits the window)."""
+    frames = max(1, math.ceil(round(duration_s * sampling_rate) / samples_per_frame))
+    window = max(1, math.floor(window_s * frame_rate + 1e-9))
+    if frames <= window:
+        return [Window(0, 0, 0, frames)]
+    return plan_windows(long_frames(frames), window, max(1, round(stride_s * frame_rate)))
