@@ -59,6 +59,20 @@ class Progress:
     message: str
 
 
+@dataclass(frozen=True)
+class Partial:
+    """The audio a long job has generated so far: a complete file a caller can start playing,
+    replaced after each window (``uri``; ``path`` too on folder storage), ``seconds`` long,
+    after ``window`` of ``windows``. Only the job's result counts once it ends."""
+
+    uri: str
+    path: str | None
+    seconds: float
+    window: int
+    windows: int
+    format: str
+
+
 def error_of(info: Any) -> tuple[str, str]:
     """(code, message) of a failed job's stored exception."""
     if isinstance(info, PipelineError):
@@ -124,6 +138,21 @@ class JobHandle:
         if isinstance(info, dict) and "progress" in info:
             return Progress(float(info["progress"]), str(info.get("message", "")))
         return Progress(0.0, _STATUS.get(state, JobStatus.queued).value)
+
+    def partial(self) -> Partial | None:
+        """The latest partial result of a running long job, or None: before its first window
+        ends, for a job within the model's window, and once the job has ended (its partial is
+        removed then; ``result()`` is what counts)."""
+        state, info = self._state()
+        found = info.get("partial") if state == "PROGRESS" and isinstance(info, dict) else None
+        if not isinstance(found, dict):
+            return None
+        try:
+            return Partial(uri=str(found["uri"]), path=found.get("path"),
+                           seconds=float(found["seconds"]), window=int(found["window"]),
+                           windows=int(found["windows"]), format=str(found.get("format", "")))
+        except (KeyError, TypeError, ValueError):  # a state no worker of ours would write
+            return None
 
     def result(self) -> JobResult | None:
         """The result if the job succeeded, None while it runs; raises if it failed or was cancelled."""

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import GpuOutOfMemory
-from workers.runtime.batch import GeneratedAudio, GenerationItem
+from workers.partials import PartialCodes
+from workers.runtime.batch import GeneratedAudio, GenerationItem, window_sink
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Ticket:
     fraction: float = 0.0  # generation progress in [0, 1], written by the loop
     message: str = ""  # what the loop is doing for it ("window 3 of 7: ..."), written by the loop
     hard_limit_s: float | None = None  # this job's own hard limit (scaled with its duration)
+    partial: Any = None  # a long job's PartialCodes after each window but the last (the loop)
 
     @property
     def dropped(self) -> bool:
@@ -204,6 +206,7 @@ class Batcher:
         limits = [t.hard_limit_s for t in live if t.hard_limit_s is not None]
         self._call_limit = max(limits) if limits else self.hard_limit_s
         self._call_started = time.monotonic()
+        sink = window_sink.set(self._partials(live))
         try:
             audio = self._generate(live[0].loaded, [t.item for t in live], self._progress(live))
         except BatchAbandoned:
@@ -228,6 +231,7 @@ class Batcher:
             return
         finally:
             self._call_started = None
+            window_sink.reset(sink)
         for ticket, clip in zip(live, audio, strict=True):
             ticket.fraction = 1.0
             _settle(ticket.future, audio=clip)
@@ -242,6 +246,18 @@ class Batcher:
                 ticket.message = message
 
         return report
+
+    @staticmethod
+    def _partials(batch: list[Ticket]) -> Callable[[Any], None]:
+        def finished(window: Any) -> None:  # a longform.WindowCodes: the loop stays torch-free
+            if window.window.index + 1 >= window.count:
+                return  # the last window's audio is the result itself
+            for row, ticket in enumerate(batch):
+                if not ticket.dropped:
+                    ticket.partial = PartialCodes(window.clip[row].clone(), window.window.index + 1,
+                                                  window.count)
+
+        return finished
 
     def _watchdog(self) -> None:
         assert self.hard_limit_s is not None

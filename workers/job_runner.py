@@ -30,6 +30,7 @@ from workers.audio.formats import FORMATS
 from workers.audio.postprocess import render
 from workers.batcher import Batcher, BatchStats, Ticket
 from workers.inputs import fetch_melody
+from workers.partials import PartialPublisher, PartialSink, partial_name
 from workers.runtime.batch import GeneratedAudio, GenerationItem, validate_items
 from workers.runtime.model_cache import ModelCache
 from workers.runtime.musicgen import LoadedModel, batch_key_for, generate, load_model
@@ -64,12 +65,19 @@ def job_outputs(settings: Settings, job_id: str) -> list[Path]:
     return [out_dir / f"{job_id}{ext}" for ext in OUTPUT_EXTENSIONS]
 
 
+def partial_outputs(settings: Settings, job_id: str) -> list[Path]:
+    """Every path a long job's partial file (``workers.partials``) may have in its folder."""
+    out_dir = output_folder(settings, job_id)
+    return [out_dir / partial_name(job_id, ext) for ext in OUTPUT_EXTENSIONS]
+
+
 def clear_leftovers(settings: Settings, job_id: str) -> None:
     """Remove what earlier attempts of a job left (a worker killed mid-job runs no cleanup):
     its temp folder and the ``.part`` files of its outputs. A finished file stays: the attempt
     starting now replaces it atomically, or removes it if it fails."""
     shutil.rmtree(job_temp_dir(settings, job_id), ignore_errors=True)
     remove_partial(job_outputs(settings, job_id), keep_finished=True)
+    remove_partial(partial_outputs(settings, job_id))
 
 
 def discard_job_files(settings: Settings, job_id: str) -> None:
@@ -77,10 +85,11 @@ def discard_job_files(settings: Settings, job_id: str) -> None:
     poison): its temp folder, its output and sidecar, and their ``.part`` files; exactly the
     job's own, nothing of a job whose id merely starts with this one."""
     shutil.rmtree(job_temp_dir(settings, job_id), ignore_errors=True)
-    remove_partial(job_outputs(settings, job_id))
+    remove_partial([*job_outputs(settings, job_id), *partial_outputs(settings, job_id)])
     if local_root(settings.storage) is None:
         # A hard kill between the file's upload and its sidecar's leaves an object behind.
         names = [f"{job_id}{ext}{tail}" for ext in OUTPUT_EXTENSIONS for tail in ("", ".json")]
+        names += [partial_name(job_id, ext) for ext in OUTPUT_EXTENSIONS]
         try:
             backend_for(settings.storage).delete(names)
         except Exception:  # the retention sweep is the backstop
@@ -149,9 +158,14 @@ class JobRunner:
             return None
         return self.model(self.settings.model.preset)[1]
 
-    def run(self, spec: JobSpec, *, worker: str, progress: Progress, started_at: float) -> RunOutcome:
+    def run(self, spec: JobSpec, *, worker: str, progress: Progress, started_at: float,
+            on_partial: PartialSink | None = None) -> RunOutcome:
         """Generate one job's file; partial files are removed whatever happens, and so are the
-        leftovers of earlier attempts of the same job when this one starts."""
+        leftovers of earlier attempts of the same job when this one starts.
+
+        A long job publishes its audio so far after each window (``workers.partials``) and
+        hands ``on_partial`` where it is; that file is gone when the job ends.
+        """
         storage = self.settings.storage
         backend = backend_for(storage)
         temp_dir = job_temp_dir(self.settings, spec.job_id)
@@ -160,6 +174,7 @@ class JobRunner:
         clear_leftovers(self.settings, spec.job_id)
         temp_dir.mkdir(parents=True, exist_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
+        partials: PartialPublisher | None = None
         try:
             progress(0.0, "loading model")
             loaded, load_s = self.model(spec.model)
@@ -176,8 +191,9 @@ class JobRunner:
             limits = job_time_limits(self.settings.worker, spec.duration)
             ticket = self.batcher.submit(loaded, item, batch_key_for(loaded, item), model=spec.model,
                                          hard_limit_s=limits.hard)
+            partials = PartialPublisher(spec, loaded, out_dir, temp_dir, backend, on_partial)
             audio = self._wait(ticket, progress, deadline=started_at + limits.soft,
-                               limit=limits.soft)
+                               limit=limits.soft, partials=partials)
             progress(0.9, "post-processing")
             # spec.output is the shared OutputSpec, checked when the spec was decoded; the
             # table's suffix is also what maintenance sweeps.
@@ -212,10 +228,12 @@ class JobRunner:
             remove_partial(job_outputs(self.settings, spec.job_id))
             raise
         finally:
+            if partials is not None:
+                partials.remove()
             shutil.rmtree(temp_dir, ignore_errors=True)
 
-    def _wait(self, ticket: Ticket, progress: Progress, *, deadline: float,
-              limit: float) -> GeneratedAudio:
+    def _wait(self, ticket: Ticket, progress: Progress, *, deadline: float, limit: float,
+              partials: PartialPublisher | None = None) -> GeneratedAudio:
         """Wait for the engine to generate this job, reporting its progress meanwhile.
 
         Whatever ends the wait early (the cancel flag seen by ``progress``, the soft time limit,
@@ -228,6 +246,9 @@ class JobRunner:
                     return ticket.future.result(timeout=WAIT_POLL_S)
                 except TimeoutError:
                     pass
+                if partials is not None and ticket.partial is not None \
+                        and ticket.partial is not partials.last:
+                    partials.publish(ticket.partial)
                 progress(0.9 * ticket.fraction, ticket.message or (
                     "generating" if ticket.fraction else "waiting for a batch"))
                 if time.time() > deadline:

@@ -104,25 +104,40 @@ def _ledger(app: PipelineCelery, action: str, job_id: str, **values: Any) -> boo
     return None
 
 
-def _progress_reporter(task: Task, reg: JobRegistry) -> Any:
-    last = [0.0]
+class _JobProgress:
+    """Writes a job's PROGRESS state: fraction, message and its latest partial result (each
+    write replaces the whole state, so the partial rides along with every later one)."""
 
-    def report(fraction: float, message: str) -> None:
+    def __init__(self, task: Task, reg: JobRegistry) -> None:
+        self._task, self._reg = task, reg
+        self._last = 0.0
+        self._partial: dict[str, Any] | None = None
+
+    def partial(self, info: dict[str, Any]) -> None:
+        """A newer partial file (``workers.partials``): written with the next report, at once."""
+        self._partial = info
+        self._last = 0.0
+
+    def __call__(self, fraction: float, message: str) -> None:
         now = time.monotonic()
-        if now - last[0] < PROGRESS_INTERVAL_S and fraction < 1.0:
+        if now - self._last < PROGRESS_INTERVAL_S and fraction < 1.0:
             return
-        last[0] = now
+        self._last = now
+        meta: dict[str, Any] = {"progress": round(fraction, 4), "message": message}
+        if self._partial is not None:
+            meta["partial"] = self._partial
         try:
-            cancelled = reg.is_cancelled(task.request.id)
-            task.update_state(state="PROGRESS",
-                              meta={"progress": round(fraction, 4), "message": message})
+            cancelled = self._reg.is_cancelled(self._task.request.id)
+            self._task.update_state(state="PROGRESS", meta=meta)
         except Exception:  # progress is best-effort: a Redis blip must not fail the job
-            log.warning("could not report progress of %s", task.request.id, exc_info=True)
+            log.warning("could not report progress of %s", self._task.request.id, exc_info=True)
             return
         if cancelled:
-            raise JobCancelledByUser(task.request.id)
+            raise JobCancelledByUser(self._task.request.id)
 
-    return report
+
+def _progress_reporter(task: Task, reg: JobRegistry) -> _JobProgress:
+    return _JobProgress(task, reg)
 
 
 def _decode(payload: dict[str, Any]) -> JobSpec:
@@ -239,8 +254,9 @@ def _run(task: Task, spec: JobSpec, reg: JobRegistry, started_at: float) -> dict
         log.warning("job %s already finished; dropping this delivery", spec.job_id)
         raise Ignore()
     try:
+        progress = _progress_reporter(task, reg)
         outcome = runner.run(spec, worker=task.request.hostname or "worker",
-                             progress=_progress_reporter(task, reg), started_at=started_at)
+                             progress=progress, started_at=started_at, on_partial=progress.partial)
     except JobCancelledByUser:
         runner.remove_outputs(spec.job_id)
         task.backend.mark_as_revoked(spec.job_id, "cancelled while running", request=task.request)

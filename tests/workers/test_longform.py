@@ -21,6 +21,7 @@ from workers.runtime.longform import (
     Window,
     WindowCodes,
     decode_codes,
+    long_frames,
     melody_segment,
     plan_windows,
 )
@@ -48,6 +49,14 @@ def test_windows_follow_audiocraft_and_cover_the_clip() -> None:
     assert plan_windows(1500, 1500, 900) == [Window(0, 0, 0, 1500)]
     with pytest.raises(ValueError):
         plan_windows(3000, 1500, 1500)
+
+
+def test_rounding_a_long_clip_up_never_adds_a_window() -> None:
+    # 2400 frames (48 s) need 30 + 18 s; rounded up to 2432 they would need a third window of
+    # 32 frames behind a 600-frame prompt: the rounding stops at what the last window holds.
+    assert long_frames(2400, 1500, 900) == 2400
+    assert long_frames(3750, 1500, 900) == 3840  # 75 s: rounded to the next 128, same windows
+    assert len(plan_windows(long_frames(2400, 1500, 900), 1500, 900)) == 2
 
 
 def test_the_output_has_exactly_the_requested_samples(short_window: LoadedModel) -> None:
@@ -90,7 +99,7 @@ def test_a_seeded_long_job_is_reproducible_alone_or_with_a_neighbour(
     assert not np.array_equal(first.samples, other_seed.samples)
     # Batched, every window's tokens are the same; the decode's float sums in a wider batch
     # may round differently in the last bit (the README's note on batch shapes).
-    assert batched.batch_size == 2 and len(alone) == len(together) == 4
+    assert batched.batch_size == 2 and len(alone) == len(together) == 3
     for solo, pair in zip(alone, together, strict=True):
         assert torch.equal(solo.codes[0], pair.codes[1])
     np.testing.assert_allclose(first.samples, batched.samples, atol=1e-6)

@@ -23,11 +23,18 @@ and its own random stream.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from pipeline.errors import InvalidRequest, UnsupportedOption
+
+# Where generate() reports a long clip's finished windows when its caller passed no hook: the
+# batching engine sets it around each call (workers/batcher.py), so the generate function
+# keeps its three-argument contract (tests and fault injection wrap it as it is).
+window_sink: ContextVar[Callable[[Any], None] | None] = ContextVar("window_sink", default=None)
 
 DEFAULT_WINDOW_STRIDE_S = 18.0  # audiocraft's default extend_stride: a 12 s prompt per window
 MAX_TOTAL_DURATION_S = 300.0  # the longest clip any deployment may configure

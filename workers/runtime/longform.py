@@ -52,12 +52,14 @@ class Window:
 @dataclass(frozen=True)
 class WindowCodes:
     """What one window produced (for tests and partial results): ``codes`` is the decoder's
-    output ``(batch, codebooks, prompt + generated)``, prompt included as it went in."""
+    output ``(batch, codebooks, prompt + generated)``, prompt included as it went in; ``clip``
+    the clip's codes so far, every window's new frames ``(batch, codebooks, frames)``."""
 
     window: Window
     count: int
     prompt: torch.Tensor | None
     codes: torch.Tensor
+    clip: torch.Tensor
 
 
 WindowHook = Callable[[WindowCodes], None]
@@ -82,10 +84,15 @@ def plan_windows(total: int, window: int, stride: int) -> list[Window]:
     return windows
 
 
-def long_frames(frames: int) -> int:
+def long_frames(frames: int, window: int, stride: int) -> int:
     """Frames generated for a long item needing ``frames`` (bucketed, trimmed afterwards).
-    Changing the step changes the audio of a seed: keep it fixed."""
-    return -(-frames // LONG_BUCKET_FRAMES) * LONG_BUCKET_FRAMES
+
+    Rounded up to ``LONG_BUCKET_FRAMES``, but never past what the item's last window holds:
+    rounding must not add a window (a prompt and a few frames) that nobody asked for. Changing
+    the step changes the audio of a seed: keep it fixed.
+    """
+    last = plan_windows(frames, window, stride)[-1]
+    return min(-(-frames // LONG_BUCKET_FRAMES) * LONG_BUCKET_FRAMES, last.start + window)
 
 
 def melody_segment(samples: np.ndarray, rate: int, start_s: float, length_s: float) -> np.ndarray:
@@ -132,11 +139,14 @@ def decode_codes(model: Any, codes: torch.Tensor) -> torch.Tensor:
     """EnCodec's audio for ``codes`` ``(batch, codebooks, frames)``: ``(batch, channels, n)``."""
     scales = [None] * codes.shape[0]
     encoder = model.audio_encoder
+    # The class's own decode, never an instance attribute: a job's task thread decodes its
+    # partial while the engine's call may have _capture_codes standing in on the same model.
+    decode = type(encoder).decode
     if int(model.decoder.config.audio_channels) == 1:
-        audio: torch.Tensor = encoder.decode(codes[None], audio_scales=scales).audio_values
+        audio: torch.Tensor = decode(encoder, codes[None], audio_scales=scales).audio_values
         return audio
-    left = encoder.decode(codes[None, :, ::2], audio_scales=scales).audio_values
-    right = encoder.decode(codes[None, :, 1::2], audio_scales=scales).audio_values
+    left = decode(encoder, codes[None, :, ::2], audio_scales=scales).audio_values
+    right = decode(encoder, codes[None, :, 1::2], audio_scales=scales).audio_values
     return torch.cat([left, right], dim=1)
 
 
@@ -180,7 +190,7 @@ def generate_long(loaded: Any, items: list[GenerationItem], seeds: list[int],
             codes = _joined(captured)
             parts.append(codes[:, :, window.prompt:window.prompt + window.new])
             if on_window is not None:
-                on_window(WindowCodes(window, len(windows), prompt, codes))
+                on_window(WindowCodes(window, len(windows), prompt, codes, torch.cat(parts, -1)))
             if window.index + 1 < len(windows):
                 following = windows[window.index + 1]
                 # The next prompt: what this window holds from the next one's start onwards.

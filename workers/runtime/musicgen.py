@@ -35,12 +35,13 @@ from pipeline.errors import (
 )
 from workers.runtime.batch import (
     GeneratedAudio,
+    DEFAULT_WINDOW_STRIDE_S,
     GenerationItem,
-    batch_groups,
     batch_key,
     bucket_frames,
     padding_waste,
     validate_items,
+    window_sink,
 )
 from workers.runtime.device import resolve_device, resolve_dtype
 from workers.runtime.longform import Window, WindowHook, generate_long, long_frames, plan_windows
@@ -183,14 +184,22 @@ def max_new_tokens_for(frames: int, num_codebooks: int) -> int:
     return max(frames + num_codebooks - 1, 2 * num_codebooks - 2)
 
 
-def bucket_for(duration_s: float, loaded: LoadedModel) -> int:
+def bucket_for(duration_s: float, loaded: LoadedModel,
+               stride_s: float = DEFAULT_WINDOW_STRIDE_S) -> int:
     """Frames generated for an item of ``duration_s`` seconds, alone or in any batch.
 
-    Past the window it is the long clip's total (``workers.runtime.longform``), always more than
-    any in-window bucket, so long and short items never share a call.
+    Past the window it is the long clip's total for windows ``stride_s`` apart
+    (``workers.runtime.longform.long_frames``), always more than any in-window bucket, so long
+    and short items never share a call.
     """
     frames, window = frames_for(duration_s, loaded), window_frames(loaded)
-    return bucket_frames(frames, window) if frames <= window else long_frames(frames)
+    if frames <= window:
+        return bucket_frames(frames, window)
+    return long_frames(frames, window, _stride_frames(stride_s, loaded))
+
+
+def _stride_frames(stride_s: float, loaded: LoadedModel) -> int:
+    return max(1, round(stride_s * loaded.frame_rate))
 
 
 def window_frames(loaded: LoadedModel) -> int:
@@ -200,17 +209,17 @@ def window_frames(loaded: LoadedModel) -> int:
 
 def windows_of(item: GenerationItem, loaded: LoadedModel) -> list[Window]:
     """The model calls ``item`` takes: one within the window, more past it."""
-    total = bucket_for(item.duration_s, loaded)
+    total = bucket_for(item.duration_s, loaded, item.window_stride_s)
     if total <= window_frames(loaded):
         return [Window(0, 0, 0, total)]
-    return plan_windows(total, window_frames(loaded),
-                        max(1, round(item.window_stride_s * loaded.frame_rate)))
+    return plan_windows(total, window_frames(loaded), _stride_frames(item.window_stride_s, loaded))
 
 
 def padding_waste_for(loaded: LoadedModel, items: list[GenerationItem]) -> float:
     """The fraction of frames ``generate`` would produce for ``items`` that no item needs."""
     return padding_waste([frames_for(item.duration_s, loaded) for item in items],
-                         [bucket_for(item.duration_s, loaded) for item in items])
+                         [bucket_for(item.duration_s, loaded, item.window_stride_s)
+                          for item in items])
 
 
 def generate(loaded: LoadedModel, items: list[GenerationItem],
@@ -220,7 +229,7 @@ def generate(loaded: LoadedModel, items: list[GenerationItem],
 
     Items that share a duration bucket, a guidance scale and melody or not (and, on a melody
     model, a prompt length in tokens) run in one padded
-    ``model.generate`` call (``batch_groups``); the groups run one after another. Each item is
+    ``model.generate`` call (``batch_key_for``); the groups run one after another. Each item is
     generated for its bucket's frame count, samples from its own generator seeded with its seed
     (reported back, drawn at random when the item has none) and is trimmed to its own length, so
     a seed reproduces the clip bit for bit on the same model and hardware, whatever the item's
@@ -232,8 +241,10 @@ def generate(loaded: LoadedModel, items: list[GenerationItem],
     validate_items(items, max_duration_s=loaded.max_duration_s, sampling_rate=loaded.sampling_rate,
                    melody_supported=loaded.is_melody)
     seeds = [int(item.seed) if item.seed is not None else secrets.randbelow(2**31) for item in items]
-    groups = batch_groups(items, lambda d: bucket_for(d, loaded),
-                          _prompt_tokens(loaded) if loaded.is_melody else None)
+    by_key: dict[Hashable, list[int]] = {}  # batch_groups, with each item's own stride
+    for index, item in enumerate(items):
+        by_key.setdefault(batch_key_for(loaded, item), []).append(index)
+    groups = list(by_key.values())
     windows = {tuple(g): windows_of(items[g[0]], loaded) for g in groups}
     steps = {key: sum(max_new_tokens_for(w.new, loaded.delay_codebooks) for w in plan)
              for key, plan in windows.items()}
@@ -247,7 +258,7 @@ def generate(loaded: LoadedModel, items: list[GenerationItem],
                                     steps[tuple(group)], reporter)
         else:
             audio = generate_long(loaded, [items[i] for i in group], [seeds[i] for i in group],
-                                  reporter, plan, on_window=on_window)
+                                  reporter, plan, on_window=on_window or window_sink.get())
         elapsed = time.perf_counter() - started
         waste = padding_waste_for(loaded, [items[i] for i in group])
         for row, index in enumerate(group):
@@ -269,7 +280,7 @@ def generate(loaded: LoadedModel, items: list[GenerationItem],
 
 def batch_key_for(loaded: LoadedModel, item: GenerationItem) -> Hashable:
     """The key under which ``item`` may share a ``generate`` call with others on ``loaded``."""
-    return batch_key(item, lambda d: bucket_for(d, loaded),
+    return batch_key(item, lambda d: bucket_for(d, loaded, item.window_stride_s),
                      _prompt_tokens(loaded) if loaded.is_melody else None)
 
 
