@@ -18,7 +18,6 @@ each item's random stream simply goes on from window to window: a seed reproduce
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -211,12 +210,3 @@ def _windowed(items: list[GenerationItem], start_s: float, length_s: float) -> l
                                      length_s), item.melody[1]))
             for item in items]
 
-
-def windows_for(duration_s: float, stride_s: float, *, frame_rate: float, sampling_rate: int,
-                samples_per_frame: int, window_s: float) -> list[Window]:
-    """The windows a ``duration_s`` clip takes (one when it fits the window)."""
-    frames = max(1, math.ceil(round(duration_s * sampling_rate) / samples_per_frame))
-    window = max(1, math.floor(window_s * frame_rate + 1e-9))
-    if frames <= window:
-        return [Window(0, 0, 0, frames)]
-    return plan_windows(long_frames(frames), window, max(1, round(stride_s * frame_rate)))

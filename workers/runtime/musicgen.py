@@ -34,8 +34,8 @@ from pipeline.errors import (
     UnsupportedOption,
 )
 from workers.runtime.batch import (
-    GeneratedAudio,
     DEFAULT_WINDOW_STRIDE_S,
+    GeneratedAudio,
     GenerationItem,
     batch_key,
     bucket_frames,
