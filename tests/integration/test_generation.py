@@ -127,6 +127,18 @@ def test_melody_conditioning_with_the_tiny_melody_model(shared_worker: Worker, w
     assert float(ffprobe(Path(out["result"]["output_path"]))["format"]["duration"]) == pytest.approx(1.0, abs=1e-3)
 
 
+def test_a_job_past_the_window_through_the_queue(shared_worker: Worker, workdir: Path,
+                                                redis_url: str) -> None:
+    """40 s from a model with a 30 s window: two windows, one file of exactly 40 s, and no
+    partial file left behind once the final one is written."""
+    out = run_caller(workdir, redis_url, {"prompt": "a long one", "duration": 40.0, "format": "wav",
+                                          "normalization": "none", "seed": 3}, timeout=240)
+    assert "error" not in out, out
+    path = Path(out["result"]["output_path"])
+    assert sf.info(path).frames == 40 * 32000
+    assert not list(path.parent.glob(f"{out['job_id']}.partial*"))
+
+
 def test_idempotent_enqueue_gives_one_job(shared_worker: Worker, workdir: Path, redis_url: str,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     settings = _settings(workdir, redis_url, monkeypatch)
