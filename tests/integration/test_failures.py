@@ -56,8 +56,9 @@ def outputs(workdir: Path, job_id: str) -> list[Path]:
 
 
 # Short limits so the promises can be watched in seconds, not hours.
+# Fixed limits (not scaled with the duration), so a 30 s visibility timeout covers every job.
 FAST = {"MUSICGEN_WORKER__SOFT_TIME_LIMIT": "20", "MUSICGEN_WORKER__HARD_TIME_LIMIT": "25",
-        "MUSICGEN_BROKER__VISIBILITY_TIMEOUT": "30"}
+        "MUSICGEN_WORKER__TIME_LIMIT_PER_SECOND": "0", "MUSICGEN_BROKER__VISIBILITY_TIMEOUT": "30"}
 
 
 def test_kill_9_mid_job_redelivers_to_another_worker(workers: WorkerFactory, workdir: Path, redis_url: str,
@@ -84,6 +85,7 @@ def test_kill_9_mid_job_redelivers_to_another_worker(workers: WorkerFactory, wor
 def test_soft_and_hard_time_limits_fail_with_timeout_and_worker_keeps_serving(
         workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     limits = {"MUSICGEN_WORKER__SOFT_TIME_LIMIT": "4", "MUSICGEN_WORKER__HARD_TIME_LIMIT": "8",
+              "MUSICGEN_WORKER__TIME_LIMIT_PER_SECOND": "0",
               "MUSICGEN_BROKER__VISIBILITY_TIMEOUT": "60", "MUSICGEN_WORKER__MAX_RETRIES": "0"}
     prod = producer(workdir, redis_url, monkeypatch, **limits)
     worker = workers.start(faults=True, **limits)

@@ -58,7 +58,7 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
 def test_no_accepted_job_is_lost_across_a_redis_restart(private_redis: RedisServer, workers: WorkerFactory,
                                                         workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     limits = {"MUSICGEN_WORKER__SOFT_TIME_LIMIT": "20", "MUSICGEN_WORKER__HARD_TIME_LIMIT": "25",
-              "MUSICGEN_BROKER__VISIBILITY_TIMEOUT": "30"}
+              "MUSICGEN_WORKER__TIME_LIMIT_PER_SECOND": "0", "MUSICGEN_BROKER__VISIBILITY_TIMEOUT": "30"}
     for key, value in base_env(workdir, private_redis.url, **limits).items():
         if key.startswith("MUSICGEN_"):
             monkeypatch.setenv(key, value)
