@@ -80,7 +80,7 @@ def test_keys_commands_create_list_and_revoke(isolated_settings_env: Path,
     assert listed.exit_code == 0, listed.output
     assert [(k["prefix"], k["user_id"], k["revoked_at"]) for k in json.loads(listed.stdout)] == [
         (label, "alice", None)]  # the unknown tier created no key
-    assert key not in listed.output and key.rsplit("_", 1)[1] not in listed.output
+    assert key not in listed.output and key.split("_", 2)[2] not in listed.output
 
     revoked = runner.invoke(app, ["keys", "revoke", label])
     assert revoked.exit_code == 0 and f"revoked {label} (alice)" in revoked.output

@@ -100,7 +100,7 @@ def test_the_access_log_names_a_key_by_its_prefix_only(gateway: Gateway,
     gateway.client.get("/v1/jobs/nothing?key=x", headers={"Authorization": f"Bearer {new.key}"})
     [line] = [r.getMessage() for r in caplog.records if r.name == "pipeline.gateway.access"]
     assert line.startswith("GET /v1/jobs/nothing 404 ") and line.endswith(f"key={new.info.label}")
-    secret = new.key.rsplit("_", 1)[1]
+    secret = new.key.split("_", 2)[2]  # the secret itself may hold "_"
     assert secret not in caplog.text and "key=x" not in caplog.text
 
 
