@@ -70,6 +70,15 @@ PresetName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_
 ExperimentName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_printable)]
 
 
+def _webhook_shape(value: str) -> str:
+    check_url(value, WEBHOOK_SCHEMES)
+    return value
+
+
+# The shape only (http/https, no credentials); the host allowlist is the deployment's, in resolve().
+WebhookUrl = Annotated[str, AfterValidator(_webhook_shape)]
+
+
 def queue_for(preset: str) -> str:
     """One queue per model preset, so a worker only takes jobs for the model it holds."""
     return f"{QUEUE_PREFIX}{preset}"
@@ -148,9 +157,9 @@ class GenerationRequest(BaseModel):
     melody: Path | bytes | str | None = Field(
         None, description="a local audio file, its bytes, or an s3:// or https:// URI the "
                           "worker fetches (hosts and bucket allowed by the settings)")
-    webhook_url: str | None = Field(None, description="http(s) URL the worker POSTs the job's "
-                                                      "end to, signed; its host must be in "
-                                                      "webhooks.allowed_hosts")
+    webhook_url: WebhookUrl | None = Field(
+        None, description="http(s) URL the worker POSTs the job's end to, signed; its host must "
+                          "be in webhooks.allowed_hosts")
     user_id: UserId = "anonymous"
     priority: Priority = 5
     job_id: JobId | None = Field(None, description="client id, scoped to its user: enqueueing "
@@ -190,13 +199,6 @@ class GenerationRequest(BaseModel):
             raise ValueError("a melody path has a name longer than 255 characters")
         _printable(text)
         return Path(text)
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _webhook_shape(cls, value: str | None) -> str | None:
-        if value is not None:
-            check_url(value, WEBHOOK_SCHEMES)
-        return value
 
 
 class MelodyInput(BaseModel):
@@ -284,14 +286,7 @@ class JobSpec(BaseModel):
     experiment: ExperimentName | None = None
     variant: PresetName | None = None
     # Checked against webhooks.allowed_hosts by resolve() and again before each delivery.
-    webhook_url: str | None = None
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _webhook_shape(cls, value: str | None) -> str | None:
-        if value is not None:
-            check_url(value, WEBHOOK_SCHEMES)
-        return value
+    webhook_url: WebhookUrl | None = None
 
     @model_validator(mode="after")
     def _variant_is_the_model(self) -> JobSpec:
