@@ -69,15 +69,7 @@ class JobSampler(LogitsProcessor):
         self._generators = [
             None if job.greedy else torch.Generator(device=self._device).manual_seed(job.seed)
             for job in self._jobs]
-        self._temperature = torch.tensor(
-            [1.0 if job.greedy else job.temperature for job in self._jobs], device=self._device)
-        self._top_k = torch.tensor([job.top_k for job in self._jobs], device=self._device)
-        # top_p 0 ("off") keeps every token: compare against infinity rather than 1.0, so that
-        # float rounding of a cumulative sum near 1 can never drop a token when it is off.
-        self._top_p = torch.tensor(
-            [job.top_p if 0 < job.top_p < 1 else float("inf") for job in self._jobs],
-            device=self._device)
-        self._greedy = torch.tensor([job.greedy for job in self._jobs], device=self._device)
+        self._rows: dict[int, RowSampling] = {}  # by rows per job, built on first use
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         doubled = scores.shape[0] == 2 * input_ids.shape[0]
@@ -101,39 +93,11 @@ class JobSampler(LogitsProcessor):
         if rows % len(self._jobs):
             raise ValueError(f"{rows} logit rows do not divide among {len(self._jobs)} jobs")
         per_job = rows // len(self._jobs)
-        greedy_tokens = logits.argmax(dim=-1)
         if all(generator is None for generator in self._generators):
-            return greedy_tokens
-
-        def per_row(values: torch.Tensor) -> torch.Tensor:  # one value per job -> (rows, 1)
-            return values.repeat_interleave(per_job)[:, None]
-
-        scaled = logits.float() / per_row(self._temperature)
-        scaled = self._top_k_filter(scaled, per_row(self._top_k))
-        probs = scaled.softmax(dim=-1)
-        nucleus = per_row(self._top_p).squeeze(1).isfinite().nonzero().squeeze(1)
-        if nucleus.numel():
-            probs[nucleus] = _top_p_filter(probs[nucleus], per_row(self._top_p)[nucleus])
-        cdf = probs.cumsum(dim=-1)
-        draws = self._draws(per_job, logits.device) * cdf[:, -1]
-        index = torch.searchsorted(cdf, draws[:, None], right=True).squeeze(1)
-        # A draw rounding up to the total mass would land past the last kept token: clamp to it.
-        ids = torch.arange(vocab, device=logits.device)
-        last_kept = torch.where(probs > 0, ids, 0).amax(dim=-1)
-        sampled = torch.minimum(index, last_kept)
-        return torch.where(per_row(self._greedy).squeeze(1), greedy_tokens, sampled)
-
-    @staticmethod
-    def _top_k_filter(scaled: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-        """Keep each row's ``top_k`` largest logits (ties at the k-th kept, as HF does); 0 = all."""
-        active = top_k > 0
-        if not bool(active.any()):
-            return scaled
-        vocab = scaled.shape[-1]
-        k = top_k.clamp(1, vocab)
-        largest = scaled.topk(int(k[active].max()), dim=-1).values  # exact copies of the values
-        kth = largest.gather(1, (k.clamp(max=largest.shape[-1]) - 1))
-        return scaled.masked_fill(active & (scaled < kth), float("-inf"))
+            return logits.argmax(dim=-1)
+        if per_job not in self._rows:
+            self._rows[per_job] = RowSampling.of(self._jobs, per_job, self._device)
+        return choose_tokens(logits, self._rows[per_job], self._draws(per_job, logits.device))
 
     def _draws(self, per_job: int, device: torch.device) -> torch.Tensor:
         """``per_job`` uniforms in [0, 1) per job, from that job's generator (zeros if greedy)."""
@@ -141,6 +105,77 @@ class JobSampler(LogitsProcessor):
                  else torch.rand(per_job, generator=generator, device=device)
                  for generator in self._generators]
         return torch.cat(parts)
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """Sampling parameters per logit row, for ``choose_tokens``.
+
+    Tensors hold one value per row, shaped ``(rows, 1)``; the plain fields are the same facts
+    known on the host, so that choosing a token never waits on the device to learn them.
+    ``JobSampler`` builds one per call shape, the decode engine (``workers.runtime.engine``) one
+    per set of active rows: both paths share one implementation of the arithmetic.
+    """
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor  # inf where top-p is off
+    greedy: torch.Tensor
+    max_top_k: int  # the largest top_k of any row, 0 when no row filters by top-k
+    nucleus: torch.Tensor | None  # indices of the rows with top-p on, None when none has
+
+    @classmethod
+    def of(cls, jobs: Sequence[JobSampling], per_job: int,
+           device: str | torch.device) -> RowSampling:
+        """``per_job`` consecutive rows for each of ``jobs``, in order (MusicGen's codebooks)."""
+        def per_row(values: list[float] | list[int] | list[bool]) -> torch.Tensor:
+            return torch.tensor(values, device=device).repeat_interleave(per_job)[:, None]
+
+        # top_p 0 ("off") keeps every token: compare against infinity rather than 1.0, so that
+        # float rounding of a cumulative sum near 1 can never drop a token when it is off.
+        top_p = [job.top_p if 0 < job.top_p < 1 else float("inf") for job in jobs]
+        nucleus = [index * per_job + offset for index, p in enumerate(top_p)
+                   if p != float("inf") for offset in range(per_job)]
+        return cls(
+            temperature=per_row([1.0 if job.greedy else job.temperature for job in jobs]),
+            top_k=per_row([job.top_k for job in jobs]), top_p=per_row(top_p),
+            greedy=per_row([job.greedy for job in jobs]),
+            max_top_k=max(job.top_k for job in jobs),
+            nucleus=torch.tensor(nucleus, device=device) if nucleus else None)
+
+
+def choose_tokens(logits: torch.Tensor, rows: RowSampling, draws: torch.Tensor) -> torch.Tensor:
+    """The token of every row of (guided) ``logits`` ``(rows, vocab)``, shaped ``(rows,)``.
+
+    ``draws`` holds one uniform in [0, 1) per row (any value for greedy rows). Every operation
+    is per row over the whole vocabulary, so a row's token depends on its own logits, parameters
+    and draw only, never on the rows beside it.
+    """
+    vocab = logits.shape[-1]
+    greedy_tokens = logits.argmax(dim=-1)
+    scaled = logits.float() / rows.temperature
+    scaled = _top_k_filter(scaled, rows.top_k, rows.max_top_k)
+    probs = scaled.softmax(dim=-1)
+    if rows.nucleus is not None:
+        probs[rows.nucleus] = _top_p_filter(probs[rows.nucleus], rows.top_p[rows.nucleus])
+    cdf = probs.cumsum(dim=-1)
+    index = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).squeeze(1)
+    # A draw rounding up to the total mass would land past the last kept token: clamp to it.
+    ids = torch.arange(vocab, device=logits.device)
+    last_kept = torch.where(probs > 0, ids, 0).amax(dim=-1)
+    sampled = torch.minimum(index, last_kept)
+    return torch.where(rows.greedy.squeeze(1), greedy_tokens, sampled)
+
+
+def _top_k_filter(scaled: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    """Keep each row's ``top_k`` largest logits (ties at the k-th kept, as HF does); 0 = all."""
+    if max_top_k <= 0:
+        return scaled
+    vocab = scaled.shape[-1]
+    k = top_k.clamp(1, vocab)
+    largest = scaled.topk(min(max_top_k, vocab), dim=-1).values  # exact copies of the values
+    kth = largest.gather(1, (k.clamp(max=largest.shape[-1]) - 1))
+    return scaled.masked_fill((top_k > 0) & (scaled < kth), float("-inf"))
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
