@@ -131,22 +131,34 @@ def load_model(source: str, *, device: str = "auto", dtype: str = "auto", compil
         model.eval()  # type: ignore[no-untyped-call]
     except RuntimeError as e:
         raise_runtime(e, f"moving {source!r} to {device}")
-    audio = config.audio_encoder
-    sampling_rate = int(audio.sampling_rate)
-    hop = int(getattr(audio, "hop_length", 0) or round(sampling_rate / audio.frame_rate))
-    frame_rate = sampling_rate / hop
-    loaded = LoadedModel(
-        model=model, processor=processor, source=source, device=device, dtype=torch_dtype,
-        sampling_rate=sampling_rate, frame_rate=frame_rate, samples_per_frame=hop,
-        num_codebooks=int(config.decoder.num_codebooks), is_melody=is_melody,
-        max_duration_s=_max_duration(model, frame_rate), load_seconds=0.0,
-        audio_channels=int(getattr(config.decoder, "audio_channels", 1) or 1),
-    )
+    loaded = loaded_model(model, processor, source=source, device=device, dtype=torch_dtype)
     if compile:
         _compile_decoder(loaded)
     loaded.load_seconds = time.perf_counter() - started
     log.info("loaded %s on %s/%s in %.1fs", source, device, torch_dtype, loaded.load_seconds)
     return loaded
+
+
+def loaded_model(model: MusicgenForConditionalGeneration | MusicgenMelodyForConditionalGeneration,
+                 processor: Any, *, source: str, device: str, dtype: torch.dtype) -> LoadedModel:
+    """A ``LoadedModel`` for a MusicGen already in memory (on ``device``, in ``dtype``).
+
+    The audio facts are read from the model's own config, so a checkpoint from disk
+    (``load_model``) and a model built in code (``workers.runtime.shapes``) get them alike.
+    """
+    config: Any = model.config  # typed loosely by transformers (its sub-configs may be dicts)
+    audio = config.audio_encoder
+    sampling_rate = int(audio.sampling_rate)
+    hop = int(getattr(audio, "hop_length", 0) or round(sampling_rate / audio.frame_rate))
+    frame_rate = sampling_rate / hop
+    return LoadedModel(
+        model=model, processor=processor, source=source, device=device, dtype=dtype,
+        sampling_rate=sampling_rate, frame_rate=frame_rate, samples_per_frame=hop,
+        num_codebooks=int(config.decoder.num_codebooks),
+        is_melody=config.model_type == "musicgen_melody",
+        max_duration_s=_max_duration(model, frame_rate), load_seconds=0.0,
+        audio_channels=int(getattr(config.decoder, "audio_channels", 1) or 1),
+    )
 
 
 def apply_hub_timeouts(seconds: int) -> None:

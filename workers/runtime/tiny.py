@@ -77,19 +77,13 @@ def make_tiny(path: Path, *, melody: bool = False, stereo: bool = False, seed: i
             model = MusicgenMelodyForConditionalGeneration(_melody_config(len(tokenizer), stereo))
         else:
             model = MusicgenForConditionalGeneration(_config(len(tokenizer), stereo))
-        _fill_codebooks(model)
-    model.generation_config = _generation_config()
+        fill_codebooks(model)
+    model.generation_config = generation_config()
     model.save_pretrained(path)
     if melody:
         _save_melody_processor(path, tokenizer)
     else:
-        feature_extractor = EncodecFeatureExtractor(
-            feature_size=1, sampling_rate=SAMPLING_RATE, padding_side="left",
-            return_attention_mask=True,
-        )
-        processor = MusicgenProcessor(  # type: ignore[no-untyped-call]
-            feature_extractor=feature_extractor, tokenizer=tokenizer)
-        processor.save_pretrained(path)
+        make_processor(tokenizer).save_pretrained(path)
     kind = ("stereo " if stereo else "") + ("melody" if melody else "text-to-music")
     (path / "README.md").write_text(
         README.format(kind=kind, cls=type(model).__name__, seed=seed), encoding="utf-8"
@@ -98,7 +92,7 @@ def make_tiny(path: Path, *, melody: bool = False, stereo: bool = False, seed: i
 
 
 @torch.no_grad()
-def _fill_codebooks(model: torch.nn.Module) -> None:
+def fill_codebooks(model: torch.nn.Module) -> None:
     # EnCodec's codebooks are buffers that training fills (k-means init); a fresh model holds
     # zeros, which would decode every token sequence to the same waveform, and then neither the
     # seed nor the prompt would change the audio. Random codebooks make each code sound different.
@@ -108,6 +102,18 @@ def _fill_codebooks(model: torch.nn.Module) -> None:
         codebook.embed_avg.copy_(codebook.embed)
         codebook.cluster_size.fill_(1.0)
         codebook.inited.fill_(1.0)
+
+
+def make_processor(tokenizer: T5Tokenizer | None = None) -> MusicgenProcessor:
+    """The text-to-music processor of the tiny checkpoints: this module's tokenizer (or
+    ``tokenizer``) and EnCodec's 32 kHz feature extractor. ``workers.runtime.shapes`` builds its
+    in-memory models' processor with it too."""
+    feature_extractor = EncodecFeatureExtractor(
+        feature_size=1, sampling_rate=SAMPLING_RATE, padding_side="left",
+        return_attention_mask=True,
+    )
+    return MusicgenProcessor(  # type: ignore[no-untyped-call]
+        feature_extractor=feature_extractor, tokenizer=tokenizer or _make_tokenizer())
 
 
 def _make_tokenizer() -> T5Tokenizer:
@@ -170,7 +176,7 @@ def _melody_config(vocab_size: int, stereo: bool = False) -> MusicgenMelodyConfi
     )
 
 
-def _generation_config() -> GenerationConfig:
+def generation_config() -> GenerationConfig:
     # What facebook/musicgen-* ship: sampling, classifier-free guidance 3.0, a 1500-token window.
     return GenerationConfig(  # type: ignore[no-untyped-call]
         do_sample=True, guidance_scale=3.0, max_length=1500, top_k=250,
