@@ -12,9 +12,8 @@ from typing import Any
 
 from celery import Celery
 
-from pipeline import keys
+from pipeline import brokers
 from pipeline.config.schema import Settings
-from pipeline.config.urls import with_password
 
 TASK_GENERATE = "musicgen.generate"
 
@@ -34,22 +33,37 @@ class PipelineCelery(Celery):  # type: ignore[misc]
         """The worker class (only a worker process asks for it): see workers/shutdown.py."""
         return self.subclass_with_self("workers.shutdown:Worker")
 
+    @property
+    def broker_kind(self) -> brokers.BrokerKind:
+        return brokers.kind_of(self.settings.broker.url)
+
+    @cached_property
+    def coordination_url(self) -> str | None:
+        """The Redis URL (password included) of our own keys: the broker's, or with RabbitMQ
+        the result backend's (pipeline/brokers.py). None with the embedded broker."""
+        return brokers.coordination_url(self.settings)
+
     @cached_property
     def redis(self) -> Any:
-        """A client on the broker's Redis for our own keys (None with the embedded broker)."""
-        if self.embedded:
-            return None
-        import redis
+        """A client on the Redis of our own keys (None with the embedded broker)."""
+        url = self.coordination_url
+        return None if url is None else brokers.redis_client(url, self.settings)
 
-        timeout = self.settings.broker.connect_timeout
-        return redis.Redis.from_url(self.conf.broker_url, socket_connect_timeout=timeout,
-                                    socket_timeout=timeout)
+    def queue_depth(self, queue: str) -> int:
+        """Jobs waiting in ``queue`` (not those reserved by a worker), on either broker."""
+        if self.broker_kind is brokers.BrokerKind.amqp:
+            with self.connection_for_read() as conn:
+                conn.ensure_connection(max_retries=1)
+                return brokers.amqp_queue_depth(conn.connection, queue)
+        from pipeline.policies.backpressure import queue_depth
+
+        return queue_depth(self.redis, queue)
 
 
 def broker_url(settings: Settings) -> str:
-    """The Redis URL with the password put in from its secret (the setting never holds it)."""
+    """The broker URL with the password put in from its secret (the setting never holds it)."""
     url = settings.broker.url
-    return "filesystem://" if url is None else with_password(url, settings.broker.password)
+    return "filesystem://" if url is None else brokers.url_with_password(url, settings.broker.password)
 
 
 def embedded_dirs(settings: Settings) -> dict[str, Path]:
@@ -109,27 +123,12 @@ def make_celery(settings: Settings, *, name: str = "musicgen-pipeline") -> Pipel
                                       "store_processed": False},
             result_backend=f"file://{dirs['results']}",
         )
-    else:
-        url = broker_url(settings)
-        conf.update(
-            broker_url=url,
-            result_backend=settings.broker.result_backend or url,
-            broker_transport_options={
-                # Longer than the hard time limit (validated), so a running job is not handed
-                # to a second worker while the first still works on it.
-                "visibility_timeout": settings.broker.visibility_timeout,
-                "queue_order_strategy": "priority",
-                "priority_steps": list(keys.KOMBU_PRIORITY_STEPS),
-            },
-            result_backend_transport_options={"visibility_timeout": settings.broker.visibility_timeout},
-            # A finished job's result must survive a short Redis outage, not vanish with it.
-            result_backend_always_retry=True, result_backend_max_retries=20,
-            redis_socket_connect_timeout=settings.broker.connect_timeout,
-        )
+    else:  # Redis, Sentinel or RabbitMQ: what differs lives in pipeline/brokers.py
+        conf.update(brokers.transport_conf(settings))
     app.conf.update(conf)
     return app
 
 
-def celery_priority(request_priority: int) -> int:
-    """Our 9 is the most urgent; on Redis Celery serves 0 first."""
-    return 9 - request_priority
+def celery_priority(request_priority: int, kind: brokers.BrokerKind = brokers.BrokerKind.redis) -> int:
+    """Our 9 is the most urgent; on Redis Celery serves 0 first, on RabbitMQ 9."""
+    return brokers.celery_priority(kind, request_priority)

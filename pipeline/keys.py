@@ -52,6 +52,12 @@ def breaker_key(name: str, prefix: str = BREAKER_PREFIX) -> str:
     """The HASH holding the shared state of the circuit breaker for model preset ``name``."""
     return f"{prefix}{name}"
 
+# --- RabbitMQ (pipeline/brokers.py) ---------------------------------------------------------
+#: ``x-max-priority`` of every queue Celery declares on RabbitMQ: priorities 0-9, one per
+#: request priority (RabbitMQ serves the higher number first). Not 10: an eleventh level would
+#: never be used, and each level of a classic queue costs the broker memory and CPU.
+AMQP_MAX_PRIORITY = 9
+
 
 def queue_list_keys(queue: str,
                     priority_steps: Sequence[int] = KOMBU_PRIORITY_STEPS) -> list[str]:

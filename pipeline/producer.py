@@ -100,8 +100,7 @@ class Producer:
     def apply_settings(self, settings: Settings) -> None:
         """A live settings change (``LiveSettings`` listener): requests from now on are checked
         and admitted under ``settings``. The broker connection is not live (a restart key)."""
-        policies = Policies(settings, redis_client=self.app.redis,
-                            redis_url=None if self.app.embedded else self.app.conf.broker_url)
+        policies = Policies.for_app(self.app, settings)
         quota = store_for(settings) if settings.quotas != self.settings.quotas else self.quota
         self.app.settings = settings
         self.settings, self.policies, self.quota = settings, policies, quota
@@ -187,7 +186,8 @@ class Producer:
             # Limits scaled with the job's duration: a prefork child enforces them per message.
             limits = job_time_limits(self.settings.worker, spec.duration)
             self.app.send_task(TASK_GENERATE, args=[spec.model_dump(mode="json")], task_id=spec.job_id,
-                               queue=queue_for(spec.model), priority=celery_priority(spec.priority),
+                               queue=queue_for(spec.model),
+                               priority=celery_priority(spec.priority, self.app.broker_kind),
                                soft_time_limit=limits.soft, time_limit=limits.hard,
                                retry=True, retry_policy=_PUBLISH_RETRY)
         except PipelineError:

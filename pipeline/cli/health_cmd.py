@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from pipeline.cli.common import EXIT_FAILED, load_or_exit, parse_sets
-from pipeline.cli.stats_cmd import queue_names, read_backlog, read_ledger, window_or_exit
+from pipeline.cli.stats_cmd import read_broker, read_ledger, window_or_exit
 from pipeline.errors import ServiceUnavailable
 from pipeline.quota.tables import LedgerRow
 from pipeline.stats import Thresholds, compute_stats, health_problems
@@ -40,17 +40,17 @@ def health(
         rows = read_ledger(settings, until - window)
     except ServiceUnavailable as exc:
         problems.append(exc.message)
-    try:
-        backlog = read_backlog(settings)
-    except ServiceUnavailable as exc:
-        problems.append(exc.message)
-        backlog = dict.fromkeys(queue_names(settings))
-    checks: dict[str, Any] = {}
+    # The broker's kind, version and queue depths, for both brokers (pipeline/brokers.py).
+    broker = read_broker(settings)
+    if not broker.reachable:
+        problems.append(f"broker unreachable at {broker.where}: {broker.error}")
+    backlog = broker.depths if broker.reachable else dict.fromkeys(broker.depths)
+    checks: dict[str, Any] = {"broker": broker.as_dict()}
     if rows is not None:  # without the ledger there is nothing to compare, only the outage
         report = compute_stats(rows, since=until - window, until=until, backlog=backlog)
         problems += health_problems(report, thresholds, since)
         deepest = report.max_backlog
-        checks = {
+        checks |= {
             "error_rate_percent": report.overall.error_rate_percent,
             "error_rate_threshold_percent": thresholds.error_rate_percent,
             "finished_jobs": report.overall.finished,
@@ -67,6 +67,7 @@ def health(
             typer.echo(line)
     else:
         typer.echo(_healthy_line(checks, since))
+        typer.echo(f"broker: {broker.line()}")
     if problems:
         raise typer.Exit(EXIT_FAILED)
 

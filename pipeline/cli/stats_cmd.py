@@ -29,6 +29,7 @@ from pipeline.stats import (
 )
 
 if TYPE_CHECKING:
+    from pipeline.brokers import BrokerState
     from pipeline.quota import LedgerRow
 
 
@@ -49,31 +50,30 @@ def read_ledger(settings: Settings, since: datetime) -> list[LedgerRow]:
 def read_backlog(settings: Settings) -> dict[str, int | None]:
     """Jobs waiting in each queue; ``None`` where the broker cannot tell.
 
-    Redis: kombu's lists (``queue_depth``). The embedded file-system broker keeps one file per
-    waiting message, named ``<ms>_<uuid>.<queue>.msg``, so its folder is counted. Raises
-    ``ServiceUnavailable`` when Redis cannot be reached.
+    Redis: kombu's lists (``queue_depth``); RabbitMQ: each queue's ready message count
+    (pipeline/brokers.py). The embedded file-system broker keeps one file per waiting message,
+    named ``<ms>_<uuid>.<queue>.msg``, so its folder is counted. Raises ``ServiceUnavailable``
+    when the broker cannot be reached.
     """
-    from kombu.utils.url import maybe_sanitize_url
-    from redis import RedisError
+    state = read_broker(settings)
+    if not state.reachable:
+        raise ServiceUnavailable(f"broker unreachable at {state.where}: {state.error}")
+    return state.depths
 
-    from pipeline.celery_app import embedded_dirs, make_celery
-    from pipeline.policies.backpressure import queue_depth
+
+def read_broker(settings: Settings) -> BrokerState:
+    """The broker's kind, server version, reachability and queue depths (one connection)."""
+    from pipeline.brokers import broker_state
+    from pipeline.celery_app import embedded_dirs
 
     queues = queue_names(settings)
+    state = broker_state(settings, queues)
     if settings.broker.url is None:
         folder = embedded_dirs(settings)["queue"]
         names = [p.name for p in folder.iterdir()] if folder.is_dir() else None
-        if names is None:
-            return dict.fromkeys(queues)
-        return {q: sum(1 for n in names if n.partition(".")[2] == f"{q}.msg") for q in queues}
-    client = make_celery(settings).redis
-    try:
-        return {q: queue_depth(client, q) for q in queues}
-    except RedisError as exc:
-        where = maybe_sanitize_url(settings.broker.url)
-        raise ServiceUnavailable(f"broker unreachable at {where}: {exc}") from exc
-    finally:
-        client.close()
+        state.depths = (dict.fromkeys(queues) if names is None else
+                        {q: sum(1 for n in names if n.partition(".")[2] == f"{q}.msg") for q in queues})
+    return state
 
 
 def window_or_exit(since: str) -> timedelta:

@@ -15,11 +15,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from pydantic import SecretStr
 
 from pipeline.config.schema import Settings
 
@@ -65,24 +67,28 @@ def check_dirs(settings: Settings) -> list[CheckResult]:
     return out
 
 
-def _ping_redis(name: str, url: str, settings: Settings) -> CheckResult:
+def _ping_redis(name: str, url: str, settings: Settings,
+                password: SecretStr | None = None) -> CheckResult:
     import redis
 
-    password = settings.broker.password.get_secret_value() if settings.broker.password else None
-    timeout = settings.broker.connect_timeout
-    extra: dict[str, Any] = {"password": password} if password else {}
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout, **extra)
+    from pipeline.brokers import redis_client, shown_url, url_with_password
+
+    client = redis_client(url_with_password(url, password), settings)
     try:
         client.ping()
-    except redis.RedisError as exc:  # connection refused, timeout, auth: all say "unreachable"
-        return CheckResult(name, Status.fail, f"{url} unreachable: {type(exc).__name__}: {exc}")
+    except (redis.RedisError, OSError) as exc:  # refused, timeout, auth: all say "unreachable"
+        return CheckResult(name, Status.fail, f"{shown_url(url)} unreachable: {type(exc).__name__}: {exc}")
     finally:
         client.close()
-    return CheckResult(name, Status.ok, f"{url} answers PING")
+    return CheckResult(name, Status.ok, f"{shown_url(url)} answers PING")
 
 
-def check_broker(settings: Settings) -> list[CheckResult]:
-    """Redis answers at broker.url (and at result_backend when that is another Redis)."""
+def check_broker(settings: Settings, queues: Sequence[str] | None = None) -> list[CheckResult]:
+    """The broker answers (its kind, server version and queue depths); the result backend's
+    Redis answers when it is another server; on RabbitMQ, whether its consumer timeout
+    covers the longest job."""
+    from pipeline.brokers import BrokerKind, broker_state, kind_of, results_password
+
     url = settings.broker.url
     if url is None:
         # The rules refuse a missing URL outside development; say which broker will be used.
@@ -90,11 +96,46 @@ def check_broker(settings: Settings) -> list[CheckResult]:
             return [CheckResult("broker", Status.ok, "embedded file-system broker (development)")]
         return [CheckResult("broker", Status.fail,
                             "broker.url is unset and features.embedded_broker is off")]
-    out = [_ping_redis("broker", url, settings)]
+    if queues is None:
+        from pipeline.cli.stats_cmd import queue_names
+
+        queues = queue_names(settings)
+    state = broker_state(settings, queues)
+    if state.reachable:
+        waiting = ", ".join(f"{q} {n}" for q, n in state.depths.items())
+        out = [CheckResult("broker", Status.ok, f"{state.where} answers ({state.kind.value}: "
+                                               f"{state.version}); waiting: {waiting or 'no queues'}")]
+    else:
+        out = [CheckResult("broker", Status.fail, f"{state.kind.value}: {state.where} unreachable: "
+                                                 f"{state.error}")]
     backend = settings.broker.result_backend
-    if backend and backend != url and backend.startswith(("redis://", "rediss://")):
-        out.append(_ping_redis("result backend", backend, settings))
+    if backend and backend != url and backend.startswith(("redis://", "rediss://", "sentinel://")):
+        out.append(_ping_redis("result backend", backend, settings, results_password(settings.broker)))
+    if kind_of(url) is BrokerKind.amqp:
+        out.append(_consumer_timeout(settings))
     return out
+
+
+def _consumer_timeout(settings: Settings) -> CheckResult:
+    # RabbitMQ closes the channel of a consumer that holds a delivery unacked for longer than
+    # its consumer_timeout, and requeues what it held: a job running past it would start again
+    # elsewhere. RabbitMQ 3.x does not tell a client its value, so broker.consumer_timeout says
+    # what rabbitmq.conf was given and this compares it with the longest job's hard limit.
+    from pipeline.time_limits import job_time_limits
+
+    declared = settings.broker.consumer_timeout
+    longest = job_time_limits(settings.worker, settings.generation.max_duration).hard
+    conf_line = f"consumer_timeout = {int(max(declared, longest + 300)) * 1000}"
+    if longest >= declared:
+        return CheckResult("broker.consumer_timeout", Status.warn,
+                           f"the longest job's hard limit ({longest:g} s) is not below "
+                           f"broker.consumer_timeout ({declared} s): RabbitMQ would requeue a job "
+                           f"still running; put `{conf_line}` in rabbitmq.conf and set "
+                           f"broker.consumer_timeout to match (in seconds)")
+    return CheckResult("broker.consumer_timeout", Status.ok,
+                       f"jobs end within {longest:g} s, under the {declared} s that "
+                       f"broker.consumer_timeout says RabbitMQ allows (it cannot be read over "
+                       f"AMQP: rabbitmq.conf must hold consumer_timeout = {declared * 1000} or more)")
 
 
 def check_database(settings: Settings, *, timeout: float | None = None) -> list[CheckResult]:

@@ -121,9 +121,64 @@ def _production_debug_off(raw: Raw) -> Problem | None:
 
 def _production_needs_broker(raw: Raw) -> Problem | None:
     if get(raw, "app.environment") in ("staging", "production") and not get(raw, "broker.url"):
-        return Problem("broker.url", None, "staging and production need a Redis broker "
+        return Problem("broker.url", None, "staging and production need a Redis or RabbitMQ broker "
                        "(the embedded broker is for development only)",
-                       "set broker.url = \"redis://host:6379/0\"")
+                       "set broker.url = \"redis://host:6379/0\" or \"amqp://user@host:5672/vhost\"")
+    return None
+
+
+# --- which broker (pipeline/brokers.py): some rules hold for one kind only ------------------
+
+def _broker_kind(raw: Raw) -> str | None:
+    """``redis``, ``sentinel`` or ``amqp`` for a URL we know, else None (embedded or unknown)."""
+    from pipeline.brokers import kind_of  # brokers imports the schema: import late
+
+    url = get(raw, "broker.url")
+    if not isinstance(url, str) or not url:
+        return None
+    try:
+        kind = kind_of(url).value
+    except ValueError:
+        return None  # _broker_scheme_known reports it
+    return kind
+
+
+def _not_on_rabbitmq(rule: Rule) -> Rule:
+    """``rule`` unless the broker is RabbitMQ, which has no visibility timeout: a dead
+    consumer's messages come back when its connection goes, not after a timeout."""
+    def check(raw: Raw) -> Problem | None:
+        return None if _broker_kind(raw) == "amqp" else rule.check(raw)
+    return Rule(rule.name, check)
+
+
+def _broker_scheme_known(raw: Raw) -> Problem | None:
+    from pipeline.brokers import kind_of
+
+    url = get(raw, "broker.url")
+    if not isinstance(url, str) or not url:
+        return None
+    try:
+        kind_of(url)
+    except ValueError as exc:
+        return Problem("broker.url", url, str(exc), "redis://host:6379/0, sentinel://host:26379 "
+                       "(with broker.master_name) or amqp://user@host:5672/vhost")
+    return None
+
+
+def _results_on_redis(raw: Raw) -> Problem | None:
+    # With RabbitMQ the queues are the only thing on the broker: results, breakers, rate limits,
+    # cancels and delivery counts need a Redis, and the result backend's is the one they use.
+    if _broker_kind(raw) != "amqp":
+        return None
+    backend = get(raw, "broker.result_backend")
+    fix = "set broker.result_backend = \"redis://host:6379/0\" (or sentinel://...)"
+    if not backend:
+        return Problem("broker.result_backend", None, "a RabbitMQ broker needs a Redis result "
+                       "backend (results and the shared breaker, rate-limit and cancel state)", fix)
+    if str(backend).split("://", 1)[0].lower() not in ("redis", "rediss", "sentinel"):
+        return Problem("broker.result_backend", backend, "with a RabbitMQ broker the result "
+                       "backend must be a Redis (the shared breaker, rate-limit and cancel state "
+                       "live there too)", fix)
     return None
 
 
@@ -131,19 +186,22 @@ def _production_redis_secured(raw: Raw) -> Problem | None:
     url = get(raw, "broker.url")
     if not _is_production(raw) or not isinstance(url, str) or not url:
         return None
-    parts = urlsplit(url)
-    if parts.scheme == "rediss" or parts.password or get(raw, "broker.password"):
+    parts = urlsplit(url.split(";")[0])
+    if parts.scheme in ("rediss", "amqps") or parts.password or get(raw, "broker.password"):
         return None
-    return Problem("broker.url", url, "production Redis needs a password or TLS",
-                   "set broker.password (a secret) or use a rediss:// URL")
+    return Problem("broker.url", url, "a production broker needs a password or TLS",
+                   "set broker.password (a secret) or use a rediss:// or amqps:// URL")
 
 
 def _broker_url_has_no_password(raw: Raw) -> Problem | None:
-    # A password inside the URL would be printed wherever the URL is; it belongs in broker.password.
-    url = get(raw, "broker.url")
-    if isinstance(url, str) and urlsplit(url).password:
-        return Problem("broker.url", url, "the broker URL must not embed a password",
-                       "move it to broker.password (kept secret) and drop it from the URL", secret=True)
+    # A password inside the URL would be printed wherever the URL is; it belongs in broker.password
+    # (broker.result_backend_password for the result backend).
+    for path, secret in (("broker.url", "broker.password"),
+                         ("broker.result_backend", "broker.result_backend_password")):
+        url = get(raw, path)
+        if isinstance(url, str) and any(urlsplit(c).password for c in url.split(";")):
+            return Problem(path, url, f"{path} must not embed a password",
+                           f"move it to {secret} (kept secret) and drop it from the URL", secret=True)
     return None
 
 
@@ -416,13 +474,17 @@ RULES: tuple[Rule, ...] = (
     _greater("worker.retry_backoff_max", "worker.retry_backoff", "raise worker.retry_backoff_max"),
     Rule("production: debug off", _production_debug_off),
     Rule("staging/production: Redis broker", _production_needs_broker),
+    Rule("broker: a scheme we support", _broker_scheme_known),
+    Rule("RabbitMQ: results (and shared state) on Redis", _results_on_redis),
     Rule("production: Redis password or TLS", _production_redis_secured),
     Rule("broker URL without password", _broker_url_has_no_password),
     Rule("production: Flower auth", _production_flower_auth),
     Rule("staging/production: API auth", _api_auth_outside_development),
     _strong_secret("monitoring.flower_password", "the Flower password",
                    required_when=lambda raw: bool(get(raw, "monitoring.flower_user"))),
-    _strong_secret("broker.password", "the Redis password", required_when=lambda raw: False),
+    _strong_secret("broker.password", "the broker password", required_when=lambda raw: False),
+    _strong_secret("broker.result_backend_password", "the result backend password",
+                   required_when=lambda raw: False),
     _strong_secret("database.password", "the database password", required_when=lambda raw: False),
     Rule("quotas: default tier exists", _default_tier_exists),
     Rule("quotas: time zone", _timezone_known),

@@ -75,13 +75,31 @@ class AppSettings(_Section):
 
 
 class BrokerSettings(_Section):
-    """Celery's broker and result backend (Redis)."""
+    """Celery's broker (Redis, Redis Sentinel or RabbitMQ) and result backend (Redis)."""
 
-    url: str | None = Field(None, description="redis:// or rediss:// URL without the password; "
-                                             "unset = the embedded file-system broker (development only)")
+    url: str | None = Field(None, description="redis://, rediss://, sentinel://h1:26379;sentinel://"
+                                             "h2:26379 or amqp:// (amqps://, pyamqp://) URL without "
+                                             "the password; unset = the embedded file-system broker "
+                                             "(development only)")
     password: SecretStr | None = None
-    result_backend: str | None = Field(None, description="defaults to the broker URL")
-    visibility_timeout: int = Field(3900, ge=5, le=86400, description="seconds; must exceed the hard time limit")
+    result_backend: str | None = Field(None, description="a Redis (redis://, rediss://, sentinel://); "
+                                                        "defaults to the broker URL, required with "
+                                                        "RabbitMQ")
+    result_backend_password: SecretStr | None = Field(None, description="defaults to broker.password "
+                                                                       "when the broker is a Redis")
+    master_name: str = Field("mymaster", min_length=1, description="the Sentinel master (sentinel:// URLs)")
+    visibility_timeout: int = Field(3900, ge=5, le=86400, description="seconds; must exceed the hard "
+                                                                     "time limit (Redis and Sentinel)")
+    heartbeat: int = Field(20, ge=0, le=600, description="seconds between AMQP heartbeats (RabbitMQ; "
+                                                         "0 = off): a vanished node's jobs come "
+                                                         "back after about two missed beats")
+    consumer_timeout: int = Field(1800, ge=60, le=7 * 86400,
+                                  description="seconds: the RabbitMQ server's consumer_timeout "
+                                              "(rabbitmq.conf, in ms there; 1800 s is its default); "
+                                              "must exceed the longest job's hard limit")
+    queue_type: Literal["classic", "quorum"] = Field("classic", description="RabbitMQ queues: "
+                                                     "classic (durable, with priorities) or quorum "
+                                                     "(replicated, no priorities on RabbitMQ 3.x)")
     result_expires: int = Field(86400, ge=60, le=30 * 86400)
     connect_timeout: float = Field(5.0, gt=0, le=120)
 

@@ -99,9 +99,13 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def _rate_storage(producer: Producer) -> str:
-    # The broker's Redis (password included, from its secret) so that every gateway process
-    # counts the same key together; one process's memory with the embedded broker.
-    return "memory://" if producer.app.embedded else str(producer.app.conf.broker_url)
+    # The shared Redis (password included, from its secret: the broker's, or the result
+    # backend's with RabbitMQ) so that every gateway process counts the same key together; one
+    # process's memory with the embedded broker.
+    from pipeline.brokers import limits_storage_uri
+
+    url = producer.app.coordination_url
+    return "memory://" if url is None else limits_storage_uri(url, producer.settings.broker.master_name)
 
 
 def create_app(settings: Settings, *, producer: Producer | None = None) -> FastAPI:

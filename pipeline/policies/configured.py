@@ -7,8 +7,10 @@ the rate limit live in memory and backpressure is off: there is no backlog to pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from pipeline.brokers import limits_storage_uri
 from pipeline.config.schema import Settings
 from pipeline.policies.backpressure import BackpressurePolicy, queue_depth
 from pipeline.policies.breaker import (
@@ -23,15 +25,20 @@ from pipeline.policies.rate_limit import GlobalRateLimit
 class Policies:
     """Breakers (one per model preset), the global rate limit and the backlog check."""
 
-    def __init__(self, settings: Settings, *, redis_client: Any | None, redis_url: str | None) -> None:
+    def __init__(self, settings: Settings, *, redis_client: Any | None, redis_url: str | None,
+                 depth: Callable[[str], int] | None = None) -> None:
         self.settings = settings
         self.redis = redis_client
+        # How deep a queue is: kombu's Redis lists by default; the app's own reader (RabbitMQ's
+        # message count) when the queues are not on this Redis.
+        self._depth = depth or (lambda queue: queue_depth(redis_client, queue) if redis_client else 0)
         self._backend: BreakerBackend = (RedisBreakerBackend(redis_client) if redis_client is not None
                                          else MemoryBreakerBackend())
         rl = settings.rate_limit
         self.rate_limit: GlobalRateLimit | None = None
         if rl.enabled:
-            self.rate_limit = GlobalRateLimit(rl.rate, storage_uri=redis_url or "memory://")
+            storage = limits_storage_uri(redis_url, settings.broker.master_name) if redis_url else None
+            self.rate_limit = GlobalRateLimit(rl.rate, storage_uri=storage or "memory://")
         self.backpressure = BackpressurePolicy(settings.monitoring.backlog_threshold if redis_client else 0)
 
     def breaker(self, preset: str) -> CircuitBreaker | None:
@@ -46,10 +53,11 @@ class Policies:
     def check_backlog(self, queue: str) -> None:
         """Producer: refuse at once when the queue already holds more than it can drain."""
         if self.redis is not None and self.backpressure.threshold > 0:
-            self.backpressure.check(queue, queue_depth(self.redis, queue))
+            self.backpressure.check(queue, self._depth(queue))
 
     @classmethod
-    def for_app(cls, app: Any) -> Policies:
-        """Policies on the app's broker Redis (the app from ``pipeline.celery_app``)."""
-        return cls(app.settings, redis_client=app.redis,
-                   redis_url=None if app.embedded else app.conf.broker_url)
+    def for_app(cls, app: Any, settings: Settings | None = None) -> Policies:
+        """Policies on the app's Redis (the app from ``pipeline.celery_app``): the broker's, or
+        the result backend's with RabbitMQ; ``settings`` default to the app's."""
+        return cls(settings or app.settings, redis_client=app.redis, redis_url=app.coordination_url,
+                   depth=None if app.embedded else app.queue_depth)
