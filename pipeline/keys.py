@@ -37,6 +37,17 @@ DELIVERY_PREFIX = ROOT_PREFIX + "deliveries:"
 #: (HSETNX), so a job that ends twice (a redelivery) notifies once.
 WEBHOOK_PREFIX = ROOT_PREFIX + "webhook:"
 
+# --- worker heartbeats and held jobs (workers/heartbeat.py, workers/recovery.py) ------------
+#: A ZSET of the live worker processes: member = worker id (``host/pid/random``, one per process
+#: start, so a restarted worker never overwrites the record of the one that died), score = the
+#: Redis server time of its last beat. A member whose score is old is a dead worker.
+WORKERS_KEY = ROOT_PREFIX + "workers"
+#: ``musicgen:worker:{worker id}``: a HASH with ``hostname``, ``pid``, ``beat`` (Redis time),
+#: ``beat_local`` (the worker's own clock, which kombu stamps its deliveries with) and ``held``
+#: (JSON: delivery tag -> job id of every message the worker holds). Expires after the
+#: visibility timeout, when the broker has given those messages back by itself.
+WORKER_PREFIX = ROOT_PREFIX + "worker:"
+
 # --- kombu's Redis transport (read-only for us) ---------------------------------------------
 #: kombu.transport.redis.Channel.sep: a queue ``Q`` with priority step ``p > 0`` is the LIST
 #: ``Q + sep + str(p)``; step 0 is the LIST ``Q`` itself. kombu does not let this be configured.
@@ -57,6 +68,11 @@ def breaker_key(name: str, prefix: str = BREAKER_PREFIX) -> str:
 #: request priority (RabbitMQ serves the higher number first). Not 10: an eleventh level would
 #: never be used, and each level of a classic queue costs the broker memory and CPU.
 AMQP_MAX_PRIORITY = 9
+
+
+def worker_key(worker_id: str) -> str:
+    """The HASH recording worker process ``worker_id``'s last beat and the messages it holds."""
+    return f"{WORKER_PREFIX}{worker_id}"
 
 
 def queue_list_keys(queue: str,

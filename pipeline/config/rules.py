@@ -456,6 +456,31 @@ def _visibility_covers_long_jobs(raw: Raw) -> Problem | None:
                    "worker.time_limit_cap")
 
 
+def _recovery_before_visibility(raw: Raw) -> Problem | None:
+    # workers/recovery.py: a dead worker's jobs come back after its beats stop for
+    # heartbeat_interval x missed_beats, plus up to one scan_interval. Past the visibility
+    # timeout the broker has redelivered them already and the heartbeat buys nothing; half of
+    # it at most for the silence leaves a margin for the scan and a slow Redis.
+    url = get(raw, "broker.url")
+    if get(raw, "recovery.enabled") is False or not isinstance(url, str) \
+            or url.split("://", 1)[0].lower() not in ("redis", "rediss", "sentinel"):
+        return None
+    values = [_num(raw, name) for name in ("broker.visibility_timeout",
+                                           "recovery.heartbeat_interval",
+                                           "recovery.missed_beats", "recovery.scan_interval")]
+    if any(v is None for v in values):
+        return None
+    visibility, interval, missed, scan = (float(v or 0) for v in values)
+    if interval * missed <= visibility / 2 and interval * missed + scan < visibility:
+        return None
+    return Problem("recovery.heartbeat_interval", get(raw, "recovery.heartbeat_interval"),
+                   f"recovery.heartbeat_interval x recovery.missed_beats ({interval * missed:g} s) "
+                   f"must be at most half of broker.visibility_timeout ({visibility:g} s), and "
+                   f"with recovery.scan_interval ({scan:g} s) below it: the broker would "
+                   "redeliver a dead worker's jobs before the heartbeat recovery did",
+                   "lower recovery.heartbeat_interval, missed_beats or scan_interval")
+
+
 RULES: tuple[Rule, ...] = (
     _greater("generation.max_duration", "generation.default_duration",
              "raise generation.max_duration or lower generation.default_duration"),
@@ -467,6 +492,7 @@ RULES: tuple[Rule, ...] = (
              "a job redelivered while still running would run twice: raise broker.visibility_timeout"),
     Rule("long jobs: visibility covers the scaled hard limit", _visibility_covers_long_jobs),
     Rule("long form: stride inside the window", _stride_inside_window),
+    Rule("recovery: dead workers found before the visibility timeout", _recovery_before_visibility),
     _greater("worker.max_memory_percent", "worker.cleanup_threshold_percent",
              "set worker.cleanup_threshold_percent below worker.max_memory_percent"),
     _greater("validation.melody_max_duration", "validation.melody_min_duration",

@@ -277,6 +277,21 @@ class WorkerSettings(_Section):
     shutdown_grace: int = Field(30, ge=0, le=3600)
 
 
+class RecoverySettings(_Section):
+    """Fast recovery of a dead worker's jobs on a Redis broker (workers/heartbeat.py,
+    workers/recovery.py): each worker beats and records the messages it holds; live workers
+    re-publish the messages of one whose beats stopped, long before the visibility timeout.
+    Off on brokers that requeue on connection loss themselves (RabbitMQ)."""
+
+    enabled: bool = Field(True, description="beat and recover (Redis brokers only)")
+    heartbeat_interval: float = Field(5.0, ge=0.5, le=300,
+                                      description="seconds between a worker's beats")
+    missed_beats: int = Field(3, ge=2, le=100,
+                              description="beats a worker may miss before it counts as dead")
+    scan_interval: float = Field(10.0, ge=1, le=3600,
+                                 description="seconds between a live worker's looks for dead ones")
+
+
 class RateLimitSettings(_Section):
     """A global rate limit across all workers, per model queue."""
 
@@ -415,6 +430,7 @@ class Settings(_Section):
     audio: AudioSettings = AudioSettings()
     storage: StorageSettings = StorageSettings()
     worker: WorkerSettings = WorkerSettings()
+    recovery: RecoverySettings = RecoverySettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
     quotas: QuotaSettings = QuotaSettings()
