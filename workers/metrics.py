@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["model_of", "observe_batch", "observe_failure", "observe_model_load",
-           "observe_success", "setup_metrics"]
+           "observe_recovered", "observe_success", "setup_metrics"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Scraped from the monitoring host, so not loopback only; the metrics hold no secret.
@@ -94,6 +94,10 @@ class _Metrics:
         self.settings_reloads = Counter("musicgen_settings_reloads",
                                         "Settings reloads by outcome (applied, unchanged, invalid, "
                                         "restart_required, failed)", ["outcome"])
+        # Counted by the live worker that re-published them (workers/recovery.py).
+        self.recovered = Counter("musicgen_recovered_jobs",
+                                 "Jobs of dead workers put back on their queues by the heartbeat "
+                                 "recovery, before the broker's visibility timeout")
 
 
 _metrics: _Metrics | None = None
@@ -178,6 +182,14 @@ def observe_settings_reload(outcome: str) -> None:
         _get().settings_reloads.labels(outcome).inc()
     except Exception:
         log.warning("could not record a settings reload", exc_info=True)
+
+
+def observe_recovered(count: int) -> None:
+    """Count ``count`` jobs of a dead worker that this process put back on their queues."""
+    try:
+        _get().recovered.inc(count)
+    except Exception:
+        log.warning("could not count %d recovered jobs", count, exc_info=True)
 
 
 def metrics_dir(data_dir: str, node: str) -> Path:

@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from celery.signals import (
+    task_received,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -35,9 +36,41 @@ def _setup(app: Any) -> None:
         log.exception("preloading the model failed")
 
 
+def _connect_recovery(app: Any) -> None:
+    """The heartbeat and the look for dead workers (workers/recovery.py), in the main process:
+    it receives and acks every message, whatever the pool."""
+    from workers import recovery
+
+    if not recovery.enabled_for(app.settings):
+        return
+    running: list[recovery.Recovery] = []
+
+    @receiver(worker_ready)
+    def _beat(sender: Any = None, **_: Any) -> None:
+        try:
+            started = recovery.Recovery(app, getattr(sender, "hostname", None))
+            started.start()
+        except Exception:  # Redis away at start: the broker's visibility timeout still holds
+            log.exception("heartbeat not started: this worker's jobs are recovered only after "
+                          "broker.visibility_timeout if it dies")
+            return
+        running.append(started)
+
+    @receiver(task_received)
+    def _received(**_: Any) -> None:  # record the new message now, not at the next beat
+        for beat in running:
+            beat.heartbeat.poke()
+
+    @receiver(worker_shutdown)
+    def _stop(**_: Any) -> None:  # after the pool stopped: what it held is given back
+        while running:
+            running.pop().stop()
+
+
 def connect(app: Any) -> None:
     pool = app.settings.worker.pool
     setup_metrics(app)
+    _connect_recovery(app)  # before the model preload below: beating from the start
 
     @receiver(worker_process_init)
     def _in_child(**_: Any) -> None:  # prefork children
