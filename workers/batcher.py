@@ -29,7 +29,6 @@ Per-job failure semantics live here:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -40,13 +39,11 @@ from typing import Any
 from pipeline.errors import GpuOutOfMemory
 from workers.partials import PartialCodes
 from workers.runtime.batch import GeneratedAudio, GenerationItem, window_sink
+from workers.watchdog import HardLimitWatchdog
 
 log = logging.getLogger(__name__)
 
 GenerateFn = Callable[[Any, list[GenerationItem], Callable[[float, str], None]], list[GeneratedAudio]]
-# How often the watchdog looks at the running call; the hard limit is enforced to this precision.
-WATCHDOG_INTERVAL_S = 0.5
-HARD_LIMIT_EXIT_CODE = 70  # EX_SOFTWARE: the supervisor sees a crash, not a clean stop
 
 
 class BatchAbandoned(Exception):
@@ -59,7 +56,9 @@ class BatchStats:
 
     model: str
     size: int
-    wait_s: float  # how long the batch's oldest job waited between submission and the call
+    # How long the batch's oldest job waited between submission and the call; for a step of
+    # the continuous loop, the oldest job admitted just before it (None: nobody was admitted).
+    wait_s: float | None
     generate_s: float
     busy_fraction: float  # the loop's generating time over its wall time since it started
 
@@ -113,14 +112,11 @@ class Batcher:
         self._generate = generate
         self.max_batch_size = max_batch_size
         self.batch_wait_s = max(0.0, batch_wait_s)
-        self.hard_limit_s = hard_limit_s
         self._on_batch = on_batch
-        self._on_hard_limit = on_hard_limit or _exit_process
+        self.watchdog = HardLimitWatchdog(hard_limit_s, on_hard_limit)
         self._pending: list[Ticket] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._call_started: float | None = None  # monotonic start of the running call
-        self._call_limit: float | None = None  # the running call's hard limit
         self._loop_started = 0.0
         self._busy_s = 0.0
 
@@ -133,8 +129,7 @@ class Batcher:
         with self._cond:
             self.max_batch_size = max_batch_size
             self.batch_wait_s = max(0.0, batch_wait_s)
-            if self.hard_limit_s is not None and hard_limit_s is not None:
-                self.hard_limit_s = hard_limit_s  # the watchdog thread exists only if set at start
+            self.watchdog.configure(hard_limit_s)
             self._cond.notify_all()  # a batch waiting for company may be due now
 
     def submit(self, loaded: Any, item: GenerationItem, key: Hashable, *, model: str = "",
@@ -145,11 +140,16 @@ class Batcher:
         longest of a call's jobs applies): a long clip's call runs longer than a short one's.
         """
         ticket = Ticket(loaded=loaded, item=item, key=key, model=model, hard_limit_s=hard_limit_s)
+        self.enqueue(ticket)
+        return ticket
+
+    def enqueue(self, ticket: Ticket) -> None:
+        """Queue a ticket made elsewhere (the continuous loop hands over what its engine cannot
+        generate); it keeps its submission time, so its age still counts."""
         with self._cond:
             self._start()
             self._pending.append(ticket)
             self._cond.notify_all()
-        return ticket
 
     def pending(self) -> int:
         """Tickets waiting for a batch (not counting the running call)."""
@@ -162,8 +162,7 @@ class Batcher:
         self._loop_started = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="generation-loop", daemon=True)
         self._thread.start()
-        if self.hard_limit_s is not None:
-            threading.Thread(target=self._watchdog, name="generation-watchdog", daemon=True).start()
+        self.watchdog.start()
 
     # --- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -204,11 +203,10 @@ class Batcher:
         if not live:
             return
         limits = [t.hard_limit_s for t in live if t.hard_limit_s is not None]
-        self._call_limit = max(limits) if limits else self.hard_limit_s
-        self._call_started = time.monotonic()
         sink = window_sink.set(self._partials(live))
         try:
-            audio = self._generate(live[0].loaded, [t.item for t in live], self._progress(live))
+            with self.watchdog.timing(max(limits) if limits else None):
+                audio = self._generate(live[0].loaded, [t.item for t in live], self._progress(live))
         except BatchAbandoned:
             log.info("abandoned a batch of %d: every job in it was dropped", len(live))
             return
@@ -219,7 +217,6 @@ class Batcher:
             half = len(live) // 2
             log.warning("out of GPU memory with a batch of %d; running it as %d + %d",
                         len(live), half, len(live) - half)
-            self._call_started = None
             self._run(live[:half])
             self._run(live[half:])
             return
@@ -230,7 +227,6 @@ class Batcher:
                 raise
             return
         finally:
-            self._call_started = None
             window_sink.reset(sink)
         for ticket, clip in zip(live, audio, strict=True):
             ticket.fraction = 1.0
@@ -258,20 +254,3 @@ class Batcher:
                                                   window.count)
 
         return finished
-
-    def _watchdog(self) -> None:
-        assert self.hard_limit_s is not None
-        while True:
-            time.sleep(WATCHDOG_INTERVAL_S)
-            started, limit = self._call_started, self._call_limit or self.hard_limit_s
-            if started is not None and time.monotonic() - started > limit:
-                log.critical("hard time limit (%g s) passed by a generate call: ending the "
-                             "process so its jobs are redelivered", limit)
-                self._on_hard_limit()
-                return
-
-
-def _exit_process() -> None:
-    # A hung CUDA kernel cannot be interrupted from Python; only the process's end frees the GPU.
-    logging.shutdown()
-    os._exit(HARD_LIMIT_EXIT_CODE)

@@ -229,7 +229,7 @@ def test_a_call_runs_under_the_longest_hard_limit_of_its_jobs(tiny_model: Loaded
     seen: list[float | None] = []
 
     def record(_: list[GenerationItem], progress: Any) -> None:
-        seen.append(batcher._call_limit)
+        seen.append(batcher.watchdog.call_limit)
         progress(0.5, "window 2 of 3: generating")
 
     batcher = Batcher(Recorder(record), max_batch_size=2, batch_wait_s=FOREVER, hard_limit_s=360.0)

@@ -1,0 +1,110 @@
+"""Continuous batching in the static engine: rows come and go between steps, and each row's
+codes are what it produces alone (on the real tiny model; codes read as EnCodec receives them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.runtime import GenerationItem, LoadedModel
+from workers.runtime.engine import StaticEngine
+from workers.runtime.musicgen import bucket_for, max_new_tokens_for
+
+from .test_engine import assert_same_codes, channels_joined, engine_codes, recorded_codes
+
+LONG = GenerationItem("loud rock drums", 1.0, seed=11, temperature=0.8, top_k=50)
+SHORT = GenerationItem("calm piano", 0.2, seed=5, top_p=0.9, guidance_scale=2.0)
+LATE = GenerationItem("jazz", 0.3, seed=8, temperature=0.0)
+
+
+def steps_of(loaded: LoadedModel, item: GenerationItem) -> int:
+    return max_new_tokens_for(bucket_for(item.duration_s, loaded), loaded.delay_codebooks)
+
+
+def alone(loaded: LoadedModel, item: GenerationItem) -> torch.Tensor:
+    return engine_codes(StaticEngine(loaded, max_rows=1), [item])[0]
+
+
+def step_until(engine: StaticEngine, rows: dict[int, str],
+               codes: dict[str, torch.Tensor], stop: str | None = None) -> list[str]:
+    """Step until the job named ``stop`` finishes (all jobs when None); the names in finishing
+    order. Finished jobs' codes land in ``codes``."""
+    order: list[str] = []
+    while rows and (stop is None or stop not in order):
+        with recorded_codes(engine.loaded) as seen:
+            finished = engine.step()
+        for (row, _), part in zip(finished, channels_joined(seen, 1), strict=True):
+            name = rows.pop(row)
+            codes[name] = part[0]
+            order.append(name)
+    return order
+
+
+@pytest.fixture(scope="module")
+def solo(tiny_model: LoadedModel) -> dict[str, torch.Tensor]:
+    return {name: alone(tiny_model, item)
+            for name, item in (("long", LONG), ("short", SHORT), ("late", LATE))}
+
+
+def test_a_short_job_beside_a_long_one_finishes_first_with_its_own_codes(
+        tiny_model: LoadedModel, solo: dict[str, torch.Tensor]) -> None:
+    engine = StaticEngine(tiny_model, max_rows=2)
+    rows = {engine.admit(LONG, 11): "long", engine.admit(SHORT, 5): "short"}
+    codes: dict[str, torch.Tensor] = {}
+    order = step_until(engine, rows, codes, stop="short")
+    assert order == ["short"]
+    # It left as soon as its own steps were done, not at the long job's length.
+    long_row = next(iter(rows))
+    assert engine.progress(long_row) == pytest.approx(
+        steps_of(tiny_model, SHORT) / steps_of(tiny_model, LONG))
+    assert engine.active() == 1 and engine.free_rows() == 1
+    step_until(engine, rows, codes)
+    assert_same_codes(codes["short"], solo["short"])
+    assert_same_codes(codes["long"], solo["long"])
+
+
+def test_a_job_admitted_into_a_freed_row_mid_run_equals_running_it_alone(
+        tiny_model: LoadedModel, solo: dict[str, torch.Tensor]) -> None:
+    engine = StaticEngine(tiny_model, max_rows=2)
+    rows = {engine.admit(LONG, 11): "long", engine.admit(SHORT, 5): "short"}
+    codes: dict[str, torch.Tensor] = {}
+    step_until(engine, rows, codes, stop="short")
+    assert engine.free_rows() == 1  # the row the short job left
+    late_row = engine.admit(LATE, 8)  # the long job is mid-run: another position, another prompt
+    rows[late_row] = "late"
+    assert engine.progress(late_row) == 0.0
+    assert engine.free_rows() == 0
+    with pytest.raises(RuntimeError):
+        engine.admit(SHORT, 5)
+    step_until(engine, rows, codes)
+    for name in ("long", "short", "late"):
+        assert_same_codes(codes[name], solo[name])
+
+
+def test_release_frees_a_row_at_once_and_leaves_its_neighbours_alone(
+        tiny_model: LoadedModel, solo: dict[str, torch.Tensor]) -> None:
+    engine = StaticEngine(tiny_model, max_rows=3)
+    rows = {engine.admit(SHORT, 5): "short", engine.admit(LONG, 11): "long"}
+    doomed = engine.admit(GenerationItem("ambient pads", 1.0, seed=2), 2)  # cancelled mid-run
+    for _ in range(5):
+        assert engine.step() == []
+    assert 0 < engine.progress(doomed) < 1
+    engine.release(doomed)
+    assert engine.free_rows() == 1 and engine.active() == 2
+    with pytest.raises(KeyError):
+        engine.progress(doomed)
+    codes: dict[str, torch.Tensor] = {}
+    step_until(engine, rows, codes)
+    assert_same_codes(codes["short"], solo["short"])
+    assert_same_codes(codes["long"], solo["long"])
+    assert engine.step() == []  # nothing left to run
+
+
+def test_generate_admits_waiting_items_as_rows_free_up(tiny_model: LoadedModel) -> None:
+    engine = StaticEngine(tiny_model, max_rows=2)
+    items = [LONG, SHORT, LATE, GenerationItem("x", 0.1, seed=4)]
+    results = engine.generate(items)
+    assert [r.seed for r in results] == [11, 5, 8, 4]
+    # The first two started together; the others took the rows the short ones left.
+    assert [r.batch_size for r in results] == [1, 2, 2, 2]
+    assert results[1].generate_seconds < results[0].generate_seconds

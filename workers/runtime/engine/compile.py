@@ -1,0 +1,54 @@
+"""The compiled step: ``torch.compile`` over a few fixed row counts, or the eager step.
+
+Shapes stay static so the compiled graphs (and on CUDA the graphs ``reduce-overhead`` captures)
+are reused: a step runs over the first ``b`` rows for ``b`` the next row bucket at or above the
+highest active row, and always reads the whole window of self-attention positions (the eager step
+reads only as far as the furthest row, a length that changes every step). Compilation is lazy, so
+every bucket is run at construction; whatever goes wrong there means "run eagerly", never a
+failed job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+StepFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
+                        torch.Tensor]
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """1, 2, 4, ... below ``max_rows``, then ``max_rows``: few graphs, at most 2x padding."""
+    buckets, size = [], 1
+    while size < max_rows:
+        buckets.append(size)
+        size *= 2
+    return [*buckets, max_rows]
+
+
+def bucket_of(rows: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds ``rows`` rows."""
+    return next(bucket for bucket in buckets if bucket >= rows)
+
+
+def compile_step(step: torch.nn.Module, buckets: list[int], device: torch.device,
+                 warm_up: Callable[[StepFunction, int], None]) -> StepFunction | None:
+    """``step`` compiled and run once per bucket by ``warm_up``; None if any of it failed.
+
+    ``reduce-overhead`` on CUDA (CUDA graphs replay the whole step: no per-kernel launch cost),
+    the default mode elsewhere (CUDA graphs do not exist there).
+    """
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    try:
+        compiled: StepFunction = torch.compile(step, mode=mode, dynamic=False)
+        for bucket in buckets:
+            warm_up(compiled, bucket)
+    except Exception as e:  # noqa: BLE001 - any compiler failure means "run eagerly"
+        log.warning("torch.compile of the decode step failed (%s: %s); running it eagerly",
+                    type(e).__name__, e)
+        return None
+    return compiled

@@ -1,0 +1,99 @@
+"""One decoding step of MusicGen's decoder over a static cache, with per-row positions.
+
+The arithmetic is transformers' (``models/musicgen/modeling_musicgen.py``), op for op, over the
+loaded model's own modules: the sum of the codebook embeddings plus the sinusoidal position of
+each row, then per layer pre-norm self-attention, pre-norm cross-attention on the prompt and the
+pre-norm GELU feed-forward, each added to its residual; a final layer norm, one head per codebook,
+and classifier-free guidance on float32 logits (``uncond + (cond - uncond) * scale``, the formula
+of HF's ``ClassifierFreeGuidanceLogitsProcessor``). What differs is only the bookkeeping: every
+row has its own position (it attends to its own cache entries up to it), its own prompt and its
+own guidance scale, and keys and values are written in place into ``StaticCache``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from workers.runtime.engine.cache import StaticCache
+
+
+class DecoderStep(nn.Module):
+    """``forward(tokens, position, scale, guided, length)``: guided float32 logits of a step.
+
+    ``tokens`` ``(b, codebooks)`` are the rows' current (delay-masked) tokens, ``position`` ``(b,)``
+    where each is in its sequence, ``scale`` ``(b,)`` the guidance scale and ``guided`` ``(b,)``
+    whether guidance is on. The step covers engine rows ``0 .. b-1`` (cache rows ``0 .. 2b-1``);
+    ``length`` bounds how many self-attention positions are read (at least every row's position
+    plus one). Returns ``(b, codebooks, vocab)``.
+    """
+
+    def __init__(self, model: Any, cache: StaticCache) -> None:
+        super().__init__()
+        decoder = model.decoder.model.decoder  # MusicgenForCausalLM -> MusicgenModel -> decoder
+        self.embed_tokens = decoder.embed_tokens
+        self.layers = decoder.layers
+        self.layer_norm = decoder.layer_norm
+        self.lm_heads = model.decoder.lm_heads
+        positions = decoder.embed_positions
+        if positions.weights.size(0) < cache.positions:  # transformers grows it the same way
+            positions.make_weights(cache.positions, positions.embedding_dim)
+        self.positions = positions
+        self.cache = cache
+        attention = self.layers[0].self_attn
+        self.heads, self.head_dim = attention.num_heads, attention.head_dim
+        self.scaling = attention.scaling
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor, scale: torch.Tensor,
+                guided: torch.Tensor, length: int) -> torch.Tensor:
+        rows = 2 * tokens.shape[0]  # conditional and unconditional halves, interleaved
+        tokens = tokens.repeat_interleave(2, dim=0)
+        position = position.repeat_interleave(2, dim=0)
+        # sum() from 0, as transformers adds the codebooks: the same float additions in order.
+        embeds = sum(self.embed_tokens[c](tokens[:, c]) for c in range(tokens.shape[1]))
+        hidden = (embeds + self.positions.weights.index_select(0, position))[:, None, :]
+        cache = self.cache
+        write = cache.write_index(rows, position)
+        self_mask = (torch.arange(length, device=tokens.device)[None, :]
+                     <= position[:, None])[:, None, None, :]
+        cross_mask = cache.cross_mask[:rows]
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            hidden = layer.self_attn_layer_norm(hidden)
+            attn = layer.self_attn
+            query = attn.q_proj(hidden).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
+            key = attn.k_proj(hidden).view(rows * self.heads, self.head_dim)
+            value = attn.v_proj(hidden).view(rows * self.heads, self.head_dim)
+            keys, values = cache.self_k[index], cache.self_v[index]
+            keys.view(-1, self.head_dim).index_copy_(0, write, key)
+            values.view(-1, self.head_dim).index_copy_(0, write, value)
+            hidden = residual + self._attend(
+                attn, query, keys[:rows, :, :length], values[:rows, :, :length], self_mask)
+
+            residual = hidden
+            hidden = layer.encoder_attn_layer_norm(hidden)
+            attn = layer.encoder_attn
+            query = attn.q_proj(hidden).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
+            hidden = residual + self._attend(attn, query, cache.cross_k[index, :rows],
+                                             cache.cross_v[index, :rows], cross_mask)
+
+            residual = hidden
+            hidden = layer.final_layer_norm(hidden)
+            hidden = layer.fc2(layer.activation_fn(layer.fc1(hidden)))
+            hidden = residual + hidden
+        hidden = self.layer_norm(hidden)
+        logits = torch.stack([head(hidden) for head in self.lm_heads], dim=1)[:, :, 0].float()
+        cond, uncond = logits[0::2], logits[1::2]
+        mixed = uncond + (cond - uncond) * scale[:, None, None]
+        return torch.where(guided[:, None, None], mixed, cond)
+
+    def _attend(self, attn: Any, query: torch.Tensor, keys: torch.Tensor,
+                values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
+                                             scale=self.scaling)
+        out = out.transpose(1, 2).reshape(query.shape[0], 1, -1)
+        projected: torch.Tensor = attn.out_proj(out)
+        return projected

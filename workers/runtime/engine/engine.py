@@ -1,0 +1,394 @@
+"""``StaticEngine``: MusicGen decoding with a static cache and continuous batching.
+
+Rows are admitted one job at a time (its prompt encoded once, its cross-attention cache filled),
+every ``step`` advances all active rows by one token, and a row that has produced its frames is
+decoded by EnCodec and leaves at once, so its slot takes the next job while its neighbours go on.
+Each row runs exactly as the HF path would run it alone (its bucket's ``max_new_tokens``, its own
+delay pattern, guidance scale and generator, sampled by ``choose_tokens``), which is what makes
+its codes the HF path's codes: see the module docstrings of ``decoder``, ``delay`` and ``cache``.
+
+One engine belongs to one thread (the worker's GPU loop); nothing in it is locked.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import deque
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import ModelRuntimeError, PipelineError, UnsupportedOption
+from workers.runtime.batch import GeneratedAudio, GenerationItem, validate_items
+from workers.runtime.engine.cache import StaticCache
+from workers.runtime.engine.compile import StepFunction, bucket_of, compile_step, row_buckets
+from workers.runtime.engine.decoder import DecoderStep
+from workers.runtime.engine.delay import codebook_delays, codes_of, frames_of, keep_generated
+from workers.runtime.engine.slots import Row, Slots
+from workers.runtime.musicgen import (
+    GENERATE_LOCK,
+    LoadedModel,
+    bucket_for,
+    max_new_tokens_for,
+    model_inputs,
+    padding_waste_for,
+    raise_runtime,
+    window_frames,
+)
+from workers.runtime.musicgen import generate as hf_generate
+from workers.runtime.progress import ProgressCallback, ProgressReporter
+from workers.runtime.sampling import JobSampling, RowSampling, choose_tokens
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PROMPT_TOKENS = 128  # cross-attention cache per row; longer prompts run on HF
+LENGTH_STEP = 64  # the eager step reads self-attention up to the furthest row, in these steps
+
+
+class EngineUnsupported(UnsupportedOption):
+    """Raised when an item (or a model) is one the static engine does not run; HF generate does."""
+
+
+class StaticEngine:
+    """Continuous-batching MusicGen decoding over ``max_rows`` rows of a preallocated cache.
+
+    ``compile`` torch.compiles the step for a few row-count buckets and warms it up here; if that
+    fails, ``compiled`` is False and the eager step runs (a warning is logged). On a model it
+    cannot run (MusicGen-Melody) the engine is built but ``supports`` refuses every item.
+    """
+
+    def __init__(self, loaded: LoadedModel, max_rows: int = 8, compile: bool = False, *,
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+        self.loaded = loaded
+        self.max_rows = max_rows
+        self.max_prompt_tokens = max_prompt_tokens
+        self.compiled = False
+        self.unsupported_model = (
+            "MusicGen-Melody prepends its conditioning to the decoder input"
+            if loaded.is_melody else None)
+        self._slots = Slots(max_rows)
+        self._window = window_frames(loaded)
+        self._steps_max = max_new_tokens_for(self._window, loaded.delay_codebooks)
+        self._device = torch.device(loaded.device)
+        self._buckets = row_buckets(max_rows)
+        self._active_cache: tuple[list[int], torch.Tensor, RowSampling | None] | None = None
+        self._step_fn: StepFunction | None = None
+        if self.unsupported_model is not None:
+            return
+        model: Any = loaded.model
+        config = model.config.decoder
+        self._pad = int(model.generation_config.pad_token_id
+                        if model.generation_config.pad_token_id is not None
+                        else config.pad_token_id)
+        with torch.inference_mode():
+            self._cache = StaticCache(
+                layers=config.num_hidden_layers, rows=max_rows,
+                heads=config.num_attention_heads,
+                head_dim=config.hidden_size // config.num_attention_heads,
+                positions=self._steps_max, text_tokens=max_prompt_tokens, dtype=loaded.dtype,
+                device=self._device)
+            self._step = DecoderStep(model, self._cache)
+            codebooks = loaded.num_codebooks
+            self._delays = codebook_delays(codebooks, loaded.audio_channels, self._device)
+            self._tokens = torch.full((max_rows, codebooks), self._pad, dtype=torch.long,
+                                      device=self._device)
+            self._position = torch.zeros(max_rows, dtype=torch.long, device=self._device)
+            self._frames = torch.zeros(max_rows, dtype=torch.long, device=self._device)
+            self._scale = torch.ones(max_rows, dtype=torch.float32, device=self._device)
+            self._guided = torch.zeros(max_rows, dtype=torch.bool, device=self._device)
+            self._codes = torch.full((max_rows, codebooks, self._steps_max + 1), self._pad,
+                                     dtype=torch.long, device=self._device)
+            self._codebook_ids = torch.arange(codebooks, device=self._device)
+            self._project = (model.text_encoder.config.hidden_size != config.hidden_size
+                             and config.cross_attention_hidden_size is None)
+        self._step_fn = self._step
+        if compile:
+            compiled = compile_step(self._step, self._buckets, self._device, self._warm_up)
+            if compiled is not None:
+                self._step_fn, self.compiled = compiled, True
+
+    # --- what the worker asks --------------------------------------------------------------
+
+    def supports(self, item: GenerationItem) -> bool:
+        """Whether ``item`` can run here: a text prompt within the window on a text-only model,
+        whose prompt fits the cross-attention cache. Anything else runs on HF generate."""
+        if self.unsupported_model is not None or item.melody is not None:
+            return False
+        if not 0 < item.duration_s <= self.loaded.max_duration_s:
+            return False
+        if bucket_for(item.duration_s, self.loaded, item.window_stride_s) > self._window:
+            return False
+        return self._prompt_tokens(item.prompt) <= self.max_prompt_tokens
+
+    def free_rows(self) -> int:
+        """Rows free now."""
+        return self._slots.free()
+
+    def active(self) -> int:
+        """Rows generating now."""
+        return self.max_rows - self._slots.free()
+
+    def progress(self, row: int) -> float:
+        """Steps row ``row`` has taken, as a fraction of the steps it needs."""
+        job = self._slots.get(row)
+        return job.done / job.steps
+
+    # --- admission and retirement ----------------------------------------------------------
+
+    def admit(self, item: GenerationItem, seed: int) -> int:
+        """Start ``item`` in a free row, sampling from a generator seeded with ``seed``.
+
+        Encodes its prompt, fills the row's cross-attention cache and clears its self-attention
+        cache. Raises ``validate_items``' errors for an invalid item, ``EngineUnsupported`` for
+        one ``supports`` refuses and RuntimeError when no row is free.
+        """
+        loaded = self.loaded
+        validate_items([item], max_duration_s=loaded.max_duration_s,
+                       sampling_rate=loaded.sampling_rate, melody_supported=loaded.is_melody)
+        if not self.supports(item):
+            reason = self.unsupported_model or "melody, past the window or a long prompt"
+            raise EngineUnsupported(f"the static engine does not run this item ({reason})",
+                                    field="model" if self.unsupported_model else "prompt")
+        if not self._slots.free():
+            raise RuntimeError(f"no free row: all {self.max_rows} are generating")
+        steps = max_new_tokens_for(bucket_for(item.duration_s, loaded, item.window_stride_s),
+                                   loaded.delay_codebooks)
+        sampling = JobSampling(seed=seed, temperature=item.temperature, top_k=item.top_k,
+                               top_p=item.top_p)
+        generator = (None if sampling.greedy
+                     else torch.Generator(device=self._device).manual_seed(seed))
+        job = Row(item=item, seed=seed, steps=steps,
+                  frames=frames_of(steps, loaded.delay_codebooks),
+                  target_samples=round(item.duration_s * loaded.sampling_rate),
+                  batch_size=self.active() + 1, sampling=sampling, generator=generator)
+        row = self._slots.take(job)
+        try:
+            with torch.inference_mode():
+                self._fill_prompt(row, item)
+                self._cache.reset(row)
+                self._tokens[row] = self._pad
+                self._position[row] = 0
+                self._frames[row] = job.frames
+                self._scale[row] = item.guidance_scale
+                self._guided[row] = item.guidance_scale > 1
+                self._codes[row] = self._pad
+        except BaseException as e:
+            self._slots.drop(row)
+            if isinstance(e, RuntimeError) and not isinstance(e, PipelineError):
+                raise_runtime(e, "admitting a job")
+            raise
+        self._active_cache = None
+        job.admitted_at = time.perf_counter()
+        return row
+
+    def release(self, row: int) -> None:
+        """Drop row ``row`` now (cancelled, out of time): its slot is free for the next admit."""
+        self._slots.drop(row)
+        self._active_cache = None
+
+    # --- decoding ----------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[int, GeneratedAudio]]:
+        """One decoding step for every active row; the rows that finished, with their audio.
+
+        Finished rows are free when this returns.
+        """
+        active, index, sampling = self._active()
+        if not active:
+            return []
+        rows = [self._slots.get(r) for r in active]
+        bucket = bucket_of(active[-1] + 1, self._buckets)
+        try:
+            with torch.inference_mode():
+                logits = self._run(bucket, max(job.done for job in rows) + 1)
+                if len(active) != bucket:
+                    logits = logits.index_select(0, index)
+                tokens = self._choose(logits, rows, sampling)
+                position = self._position.index_select(0, index) + 1
+                keep = keep_generated(position, self._frames.index_select(0, index),
+                                      self._delays)
+                tokens = torch.where(keep, tokens, self._pad)
+                self._codes.index_put_((index[:, None], self._codebook_ids[None, :],
+                                        position[:, None]), tokens)
+                self._tokens.index_copy_(0, index, tokens)
+                self._position.index_copy_(0, index, position)
+                finished: list[tuple[int, GeneratedAudio]] = []
+                for row, job in zip(active, rows, strict=True):
+                    job.done += 1
+                    if job.finished:
+                        finished.append((row, self._decode(row, job)))
+        except PipelineError:
+            raise
+        except RuntimeError as e:
+            raise_runtime(e, "a decoding step")
+        for row, _ in finished:
+            self.release(row)
+        return finished
+
+    def generate(self, items: list[GenerationItem],
+                 progress: ProgressCallback | None = None) -> list[GeneratedAudio]:
+        """``workers.runtime.musicgen.generate``'s contract, with continuous batching.
+
+        Items are admitted in order as rows free up; seeds are the items' own or drawn at random,
+        as the HF path draws them. Items ``supports`` refuses run on the HF path afterwards.
+        Results come back in the items' order.
+        """
+        loaded = self.loaded
+        validate_items(items, max_duration_s=loaded.max_duration_s,
+                       sampling_rate=loaded.sampling_rate, melody_supported=loaded.is_melody)
+        seeds = [int(item.seed) if item.seed is not None else secrets.randbelow(2**31)
+                 for item in items]
+        here = [i for i, item in enumerate(items) if self.supports(item)]
+        elsewhere = sorted(set(range(len(items))) - set(here))
+        results: list[GeneratedAudio | None] = [None] * len(items)
+
+        def steps_of(indices: list[int]) -> int:
+            return sum(max_new_tokens_for(bucket_for(items[i].duration_s, loaded,
+                                                     items[i].window_stride_s),
+                                          loaded.delay_codebooks) for i in indices)
+
+        # One monotone progress over both parts: HF's items first, in its share of the steps.
+        share = steps_of(elsewhere) / max(steps_of(elsewhere) + steps_of(here), 1)
+        if elsewhere:
+            log.info("%d item(s) the static engine does not run go to HF generate",
+                     len(elsewhere))
+            hf_progress = None if progress is None else _scaled(progress, 0.0, share)
+            fallback = hf_generate(loaded, [replace(items[i], seed=seeds[i]) for i in elsewhere],
+                                   hf_progress)
+            for index, audio in zip(elsewhere, fallback, strict=True):
+                results[index] = audio
+        reporter = ProgressReporter(
+            None if progress is None else _scaled(progress, share, 1.0 - share), steps_of(here))
+        waiting, mine = deque(here), dict[int, int]()
+        with GENERATE_LOCK:
+            try:
+                while waiting or mine:
+                    while waiting and self._slots.free():
+                        index = waiting.popleft()
+                        mine[self.admit(items[index], seeds[index])] = index
+                    advancing = len(mine)  # each active row takes one step
+                    for row, audio in self.step():
+                        results[mine.pop(row)] = audio
+                    for _ in range(advancing):
+                        reporter.step()
+            finally:
+                for row in mine:
+                    self.release(row)
+        reporter.finish(f"generated {len(items)} item(s)")
+        return [r for r in results if r is not None]
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _active(self) -> tuple[list[int], torch.Tensor, RowSampling | None]:
+        """The active rows, their ids on the device and their sampling (None: all greedy),
+        rebuilt only when a row comes or goes."""
+        if self._active_cache is None:
+            active = self._slots.active()
+            jobs = [self._slots.get(r).sampling for r in active]
+            index = torch.tensor(active, dtype=torch.long, device=self._device)
+            sampling = (None if all(job.greedy for job in jobs)
+                        else RowSampling.of(jobs, self.loaded.num_codebooks, self._device))
+            self._active_cache = (active, index, sampling)
+        return self._active_cache
+
+    def _run(self, bucket: int, furthest: int) -> torch.Tensor:
+        """The step's guided logits for rows ``0 .. bucket-1``."""
+        args = (self._tokens[:bucket], self._position[:bucket], self._scale[:bucket],
+                self._guided[:bucket])
+        if not self.compiled:
+            length = min(self._steps_max, -(-furthest // LENGTH_STEP) * LENGTH_STEP)
+            logits: torch.Tensor = self._step(*args, length)
+            return logits
+        assert self._step_fn is not None
+        try:
+            return self._step_fn(*args, self._steps_max)
+        except Exception as e:  # noqa: BLE001 - a compiled step that breaks later: go eager
+            if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():
+                raise
+            log.warning("the compiled decode step failed (%s: %s); running it eagerly from now",
+                        type(e).__name__, e)
+            self._step_fn, self.compiled = self._step, False
+            # The failed call may have written this step's keys and values already: rewriting
+            # them with the same values is harmless.
+            logits = self._step(*args, self._steps_max)
+            return logits
+
+    def _choose(self, logits: torch.Tensor, rows: list[Row],
+                sampling: RowSampling | None) -> torch.Tensor:
+        """Each row's next tokens ``(rows, codebooks)`` from its guided logits, drawing
+        ``codebooks`` uniforms per sampling row per step as ``JobSampler`` does."""
+        count, codebooks, vocab = logits.shape
+        flat = logits.reshape(count * codebooks, vocab)
+        if sampling is None:
+            return flat.argmax(dim=-1).view(count, codebooks)
+        draws = torch.cat([
+            torch.zeros(codebooks, device=self._device) if job.generator is None
+            else torch.rand(codebooks, generator=job.generator, device=self._device)
+            for job in rows])
+        return choose_tokens(flat, sampling, draws).view(count, codebooks)
+
+    def _fill_prompt(self, row: int, item: GenerationItem) -> None:
+        """Encode the prompt once and write every layer's cross-attention keys and values."""
+        model: Any = self.loaded.model
+        inputs = model_inputs(self.loaded, [item])
+        mask = inputs["attention_mask"]
+        states = model.text_encoder(input_ids=inputs["input_ids"],
+                                    attention_mask=mask).last_hidden_state
+        if self._project:
+            states = model.enc_to_dec_proj(states)
+        states = states * mask[..., None]
+        keys, values = [], []
+        heads, head_dim = self._cache.heads, self._cache.head_dim
+        for layer in self._step.layers:
+            attn = layer.encoder_attn
+            keys.append(attn.k_proj(states).view(-1, heads, head_dim).transpose(0, 1))
+            values.append(attn.v_proj(states).view(-1, heads, head_dim).transpose(0, 1))
+        self._cache.set_prompt(row, keys, values, mask[0].bool())
+
+    def _decode(self, row: int, job: Row) -> GeneratedAudio:
+        """EnCodec-decode a finished row's codes and trim them to the item's duration."""
+        loaded = self.loaded
+        codes = codes_of(self._codes[row, :, :job.steps + 1], job.frames, self._delays)
+        decoder: Any = loaded.model.audio_encoder
+        if loaded.audio_channels == 1:
+            audio = decoder.decode(codes[None, None], audio_scales=[None]).audio_values
+        else:  # stereo: left and right codebooks interleave; EnCodec decodes each channel
+            audio = torch.cat([decoder.decode(codes[None, None, c::2], audio_scales=[None])
+                               .audio_values for c in (0, 1)], dim=1)
+        samples: np.ndarray = audio[0].to(torch.float32).cpu().numpy()
+        if samples.shape[-1] < job.target_samples:
+            raise ModelRuntimeError(
+                f"model returned {samples.shape[-1]} samples, {job.target_samples} were needed",
+                details={"source": loaded.source})
+        target = job.target_samples
+        return GeneratedAudio(
+            samples=np.ascontiguousarray(samples[:, :target]), sample_rate=loaded.sampling_rate,
+            duration_s=target / loaded.sampling_rate, seed=job.seed,
+            generate_seconds=time.perf_counter() - job.admitted_at, batch_size=job.batch_size,
+            padding_waste=padding_waste_for(loaded, [job.item]))
+
+    def _warm_up(self, step: StepFunction, bucket: int) -> None:
+        """Run ``step`` over ``bucket`` idle rows (what compiles it); CUDA graphs record on a
+        later call than the first, so it runs three times there."""
+        calls = 3 if self._device.type == "cuda" else 1
+        with torch.inference_mode():
+            for _ in range(calls):
+                step(self._tokens[:bucket], self._position[:bucket], self._scale[:bucket],
+                     self._guided[:bucket], self._steps_max)
+
+    def _prompt_tokens(self, prompt: str) -> int:
+        return len(self.loaded.processor.tokenizer(prompt)["input_ids"])
+
+
+
+def _scaled(progress: ProgressCallback, start: float, span: float) -> ProgressCallback:
+    def report(fraction: float, message: str) -> None:
+        progress(start + span * fraction, message)
+
+    return report
