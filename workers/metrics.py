@@ -73,11 +73,14 @@ class _Metrics:
                                     ["model"], buckets=_WAIT_BUCKETS)
         self.model_load = Histogram("musicgen_model_load_seconds", "Time to load a model",
                                     ["model"], buckets=_LOAD_BUCKETS)
-        # One observation per generate call (not per job): the mean is jobs per call.
-        self.batch_size = Histogram("musicgen_batch_size", "Jobs in one generate call",
+        # One observation per generate call (not per job): the mean is jobs per call. The static
+        # engine observes once per decode step: the mean is rows per step.
+        self.batch_size = Histogram("musicgen_batch_size",
+                                    "Jobs in one generate call (static engine: rows in one step)",
                                     ["model"], buckets=_BATCH_SIZE_BUCKETS)
         self.batch_wait = Histogram("musicgen_batch_wait_seconds",
-                                    "Submission of a batch's oldest job to its generate call",
+                                    "Submission of a batch's oldest job to its generate call "
+                                    "(static engine: to its row)",
                                     ["model"], buckets=_BATCH_WAIT_BUCKETS)
         # The fraction belongs to one process's generation loop: summing it over processes is
         # meaningless, so "liveall" keeps one series per live process (label pid) and drops a
@@ -163,11 +166,14 @@ def observe_model_load(model: str, seconds: float) -> None:
 
 
 def observe_batch(stats: BatchStats) -> None:
-    """Record one generate call of the batching engine (``Batcher``'s ``on_batch``)."""
+    """Record one generate call of the batching engine (``Batcher``'s ``on_batch``), or one
+    decode step of the continuous loop (``ContinuousBatcher``'s): its size is the rows active in
+    that step, its wait the admission wait of the oldest job that joined just before it."""
     try:
         m = _get()
         m.batch_size.labels(stats.model).observe(stats.size)
-        m.batch_wait.labels(stats.model).observe(max(0.0, stats.wait_s))
+        if stats.wait_s is not None:  # a step that admitted nobody has no wait to report
+            m.batch_wait.labels(stats.model).observe(max(0.0, stats.wait_s))
         m.busy_fraction.labels(stats.model).set(stats.busy_fraction)
         if stats.generate_s > 0:  # a Counter refuses a negative increment
             m.busy_seconds.labels(stats.model).inc(stats.generate_s)

@@ -1,0 +1,345 @@
+"""Continuous batching: one loop per worker process steps a decode engine whose rows come and go.
+
+The task threads see the same contract as with ``workers.batcher``: ``submit`` returns a
+:class:`~workers.batcher.Ticket`, the thread waits on its future, reports its ``fraction`` and
+``message``, and drops it on cancel or soft limit. What differs is the loop. Instead of one
+``model.generate`` call per batch, it drives an engine (``workers.runtime.engine.StaticEngine``)
+one decode step at a time, and between two steps it:
+
+- releases the rows of dropped tickets (cancel, soft limit): their slots are free at once;
+- admits waiting tickets into free rows, oldest first, whatever their duration or guidance
+  scale (no batch key: each row has its own position and its own guidance);
+- after the step, resolves each finished ticket at once, so its task thread renders while the
+  loop keeps stepping, and writes every running ticket's progress.
+
+A job that arrives alone starts at once: later jobs join the running batch, so waiting for
+company buys nothing (``generation.batch_wait_ms`` applies to the HF path only).
+
+What the engine cannot generate (melody, past the window, any model it cannot drive) goes to
+the HF batcher given as ``fallback``, which runs it exactly as ``Batcher`` always has (batch key,
+OOM split, partial windows) in its own loop thread; both loops share the device.
+
+Fairness between models: one engine steps at a time (one per ``LoadedModel``, by identity). The
+oldest waiting ticket picks the model; while a ticket of another model waits longer than any of
+the current model's, the current engine admits nothing, drains, and the loop switches.
+
+Failures stay per job: a step's out-of-memory releases the newest row and fails only its job
+(``GpuOutOfMemory``, retryable: Celery runs it again later) while the others step on, and the
+engine then admits no more rows than survived until it drains; any other step error fails the
+jobs of that step; a step or admission that runs past the hard limit ends the process
+(``workers.watchdog``).
+
+``max_batch_size`` caps the rows in use. An engine is built with that many rows; a reload that
+lowers it caps admissions, one that raises it past the engine's ``max_rows`` lets that engine
+drain (no new admissions) and builds a larger one for the next jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pipeline.errors import GpuOutOfMemory
+from workers.batcher import Batcher, BatchStats, Ticket, _settle
+from workers.runtime.batch import GeneratedAudio, GenerationItem
+from workers.watchdog import HardLimitWatchdog
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    """What the loop needs of a decode engine (``workers.runtime.engine.StaticEngine``)."""
+
+    @property
+    def max_rows(self) -> int: ...
+    def supports(self, item: GenerationItem) -> bool: ...
+    def free_rows(self) -> int: ...
+    def active(self) -> int: ...
+    def admit(self, item: GenerationItem, seed: int) -> int: ...
+    def step(self) -> list[tuple[int, GeneratedAudio]]: ...
+    def release(self, row: int) -> None: ...
+    def progress(self, row: int) -> float: ...
+
+
+# (loaded model, rows) -> an engine for it. It raises ``unsupported`` for a model it cannot drive.
+EngineFactory = Callable[[Any, int], Engine]
+
+
+@dataclass(eq=False)
+class _ModelEngine:
+    """One loaded model's engine and the tickets in its rows (in admission order)."""
+
+    loaded: Any
+    engine: Engine | None  # None: this model cannot be driven; its jobs take the HF path
+    rows: dict[int, Ticket] = field(default_factory=dict)
+    oom_cap: int | None = None  # after an out-of-memory: the rows that fit, until it drains
+
+
+class ContinuousBatcher:
+    """The continuous-batching loop of one worker process (started on the first submission)."""
+
+    def __init__(self, make_engine: EngineFactory, fallback: Batcher, *, max_batch_size: int,
+                 hard_limit_s: float | None = None,
+                 unsupported: tuple[type[BaseException], ...] = (),
+                 on_batch: Callable[[BatchStats], None] | None = None,
+                 on_hard_limit: Callable[[], None] | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self._make_engine = make_engine
+        self.fallback = fallback
+        self.max_batch_size = max_batch_size
+        self._unsupported = unsupported  # EngineUnsupported: passed in, this module stays torch-free
+        self._on_batch = on_batch
+        self.watchdog = HardLimitWatchdog(hard_limit_s, on_hard_limit, what="an engine step")
+        self._cond = threading.Condition()
+        self._incoming: list[Ticket] = []  # submitted, not yet routed (engine or fallback)
+        self._waiting: list[Ticket] = []  # routed to an engine, waiting for a row, oldest first
+        self._engines: dict[int, _ModelEngine] = {}  # by id(loaded); the entry holds loaded
+        self._current: _ModelEngine | None = None  # the engine stepping now
+        self._thread: threading.Thread | None = None
+        self._loop_started = 0.0
+        self._busy_s = 0.0
+
+    # --- the task threads' side (the Batcher contract) -------------------------------------------
+    def configure(self, *, max_batch_size: int, batch_wait_s: float,
+                  hard_limit_s: float | None) -> None:
+        """New limits from a settings reload: the next admissions use them; the batch wait and
+        the rest go to the HF fallback (see the module's docstring for a larger size)."""
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.fallback.configure(max_batch_size=max_batch_size, batch_wait_s=batch_wait_s,
+                                hard_limit_s=hard_limit_s)
+        with self._cond:
+            self.max_batch_size = max_batch_size
+            self.watchdog.configure(hard_limit_s)
+            self._cond.notify_all()
+
+    def submit(self, loaded: Any, item: GenerationItem, key: Hashable, *, model: str = "",
+               hard_limit_s: float | None = None) -> Ticket:
+        """Queue one job; ``key`` matters only if it takes the HF path (its batch key there)."""
+        ticket = Ticket(loaded=loaded, item=item, key=key, model=model, hard_limit_s=hard_limit_s)
+        with self._cond:
+            self._start()
+            self._incoming.append(ticket)
+            self._cond.notify_all()
+        return ticket
+
+    def pending(self) -> int:
+        """Tickets waiting for a row or a batch (not counting running rows and calls)."""
+        with self._cond:
+            mine = sum(1 for t in (*self._incoming, *self._waiting) if not t.dropped)
+        return mine + self.fallback.pending()
+
+    def active(self) -> int:
+        """Rows in use in the engine stepping now."""
+        with self._cond:
+            return len(self._current.rows) if self._current is not None else 0
+
+    def release_idle_engines(self) -> int:
+        """Drop the engines that have no rows in use and no job waiting; how many went.
+
+        An engine holds its model: called before a model load (which evicts one from the cache)
+        so that the evicted model's memory is really freed. The next job of a model builds its
+        engine again.
+        """
+        with self._cond:
+            busy = {id(t.loaded) for t in (*self._incoming, *self._waiting)}
+            idle = [key for key, me in self._engines.items()
+                    if not me.rows and key not in busy and me is not self._current]
+            for key in idle:
+                del self._engines[key]
+            return len(idle)
+
+    def _start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._loop_started = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="continuous-loop", daemon=True)
+        self._thread.start()
+        self.watchdog.start()
+
+    # --- the loop ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self._route()
+            current = self._choose()
+            if current is None:
+                continue
+            assert current.engine is not None
+            self._release_dropped(current)
+            started = time.monotonic()
+            wait_s = self._admit(current)
+            if not current.rows:
+                self._busy_s += time.monotonic() - started
+                continue  # every admission failed or went elsewhere
+            size, model = len(current.rows), next(iter(current.rows.values())).model
+            self._step(current)
+            elapsed = time.monotonic() - started
+            self._busy_s += elapsed
+            if self._on_batch is not None:
+                wall = max(time.monotonic() - self._loop_started, 1e-9)
+                try:
+                    self._on_batch(BatchStats(model, size, wait_s, elapsed, self._busy_s / wall))
+                except Exception:  # metrics must never stop the loop
+                    log.exception("could not record step metrics")
+
+    def _route(self) -> None:
+        """Send each new ticket to an engine's waiting line or to the HF fallback, and make sure
+        the oldest waiting ticket has an engine of the current size once nothing is stepping."""
+        with self._cond:
+            incoming, self._incoming = self._incoming, []
+        for ticket in incoming:
+            if ticket.dropped:
+                continue
+            me = self._engine_for(ticket.loaded)
+            if me is None or me.engine is None or not me.engine.supports(ticket.item):
+                self.fallback.enqueue(ticket)
+                continue
+            with self._cond:
+                self._waiting.append(ticket)
+        with self._cond:
+            head = next((t for t in self._waiting if not t.dropped), None)
+            if head is None or (self._current is not None and self._current.rows):
+                return
+        me = self._engine_for(head.loaded)
+        if me is None or me.engine is None:  # its engine is gone and cannot be built again
+            with self._cond:
+                moved = [t for t in self._waiting if t.loaded is head.loaded]
+                self._waiting = [t for t in self._waiting if t.loaded is not head.loaded]
+            for ticket in moved:
+                self.fallback.enqueue(ticket)
+
+    def _engine_for(self, loaded: Any) -> _ModelEngine | None:
+        """The engine of ``loaded``, built on first use, or rebuilt larger once it has drained
+        after ``max_batch_size`` grew past it; None when building it failed this time."""
+        with self._cond:
+            me = self._engines.get(id(loaded))
+            rows = self.max_batch_size
+        if me is not None and (me.engine is None or me.rows or me.engine.max_rows >= rows):
+            return me
+        try:
+            engine: Engine | None = self._make_engine(loaded, rows)
+        except self._unsupported as exc:
+            log.info("the static engine cannot drive this model (%s): its jobs take the HF path", exc)
+            engine = None
+        except Exception:
+            log.exception("could not build the static engine; this job takes the HF path")
+            return None
+        me = _ModelEngine(loaded, engine)
+        with self._cond:
+            self._engines[id(loaded)] = me
+        return me
+
+    def _choose(self) -> _ModelEngine | None:
+        """The engine to step next: the current one while it has rows, else the one of the oldest
+        waiting ticket; blocks while there is nothing to do."""
+        with self._cond:
+            while True:
+                self._waiting = [t for t in self._waiting if not t.dropped]
+                current = self._current
+                if current is not None and current.rows:
+                    return current
+                if self._incoming:
+                    return None  # route them first
+                if self._waiting:
+                    me = self._engines.get(id(self._waiting[0].loaded))
+                    if me is None or me.engine is None or \
+                            me.engine.max_rows < self.max_batch_size:
+                        return None  # released or too small: _route builds it again
+                    me.oom_cap = None  # it has drained: try its full size again
+                    self._current = me
+                    return me
+                self._current = None
+                self._cond.wait()
+
+    def _admit(self, me: _ModelEngine) -> float | None:
+        """Admit waiting tickets into ``me``'s free rows; the wait of the oldest admitted."""
+        assert me.engine is not None
+        with self._cond:
+            cap = min(self.max_batch_size, me.engine.max_rows, me.oom_cap or me.engine.max_rows)
+            if me.engine.max_rows < self.max_batch_size:
+                cap = 0  # too small for the new size: it drains, a larger one is built
+            room = min(cap - len(me.rows), me.engine.free_rows())
+            taken: list[Ticket] = []
+            for ticket in self._waiting:
+                if len(taken) >= room:
+                    break
+                if ticket.loaded is not me.loaded:
+                    break  # an older job of another model waits: drain for it (fairness)
+                taken.append(ticket)
+            ids = set(map(id, taken))
+            self._waiting = [t for t in self._waiting if id(t) not in ids]
+        waits: list[float] = []
+        for ticket in taken:
+            seed = int(ticket.item.seed) if ticket.item.seed is not None else secrets.randbelow(2**31)
+            try:
+                with self.watchdog.timing(ticket.hard_limit_s):
+                    row = me.engine.admit(ticket.item, seed)
+            except self._unsupported:
+                self.fallback.enqueue(ticket)
+                continue
+            except Exception as exc:  # this job's own failure (its prompt, memory for its row)
+                log.warning("could not admit a job into the engine: %s", exc)
+                _settle(ticket.future, error=exc)
+                continue
+            if ticket.dropped:  # dropped while it was being admitted
+                me.engine.release(row)
+                continue
+            me.rows[row] = ticket
+            ticket.message = "generating"
+            waits.append(time.monotonic() - ticket.submitted)
+        return max(waits) if waits else None
+
+    def _release_dropped(self, me: _ModelEngine) -> None:
+        assert me.engine is not None
+        for row, ticket in list(me.rows.items()):
+            if ticket.dropped:  # cancelled or past its soft limit: its slot is free at once
+                del me.rows[row]
+                me.engine.release(row)
+
+    def _step(self, me: _ModelEngine) -> None:
+        assert me.engine is not None
+        limits = [t.hard_limit_s for t in me.rows.values() if t.hard_limit_s is not None]
+        try:
+            with self.watchdog.timing(max(limits) if limits else None):
+                finished = me.engine.step()
+        except GpuOutOfMemory as exc:
+            # Release the newest row and fail only its job (retryable); the others step on.
+            row, ticket = list(me.rows.items())[-1]
+            del me.rows[row]
+            self._release_quietly(me, row)
+            me.oom_cap = max(1, len(me.rows))
+            log.warning("out of GPU memory with %d rows; released the newest, %d step on",
+                        len(me.rows) + 1, len(me.rows))
+            _settle(ticket.future, error=exc)
+            return
+        except BaseException as exc:  # the model failed for every row of this step
+            for row, ticket in list(me.rows.items()):
+                _settle(ticket.future, error=exc)
+                self._release_quietly(me, row)
+            me.rows.clear()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for row, audio in finished:
+            done = me.rows.pop(row, None)
+            if done is not None:
+                done.fraction = 1.0
+                _settle(done.future, audio=audio)
+        message = f"generating ({len(me.rows) + len(finished)} jobs in the batch)"
+        for row, ticket in me.rows.items():
+            ticket.fraction = me.engine.progress(row)
+            ticket.message = message
+
+    @staticmethod
+    def _release_quietly(me: _ModelEngine, row: int) -> None:
+        assert me.engine is not None
+        try:
+            me.engine.release(row)
+        except Exception:  # the row's job has its answer; a broken engine shows on the next step
+            log.exception("could not release row %d", row)
