@@ -1,8 +1,9 @@
 """One worker process's job runner: cached models, generate, post-process, write the file.
 
 decode (JobSpec) -> predict (MusicGen on the device, batched with other jobs by
-``workers.batcher``) -> encode (in the calling task thread, while the engine generates the next
-batch). Celery stays out of this module: the task passes in callbacks for progress and
+``workers.batcher``, or by ``workers.continuous`` over the static engine when
+``model.engine = "static"``) -> encode (in the calling task thread, while the engine generates
+the next batch). Celery stays out of this module: the task passes in callbacks for progress and
 cancellation.
 """
 
@@ -29,6 +30,7 @@ from workers.audio.decode import decode_mono
 from workers.audio.formats import FORMATS
 from workers.audio.postprocess import render
 from workers.batcher import Batcher, BatchStats, Ticket
+from workers.continuous import ContinuousBatcher, Engine
 from workers.inputs import fetch_melody
 from workers.partials import PartialPublisher, PartialSink, partial_name
 from workers.runtime.batch import GeneratedAudio, GenerationItem, validate_items
@@ -129,14 +131,31 @@ class JobRunner:
             torch.set_num_threads(settings.model.num_threads)
         self.cache: ModelCache[LoadedModel] = ModelCache(settings.model.cache_size, self._load)
         self._model_settings: dict[str, ModelSettings] = {}
+        # The HF path; with the static engine it still runs what that engine cannot (melody,
+        # past the window), so ``batcher`` always exists and ``loop`` is what jobs go to.
         self.batcher = Batcher(_generate, on_batch=on_batch, **_batcher_limits(settings))
+        self.loop: Batcher | ContinuousBatcher = self.batcher
+        if settings.model.engine == "static":
+            from workers.runtime.engine import EngineUnsupported
+
+            limits = _batcher_limits(settings)
+            self.loop = ContinuousBatcher(
+                self._engine, self.batcher, max_batch_size=limits["max_batch_size"],
+                hard_limit_s=limits["hard_limit_s"], unsupported=(EngineUnsupported,),
+                on_batch=on_batch)
 
     def apply_settings(self, settings: Settings) -> None:
         """A live settings change: jobs that start from now on use ``settings`` (time limits,
         batch size and wait); a running job keeps the limits it started with. What this object
-        built from the model settings (the model cache) is not live: those keys need a restart."""
-        self.batcher.configure(**_batcher_limits(settings))
+        built from the model settings (the model cache, the engine) is not live: those keys need
+        a restart."""
+        self.loop.configure(**_batcher_limits(settings))
         self.settings = settings
+
+    def _engine(self, loaded: LoadedModel, rows: int) -> Engine:
+        from workers.runtime.engine import StaticEngine
+
+        return StaticEngine(loaded, max_rows=rows, compile=self.settings.model.compile)
 
     def _load(self, preset: str) -> LoadedModel:
         m = self._model_settings[preset]
@@ -148,6 +167,9 @@ class JobRunner:
     def model(self, preset: str) -> tuple[LoadedModel, float]:
         """The loaded model for a preset and the seconds spent loading it (0 when cached)."""
         self._model_settings.setdefault(preset, model_settings_for(self.settings, preset))
+        if isinstance(self.loop, ContinuousBatcher) and preset not in self.cache:
+            # A load evicts a model from the cache; an idle engine would keep it in memory.
+            self.loop.release_idle_engines()
         started = time.perf_counter()
         loaded = self.cache.get(preset)
         return loaded, time.perf_counter() - started
@@ -189,8 +211,8 @@ class JobRunner:
                            sampling_rate=loaded.sampling_rate, melody_supported=loaded.is_melody)
             progress(0.0, "waiting for a batch")
             limits = job_time_limits(self.settings.worker, spec.duration)
-            ticket = self.batcher.submit(loaded, item, batch_key_for(loaded, item), model=spec.model,
-                                         hard_limit_s=limits.hard)
+            ticket = self.loop.submit(loaded, item, batch_key_for(loaded, item), model=spec.model,
+                                      hard_limit_s=limits.hard)
             partials = PartialPublisher(spec, loaded, out_dir, temp_dir, backend, on_partial)
             audio = self._wait(ticket, progress, deadline=started_at + limits.soft,
                                limit=limits.soft, partials=partials)
