@@ -197,7 +197,7 @@ class ContinuousBatcher:
             if ticket.dropped:
                 continue
             me = self._engine_for(ticket.loaded)
-            if me is None or me.engine is None or not me.engine.supports(ticket.item):
+            if me is None or me.engine is None or not self._supports(me.engine, ticket.item):
                 self.fallback.enqueue(ticket)
                 continue
             with self._cond:
@@ -213,6 +213,15 @@ class ContinuousBatcher:
                 self._waiting = [t for t in self._waiting if t.loaded is not head.loaded]
             for ticket in moved:
                 self.fallback.enqueue(ticket)
+
+    @staticmethod
+    def _supports(engine: Engine, item: GenerationItem) -> bool:
+        try:
+            return engine.supports(item)
+        except Exception:  # e.g. its tokenizer choked on the prompt: HF says what is wrong
+            log.warning("the static engine could not look at a job; it takes the HF path",
+                        exc_info=True)
+            return False
 
     def _engine_for(self, loaded: Any) -> _ModelEngine | None:
         """The engine of ``loaded``, built on first use, or rebuilt larger once it has drained
@@ -288,7 +297,7 @@ class ContinuousBatcher:
                 _settle(ticket.future, error=exc)
                 continue
             if ticket.dropped:  # dropped while it was being admitted
-                me.engine.release(row)
+                self._release_quietly(me, row)
                 continue
             me.rows[row] = ticket
             ticket.message = "generating"
@@ -300,7 +309,7 @@ class ContinuousBatcher:
         for row, ticket in list(me.rows.items()):
             if ticket.dropped:  # cancelled or past its soft limit: its slot is free at once
                 del me.rows[row]
-                me.engine.release(row)
+                self._release_quietly(me, row)
 
     def _step(self, me: _ModelEngine) -> None:
         assert me.engine is not None

@@ -284,9 +284,11 @@ def test_an_item_the_engine_cannot_generate_goes_the_hf_way() -> None:
     assert audio[2].duration_s == pytest.approx(0.2)
 
 
-def test_a_model_the_engine_cannot_drive_takes_the_hf_path() -> None:
+@pytest.mark.parametrize("refusal", [EngineUnsupported("melody checkpoint"),
+                                     RuntimeError("could not build the engine (scripted)")])
+def test_a_model_the_engine_cannot_drive_takes_the_hf_path(refusal: Exception) -> None:
     def refuse(loaded: Any, rows: int) -> Any:
-        raise EngineUnsupported("melody checkpoint")
+        raise refusal
 
     rig = Rig(gated=False, make=refuse)
     tickets = [rig.submit(f"job {i}") for i in range(2)]
