@@ -21,6 +21,7 @@ from pipeline.cli.settings_cmd import settings_app
 from pipeline.cli.stats_cmd import stats
 from pipeline.cli.webhooks_cmd import webhooks
 from pipeline.cli.worker_cmd import worker
+from pipeline.cli.workers_cmd import workers_app
 
 app = typer.Typer(
     name="musicgen-pipeline",
@@ -36,6 +37,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(quota_app, name="quota")
 app.add_typer(flags_app, name="flags")
 app.add_typer(keys_app, name="keys")
+app.add_typer(workers_app, name="workers")
 app.command("stats")(stats)
 app.command("health")(health)
 app.command("generate")(generate)

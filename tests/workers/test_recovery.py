@@ -205,3 +205,28 @@ def test_settings_refuse_a_silence_past_half_the_visibility_timeout() -> None:
     assert layered.settings is None
     problem = next(p for p in layered.report.errors if p.path == "recovery.heartbeat_interval")
     assert "visibility_timeout" in problem.rule
+
+
+def test_the_cli_lists_workers_and_recovers_one_by_hand(app: PipelineCelery, channel: Any,
+                                                        client: redis.Redis, redis_url: str,  # noqa: F811
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app as cli
+
+    store = store_for(app)
+    queue = queue_name()
+    (tag, job), = take(app, channel, queue, 1).items()
+    worker = new_worker_id("ops@host")
+    store.beat(worker, hostname="ops@host", held={tag: job}, beat_local=time.time())
+    monkeypatch.setenv("MUSICGEN_BROKER__URL", redis_url)
+    listed = CliRunner().invoke(cli, ["workers", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    row = next(r for r in json.loads(listed.output) if r["worker_id"] == worker)
+    assert row["state"] == "alive" and row["jobs"] == [job] and row["hostname"] == "ops@host"
+    refused = CliRunner().invoke(cli, ["workers", "recover", worker])
+    assert refused.exit_code == 1 and "--force" in refused.output  # it beat just now
+    assert waiting(client, queue) == []
+    forced = CliRunner().invoke(cli, ["workers", "recover", worker, "--force"])
+    assert forced.exit_code == 0 and f"re-published 1 job(s): {job}" in forced.output
+    assert [m["headers"]["id"] for m in waiting(client, queue)] == [job]
