@@ -123,6 +123,12 @@ class RowSampling:
     greedy: torch.Tensor
     max_top_k: int  # the largest top_k of any row, 0 when no row filters by top-k
     nucleus: torch.Tensor | None  # indices of the rows with top-p on, None when none has
+    # Host-side shortcuts, each skipping whole-vocabulary passes that would change nothing:
+    # a division by a temperature of 1, the greedy argmax when no row is greedy, and the
+    # per-row top-k bookkeeping when every row keeps the same k > 0.
+    unit_temperature: bool = False  # every row's temperature is 1 (or the row is greedy)
+    any_greedy: bool = True
+    same_top_k: int = 0  # the one top_k of every row when they share one > 0, else 0
 
     @classmethod
     def of(cls, jobs: Sequence[JobSampling], per_job: int,
@@ -136,12 +142,17 @@ class RowSampling:
         top_p = [job.top_p if 0 < job.top_p < 1 else float("inf") for job in jobs]
         nucleus = [index * per_job + offset for index, p in enumerate(top_p)
                    if p != float("inf") for offset in range(per_job)]
+        temperatures = [1.0 if job.greedy else job.temperature for job in jobs]
+        top_ks = {job.top_k for job in jobs}
         return cls(
-            temperature=per_row([1.0 if job.greedy else job.temperature for job in jobs]),
+            temperature=per_row(temperatures),
             top_k=per_row([job.top_k for job in jobs]), top_p=per_row(top_p),
             greedy=per_row([job.greedy for job in jobs]),
-            max_top_k=max(job.top_k for job in jobs),
-            nucleus=torch.tensor(nucleus, device=device) if nucleus else None)
+            max_top_k=max(top_ks),
+            nucleus=torch.tensor(nucleus, device=device) if nucleus else None,
+            unit_temperature=all(t == 1.0 for t in temperatures),
+            any_greedy=any(job.greedy for job in jobs),
+            same_top_k=top_ks.pop() if len(top_ks) == 1 and min(top_ks) > 0 else 0)
 
 
 def choose_tokens(logits: torch.Tensor, rows: RowSampling, draws: torch.Tensor) -> torch.Tensor:
@@ -149,33 +160,44 @@ def choose_tokens(logits: torch.Tensor, rows: RowSampling, draws: torch.Tensor) 
 
     ``draws`` holds one uniform in [0, 1) per row (any value for greedy rows). Every operation
     is per row over the whole vocabulary, so a row's token depends on its own logits, parameters
-    and draw only, never on the rows beside it.
+    and draw only, never on the rows beside it. The shortcuts ``RowSampling`` allows skip only
+    operations that would leave every value as it was (a division by 1, a filter that keeps
+    everything), so a row's token is the same with or without them.
     """
     vocab = logits.shape[-1]
-    greedy_tokens = logits.argmax(dim=-1)
-    scaled = logits.float() / rows.temperature
-    scaled = _top_k_filter(scaled, rows.top_k, rows.max_top_k)
+    scaled = logits.float()
+    if not rows.unit_temperature:
+        scaled = scaled / rows.temperature
+    scaled = _top_k_filter(scaled, rows)
     probs = scaled.softmax(dim=-1)
     if rows.nucleus is not None:
         probs[rows.nucleus] = _top_p_filter(probs[rows.nucleus], rows.top_p[rows.nucleus])
     cdf = probs.cumsum(dim=-1)
     index = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).squeeze(1)
     # A draw rounding up to the total mass would land past the last kept token: clamp to it.
-    ids = torch.arange(vocab, device=logits.device)
-    last_kept = torch.where(probs > 0, ids, 0).amax(dim=-1)
+    ids = torch.arange(vocab, device=logits.device, dtype=torch.int32)
+    last_kept = ((probs > 0) * ids).amax(dim=-1)
     sampled = torch.minimum(index, last_kept)
-    return torch.where(rows.greedy.squeeze(1), greedy_tokens, sampled)
+    if not rows.any_greedy:
+        return sampled
+    return torch.where(rows.greedy.squeeze(1), logits.argmax(dim=-1), sampled)
 
 
-def _top_k_filter(scaled: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+def _top_k_filter(scaled: torch.Tensor, rows: RowSampling) -> torch.Tensor:
     """Keep each row's ``top_k`` largest logits (ties at the k-th kept, as HF does); 0 = all."""
-    if max_top_k <= 0:
+    if rows.max_top_k <= 0:
         return scaled
     vocab = scaled.shape[-1]
-    k = top_k.clamp(1, vocab)
-    largest = scaled.topk(min(max_top_k, vocab), dim=-1).values  # exact copies of the values
+    if rows.same_top_k:  # every row keeps the same k: its k-th value is the last of topk's
+        k = min(rows.same_top_k, vocab)
+        kth = scaled.topk(k, dim=-1).values[:, k - 1:]  # exact copies of the values
+        return scaled.masked_fill(scaled < kth, float("-inf"))
+    k = rows.top_k.clamp(1, vocab)
+    largest = scaled.topk(min(rows.max_top_k, vocab), dim=-1).values
     kth = largest.gather(1, (k.clamp(max=largest.shape[-1]) - 1))
-    return scaled.masked_fill((top_k > 0) & (scaled < kth), float("-inf"))
+    # Rows with top-k off compare against -inf: nothing is below it, every token stays.
+    kth = torch.where(rows.top_k > 0, kth, float("-inf"))
+    return scaled.masked_fill(scaled < kth, float("-inf"))
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
