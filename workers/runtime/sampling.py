@@ -189,8 +189,8 @@ def _top_k_filter(scaled: torch.Tensor, rows: RowSampling) -> torch.Tensor:
         return scaled
     vocab = scaled.shape[-1]
     if rows.same_top_k:  # every row keeps the same k: its k-th value is the last of topk's
-        k = min(rows.same_top_k, vocab)
-        kth = scaled.topk(k, dim=-1).values[:, k - 1:]  # exact copies of the values
+        keep = min(rows.same_top_k, vocab)
+        kth = scaled.topk(keep, dim=-1).values[:, keep - 1:]  # exact copies of the values
         return scaled.masked_fill(scaled < kth, float("-inf"))
     k = rows.top_k.clamp(1, vocab)
     largest = scaled.topk(min(rows.max_top_k, vocab), dim=-1).values

@@ -31,6 +31,11 @@ class StaticCache:
         # zero rather than the NaN of an all-masked softmax.
         self.cross_mask = torch.ones((2 * rows, 1, 1, text_tokens), dtype=torch.bool,
                                      device=device)
+        # Made once, sliced every step: a step's causal mask and write indices need no new
+        # ranges. ``_write_base[r]`` is row r's first entry of each head in a layer's flat view.
+        self.position_ids = torch.arange(positions, device=device)
+        self._write_base = (torch.arange(2 * rows * heads, device=device)
+                            * positions).view(2 * rows, heads)
 
     def reset(self, row: int) -> None:
         """Forget row ``row``'s self-attention entries (both halves)."""
@@ -65,6 +70,4 @@ class StaticCache:
         ``position`` is ``(2*rows,)``; the result addresses every head of every row at its own
         position, in ``(row, head)`` order, the order of a step's ``(2*rows, heads, head_dim)``.
         """
-        base = torch.arange(rows, device=position.device)[:, None] * self.heads + torch.arange(
-            self.heads, device=position.device)[None, :]
-        return (base * self.positions + position[:, None]).reshape(-1)
+        return (self._write_base[:rows] + position[:, None]).reshape(-1)

@@ -49,43 +49,47 @@ class DecoderStep(nn.Module):
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor, scale: torch.Tensor,
                 guided: torch.Tensor, length: int) -> torch.Tensor:
+        # The modules' own functions are called directly (F.linear, F.layer_norm, F.embedding):
+        # the same kernels on the same weights, without nn.Module's per-call dispatch, which is
+        # a good part of a small model's step.
         rows = 2 * tokens.shape[0]  # conditional and unconditional halves, interleaved
         tokens = tokens.repeat_interleave(2, dim=0)
         position = position.repeat_interleave(2, dim=0)
         # sum() from 0, as transformers adds the codebooks: the same float additions in order.
-        embeds = sum(self.embed_tokens[c](tokens[:, c]) for c in range(tokens.shape[1]))
+        embeds = sum(F.embedding(tokens[:, c], self.embed_tokens[c].weight)
+                     for c in range(tokens.shape[1]))
         hidden = (embeds + self.positions.weights.index_select(0, position))[:, None, :]
         cache = self.cache
         write = cache.write_index(rows, position)
-        self_mask = (torch.arange(length, device=tokens.device)[None, :]
-                     <= position[:, None])[:, None, None, :]
+        self_mask = (cache.position_ids[:length][None, :] <= position[:, None])[:, None, None, :]
         cross_mask = cache.cross_mask[:rows]
+        heads, head_dim = self.heads, self.head_dim
         for index, layer in enumerate(self.layers):
             residual = hidden
-            hidden = layer.self_attn_layer_norm(hidden)
+            hidden = _norm(layer.self_attn_layer_norm, hidden)
             attn = layer.self_attn
-            query = attn.q_proj(hidden).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
-            key = attn.k_proj(hidden).view(rows * self.heads, self.head_dim)
-            value = attn.v_proj(hidden).view(rows * self.heads, self.head_dim)
+            query = _linear(attn.q_proj, hidden).view(rows, 1, heads, head_dim).transpose(1, 2)
+            key = _linear(attn.k_proj, hidden).view(rows * heads, head_dim)
+            value = _linear(attn.v_proj, hidden).view(rows * heads, head_dim)
             keys, values = cache.self_k[index], cache.self_v[index]
-            keys.view(-1, self.head_dim).index_copy_(0, write, key)
-            values.view(-1, self.head_dim).index_copy_(0, write, value)
+            keys.view(-1, head_dim).index_copy_(0, write, key)
+            values.view(-1, head_dim).index_copy_(0, write, value)
             hidden = residual + self._attend(
                 attn, query, keys[:rows, :, :length], values[:rows, :, :length], self_mask)
 
             residual = hidden
-            hidden = layer.encoder_attn_layer_norm(hidden)
+            hidden = _norm(layer.encoder_attn_layer_norm, hidden)
             attn = layer.encoder_attn
-            query = attn.q_proj(hidden).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
+            query = _linear(attn.q_proj, hidden).view(rows, 1, heads, head_dim).transpose(1, 2)
             hidden = residual + self._attend(attn, query, cache.cross_k[index, :rows],
                                              cache.cross_v[index, :rows], cross_mask)
 
             residual = hidden
-            hidden = layer.final_layer_norm(hidden)
-            hidden = layer.fc2(layer.activation_fn(layer.fc1(hidden)))
+            hidden = _norm(layer.final_layer_norm, hidden)
+            hidden = _linear(layer.fc2, layer.activation_fn(_linear(layer.fc1, hidden)))
             hidden = residual + hidden
-        hidden = self.layer_norm(hidden)
-        logits = torch.stack([head(hidden) for head in self.lm_heads], dim=1)[:, :, 0].float()
+        hidden = _norm(self.layer_norm, hidden)[:, 0]
+        logits = torch.stack([_linear(head, hidden) for head in self.lm_heads], dim=1).float()
         cond, uncond = logits[0::2], logits[1::2]
         mixed = uncond + (cond - uncond) * scale[:, None, None]
         return torch.where(guided[:, None, None], mixed, cond)
@@ -95,5 +99,15 @@ class DecoderStep(nn.Module):
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
                                              scale=self.scaling)
         out = out.transpose(1, 2).reshape(query.shape[0], 1, -1)
-        projected: torch.Tensor = attn.out_proj(out)
-        return projected
+        return _linear(attn.out_proj, out)
+
+
+def _linear(module: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """``module(hidden)`` for an ``nn.Linear``, without the module call."""
+    out: torch.Tensor = F.linear(hidden, module.weight, module.bias)
+    return out
+
+
+def _norm(module: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """``module(hidden)`` for an ``nn.LayerNorm``, without the module call."""
+    return F.layer_norm(hidden, module.normalized_shape, module.weight, module.bias, module.eps)
