@@ -52,7 +52,8 @@ class PipelineCelery(Celery):  # type: ignore[misc]
     def queue_depth(self, queue: str) -> int:
         """Jobs waiting in ``queue`` (not those reserved by a worker), on either broker."""
         if self.broker_kind is brokers.BrokerKind.amqp:
-            with self.connection_for_read() as conn:
+            # A pooled connection: the producer asks before every enqueue (backpressure).
+            with self.pool.acquire(block=True, timeout=self.settings.broker.connect_timeout) as conn:
                 conn.ensure_connection(max_retries=1)
                 return brokers.amqp_queue_depth(conn.connection, queue)
         from pipeline.policies.backpressure import queue_depth

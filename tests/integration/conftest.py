@@ -22,9 +22,14 @@ from typing import Any
 import pytest
 import redis
 
+from . import rabbitmq
+
 REDIS = "redis://127.0.0.1:6379"
 REPO = Path(__file__).resolve().parents[2]
 OWNER_KEY = "musicgen-tests:owner"
+#: RabbitMQ broker URL -> the Redis its processes keep results (and our keys) on; base_env reads
+#: it, so a test passes one broker URL around whichever broker it runs on.
+RESULTS_FOR: dict[str, str] = {}
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +49,30 @@ def redis_url() -> Iterator[str]:
         if keys:
             client.delete(*keys)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url(redis_url: str) -> Iterator[str]:
+    """A vhost of this session's own on the shared RabbitMQ (deleted at the end), its results
+    on the session's Redis database. A RabbitMQ that is not running fails the tests."""
+    vhost = rabbitmq.add_vhost()
+    url = rabbitmq.amqp_url(vhost)
+    RESULTS_FOR[url] = redis_url
+    yield url
+    rabbitmq.delete_vhost(vhost)
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_url(request: pytest.FixtureRequest, redis_url: str) -> str:
+    """The failure suite runs on both brokers: the session's Redis database, or its RabbitMQ
+    vhost (with production settings: nothing shortens a timeout RabbitMQ does not have)."""
+    if request.param == "redis":
+        return redis_url
+    return str(request.getfixturevalue("rabbitmq_url"))
+
+
+def on_rabbitmq(broker: str) -> bool:
+    return broker.startswith("amqp://")
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +108,9 @@ def base_env(workdir: Path, broker: str | None, **extra: str) -> dict[str, str]:
     })
     if broker:
         env["MUSICGEN_BROKER__URL"] = broker
+    if broker and on_rabbitmq(broker):
+        env["MUSICGEN_BROKER__PASSWORD"] = rabbitmq.PASSWORD
+        env["MUSICGEN_BROKER__RESULT_BACKEND"] = RESULTS_FOR[broker.split("?")[0]]
     env.update(extra)
     return env
 
@@ -155,6 +187,23 @@ def workers(workdir: Path, redis_url: str, tmp_path: Path) -> Iterator[WorkerFac
     factory = WorkerFactory(workdir, redis_url, tmp_path)
     yield factory
     factory.stop_all()
+
+
+@pytest.fixture
+def broker_workers(workdir: Path, broker_url: str, tmp_path: Path) -> Iterator[WorkerFactory]:
+    """Workers on the broker under test (``broker_url``: Redis, then RabbitMQ)."""
+    factory = WorkerFactory(workdir, broker_url, tmp_path)
+    yield factory
+    factory.stop_all()
+
+
+def record_recovery(record_property: Callable[[str, object], None], what: str, started: float) -> float:
+    """Log a case's time to recovery (seconds since ``started``, a ``time.monotonic()``): in
+    the junit XML as a property and on stdout (``pytest -s`` or the captured output)."""
+    seconds = time.monotonic() - started
+    record_property(f"recovery_s[{what}]", round(seconds, 2))
+    print(f"time to recovery ({what}): {seconds:.1f} s")
+    return seconds
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ a test kills its worker or counts what the broker still holds.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from pipeline import GenerationRequest, JobStatus
 from pipeline.jobs import queue_for
 from pipeline.policies.backpressure import queue_depth
 
-from .conftest import WorkerFactory, held, release
-from .test_failures import FAST, attempts, outputs, producer, wait_for
+from .conftest import WorkerFactory, held, on_rabbitmq, record_recovery, release
+from .test_failures import Record, attempts, fast, outputs, producer, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -82,9 +83,12 @@ def test_the_same_seeded_job_sounds_the_same_alone_and_in_a_batch(
 
 
 def test_kill_9_mid_batch_redelivers_every_job_and_each_finishes_once(
-        workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {**FAST, **BATCHING, "MUSICGEN_GENERATION__MAX_BATCH_SIZE": "3"}
-    prod = producer(workdir, redis_url, monkeypatch, **env)
+        broker_workers: WorkerFactory, workdir: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch,
+        record_property: Record) -> None:
+    """On both brokers (``broker_url``): Redis and RabbitMQ."""
+    workers = broker_workers
+    env = {**fast(broker_url), **BATCHING, "MUSICGEN_GENERATION__MAX_BATCH_SIZE": "3"}
+    prod = producer(workdir, broker_url, monkeypatch, **env)
     hold = f"batch-{uuid.uuid4().hex[:6]}"
     handles = [prod.enqueue(GenerationRequest(prompt=f"dead node {i} FAULT:hold={hold}", duration=0.5,
                                               format="wav")) for i in range(3)]
@@ -92,14 +96,18 @@ def test_kill_9_mid_batch_redelivers_every_job_and_each_finishes_once(
     wait_for(lambda: held(workers.tmp, hold), 120, "the batch to reach the model")
     assert len(attempts(workers, "dead node")) == 3  # one call, all three jobs in it
     first.kill9()
+    killed = time.monotonic()
     release(workers.tmp, hold)  # the next attempt runs straight through
-    workers.start(pool="threads", faults=True, **env)  # restores the unacked messages
+    if on_rabbitmq(broker_url):  # all three requeued by RabbitMQ when the connection dropped
+        wait_for(lambda: prod.app.queue_depth(queue_for("tiny")) == 3, 30, "the jobs to be requeued")
+    workers.start(pool="threads", faults=True, **env)  # on Redis: restores the unacked messages
     for handle in handles:
         assert handle.wait(180).job_id == handle.id
         assert [p.name for p in outputs(workdir, handle.id)] == [f"{handle.id}.wav", f"{handle.id}.wav.json"]
         rows = [r for r in prod.quota.ledger() if r["job_id"] == handle.id]
         assert len(rows) == 1 and rows[0]["status"] == "succeeded"  # charged once
         assert rows[0]["attempts"] == 2
+    record_recovery(record_property, "kill -9 mid-batch to all done, the next worker started after it", killed)
     assert len(attempts(workers, "dead node")) == 6
 
 
@@ -131,9 +139,12 @@ def test_out_of_memory_splits_the_batch_without_spending_retries(
 
 
 def test_cancel_of_one_job_in_a_batch_leaves_its_neighbours_going(
-        workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        broker_workers: WorkerFactory, workdir: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch,
+        record_property: Record) -> None:
+    """On both brokers (``broker_url``): Redis and RabbitMQ."""
+    workers = broker_workers
     env = {**BATCHING, "MUSICGEN_GENERATION__MAX_BATCH_SIZE": "2"}
-    prod = producer(workdir, redis_url, monkeypatch, **env)
+    prod = producer(workdir, broker_url, monkeypatch, **env)
     hold = f"cancel-{uuid.uuid4().hex[:6]}"
     doomed = prod.enqueue(GenerationRequest(prompt=f"doomed FAULT:hold-progress={hold}", duration=1.0,
                                             format="wav"))
@@ -141,9 +152,11 @@ def test_cancel_of_one_job_in_a_batch_leaves_its_neighbours_going(
     workers.start(pool="threads", faults=True, **env)
     wait_for(lambda: held(workers.tmp, hold), 120, "the batch to be generating")
     assert doomed.cancel() is True
+    cancelled = time.monotonic()
     # The doomed job's task thread sees its flag while the batch is still held: it ends first.
     with pytest.raises(pipeline.JobCancelled):
         doomed.wait(120)
+    record_recovery(record_property, "cancel to the job ended", cancelled)
     assert neighbour.status() in (JobStatus.started, JobStatus.progress)
     release(workers.tmp, hold)
     result = neighbour.wait(120)

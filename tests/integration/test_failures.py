@@ -1,13 +1,17 @@
-"""The failure promises, proved on real worker processes over real Redis with the tiny model.
+"""The failure promises, proved on real worker processes with the tiny model, on both brokers:
+Redis, and RabbitMQ (a vhost of the session's own, results on Redis): every case runs twice.
 
 Faults are injected at the model boundary of a real worker (tests/integration/faults.py) by
-markers in the prompt; Celery, Redis and the pipeline's own policies do the rest.
+markers in the prompt; Celery, the broker and the pipeline's own policies do the rest. Each case
+logs its time to recovery (``record_recovery``). On RabbitMQ nothing shortens a timeout: a dead
+worker's jobs come back when its connection goes, with production settings.
 """
 
 from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from itertools import combinations, pairwise
 from pathlib import Path
 
@@ -16,15 +20,23 @@ import redis
 
 import pipeline
 from pipeline import GenerationRequest, JobStatus
+from pipeline.jobs import queue_for
 from pipeline.policies.configured import Policies
 
-from .conftest import WorkerFactory, base_env, held, release
+from .conftest import WorkerFactory, base_env, held, on_rabbitmq, record_recovery, release
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+Record = Callable[[str, object], None]  # pytest's record_property
 
 
-def producer(workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch, **env: str) -> pipeline.Producer:
-    for key, value in base_env(workdir, redis_url, **env).items():
+@pytest.fixture
+def workers(broker_workers: WorkerFactory) -> WorkerFactory:
+    """Here every case's workers are on the broker under test (``broker_url``: both)."""
+    return broker_workers
+
+
+def producer(workdir: Path, broker: str, monkeypatch: pytest.MonkeyPatch, **env: str) -> pipeline.Producer:
+    for key, value in base_env(workdir, broker, **env).items():
         if key.startswith("MUSICGEN_"):
             monkeypatch.setenv(key, value)
     return pipeline.Producer(pipeline.load_settings(cwd=workdir))
@@ -61,18 +73,33 @@ FAST = {"MUSICGEN_WORKER__SOFT_TIME_LIMIT": "20", "MUSICGEN_WORKER__HARD_TIME_LI
         "MUSICGEN_WORKER__TIME_LIMIT_PER_SECOND": "0", "MUSICGEN_BROKER__VISIBILITY_TIMEOUT": "30"}
 
 
-def test_kill_9_mid_job_redelivers_to_another_worker(workers: WorkerFactory, workdir: Path, redis_url: str,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    prod = producer(workdir, redis_url, monkeypatch, **FAST)
-    first = workers.start(faults=True, **FAST)
+def fast(broker: str) -> dict[str, str]:
+    """FAST for ``broker``: RabbitMQ keeps the production visibility timeout (it has none to
+    shorten: a dead consumer's messages are requeued when its connection drops)."""
+    if on_rabbitmq(broker):
+        return {k: v for k, v in FAST.items() if k != "MUSICGEN_BROKER__VISIBILITY_TIMEOUT"}
+    return FAST
+
+
+def test_kill_9_mid_job_redelivers_to_another_worker(workers: WorkerFactory, workdir: Path, broker_url: str,
+                                                     redis_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                     record_property: Record) -> None:
+    env = fast(broker_url)
+    prod = producer(workdir, broker_url, monkeypatch, **env)
+    first = workers.start(faults=True, **env)
     handle = prod.enqueue(GenerationRequest(prompt="FAULT:hold=dead-node survive a dead node", duration=1.0,
                                             format="wav"))
     wait_for(lambda: held(workers.tmp, "dead-node"), 120, "the job to reach the model")
     first.kill9()
+    killed = time.monotonic()
     assert handle.status() in (JobStatus.progress, JobStatus.started)  # not lost, not failed
     release(workers.tmp, "dead-node")  # the next attempt runs straight through
-    workers.start(faults=True, **FAST)  # restores unacked messages older than the visibility timeout
+    if on_rabbitmq(broker_url):  # requeued by RabbitMQ the moment the connection dropped
+        wait_for(lambda: prod.app.queue_depth(queue_for("tiny")) == 1, 30, "the job to be requeued")
+    # On Redis the new worker restores unacked messages older than the visibility timeout.
+    workers.start(faults=True, **env)
     result = handle.wait(180)
+    record_recovery(record_property, "kill -9 to done, the next worker started after it", killed)
     assert result.job_id == handle.id
     assert [p.name for p in outputs(workdir, handle.id)] == [f"{handle.id}.wav", f"{handle.id}.wav.json"]
     deliveries = redis.Redis.from_url(redis_url).get(f"musicgen:deliveries:{handle.id}")
@@ -83,11 +110,12 @@ def test_kill_9_mid_job_redelivers_to_another_worker(workers: WorkerFactory, wor
 
 
 def test_soft_and_hard_time_limits_fail_with_timeout_and_worker_keeps_serving(
-        workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        workers: WorkerFactory, workdir: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch,
+        record_property: Record) -> None:
     limits = {"MUSICGEN_WORKER__SOFT_TIME_LIMIT": "4", "MUSICGEN_WORKER__HARD_TIME_LIMIT": "8",
               "MUSICGEN_WORKER__TIME_LIMIT_PER_SECOND": "0",
               "MUSICGEN_BROKER__VISIBILITY_TIMEOUT": "60", "MUSICGEN_WORKER__MAX_RETRIES": "0"}
-    prod = producer(workdir, redis_url, monkeypatch, **limits)
+    prod = producer(workdir, broker_url, monkeypatch, **limits)
     worker = workers.start(faults=True, **limits)
     hang = prod.enqueue(GenerationRequest(prompt="FAULT:hang", duration=1.0))
     stubborn = prod.enqueue(GenerationRequest(prompt="FAULT:ignore-soft", duration=1.0))
@@ -99,20 +127,24 @@ def test_soft_and_hard_time_limits_fail_with_timeout_and_worker_keeps_serving(
     # (8 s after the call began) and the pool replaces the child.
     wait_for(lambda: "hard time limit (8 s) passed by a generate call" in worker.log_text(), 120,
              "the watchdog to end the process of the hung call")
+    ended = time.monotonic()
     after = prod.enqueue(GenerationRequest(prompt="still serving", duration=0.5, format="wav"))
     assert after.wait(120).job_id == after.id
+    record_recovery(record_property, "hard limit to next job done", ended)
     tmp = workdir / "tmp"
     assert not (tmp / hang.id).exists() and not (tmp / stubborn.id).exists()
     assert not outputs(workdir, hang.id) and not outputs(workdir, stubborn.id)
 
 
 def test_poison_job_stops_at_the_redelivery_cap_and_the_queue_flows(
-        workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        workers: WorkerFactory, workdir: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch,
+        record_property: Record) -> None:
     env = {"MUSICGEN_WORKER__REDELIVERY_CAP": "2"}
-    prod = producer(workdir, redis_url, monkeypatch, **env)
+    prod = producer(workdir, broker_url, monkeypatch, **env)
     workers.start(faults=True, **env)
     poison = prod.enqueue(GenerationRequest(prompt="FAULT:crash", duration=0.5))
     healthy = prod.enqueue(GenerationRequest(prompt="healthy after poison", duration=0.5, format="wav"))
+    queued = time.monotonic()
     with pytest.raises(pipeline.JobFailed) as failed:
         poison.wait(240)
     assert failed.value.error_code == "poison_job"
@@ -121,16 +153,20 @@ def test_poison_job_stops_at_the_redelivery_cap_and_the_queue_flows(
     assert len(attempts(workers, "FAULT:crash")) == 2
     assert failed.value.details["error_message"].startswith("job was delivered 3 times")
     assert healthy.wait(120).job_id == healthy.id
+    record_recovery(record_property, "poison queued to the next job done", queued)
 
 
 def test_transient_fault_retries_with_backoff_and_permanent_error_is_tried_once(
-        workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        workers: WorkerFactory, workdir: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch,
+        record_property: Record) -> None:
     env = {"MUSICGEN_WORKER__RETRY_BACKOFF": "1.0", "MUSICGEN_WORKER__RETRY_JITTER": "false",
            "MUSICGEN_WORKER__MAX_RETRIES": "3", "MUSICGEN_CIRCUIT_BREAKER__ENABLED": "false"}
-    prod = producer(workdir, redis_url, monkeypatch, **env)
+    prod = producer(workdir, broker_url, monkeypatch, **env)
     workers.start(faults=True, **env)
     flaky = prod.enqueue(GenerationRequest(prompt="FAULT:oom-twice", duration=0.5, format="wav"))
     assert flaky.wait(120).job_id == flaky.id
+    first_try = time.monotonic() - (time.time() - attempts(workers, "FAULT:oom-twice")[0])
+    record_recovery(record_property, "first attempt to done after two retries", first_try)
     times = attempts(workers, "FAULT:oom-twice")
     assert len(times) == 3
     gaps = [b - a for a, b in pairwise(times)]
@@ -145,10 +181,11 @@ def test_transient_fault_retries_with_backoff_and_permanent_error_is_tried_once(
 
 
 def test_breaker_opens_refuses_fast_probes_and_closes_across_two_workers(
-        workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        workers: WorkerFactory, workdir: Path, broker_url: str, redis_url: str,
+        monkeypatch: pytest.MonkeyPatch, record_property: Record) -> None:
     env = {"MUSICGEN_CIRCUIT_BREAKER__THRESHOLD": "3", "MUSICGEN_CIRCUIT_BREAKER__RESET_TIMEOUT": "4",
            "MUSICGEN_WORKER__MAX_RETRIES": "0"}
-    prod = producer(workdir, redis_url, monkeypatch, **env)
+    prod = producer(workdir, broker_url, monkeypatch, **env)
     prod.policies.breaker("tiny").reset()
     workers.start(faults=True, **env)
     workers.start(faults=True, **env)
@@ -162,6 +199,7 @@ def test_breaker_opens_refuses_fast_probes_and_closes_across_two_workers(
     # Both workers and this producer read one state from Redis.
     other = Policies(prod.settings, redis_client=redis.Redis.from_url(redis_url), redis_url=redis_url)
     assert other.breaker("tiny").state().value == "open"
+    opened = time.monotonic()
     timings = []
     for _ in range(50):
         started = time.perf_counter()
@@ -177,17 +215,21 @@ def test_breaker_opens_refuses_fast_probes_and_closes_across_two_workers(
     probe = prod.enqueue(GenerationRequest(prompt="probe", duration=0.5, format="wav"))
     assert probe.wait(120).job_id == probe.id
     assert other.breaker("tiny").state().value == "closed"
+    record_recovery(record_property, "breaker open to closed", opened)
 
 
-def test_global_rate_limit_holds_across_two_workers(workers: WorkerFactory, workdir: Path, redis_url: str,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_global_rate_limit_holds_across_two_workers(workers: WorkerFactory, workdir: Path, broker_url: str,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    record_property: Record) -> None:
     env = {"MUSICGEN_RATE_LIMIT__ENABLED": "true", "MUSICGEN_RATE_LIMIT__RATE": "2 per 6 seconds"}
-    prod = producer(workdir, redis_url, monkeypatch, **env)
+    prod = producer(workdir, broker_url, monkeypatch, **env)
     workers.start(faults=True, **env)
     workers.start(faults=True, **env)
+    queued = time.monotonic()
     handles = [prod.enqueue(GenerationRequest(prompt=f"rate {i}", duration=0.5, format="wav")) for i in range(6)]
     for handle in handles:
         handle.wait(240)  # every job completes: over the limit means waiting, not failing
+    record_recovery(record_property, "6 jobs over a 2 per 6 s limit, all done", queued)
     assert len(attempts(workers, "rate ")) == 6
     # Each grant as (earliest, latest) time the limiter could have stamped it: the window check
     # is made on the bounds, so a correct limiter cannot fail it by a few ms of logging delay.
@@ -201,16 +243,17 @@ def test_global_rate_limit_holds_across_two_workers(workers: WorkerFactory, work
 
 
 def test_sigterm_finishes_the_running_job_and_starts_no_other(
-        workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        workers: WorkerFactory, workdir: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch,
+        record_property: Record) -> None:
     """The promise: after SIGTERM a worker lets its running job finish inside the grace period
     and starts no new job; the queued one stays queued (never lost) for the next worker."""
     env = {"MUSICGEN_WORKER__SHUTDOWN_GRACE": "20"}
-    prod = producer(workdir, redis_url, monkeypatch, **env)
+    prod = producer(workdir, broker_url, monkeypatch, **env)
     worker = workers.start(faults=True, **env)
     running = prod.enqueue(GenerationRequest(prompt="FAULT:hold=running finish me", duration=0.5, format="wav"))
     wait_for(lambda: held(workers.tmp, "running"), 120, "the first job to be running")
     waiting = prod.enqueue(GenerationRequest(prompt="wait for the next worker", duration=0.5, format="wav"))
-    assert waiting.status() is JobStatus.queued  # one slot, taken: it waits in Redis
+    assert waiting.status() is JobStatus.queued  # one slot, taken: it waits in the broker
     worker.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: "Initiating Soft Shutdown" in worker.log_text(), 60, "the shutdown to begin")
     release(workers.tmp, "running")  # the running job ends now, inside the grace period
@@ -218,8 +261,10 @@ def test_sigterm_finishes_the_running_job_and_starts_no_other(
     assert running.wait(5).job_id == running.id
     assert waiting.status() is JobStatus.queued  # not started by the stopping worker
     assert not attempts(workers, "wait for the next worker")
+    stopped = time.monotonic()
     workers.start(faults=True, **env)
     assert waiting.wait(120).job_id == waiting.id  # not lost: the next worker ran it
+    record_recovery(record_property, "stop to the queued job done on the next worker", stopped)
     assert len(attempts(workers, "wait for the next worker")) == 1
     assert len(attempts(workers, "FAULT:hold=running")) == 1  # and the finished job was not rerun
     rows = {r["job_id"]: r["status"] for r in prod.quota.ledger()}
@@ -227,18 +272,24 @@ def test_sigterm_finishes_the_running_job_and_starts_no_other(
 
 
 def test_sigterm_past_the_grace_period_requeues_the_running_job(
-        workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {"MUSICGEN_WORKER__SHUTDOWN_GRACE": "2", **FAST}
-    prod = producer(workdir, redis_url, monkeypatch, **env)
+        workers: WorkerFactory, workdir: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch,
+        record_property: Record) -> None:
+    env = {"MUSICGEN_WORKER__SHUTDOWN_GRACE": "2", **fast(broker_url)}
+    prod = producer(workdir, broker_url, monkeypatch, **env)
     worker = workers.start(faults=True, **env)
     slow = prod.enqueue(GenerationRequest(prompt="FAULT:slow-first finish later", duration=0.5, format="wav"))
     wait_for(lambda: bool(attempts(workers, "FAULT:slow-first")), 120, "the job to reach the model")
     worker.stop(signal.SIGTERM, timeout=60)  # grace 2 s: far shorter than the job
     assert slow.status() is not JobStatus.succeeded
+    stopped = time.monotonic()
     log = worker.log_text()  # requeued by the shutdown itself, not by a visibility timeout later
     assert "Initiating Soft Shutdown, terminating in 2.0 seconds" in log
-    assert "Restoring 1 unacknowledged message(s)" in log
+    if on_rabbitmq(broker_url):  # RabbitMQ requeues what the closed channel held, at once
+        assert prod.app.queue_depth(queue_for("tiny")) == 1
+    else:  # kombu's Redis transport puts the unacked message back itself, and says so
+        assert "Restoring 1 unacknowledged message(s)" in log
     workers.start(faults=True, **env)
     assert slow.wait(180).job_id == slow.id  # requeued, then finished by the next worker
+    record_recovery(record_property, "stop to the requeued job done", stopped)
     assert len(attempts(workers, "FAULT:slow-first")) == 2
     assert [p.name for p in outputs(workdir, slow.id)] == [f"{slow.id}.wav", f"{slow.id}.wav.json"]

@@ -183,6 +183,9 @@ def test_health_fails_on_the_error_rate_and_passes_under_a_higher_threshold(run:
     assert as_json.returncode == 1
     data = json.loads(as_json.stdout)
     assert data["healthy"] is False and data["checks"]["finished_jobs"] == 4
+    broker = data["checks"]["broker"]  # kind, version, depths (pipeline/brokers.py)
+    assert broker["kind"] == "redis" and broker["reachable"] and broker["version"].startswith("Redis ")
+    assert "musicgen.tiny" in broker["depths"]
     assert data["problems"][0] == "error rate 25.0% > 10.0% over the last 2d"
     assert data["problems"][1].startswith("latency p95 ") and len(data["problems"]) == 2
 

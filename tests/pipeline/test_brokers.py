@@ -132,7 +132,8 @@ def test_queues_carry_priorities_and_the_most_urgent_job_comes_first(vhost: str)
     queue = "musicgen.prio-test"
     for request_priority in (1, 9, 5):
         app.send_task("musicgen.generate", args=[{"p": request_priority}], queue=queue,
-                      priority=celery_priority(BrokerKind.amqp, request_priority))
+                      priority=celery_priority(BrokerKind.amqp, request_priority),
+                      ignore_result=True)  # no result subscription: nothing to wait for here
     assert app.queue_depth(queue) == 3
     listed = rabbitmq.ctl("list_queues", "-p", vhost, "name", "arguments", "durable").stdout
     line = next(row for row in listed.splitlines() if row.startswith(queue))
@@ -146,12 +147,15 @@ def test_queues_carry_priorities_and_the_most_urgent_job_comes_first(vhost: str)
     assert order == ["[{'p': 9}]", "[{'p': 5}]", "[{'p': 1}]"]
     assert app.queue_depth(queue) == 0
     assert app.queue_depth("musicgen.never-declared") == 0
+    app.close()
 
 
 def test_state_names_the_server_and_its_depths_and_an_unreachable_one(vhost: str) -> None:
     settings = amqp_settings(rabbitmq.amqp_url(vhost))
     app = make_celery(settings)
-    app.send_task("musicgen.generate", args=[{}], queue="musicgen.state-test", priority=5)
+    app.send_task("musicgen.generate", args=[{}], queue="musicgen.state-test", priority=5,
+                  ignore_result=True)
+    app.close()
     state = brokers.broker_state(settings, ["musicgen.state-test", "musicgen.none"])
     assert state.reachable and state.kind is BrokerKind.amqp
     assert state.version is not None and state.version.startswith("RabbitMQ 3.")
