@@ -217,6 +217,11 @@ class Paths:
         def setup() -> None:
             self.engine = None
             _free(self.loaded.device)
+            if self.compiled:
+                # A fresh engine per configuration would pile recompilations onto one code
+                # object until dynamo's cache limit makes it run eager without a word; start
+                # each from an empty cache (HF's compiled decoder recompiles in its warm-up).
+                torch.compiler.reset()
             self.engine = StaticEngine(self.loaded, max_rows=rows, compile=self.compiled)
             if self.compiled and not self.engine.compiled:
                 self.notes.append("engine compile fell back to eager")
