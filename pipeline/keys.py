@@ -58,16 +58,16 @@ KOMBU_PRIORITY_SEP = "\x06\x16"
 #: one would wait side by side.
 KOMBU_PRIORITY_STEPS: tuple[int, ...] = tuple(range(10))
 
-
-def breaker_key(name: str, prefix: str = BREAKER_PREFIX) -> str:
-    """The HASH holding the shared state of the circuit breaker for model preset ``name``."""
-    return f"{prefix}{name}"
-
 # --- RabbitMQ (pipeline/brokers.py) ---------------------------------------------------------
 #: ``x-max-priority`` of every queue Celery declares on RabbitMQ: priorities 0-9, one per
 #: request priority (RabbitMQ serves the higher number first). Not 10: an eleventh level would
 #: never be used, and each level of a classic queue costs the broker memory and CPU.
 AMQP_MAX_PRIORITY = 9
+
+
+def breaker_key(name: str, prefix: str = BREAKER_PREFIX) -> str:
+    """The HASH holding the shared state of the circuit breaker for model preset ``name``."""
+    return f"{prefix}{name}"
 
 
 def worker_key(worker_id: str) -> str:

@@ -488,9 +488,10 @@ RULES: tuple[Rule, ...] = (
               "raise generation.default_duration to at least generation.min_duration"),
     _greater("worker.hard_time_limit", "worker.soft_time_limit",
              "the hard limit kills the process: set it above the soft limit"),
-    _greater("broker.visibility_timeout", "worker.hard_time_limit",
-             "a job redelivered while still running would run twice: raise broker.visibility_timeout"),
-    Rule("long jobs: visibility covers the scaled hard limit", _visibility_covers_long_jobs),
+    _not_on_rabbitmq(_greater("broker.visibility_timeout", "worker.hard_time_limit",
+                       "a job redelivered while still running would run twice: raise "
+                       "broker.visibility_timeout")),
+    _not_on_rabbitmq(Rule("long jobs: visibility covers the scaled hard limit", _visibility_covers_long_jobs)),
     Rule("long form: stride inside the window", _stride_inside_window),
     Rule("recovery: dead workers found before the visibility timeout", _recovery_before_visibility),
     _greater("worker.max_memory_percent", "worker.cleanup_threshold_percent",
