@@ -29,8 +29,12 @@ from .test_failures import Record, attempts, fast, outputs, producer, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# A batch runs when it is full; no test reaches this wait (the schema's upper bound).
-BATCHING = {"MUSICGEN_GENERATION__MAX_BATCH_SIZE": "4", "MUSICGEN_GENERATION__BATCH_WAIT_MS": "60000"}
+# A batch runs when it is full; no test reaches this wait (the schema's upper bound). These tests
+# are about the HF batcher (batch keys, waiting for company, OOM split, faults injected at HF
+# generate), so they pin it whatever model.engine defaults to; the continuous loop has its own
+# (tests/integration/test_continuous_batching.py).
+BATCHING = {"MUSICGEN_GENERATION__MAX_BATCH_SIZE": "4", "MUSICGEN_GENERATION__BATCH_WAIT_MS": "60000",
+            "MUSICGEN_MODEL__ENGINE": "hf"}
 
 
 def test_queued_jobs_share_one_batch_and_each_gets_its_own_file(

@@ -208,7 +208,8 @@ def test_count_makes_variations_in_one_batch_on_the_embedded_default(workdir: Pa
     env = base_env(workdir, None, MUSICGEN_APP__DATA_DIR=str(tmp_path / "data"),
                    MUSICGEN_STORAGE__OUTPUT_DIR=str(tmp_path / "out"),
                    # the N jobs are queued before the worker starts: a batch runs when it is full
-                   MUSICGEN_GENERATION__BATCH_WAIT_MS="60000")
+                   MUSICGEN_GENERATION__BATCH_WAIT_MS="60000",
+                   MUSICGEN_MODEL__ENGINE="hf")  # one call of N is the HF batcher's promise
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "generate", "lofi loop", "--model", "tiny",
                            "--duration", "0.5", "--format", "wav", "--count", "3", "--seed", "40", "--json"],
                           cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False)
