@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any, Literal
 
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from pydantic import ValidationError
 
@@ -157,6 +157,15 @@ def _defer(task: Task, wait: float, reason: str) -> None:
     raise Ignore()
 
 
+def _already_ended(task: Task, job_id: str) -> bool:
+    """Whether the job's state in the result backend is final (success, failure, revoked)."""
+    try:
+        return task.backend.get_state(job_id) in states.READY_STATES
+    except Exception:  # the backend is down: let the ledger decide, as before this check
+        log.warning("could not read the state of job %s", job_id, exc_info=True)
+        return False
+
+
 def _admit(task: Task, spec: JobSpec,
            policies: Policies) -> tuple[CircuitBreaker | None, Admission | None]:
     """Rate limit, then the breaker; defers the job (raises ``Ignore``) when either says wait.
@@ -230,6 +239,13 @@ def run_generate(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
         task.backend.mark_as_revoked(spec.job_id, "cancelled before start", request=task.request)
         _ledger(app, "mark_finished", spec.job_id, status="cancelled", error_code="cancelled")
         job_ended(app, payload, "cancelled", error_code="cancelled")
+        raise Ignore()
+    if _already_ended(task, spec.job_id):
+        # A late redelivery of a job that has its final state (a worker thought dead finished it,
+        # or fast recovery re-published it): drop it before it takes a rate-limit slot or a
+        # breaker probe that a waiting job needs. The ledger check in _run stays as the guard
+        # for a result backend that has expired the state.
+        log.warning("job %s already ended; dropping this delivery", spec.job_id)
         raise Ignore()
     breaker, admission = _admit(task, spec, policies)
     # From here every exit (result, model failure, bad input, cancel, soft limit, poison,

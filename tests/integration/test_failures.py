@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from itertools import combinations, pairwise
 from pathlib import Path
@@ -20,6 +21,7 @@ import redis
 
 import pipeline
 from pipeline import GenerationRequest, JobStatus
+from pipeline.celery_app import TASK_GENERATE
 from pipeline.jobs import queue_for
 from pipeline.policies.configured import Policies
 
@@ -293,3 +295,29 @@ def test_sigterm_past_the_grace_period_requeues_the_running_job(
     record_recovery(record_property, "stop to the requeued job done", stopped)
     assert len(attempts(workers, "FAULT:slow-first")) == 2
     assert [p.name for p in outputs(workdir, slow.id)] == [f"{slow.id}.wav", f"{slow.id}.wav.json"]
+
+
+def test_a_late_delivery_of_a_finished_job_is_dropped_before_it_takes_a_rate_limit_slot(
+        workers: WorkerFactory, workdir: Path, broker_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A redelivery of a finished job (a node thought dead finished it after fast recovery
+    re-published it) makes nothing twice and takes no slot from the jobs that wait: with one slot
+    per ten minutes, had it asked the limiter it would be deferred instead of dropped."""
+    # A window of its own (the limiter keys on the rate): each broker's run starts with its slot free.
+    window = 600 + uuid.uuid4().int % 10**6
+    env = {"MUSICGEN_RATE_LIMIT__ENABLED": "true", "MUSICGEN_RATE_LIMIT__RATE": f"1 per {window} seconds"}
+    prod = producer(workdir, broker_url, monkeypatch, **env)
+    worker = workers.start(faults=True, **env)
+    publish, sent = prod.app.send_task, []
+    monkeypatch.setattr(prod.app, "send_task", lambda *a, **kw: sent.append(kw) or publish(*a, **kw))
+    handle = prod.enqueue(GenerationRequest(prompt="finished once", duration=0.5, format="wav"))
+    handle.wait(120)
+    assert prod.app.AsyncResult(handle.id).state == "SUCCESS"
+    # The same message again, as a recovery would re-publish it.
+    publish(TASK_GENERATE, args=sent[0]["args"], task_id=handle.id, queue=sent[0]["queue"])
+    wait_for(lambda: f"job {handle.id} already ended; dropping this delivery" in worker.log_text(),
+             120, "the duplicate to be dropped")
+    assert len(admissions(workers, "ADMIT musicgen.tiny")) == 1
+    assert [p.name for p in outputs(workdir, handle.id)] == [f"{handle.id}.wav", f"{handle.id}.wav.json"]
+    rows = [r for r in prod.quota.ledger() if r["job_id"] == handle.id]
+    assert len(rows) == 1 and rows[0]["attempts"] == 1
