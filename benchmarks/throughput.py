@@ -1,13 +1,16 @@
 """Jobs per second through the real queue with the batching worker at batch 1, 4 and 8.
 
     .venv/bin/python benchmarks/throughput.py [--jobs 32] [--duration 2.0] [--batch-sizes 1 4 8]
-        [--batch-wait-ms 50] [--format wav] [--normalization lufs]
+        [--batch-wait-ms 50] [--format wav] [--normalization lufs] [--engine hf]
 
 Everything is real: the Redis on 127.0.0.1:6379 (an empty database of its own, claimed like the
 integration tests' ``redis_url`` fixture, and only its keys deleted afterwards), a temp project
 directory with the tiny models and a migrated SQLite ledger, and for each batch size B one
 ``musicgen-pipeline worker --pool threads`` process with ``generation.max_batch_size = B``
-(default concurrency 2*B, model preloaded, one torch thread, CPU). After a warm-up job, --jobs
+(default concurrency 2*B, model preloaded, one torch thread, CPU). ``--engine`` is
+``model.engine``; it defaults to ``hf``, the batcher whose ``model.generate`` calls the calls
+columns count (with ``static`` a result's batch_size is the rows stepping when it was admitted,
+and those columns are only indicative: ``benchmarks/gpu.py`` compares the two engines). After a warm-up job, --jobs
 jobs of --duration seconds with mixed prompts and seeds are enqueued at once (a full queue) and
 waited for. Per batch size it prints:
 
@@ -228,7 +231,8 @@ def verdict(ok: bool) -> str:
 
 def report(rows: list[Row], args: argparse.Namespace) -> None:
     print(f"\n{args.jobs} jobs of {args.duration:g} s ({args.format}, {args.normalization}), tiny model, "
-          f"CPU, 1 torch thread, --pool threads (concurrency 2*B), batch wait {args.batch_wait_ms} ms, "
+          f"CPU, 1 torch thread, --pool threads (concurrency 2*B), engine {args.engine}, "
+          f"batch wait {args.batch_wait_ms} ms, "
           f"all enqueued at once")
     print(f"{'batch':>5} {'calls':>6} {'rows/call':>9} {'wall s':>8} {'jobs/s':>7} {'audio s/s':>9}"
           f" {'p50 s':>7} {'p95 s':>7} {'loop audio s/s':>14} {'loop busy':>9}")
@@ -280,6 +284,7 @@ def run(args: argparse.Namespace) -> list[Row]:
             worker = Worker(work, base_env(work, broker, **{
                 "MUSICGEN_GENERATION__MAX_BATCH_SIZE": str(batch),
                 "MUSICGEN_GENERATION__BATCH_WAIT_MS": str(args.batch_wait_ms),
+                "MUSICGEN_MODEL__ENGINE": args.engine,
                 # --pool alone does not reach settings.worker.pool, which decides whether the
                 # model is preloaded in the main process (workers/signals.py): say it here too.
                 "MUSICGEN_WORKER__POOL": "threads",
@@ -303,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-wait-ms", type=int, default=50)
     parser.add_argument("--format", choices=FORMATS, default="wav")
     parser.add_argument("--normalization", choices=NORMALIZATIONS, default="lufs")
+    parser.add_argument("--engine", choices=["hf", "static"], default="hf",
+                        help="model.engine of the workers (hf: the batcher these columns count)")
     args = parser.parse_args(argv)
     if args.jobs < 1 or any(b < 1 for b in args.batch_sizes):
         parser.error("--jobs and every batch size must be at least 1")

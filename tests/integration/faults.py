@@ -11,6 +11,10 @@ job: ``FAULT:hold=NAME`` stops the job at the model boundary, ``FAULT:hold-progr
 just after its first generation step has been reported; either creates ``$FAULTS_DIR/NAME.held``
 and waits until the test creates ``$FAULTS_DIR/NAME.release`` (``hold`` holds every attempt
 until then; an attempt after the release passes straight through).
+
+With ``model.engine = "static"`` the same markers act on the decode engine instead (see
+``FaultyEngine`` at the end): the job is at the model boundary when it is admitted into a row,
+and a fault of "the call" is a fault of the steps it shares with its neighbours.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 import workers.job_runner as job_runner
 from pipeline.errors import GpuOutOfMemory, InvalidRequest, ModelRuntimeError, UnsupportedOption
 from pipeline.policies.rate_limit import GlobalRateLimit
+from workers.job_runner import WAIT_POLL_S
 from workers.tasks import PROGRESS_INTERVAL_S
 
 _real_generate = job_runner.generate
@@ -177,3 +182,107 @@ def _encode_then_hold(*args: Any, **kwargs: Any) -> str:
 
 job_runner.generate = _generate_noting_prompt
 postprocess._encode = _encode_then_hold
+
+
+# --- the static decode engine -------------------------------------------------------------------
+# ``JobRunner`` builds its engine through ``_engine``; a FaultyEngine wraps each one it builds, so
+# the markers above act on the continuous loop as they act on HF generate. One more marker is
+# the engine's own: ``FAULT:hold-alone=NAME`` lets the job take its first step, then stalls it
+# (no step, the loop keeps admitting) for as long as it is the only row, until the test creates
+# ``NAME.release``: a short job admitted beside it finishes while it is certainly still running.
+from workers.job_runner import JobRunner  # noqa: E402
+
+_real_make_engine = JobRunner._engine
+STALL_S = 0.02  # a stalled step's pause, so a stalled loop does not spin a core
+
+
+class FaultyEngine:
+    """A ``StaticEngine`` whose admissions and steps obey the prompts' fault markers."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self._rows: dict[int, str] = {}  # row -> its job's prompt
+        self._steps: dict[int, int] = {}  # row -> steps it has taken
+        self._held: set[int] = set()  # rows whose hold-progress hold is over
+        self._grace: dict[int, float] = {}  # row -> until when it stays stalled after its hold
+
+    def __getattr__(self, name: str) -> Any:  # max_rows, supports, free_rows, active, progress
+        return getattr(self._engine, name)
+
+    def admit(self, item: Any, seed: int) -> int:
+        prompt = item.prompt
+        _log(prompt)
+        _job_prompt[0] = prompt  # for FAULT:hold-encoding
+        if hold := re.search(r"FAULT:hold=(\S+)", prompt):
+            _hold(hold.group(1))
+        _seen[prompt] = _seen.get(prompt, 0) + 1
+        if "FAULT:oom-twice" in prompt and _seen[prompt] <= 2:
+            raise GpuOutOfMemory("CUDA out of memory (injected)")
+        if "FAULT:permanent" in prompt:
+            raise InvalidRequest("the prompt asks for something no model can do (injected)", "prompt")
+        if "FAULT:model-error" in prompt:
+            raise ModelRuntimeError("the model produced NaNs (injected)")
+        if "FAULT:slow-first" in prompt and not _restarted_worker():
+            time.sleep(3600)  # long enough that only a shutdown ends it
+        row: int = self._engine.admit(item, seed)
+        self._rows[row], self._steps[row] = prompt, 0
+        return row
+
+    def release(self, row: int) -> None:
+        self._forget(row)
+        self._engine.release(row)
+
+    def step(self) -> list[tuple[int, Any]]:
+        everything = "\n".join(self._rows.values())
+        if "FAULT:crash" in everything:
+            os.kill(os.getpid(), signal.SIGKILL)  # the worker process dies mid-job
+        if "FAULT:ignore-soft" in everything:
+            while True:  # a hung kernel: only the hard-limit watchdog ends the process
+                time.sleep(3600)
+        if "FAULT:oom-batch" in everything and len(self._rows) > 1:
+            raise GpuOutOfMemory(f"CUDA out of memory with {len(self._rows)} rows (injected)")
+        if "FAULT:hang" in everything or self._stalled():
+            time.sleep(STALL_S)  # no step: the loop goes round, releasing what was dropped
+            return []
+        finished: list[tuple[int, Any]] = self._engine.step()
+        for row in self._rows:
+            self._steps[row] += 1
+        for row, _ in finished:
+            self._forget(row)
+        return finished
+
+    def _stalled(self) -> bool:
+        """Whether this step waits: a hold-progress row held once its first step was reported
+        (and paused a little after, so its task thread sees a cancel before it steps on), or a
+        hold-alone row that is alone."""
+        for row, prompt in self._rows.items():
+            if self._steps[row] < 1:
+                continue
+            if (hold := re.search(r"FAULT:hold-progress=(\S+)", prompt)) and row not in self._held:
+                # The loop published the first step's progress on its ticket after that step;
+                # the task thread stores it within its poll and report intervals.
+                time.sleep(PROGRESS_INTERVAL_S + WAIT_POLL_S)
+                _hold(hold.group(1))
+                self._held.add(row)
+                self._grace[row] = time.monotonic() + 2 * (PROGRESS_INTERVAL_S + WAIT_POLL_S)
+            if time.monotonic() < self._grace.get(row, 0.0):
+                return True
+            hold = re.search(r"FAULT:hold-alone=(\S+)", prompt)
+            if hold and len(self._rows) == 1:
+                folder = Path(os.environ["FAULTS_DIR"])
+                if not (folder / f"{hold.group(1)}.release").exists():
+                    (folder / f"{hold.group(1)}.held").touch()
+                    return True
+        return False
+
+    def _forget(self, row: int) -> None:
+        for table in (self._rows, self._steps, self._grace):
+            table.pop(row, None)
+        self._held.discard(row)
+
+
+def _faulty_engine(self: JobRunner, loaded: Any, rows: int) -> FaultyEngine:
+    return FaultyEngine(_real_make_engine(self, loaded, rows))
+
+
+JobRunner._engine = _faulty_engine  # type: ignore[method-assign]

@@ -1,9 +1,10 @@
 """Continuous batching through the real queue: real Redis, a real `worker --pool threads` process
 with ``model.engine = static``, the tiny model and real ffmpeg.
 
-The long job is the longest the engine runs in one window (30 s on the tiny model, hundreds of
-times the short job's steps); the short one is enqueued only once the long one is generating,
-so what the test asserts are states: the short job is SUCCESS while the long one is still
+The long job carries ``FAULT:hold-alone`` (tests/integration/faults.py): after its first step it
+does not step while it is the only row, so the short job is certainly admitted beside it and
+finishes while it is still running, however slowly the short job's delivery comes on a loaded
+host. What the test asserts are states: the short job is SUCCESS while the long one is still
 STARTED or PROGRESS, and it shared the long one's batch.
 """
 
@@ -18,7 +19,7 @@ import soundfile
 
 from pipeline import GenerationRequest, JobStatus
 
-from .conftest import WorkerFactory
+from .conftest import WorkerFactory, held, release
 from .test_failures import producer, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -31,16 +32,17 @@ STATIC = {"MUSICGEN_MODEL__ENGINE": "static", "MUSICGEN_GENERATION__MAX_BATCH_SI
 def test_a_short_job_finishes_while_a_long_one_is_still_generating(
         workers: WorkerFactory, workdir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     prod = producer(workdir, redis_url, monkeypatch, **STATIC)
-    workers.start(pool="threads", **STATIC)
-    long = prod.enqueue(GenerationRequest(prompt="a long slow piece for strings", duration=30.0, seed=5,
-                                          format="flac", normalization="none"))
-    wait_for(lambda: long.progress().fraction > 0, 120, "the long job to be generating")
+    workers.start(pool="threads", faults=True, **STATIC)
+    long = prod.enqueue(GenerationRequest(prompt="a long slow piece FAULT:hold-alone=long", duration=30.0,
+                                          seed=5, format="flac", normalization="none"))
+    wait_for(lambda: held(workers.tmp, "long"), 120, "the long job to be generating alone")
     short_request = GenerationRequest(prompt="a short drum fill", duration=1.0, seed=6, format="wav",
                                       guidance_scale=1.0, normalization="none")
     short = prod.enqueue(short_request)
     short_result = short.wait(180)
     assert long.status() in (JobStatus.started, JobStatus.progress)
     assert short_result.batch_size == 2  # admitted beside the long job, not after it
+    release(workers.tmp, "long")
     long_result = long.wait(300)
     assert long_result.batch_size == 1  # it started alone: nobody waited for company
 

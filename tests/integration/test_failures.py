@@ -9,6 +9,7 @@ worker's jobs come back when its connection goes, with production settings.
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 import uuid
@@ -126,8 +127,10 @@ def test_soft_and_hard_time_limits_fail_with_timeout_and_worker_keeps_serving(
             handle.wait(120)
         assert failed.value.error_code == "timeout", failed.value
     # The job failed at its soft limit; the call it left hung ends its process at the hard limit
-    # (8 s after the call began) and the pool replaces the child.
-    wait_for(lambda: "hard time limit (8 s) passed by a generate call" in worker.log_text(), 120,
+    # (8 s after the call began) and the pool replaces the child. The call is an engine step
+    # with model.engine = static (the default), a generate call with hf.
+    wait_for(lambda: re.search(r"hard time limit \(8 s\) passed by (an engine step|a generate call)",
+                               worker.log_text()) is not None, 120,
              "the watchdog to end the process of the hung call")
     ended = time.monotonic()
     after = prod.enqueue(GenerationRequest(prompt="still serving", duration=0.5, format="wav"))
