@@ -25,9 +25,10 @@ the current model's, the current engine admits nothing, drains, and the loop swi
 
 Failures stay per job: a step's out-of-memory releases the newest row and fails only its job
 (``GpuOutOfMemory``, retryable: Celery runs it again later) while the others step on, and the
-engine then admits no more rows than survived until it drains; any other step error fails the
-jobs of that step; a step or admission that runs past the hard limit ends the process
-(``workers.watchdog``).
+engine then admits no more rows than survived until it drains; a finished row whose EnCodec
+decode failed fails only its own job (the engine hands that error back as the row's result);
+any other step error fails the jobs of that step; a step or admission that runs past the hard
+limit ends the process (``workers.watchdog``).
 
 ``max_batch_size`` caps the rows in use. An engine is built with that many rows; a reload that
 lowers it caps admissions, one that raises it past the engine's ``max_rows`` lets that engine
@@ -44,7 +45,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pipeline.errors import GpuOutOfMemory
+from pipeline.errors import GpuOutOfMemory, PipelineError
 from workers.batcher import Batcher, BatchStats, Ticket, _settle
 from workers.runtime.batch import GeneratedAudio, GenerationItem
 from workers.watchdog import HardLimitWatchdog
@@ -61,7 +62,8 @@ class Engine(Protocol):
     def free_rows(self) -> int: ...
     def active(self) -> int: ...
     def admit(self, item: GenerationItem, seed: int) -> int: ...
-    def step(self) -> list[tuple[int, GeneratedAudio]]: ...
+    # The rows that finished, each with its audio or the error that ended it alone.
+    def step(self) -> list[tuple[int, GeneratedAudio | PipelineError]]: ...
     def release(self, row: int) -> None: ...
     def progress(self, row: int) -> float: ...
 
@@ -335,11 +337,16 @@ class ContinuousBatcher:
             if not isinstance(exc, Exception):
                 raise
             return
-        for row, audio in finished:
+        for row, outcome in finished:  # the engine freed these rows itself
             done = me.rows.pop(row, None)
-            if done is not None:
+            if done is None:
+                continue
+            if isinstance(outcome, PipelineError):  # its decode failed: its job, no other
+                log.warning("a finished job failed in its decode: %s", outcome)
+                _settle(done.future, error=outcome)
+            else:
                 done.fraction = 1.0
-                _settle(done.future, audio=audio)
+                _settle(done.future, audio=outcome)
         message = f"generating ({len(me.rows) + len(finished)} jobs in the batch)"
         for row, ticket in me.rows.items():
             ticket.fraction = me.engine.progress(row)

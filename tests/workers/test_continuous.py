@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.errors import GpuOutOfMemory, JobTimeout, ModelRuntimeError
+from pipeline.errors import GpuOutOfMemory, JobTimeout, ModelRuntimeError, PipelineError
 from workers.batcher import Batcher, BatchStats, Ticket
 from workers.continuous import ContinuousBatcher
 from workers.job_runner import JobCancelledByUser
@@ -48,6 +48,7 @@ class ScriptedEngine:
         self.journal = journal  # "admit <prompt>" / "release <prompt>", shared by all engines
         self.active_per_step: list[int] = []
         self.fail_next: BaseException | None = None
+        self.fail_decode: dict[str, PipelineError] = {}  # prompt -> its row's result when it ends
         self.hang = threading.Event()  # set: the next step never returns until cleared
         self._gate = threading.Semaphore(0) if gated else None
         self.entered = 0  # steps the loop has begun (a gated one waits in it for the test)
@@ -73,7 +74,7 @@ class ScriptedEngine:
         self.journal.append(f"admit {item.prompt}")
         return row
 
-    def step(self) -> list[tuple[int, GeneratedAudio]]:
+    def step(self) -> list[tuple[int, GeneratedAudio | PipelineError]]:
         self.entered += 1
         if self._gate is not None:
             assert self._gate.acquire(timeout=WAIT), "the test never let this step through"
@@ -85,11 +86,14 @@ class ScriptedEngine:
             raise error
         size = len(self.rows)
         self.active_per_step.append(size)
-        finished = []
+        finished: list[tuple[int, GeneratedAudio | PipelineError]] = []
         for row, state in list(self.rows.items()):
             state[2] += 1
             if state[2] >= state[3]:
                 del self.rows[row]
+                if state[0] in self.fail_decode:
+                    finished.append((row, self.fail_decode[state[0]]))
+                    continue
                 finished.append((row, GeneratedAudio(
                     samples=np.full((1, state[3]), state[1], np.float32), sample_rate=STEPS_PER_SECOND,
                     duration_s=state[3] / STEPS_PER_SECOND, seed=state[1], generate_seconds=0.01,
@@ -273,6 +277,30 @@ def test_any_other_step_error_fails_the_rows_of_that_step_and_the_loop_goes_on()
     assert [t.future.result(WAIT).batch_size for t in well] == [2, 2]
 
 
+def test_a_finished_row_whose_decode_failed_fails_only_its_own_job() -> None:
+    rig = Rig(max_batch_size=3)
+    long = rig.submit("long", duration=1.0)
+    engine = rig.engine
+    engine.advance(1)
+    broken, fine = rig.submit("broken", duration=0.3), rig.submit("fine", duration=0.3)
+    engine.advance(1)  # the step under way ends, then both join
+    assert engine.active() == 3
+    error = ModelRuntimeError("model returned 2 samples, 3 were needed (scripted)")
+    engine.fail_decode["broken"] = error
+    engine.advance(3)  # broken and fine end in the same step
+    with pytest.raises(ModelRuntimeError) as failed:
+        broken.future.result(0)
+    assert failed.value is error
+    assert fine.future.result(0).batch_size == 3
+    assert not long.future.done() and engine.active() == 1
+    assert long.fraction == pytest.approx(0.5)
+    engine.run_free()
+    assert long.future.result(WAIT).duration_s == pytest.approx(1.0)
+    assert engine.active_per_step == [1] * 2 + [3] * 3 + [1] * 5
+    # The engine freed the failed row itself: the loop released nothing.
+    assert not any(entry.startswith("release") for entry in rig.journal)
+
+
 def test_an_item_the_engine_cannot_generate_goes_the_hf_way() -> None:
     rig = Rig(gated=False)
     melody = (np.zeros(3200, np.float32), 32000)
@@ -372,7 +400,7 @@ class HeldEngine:
         self.max_rows = engine.max_rows
         self.active_per_step: list[int] = []
 
-    def step(self) -> list[tuple[int, GeneratedAudio]]:
+    def step(self) -> list[tuple[int, GeneratedAudio | PipelineError]]:
         self.steps += 1
         if self.steps == self.at:
             self.reached.set()

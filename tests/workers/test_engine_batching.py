@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.runtime import GenerationItem, LoadedModel
+from pipeline.errors import GpuOutOfMemory, ModelRuntimeError, PipelineError
+from workers.runtime import GeneratedAudio, GenerationItem, LoadedModel
 from workers.runtime.engine import StaticEngine
+from workers.runtime.engine.slots import Row
 from workers.runtime.musicgen import bucket_for, max_new_tokens_for
 
 from .test_engine import assert_same_codes, channels_joined, engine_codes, recorded_codes
@@ -108,3 +110,64 @@ def test_generate_admits_waiting_items_as_rows_free_up(tiny_model: LoadedModel) 
     # The first two started together; the others took the rows the short ones left.
     assert [r.batch_size for r in results] == [1, 2, 2, 2]
     assert results[1].generate_seconds < results[0].generate_seconds
+
+
+def fail_decode(engine: StaticEngine, monkeypatch: pytest.MonkeyPatch, item: GenerationItem,
+                error: Exception) -> None:
+    """Make the EnCodec decode of ``item``'s row raise ``error``; other jobs decode for real
+    (a later job in the same row too)."""
+    real = engine._decode
+
+    def decode(row: int, job: Row) -> GeneratedAudio:
+        if job.item is item:
+            raise error
+        return real(row, job)
+
+    monkeypatch.setattr(engine, "_decode", decode)
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), GpuOutOfMemory),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), ModelRuntimeError),
+    (ModelRuntimeError("model returned 3200 samples, 6400 were needed"), ModelRuntimeError)])
+def test_a_row_whose_decode_fails_gets_its_error_and_leaves_the_others_as_they_run_alone(
+        tiny_model: LoadedModel, solo: dict[str, torch.Tensor], monkeypatch: pytest.MonkeyPatch,
+        error: Exception, expected: type[PipelineError]) -> None:
+    engine = StaticEngine(tiny_model, max_rows=2)
+    # The failing row comes first in the step: the long row after it is the one a step that
+    # stopped at the failure would leave one count behind its tokens.
+    short_row, long_row = engine.admit(SHORT, 5), engine.admit(LONG, 11)
+    fail_decode(engine, monkeypatch, SHORT, error)
+    for _ in range(steps_of(tiny_model, SHORT) - 1):
+        assert engine.step() == []
+    [(row, outcome)] = engine.step()
+    assert row == short_row and isinstance(outcome, expected)
+    if isinstance(error, PipelineError):
+        assert outcome is error
+    else:  # converted as raise_runtime converts, the original kept as the cause
+        assert outcome.__cause__ is error
+    assert engine.active() == 1 and engine.free_rows() == 1
+    with pytest.raises(KeyError):
+        engine.progress(short_row)
+    assert engine.progress(long_row) == pytest.approx(
+        steps_of(tiny_model, SHORT) / steps_of(tiny_model, LONG))
+    # The freed row takes the next job, and both run as they run alone.
+    rows = {long_row: "long", engine.admit(LATE, 8): "late"}
+    codes: dict[str, torch.Tensor] = {}
+    step_until(engine, rows, codes)
+    assert_same_codes(codes["long"], solo["long"])
+    assert_same_codes(codes["late"], solo["late"])
+
+
+def test_generate_raises_a_failed_rows_error_and_frees_every_row(
+        tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = StaticEngine(tiny_model, max_rows=3)
+    error = ModelRuntimeError("model returned 3200 samples, 6400 were needed")
+    items = [GenerationItem("x", 0.1, seed=4), GenerationItem("y", 0.1, seed=6), LONG]
+    fail_decode(engine, monkeypatch, items[0], error)  # the second finishes in the same step
+    with pytest.raises(ModelRuntimeError) as failed:
+        engine.generate(items)
+    assert failed.value is error
+    assert engine.active() == 0 and engine.free_rows() == 3
+    monkeypatch.undo()
+    assert [r.seed for r in engine.generate(items)] == [4, 6, 11]  # the engine runs on

@@ -37,6 +37,7 @@ from workers.runtime.musicgen import (
     model_inputs,
     padding_waste_for,
     raise_runtime,
+    runtime_error,
     window_frames,
 )
 from workers.runtime.musicgen import generate as hf_generate
@@ -198,10 +199,15 @@ class StaticEngine:
 
     # --- decoding ----------------------------------------------------------------------------
 
-    def step(self) -> list[tuple[int, GeneratedAudio]]:
-        """One decoding step for every active row; the rows that finished, with their audio.
+    def step(self) -> list[tuple[int, GeneratedAudio | PipelineError]]:
+        """One decoding step for every active row; the rows that finished, with their outcome.
 
-        Finished rows are free when this returns.
+        A finished row's outcome is its audio, or the error its EnCodec decode (or trim) ended in:
+        that failure is the row's alone, so it comes back as the row's result, converted as
+        ``raise_runtime`` converts (``GpuOutOfMemory``, ``ModelRuntimeError``; a
+        ``PipelineError`` as it is), and the other rows are unaffected. Finished rows are free
+        when this returns, whichever their outcome. Raises only when the batched step itself
+        fails, which is every active row's failure.
         """
         active, index, sampling = self._active()
         if not active:
@@ -222,17 +228,22 @@ class StaticEngine:
                                         position[:, None]), tokens)
                 self._tokens.index_copy_(0, index, tokens)
                 self._position.index_copy_(0, index, position)
-                finished: list[tuple[int, GeneratedAudio]] = []
-                for row, job in zip(active, rows, strict=True):
-                    job.done += 1
-                    if job.finished:
-                        finished.append((row, self._decode(row, job)))
         except PipelineError:
             raise
         except RuntimeError as e:
             raise_runtime(e, "a decoding step")
-        for row, _ in finished:
-            self.release(row)
+        # Every row's tokens and position moved on: its count does too, before any decode can
+        # fail, or the rows after a failed one would step on with a count one behind.
+        for job in rows:
+            job.done += 1
+        leaving = [(row, job) for row, job in zip(active, rows, strict=True) if job.finished]
+        finished: list[tuple[int, GeneratedAudio | PipelineError]] = []
+        try:
+            for row, job in leaving:
+                finished.append((row, self._decode_alone(row, job)))
+        finally:  # also past an unexpected error: a finished row must not step on
+            for row, _ in leaving:
+                self.release(row)
         return finished
 
     def generate(self, items: list[GenerationItem],
@@ -277,8 +288,16 @@ class StaticEngine:
                         index = waiting.popleft()
                         mine[self.admit(items[index], seeds[index])] = index
                     advancing = len(mine)  # each active row takes one step
-                    for row, audio in self.step():
-                        results[mine.pop(row)] = audio
+                    failed: list[PipelineError] = []
+                    for row, outcome in self.step():
+                        # Off ``mine`` first, failed or not: the step released it already.
+                        index = mine.pop(row)
+                        if isinstance(outcome, PipelineError):
+                            failed.append(outcome)
+                        else:
+                            results[index] = outcome
+                    if failed:  # the batch contract: one failed item fails the call
+                        raise failed[0]
                     for _ in range(advancing):
                         reporter.step()
             finally:
@@ -354,6 +373,16 @@ class StaticEngine:
             keys.append(attn.k_proj(states).view(-1, heads, head_dim).transpose(0, 1))
             values.append(attn.v_proj(states).view(-1, heads, head_dim).transpose(0, 1))
         self._cache.set_prompt(row, keys, values, mask[0].bool())
+
+    def _decode_alone(self, row: int, job: Row) -> GeneratedAudio | PipelineError:
+        """``_decode``, its failure converted into the row's result instead of raised."""
+        try:
+            with torch.inference_mode():
+                return self._decode(row, job)
+        except PipelineError as e:
+            return e
+        except RuntimeError as e:
+            return runtime_error(e, "decoding a finished row")
 
     def _decode(self, row: int, job: Row) -> GeneratedAudio:
         """EnCodec-decode a finished row's codes and trim them to the item's duration."""
