@@ -11,10 +11,14 @@ tokens/s (steps the clip needs, its frames plus the delay pattern's codebooks - 
 over wall time: HF's padding to its bucket is its cost, not its output), audio seconds per
 second (at batch 1: the real-time factor) and peak memory, with the engine/HF ratio.
 
-Then a mixed-duration workload (jobs of random lengths, fixed seed, one batch size): HF the way
+Then the roofline at batch 1: the bytes of decoder weights a step reads, the rate this host
+streams weights through a matrix product of a step's 2 rows (measured here, median of several
+passes over a matrix well past the last-level cache), the floor they set on a step (bytes over
+rate), each path's step time and its fraction of that floor. Then a mixed-duration workload (jobs of random lengths, fixed seed, one batch size): HF the way
 the batching worker feeds it (the oldest job and up to batch - 1 others of its batch key, one
 call each) against the engine's continuous batching; and the time to first audio of one 10 s
-job (from the call to the finished clip). Last, the issue's targets with MET / NOT MET.
+job (from the call to the finished clip). Last, the issue's targets with MET / NOT MET, and
+at batch 1 the most over HF the floor allows.
 
 Models: ``tiny`` (workers.runtime.tiny) and random-weight ``small``, ``medium``, ``large`` with
 the real shapes (workers.runtime.shapes); ``small@2`` cuts the decoder (and text encoder) to 2
@@ -32,6 +36,7 @@ import platform
 import random
 import re
 import resource
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +46,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch.nn import functional as F
 
 from pipeline.errors import GpuOutOfMemory
 from workers.runtime import GenerationItem, generate, load_model
@@ -54,6 +60,9 @@ PROMPTS = ["calm piano", "loud rock drums with distorted guitars", "jazz trio", 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 CPU_LAYERS = 2  # the depth a full-size name gets without CUDA: the real widths, seconds a run
 WARMUP_S = 0.1  # a warm-up job's length: the same rows and kernels, 5 frames
+STREAM_MIN_BYTES = 256 * 2**20  # the stream-rate matrix: at least this, and 8x the last cache
+STREAM_COLUMNS = 4096  # its row length: small's FFN width
+STREAM_PASSES = 7  # timed passes over it, after one warm-up; their median is the rate
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,12 @@ class Timed:
     @property
     def audio_per_s(self) -> float:
         return self.audio_s / self.wall_s
+
+    @property
+    def step_s(self) -> float:
+        """Wall time over a row's steps: at batch 1 one step's time, with the call's text
+        encoding and EnCodec decode spread over its steps (so a little above a bare step)."""
+        return self.wall_s / self.steps
 
 
 @dataclass
@@ -266,6 +281,135 @@ def hf_compiled(loaded: LoadedModel, on: bool) -> Iterator[bool]:
         vars(decoder).pop("forward", None)
 
 
+# --- the roofline -----------------------------------------------------------------------------
+
+def step_weight_bytes(loaded: LoadedModel) -> int:
+    """The bytes of decoder weights one decode step reads, whichever path runs it.
+
+    Every parameter of the decoder's layers, of its final layer norm and of the LM heads: each
+    is applied to every row at every step. Not counted: the codebook embeddings and the
+    sinusoidal positions (a step looks up one row of each table), the cross-attention k_proj and
+    v_proj (they project the prompt once per job into the cache, in HF's cache and the engine's
+    alike) and enc_to_dec_proj, which also runs once per job.
+    """
+    causal = loaded.model.decoder  # MusicgenForCausalLM
+    decoder = causal.model.decoder
+    once_per_job = {id(p) for layer in decoder.layers
+                    for projection in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj)
+                    for p in projection.parameters()}
+    return sum(p.numel() * p.element_size()
+               for module in (decoder.layers, decoder.layer_norm, causal.lm_heads)
+               for p in module.parameters() if id(p) not in once_per_job)
+
+
+def last_cache_bytes(device: str) -> int:
+    """The last-level cache: the GPU's L2, or the largest cache sysfs lists for CPU 0 (0 when
+    unknown)."""
+    if device.startswith("cuda"):
+        properties = torch.cuda.get_device_properties(torch.device(device))
+        return int(getattr(properties, "L2_cache_size", 0))
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        found = re.fullmatch(r"(\d+)([KMG]?)", entry.read_text().strip())
+        if found:
+            sizes.append(int(found.group(1)) * units[found.group(2)])
+    return max(sizes, default=0)
+
+
+@dataclass(frozen=True)
+class StreamRate:
+    """Bytes per second this host reads weights at through a product, over ``matrix_bytes``.
+
+    ``memory`` is ``torch.mv``'s: one row, a matrix-vector product reading each weight once at
+    the rate memory delivers it, the floor any step's products have. ``product`` is
+    ``F.linear`` of 2 rows, the product a batch-1 step runs (a job's conditional and
+    unconditional halves): where a BLAS runs it below the memory rate, its floor is the one
+    steps built on it have.
+    """
+
+    memory: float
+    product: float
+    matrix_bytes: int
+
+
+def stream_rate(device: str, dtype: str) -> StreamRate:
+    """Both rates of ``StreamRate`` in the model's dtype, on the torch threads the runs use.
+
+    A matrix-vector product rather than a copy or a sum: it is the operation a step reads its
+    weights through, so a kernel that cannot keep up with memory in this dtype (bf16 on a CPU
+    without bf16 units widens every weight first) shows in the figure. The matrix is 8x the
+    last-level cache (256 MiB at least), so every pass reads it from memory, and filled (an
+    untouched zeroed buffer reads one shared zero page, not memory); the median of several
+    passes after a warm-up keeps a shared host's bursts out. On CUDA one pass is a fraction of
+    a millisecond, so a timed pass is 20 products back to back between two synchronizes.
+    """
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    size = max(STREAM_MIN_BYTES, 8 * last_cache_bytes(device))
+    weight = torch.empty(size // (STREAM_COLUMNS * itemsize), STREAM_COLUMNS, dtype=torch_dtype,
+                         device=device).fill_(1 / STREAM_COLUMNS)
+    rows = torch.ones(2, STREAM_COLUMNS, dtype=torch_dtype, device=device)
+    matrix_bytes = weight.numel() * itemsize
+    calls = 20 if device.startswith("cuda") else 1
+
+    def rate(product: Callable[[], object]) -> float:
+        times = []
+        for _ in range(STREAM_PASSES + 1):
+            _sync(device)
+            started = time.perf_counter()
+            for _ in range(calls):
+                product()
+            _sync(device)
+            times.append((time.perf_counter() - started) / calls)
+        return matrix_bytes / statistics.median(times[1:])
+
+    with torch.inference_mode():
+        return StreamRate(rate(lambda: torch.mv(weight, rows[0])),
+                          rate(lambda: F.linear(rows, weight)), matrix_bytes)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """A batch-1 configuration against the floor its decoder weights set on a step."""
+
+    result: Result
+    weight_bytes: int
+    rate: StreamRate
+    cached: bool  # the weights fit in the last-level cache: memory bounds nothing
+
+    @property
+    def floor_s(self) -> float:
+        """The memory floor: the weights read once at the matrix-vector rate."""
+        return self.weight_bytes / self.rate.memory
+
+    @property
+    def product_floor_s(self) -> float:
+        """The floor of steps built on the 2-row product as this host's BLAS runs it."""
+        return self.weight_bytes / self.rate.product
+
+    def fraction(self, timed: Timed | None) -> float | None:
+        """How close a path's step is to the floor: 1 is a step that only streams weights."""
+        return None if timed is None else self.floor_s / timed.step_s
+
+    def ceiling(self, floor_s: float | None = None) -> float | None:
+        """The most engine/HF a floor (the memory floor unless given) allows: HF's measured
+        step over it."""
+        floor_s = self.floor_s if floor_s is None else floor_s
+        return None if self.result.hf is None else self.result.hf.step_s / floor_s
+
+
+def rooflines(report: Report) -> list[Roofline]:
+    """One ``Roofline`` for each batch-1 configuration that has a measured stream rate."""
+    lines = []
+    for r in report.results:
+        weights = report.step_bytes.get((r.model, r.dtype))
+        rate = report.rates.get(r.dtype)
+        if r.batch == 1 and weights and rate:
+            lines.append(Roofline(r, weights, rate, weights <= report.cache_bytes))
+    return lines
+
+
 # --- the run ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -322,15 +466,20 @@ class Report:
     mixed: list[Result] = field(default_factory=list)
     ttfa: list[Result] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    step_bytes: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, dtype)
+    rates: dict[str, StreamRate] = field(default_factory=dict)  # dtype
+    cache_bytes: int = 0
 
 
 def run_plan(plan: Plan, memory: PeakMemory, folder: Path) -> Report:
-    report = Report()
+    report = Report(cache_bytes=last_cache_bytes(plan.device))
     for name in plan.models:
         for dtype in plan.dtypes:
             if dtype == "fp16" and plan.device == "cpu":
                 report.notes.append(f"{name} fp16: skipped, the CPU runs fp16 as fp32")
                 continue
+            if dtype not in report.rates:  # before the model, with nothing else in memory
+                report.rates[dtype] = stream_rate(plan.device, dtype)
             try:
                 loaded = build(name, dtype, plan.device, folder)
             except Exception as e:
@@ -339,6 +488,7 @@ def run_plan(plan: Plan, memory: PeakMemory, folder: Path) -> Report:
                 report.notes.append(f"{name} {dtype}: skipped: out of memory building the model")
                 _free(plan.device)
                 continue
+            report.step_bytes[(name, dtype)] = step_weight_bytes(loaded)
             for compiled in plan.compile:
                 _run_model(plan, report, name, dtype, compiled, loaded, memory)
             del loaded
@@ -412,6 +562,7 @@ def print_report(plan: Plan, report: Report, memory: PeakMemory) -> None:
                       f"{_x(r.ratio()):>7}"]
         cells += [f"{_mb(r.hf):>7}", f"{_mb(r.engine):>7}"]
         print(" ".join(cells) + _skips(r))
+    print_rooflines(report)
     low, high = plan.mixed_range
     print()
     print(f"mixed workload: {plan.mixed_jobs} jobs of {low:g}-{high:g} s (random.Random(0)), batch "
@@ -440,6 +591,60 @@ def print_report(plan: Plan, report: Report, memory: PeakMemory) -> None:
         print(f"  {line}")
 
 
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _ms(timed: Timed | None) -> str:
+    return "-" if timed is None else f"{timed.step_s * 1e3:.2f}"
+
+
+def print_rooflines(report: Report) -> None:
+    """The batch-1 roofline table: a step reads every decoder weight it applies once, so it
+    takes at least their bytes over the stream rate; a path's fraction is that floor over its
+    step."""
+    lines = rooflines(report)
+    if not lines:
+        return
+    print()
+    print("roofline at batch 1 (2 rows with guidance): a step reads each decoder weight once, so "
+          "it takes at least weight MB / GB/s (floor); roof = floor / step; max x = HF step / "
+          "floor")
+    rates = ", ".join(f"{dtype} {rate.memory / 1e9:.1f} GB/s (2-row F.linear "
+                      f"{rate.product / 1e9:.1f})" for dtype, rate in report.rates.items())
+    matrix = max(rate.matrix_bytes for rate in report.rates.values())
+    print(f"GB/s: torch.mv over a {matrix / 2**20:.0f} MiB matrix, median of {STREAM_PASSES} "
+          f"passes: {rates}; 2-row ms: the floor at the 2-row F.linear rate; a step is its "
+          "call's wall time over its steps (text encoding and EnCodec decode included)")
+    print(f"{'model':<10} {'dtype':<5} {'compile':<7} {'weight MB':>9} {'GB/s':>6} "
+          f"{'floor ms':>8} {'2-row ms':>8} {'hf ms':>8} {'eng ms':>8} {'hf roof':>7} "
+          f"{'eng roof':>8} {'max x':>7}")
+    for line in lines:
+        r = line.result
+        # Weights the cache holds are not read from memory: no floor, no ceiling from it.
+        note = (f"   weights fit in the {report.cache_bytes / 2**20:.0f} MiB last-level cache: "
+                "the floor does not bind" if line.cached else "")
+        ceiling = None if line.cached else line.ceiling()
+        print(f"{r.model:<10} {r.dtype:<5} {r.compile:<7} {line.weight_bytes / 1e6:>9.1f} "
+              f"{line.rate.memory / 1e9:>6.1f} {line.floor_s * 1e3:>8.2f} "
+              f"{line.product_floor_s * 1e3:>8.2f} {_ms(r.hf):>8} {_ms(r.engine):>8} {_fraction(line.fraction(r.hf)):>7} "
+              f"{_fraction(line.fraction(r.engine)):>8} {_x(ceiling):>7}" + note)
+
+
+def ceiling_line(line: Roofline, goal: float) -> str:
+    """What the floor leaves of an engine/HF ``goal`` at batch 1 for ``line``'s configuration."""
+    r = line.result
+    where = f"{r.model} {r.dtype} compile {r.compile} at batch 1"
+    if line.cached:
+        return f"{where}: weights in the last-level cache, the bandwidth floor bounds nothing"
+    ceiling, product = line.ceiling(), line.ceiling(line.product_floor_s)
+    if ceiling is None or product is None:
+        return f"{where}: no HF step to bound"
+    reach = "within reach of" if ceiling >= goal else "out of reach under"
+    return (f"{where}: the bandwidth floor allows at most {ceiling:.2f}x over HF's measured "
+            f"step ({product:.2f}x at the 2-row F.linear rate): {goal:g}x is {reach} the floor")
+
+
 def targets(plan: Plan, report: Report) -> list[str]:
     """The issue's targets for this device, each with its figure and MET / NOT MET."""
     def verdict(value: float | None, goal: float) -> str:
@@ -456,12 +661,22 @@ def targets(plan: Plan, report: Report) -> list[str]:
         batched = max((r.engine.audio_per_s for r in small if r.engine and r.batch > 1),
                       default=None)
         lines.append(f"GPU small bf16: engine >= 30x real time at batch 1: {verdict(single, 30)}")
+        for line in rooflines(report):
+            timed = line.result.engine or line.result.hf
+            if line.result.model == "small" and line.result.dtype == "bf16" and timed:
+                # A step makes one frame of audio: the floor caps real time at frame / floor.
+                most = timed.audio_s / timed.steps / line.floor_s
+                lines.append(f"GPU small bf16 compile {line.result.compile} at batch 1: the "
+                             f"bandwidth floor allows at most {most:.0f}x real time")
         lines.append(f"GPU small bf16: engine >= 300 audio s/s batched: {verdict(batched, 300)}")
     else:
+        floors = {id(line.result): line for line in rooflines(report)}
         for r in report.results:
             if r.batch == 1:
                 lines.append(f"CPU {r.model} {r.dtype} compile {r.compile}: engine >= 2x HF "
                              f"tokens/s at batch 1: {verdict(r.ratio(), 2.0)}")
+                if id(r) in floors:
+                    lines.append(f"CPU {ceiling_line(floors[id(r)], 2.0)}")
         for r in report.mixed:
             lines.append(f"CPU {r.model} {r.dtype} compile {r.compile}: engine >= 1.5x HF audio "
                          f"s/s on the mixed workload: {verdict(r.ratio(), 1.5)}")

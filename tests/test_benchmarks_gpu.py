@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu import batcher_batches, jobs, main
+from benchmarks.gpu import Report, batcher_batches, jobs, main
 from workers.runtime.musicgen import load_model
+from workers.runtime.shapes import CODEBOOK_SIZE, NUM_CODEBOOKS, SHAPES, decoder_parameters
 from workers.runtime.tiny import make_tiny
 
 pytestmark = pytest.mark.slow  # builds and runs two models on both paths: ~45 s of CPU
@@ -48,3 +49,45 @@ def test_the_smoke_run_prints_both_paths_for_every_configuration(
     verdicts = re.findall(r"^  CPU .+: (?:\d+\.\d+) (MET|NOT MET)$", out, flags=re.MULTILINE)
     assert len(verdicts) == 4, out  # 2x tokens/s at batch 1 and 1.5x mixed, for each model
     assert re.search(r"GPU targets .+ not measured, no CUDA here", out), out
+    _check_roofline(report, out)
+
+
+def _roofline_rows(out: str) -> dict[str, list[float]]:
+    """The batch-1 roofline table's figures by model: weight MB, GB/s, floor ms, 2-row ms, HF
+    and engine ms, HF and engine fractions."""
+    row = (r"^(tiny|small@2)\s+fp32\s+off" + rf"\s+({NUMBER})" * 8
+           + rf"\s+(?:x{NUMBER}|-)(?:   weights fit in the .+)?$")
+    return {cells[0]: [float(v) for v in cells[1:]]
+            for cells in re.findall(row, out, flags=re.MULTILINE)}
+
+
+def _check_roofline(report: Report, out: str) -> None:
+    """The batch-1 roofline of the smoke run: the bytes counted, sane rates and fractions, and
+    the ceiling in the targets agreeing with the table."""
+    # small@2 at 2 layers: every decoder parameter but the embeddings and, per layer, the
+    # cross-attention's k and v projections (h x h each, applied once per job), in fp32.
+    small = SHAPES["small"]
+    once_a_job = NUM_CODEBOOKS * (CODEBOOK_SIZE + 1) * small.hidden + 2 * 2 * small.hidden ** 2
+    assert report.step_bytes[("small@2", "fp32")] == 4 * (
+        decoder_parameters(small, 2) - once_a_job)
+    rows = _roofline_rows(out)
+    assert list(rows) == ["tiny", "small@2"], out
+    for model, (weight_mb, rate, floor_ms, product_ms, hf_ms, eng_ms, hf_roof,
+                eng_roof) in rows.items():
+        assert weight_mb > 0 and rate > 0, out
+        assert floor_ms == pytest.approx(weight_mb / rate, rel=0.05, abs=0.02), (model, out)
+        # A 2-row product reads no faster than memory (half: a shared host's noise between
+        # the two measurements).
+        assert product_ms >= floor_ms * 0.5, (model, out)
+        assert hf_ms > 0 and eng_ms > 0, out
+        assert 0 < hf_roof <= 1.5 and 0 < eng_roof <= 1.5, (model, out)
+    assert rows["small@2"][0] == pytest.approx(report.step_bytes[("small@2", "fp32")] / 1e6,
+                                               abs=0.1)
+    ceiling = re.search(r"^  CPU small@2 fp32 compile off at batch 1: the bandwidth floor allows "
+                        rf"at most ({NUMBER})x over HF's measured step \(({NUMBER})x at the 2-row "
+                        r"F\.linear rate\): 2x is (within reach of|out of reach under) the floor$",
+                        out, flags=re.MULTILINE)
+    assert ceiling, out
+    hf_ms, floor_ms = rows["small@2"][4], rows["small@2"][2]
+    assert float(ceiling.group(1)) == pytest.approx(hf_ms / floor_ms, rel=0.02), out
+    assert (ceiling.group(3) == "within reach of") == (float(ceiling.group(1)) >= 2), out
