@@ -259,9 +259,8 @@ class FaultyEngine:
             if self._steps[row] < 1:
                 continue
             if (hold := re.search(r"FAULT:hold-progress=(\S+)", prompt)) and row not in self._held:
-                # The loop published the first step's progress on its ticket after that step;
-                # the task thread stores it within its poll and report intervals.
-                time.sleep(PROGRESS_INTERVAL_S + WAIT_POLL_S)
+                # The loop put the first step's progress on the ticket after that step: the
+                # task thread publishes it during the hold.
                 _hold(hold.group(1))
                 self._held.add(row)
                 self._grace[row] = time.monotonic() + 2 * (PROGRESS_INTERVAL_S + WAIT_POLL_S)
