@@ -128,9 +128,9 @@ class ModelSettings(_Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     compile: bool = False
     engine: Literal["hf", "static"] = Field(
-        "hf", description="hf: Hugging Face generate, jobs batched by batch key; static: our "
-                          "static-cache decode loop with continuous batching (melody and "
-                          "long-form jobs still run on hf)")
+        "static", description="static: our static-cache decode loop with continuous batching "
+                              "(melody and long-form jobs still run on hf); hf: Hugging Face "
+                              "generate, jobs batched by batch key")
     num_threads: int = Field(0, ge=0, le=256, description="torch CPU threads per worker process; 0 = torch's default")
     preload: bool = True
     offline: bool = False
