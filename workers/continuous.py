@@ -106,6 +106,7 @@ class ContinuousBatcher:
         self._thread: threading.Thread | None = None
         self._loop_started = 0.0
         self._busy_s = 0.0
+        self._build = threading.Lock()  # held while an engine is built
 
     # --- the task threads' side (the Batcher contract) -------------------------------------------
     def configure(self, *, max_batch_size: int, batch_wait_s: float,
@@ -225,26 +226,39 @@ class ContinuousBatcher:
                         exc_info=True)
             return False
 
+    def prepare(self, loaded: Any) -> bool:
+        """Build ``loaded``'s engine now, in the calling thread (the worker's model preload), so
+        that its cache allocation and compilation neither delay the first job nor, later, stall
+        the rows of another model's engine while the loop builds it. True if it is ready."""
+        me = self._engine_for(loaded)
+        return me is not None and me.engine is not None
+
     def _engine_for(self, loaded: Any) -> _ModelEngine | None:
         """The engine of ``loaded``, built on first use, or rebuilt larger once it has drained
         after ``max_batch_size`` grew past it; None when building it failed this time."""
-        with self._cond:
-            me = self._engines.get(id(loaded))
-            rows = self.max_batch_size
-        if me is not None and (me.engine is None or me.rows or me.engine.max_rows >= rows):
+        with self._build:  # the preload and the loop may ask at once: one engine is built
+            with self._cond:
+                me = self._engines.get(id(loaded))
+                rows = self.max_batch_size
+            if me is not None and (me.engine is None or me.rows or me.engine.max_rows >= rows):
+                return me
+            started = time.monotonic()
+            try:
+                engine: Engine | None = self._make_engine(loaded, rows)
+            except self._unsupported as exc:
+                log.info("the static engine cannot drive this model (%s): its jobs take the HF "
+                         "path", exc)
+                engine = None
+            except Exception:
+                log.exception("could not build the static engine; this job takes the HF path")
+                return None
+            if engine is not None:
+                log.info("built a static engine of %d rows in %.1f s", rows,
+                         time.monotonic() - started)
+            me = _ModelEngine(loaded, engine)
+            with self._cond:
+                self._engines[id(loaded)] = me
             return me
-        try:
-            engine: Engine | None = self._make_engine(loaded, rows)
-        except self._unsupported as exc:
-            log.info("the static engine cannot drive this model (%s): its jobs take the HF path", exc)
-            engine = None
-        except Exception:
-            log.exception("could not build the static engine; this job takes the HF path")
-            return None
-        me = _ModelEngine(loaded, engine)
-        with self._cond:
-            self._engines[id(loaded)] = me
-        return me
 
     def _choose(self) -> _ModelEngine | None:
         """The engine to step next: the current one while it has rows, else the one of the oldest

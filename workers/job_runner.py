@@ -175,10 +175,14 @@ class JobRunner:
         return loaded, time.perf_counter() - started
 
     def preload(self) -> float | None:
-        """Load the preset's model now if settings ask for it; the seconds it took, or None."""
+        """Load the preset's model now if settings ask for it, and build its static engine (with
+        ``model.engine = static``); the seconds the load took, or None."""
         if not self.settings.model.preload:
             return None
-        return self.model(self.settings.model.preset)[1]
+        loaded, seconds = self.model(self.settings.model.preset)
+        if isinstance(self.loop, ContinuousBatcher):
+            self.loop.prepare(loaded)  # a failure is logged; the first job tries again
+        return seconds
 
     def run(self, spec: JobSpec, *, worker: str, progress: Progress, started_at: float,
             on_partial: PartialSink | None = None) -> RunOutcome:

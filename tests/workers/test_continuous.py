@@ -479,3 +479,22 @@ def test_with_the_tiny_models_what_the_engine_cannot_run_takes_the_hf_path(
     assert on_melody_model.future.result(WAIT).duration_s == pytest.approx(0.5)
     assert long_prompt.future.result(WAIT).batch_size == 1
     assert sorted(p[:9] for call in rig.hf_calls for p in call) == ["a very lo", "hum along"]
+
+
+def test_prepare_builds_the_engine_before_any_job_and_jobs_then_use_it() -> None:
+    rig = Rig(gated=False)
+    assert rig.loop.prepare("model-a") is True
+    assert len(rig.engines) == 1 and rig.engines[0].max_rows == 4  # built now, in this thread
+    ticket = rig.submit("first job")
+    assert ticket.future.result(WAIT).duration_s == pytest.approx(1.0)
+    assert len(rig.engines) == 1 and rig.hf_calls == []  # the prepared engine ran it
+
+
+def test_prepare_says_so_when_the_model_cannot_have_an_engine() -> None:
+    def unsupported(loaded: Any, rows: int) -> Any:
+        raise EngineUnsupported("no engine for this model (test)", field="model")
+
+    rig = Rig(gated=False, make=unsupported)
+    assert rig.loop.prepare("melody-model") is False
+    assert rig.submit("a melody job", loaded="melody-model").future.result(WAIT).seed == 7
+    assert rig.hf_calls == [["a melody job"]]  # its jobs take the HF path

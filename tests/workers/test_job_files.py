@@ -12,6 +12,7 @@ from pipeline.config.schema import Settings
 from pipeline.errors import GpuOutOfMemory
 from pipeline.jobs import GenerationRequest
 from pipeline.resolve import resolve
+from workers.continuous import ContinuousBatcher
 from workers.job_runner import JobRunner, clear_leftovers, discard_job_files, job_temp_dir
 
 HEX = "0a1b2c3d4e5f"
@@ -86,3 +87,21 @@ def test_an_attempt_removes_earlier_leftovers_and_a_failed_one_leaves_nothing(
     assert seen == [sorted(["abc.wav", *NEIGHBOURS])]
     assert names(out) == sorted(NEIGHBOURS)  # the failed attempt left nothing of its own
     assert not job_temp_dir(settings, "abc").exists()
+
+
+def test_preload_builds_the_static_engine_of_the_preset(tmp_path: Path, tiny_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """With the static engine (the default) the preload also builds the preset's engine, so the
+    first job neither waits for its cache nor stalls another model's rows while it is built."""
+    settings = load_settings("development", cwd=tmp_path, overrides={
+        "storage.output_dir": str(tmp_path / "outputs"), "storage.temp_dir": str(tmp_path / "tmp"),
+        "model.preset": "tiny", "model.source": str(tiny_path), "model.preload": True})
+    assert settings.model.engine == "static"
+    runner = JobRunner(settings)
+    caplog.set_level("INFO", logger="workers.continuous")
+    assert runner.preload() is not None
+    assert "built a static engine of" in caplog.text
+    loaded, _ = runner.model("tiny")
+    caplog.clear()
+    assert isinstance(runner.loop, ContinuousBatcher) and runner.loop.prepare(loaded)
+    assert "built a static engine" not in caplog.text  # the preloaded one is used
