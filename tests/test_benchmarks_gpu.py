@@ -91,3 +91,18 @@ def _check_roofline(report: Report, out: str) -> None:
     hf_ms, floor_ms = rows["small@2"][4], rows["small@2"][2]
     assert float(ceiling.group(1)) == pytest.approx(hf_ms / floor_ms, rel=0.02), out
     assert (ceiling.group(3) == "within reach of") == (float(ceiling.group(1)) >= 2), out
+
+
+def test_step_profile_prints_the_bare_step_and_its_products(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.step_profile import main as profile_main
+
+    profile_main(["--model", "tiny", "--steps", "3"])
+    out = capsys.readouterr().out
+    step = float(re.search(rf"bare engine step: ({NUMBER}) ms", out).group(1))  # type: ignore[union-attr]
+    assert step > 0 and "aten::mm" in out  # the profiler's table names the products
+    two = re.search(rf"F\.linear, 2 rows: +({NUMBER}) ms \((\d+)% of the step\)", out)
+    one = re.search(rf"F\.linear, 1 row\(s\) \(no guidance\): ({NUMBER}) ms", out)
+    transposed = re.search(rf"x @ Wt .*2 rows: ({NUMBER}) ms, bitwise equal to F\.linear: (yes|no)", out)
+    assert two and one and transposed, out
+    assert float(two.group(1)) > 0 and float(one.group(1)) > 0 and float(transposed.group(1)) > 0
+    assert "20 linears" in out  # tiny: 2 layers x 8 linears + 4 LM heads
