@@ -14,13 +14,15 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+
+from pipeline.quota.tables import TERMINAL_STATUSES
 
 from . import rabbitmq
 
@@ -30,6 +32,8 @@ OWNER_KEY = "musicgen-tests:owner"
 #: RabbitMQ broker URL -> the Redis its processes keep results (and our keys) on; base_env reads
 #: it, so a test passes one broker URL around whichever broker it runs on.
 RESULTS_FOR: dict[str, str] = {}
+#: A ledger row's final statuses: the worker has settled it.
+FINAL = frozenset(s.value for s in TERMINAL_STATUSES)
 
 
 @pytest.fixture(scope="session")
@@ -267,6 +271,26 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def settled_ledger(quota: Any, job_ids: Iterable[str],
+                   timeout: float = 60) -> dict[str, dict[str, Any]]:
+    """The ledger rows of ``job_ids`` (by job id) once every one has a final status.
+
+    A caller's ``wait()`` returns as soon as the worker stores the result; Celery runs the task's
+    ``on_success``/``on_failure`` hook, which settles the ledger, just after that. So a test that
+    reads the ledger right after a wait waits for this state, not for luck.
+    """
+    wanted = set(job_ids)
+    rows: dict[str, dict[str, Any]] = {}
+
+    def settled() -> bool:
+        rows.clear()
+        rows.update({r["job_id"]: r for r in quota.ledger() if r["job_id"] in wanted})
+        return set(rows) == wanted and all(r["status"] in FINAL for r in rows.values())
+
+    wait_for(settled, timeout, f"the ledger rows of {sorted(wanted)} to settle")
+    return dict(rows)
 
 
 def release(folder: Path, name: str) -> None:

@@ -24,7 +24,7 @@ from pipeline import GenerationRequest, JobStatus
 from pipeline.jobs import queue_for
 from pipeline.policies.backpressure import queue_depth
 
-from .conftest import WorkerFactory, held, on_rabbitmq, record_recovery, release
+from .conftest import WorkerFactory, held, on_rabbitmq, record_recovery, release, settled_ledger
 from .test_failures import Record, attempts, fast, outputs, producer, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -57,7 +57,7 @@ def test_queued_jobs_share_one_batch_and_each_gets_its_own_file(
         sidecar = json.loads(Path(result.sidecar_path).read_text())
         assert sidecar["result"]["batch_size"] == 4 and sidecar["request"]["prompt"] == request.prompt
     # The ledger charges each job once, with its share of the call's GPU time.
-    rows = {r["job_id"]: r for r in prod.quota.ledger()}
+    rows = settled_ledger(prod.quota, [h.id for h in handles])
     for handle, result in zip(handles, results, strict=True):
         assert rows[handle.id]["status"] == "succeeded"
         assert rows[handle.id]["gpu_seconds"] == pytest.approx(result.timings.generate / 4)
@@ -108,9 +108,8 @@ def test_kill_9_mid_batch_redelivers_every_job_and_each_finishes_once(
     for handle in handles:
         assert handle.wait(180).job_id == handle.id
         assert [p.name for p in outputs(workdir, handle.id)] == [f"{handle.id}.wav", f"{handle.id}.wav.json"]
-        rows = [r for r in prod.quota.ledger() if r["job_id"] == handle.id]
-        assert len(rows) == 1 and rows[0]["status"] == "succeeded"  # charged once
-        assert rows[0]["attempts"] == 2
+        row = settled_ledger(prod.quota, [handle.id])[handle.id]  # one row per job: charged once
+        assert row["status"] == "succeeded" and row["attempts"] == 2
     record_recovery(record_property, "kill -9 mid-batch to all done, the next worker started after it", killed)
     assert len(attempts(workers, "dead node")) == 6
 

@@ -26,7 +26,15 @@ from pipeline.celery_app import TASK_GENERATE
 from pipeline.jobs import queue_for
 from pipeline.policies.configured import Policies
 
-from .conftest import WorkerFactory, base_env, held, on_rabbitmq, record_recovery, release
+from .conftest import (
+    WorkerFactory,
+    base_env,
+    held,
+    on_rabbitmq,
+    record_recovery,
+    release,
+    settled_ledger,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 Record = Callable[[str, object], None]  # pytest's record_property
@@ -107,9 +115,8 @@ def test_kill_9_mid_job_redelivers_to_another_worker(workers: WorkerFactory, wor
     assert [p.name for p in outputs(workdir, handle.id)] == [f"{handle.id}.wav", f"{handle.id}.wav.json"]
     deliveries = redis.Redis.from_url(redis_url).get(f"musicgen:deliveries:{handle.id}")
     assert int(deliveries) == 2
-    rows = [r for r in prod.quota.ledger() if r["job_id"] == handle.id]
-    assert len(rows) == 1 and rows[0]["status"] == "succeeded"  # charged once
-    assert rows[0]["attempts"] == 2
+    row = settled_ledger(prod.quota, [handle.id])[handle.id]  # one row per job: charged once
+    assert row["status"] == "succeeded" and row["attempts"] == 2
 
 
 def test_soft_and_hard_time_limits_fail_with_timeout_and_worker_keeps_serving(
@@ -272,8 +279,8 @@ def test_sigterm_finishes_the_running_job_and_starts_no_other(
     record_recovery(record_property, "stop to the queued job done on the next worker", stopped)
     assert len(attempts(workers, "wait for the next worker")) == 1
     assert len(attempts(workers, "FAULT:hold=running")) == 1  # and the finished job was not rerun
-    rows = {r["job_id"]: r["status"] for r in prod.quota.ledger()}
-    assert rows[running.id] == rows[waiting.id] == "succeeded"
+    rows = settled_ledger(prod.quota, [running.id, waiting.id])
+    assert rows[running.id]["status"] == rows[waiting.id]["status"] == "succeeded"
 
 
 def test_sigterm_past_the_grace_period_requeues_the_running_job(

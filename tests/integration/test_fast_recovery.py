@@ -21,7 +21,7 @@ import pipeline
 from pipeline import GenerationRequest, JobHandle
 from workers.heartbeat import HeartbeatStore
 
-from .conftest import Worker, WorkerFactory, base_env, held, release, wait_for
+from .conftest import Worker, WorkerFactory, base_env, held, release, settled_ledger, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,9 +60,7 @@ def deliveries(redis_url: str, job_id: str) -> int:
 
 
 def ledger_row(prod: pipeline.Producer, job_id: str) -> dict[str, object]:
-    rows = [r for r in prod.quota.ledger() if r["job_id"] == job_id]
-    assert len(rows) == 1  # one row: charged once
-    return rows[0]
+    return settled_ledger(prod.quota, [job_id])[job_id]  # one row per job id: charged once
 
 
 def kill_and_time(dead: Worker, folder: Path, hold: str, handles: list[JobHandle]) -> float:

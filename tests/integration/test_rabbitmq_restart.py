@@ -17,7 +17,16 @@ import pipeline
 from pipeline import GenerationRequest
 from pipeline.jobs import queue_for
 
-from .conftest import RESULTS_FOR, WorkerFactory, base_env, held, record_recovery, release, wait_for
+from .conftest import (
+    RESULTS_FOR,
+    WorkerFactory,
+    base_env,
+    held,
+    record_recovery,
+    release,
+    settled_ledger,
+    wait_for,
+)
 from .rabbitmq import PrivateRabbit
 from .test_failures import Record
 
@@ -75,7 +84,7 @@ def test_no_accepted_job_is_lost_across_a_rabbitmq_restart(
     # and the worker drops it once it reaches it. Wait for that, then check it ran nothing twice.
     wait_for(lambda: producer.app.queue_depth(queue_for("tiny")) == 0, 120,
              "the queue to drain, redelivered copies of finished jobs included")
-    rows = {r["job_id"]: r for r in producer.quota.ledger() if r["job_id"] in {h.id for h in accepted}}
+    rows = settled_ledger(producer.quota, [h.id for h in accepted])
     assert len(rows) == 4 and {r["status"] for r in rows.values()} == {"succeeded"}  # each charged once
     for handle in accepted:
         assert len(list((workdir / "outputs").glob(f"{handle.id}*"))) == 2  # one file, one sidecar

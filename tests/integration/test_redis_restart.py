@@ -14,7 +14,7 @@ import pytest
 import pipeline
 from pipeline import GenerationRequest
 
-from .conftest import WorkerFactory, base_env
+from .conftest import WorkerFactory, base_env, settled_ledger
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -84,5 +84,5 @@ def test_no_accepted_job_is_lost_across_a_redis_restart(private_redis: RedisServ
         result = handle.wait(240)
         outputs = sorted((workdir / "outputs").glob(f"{handle.id}*"))
         assert [p.name for p in outputs] == [f"{handle.id}.wav", f"{handle.id}.wav.json"], result
-    rows = {r["job_id"]: r for r in producer.quota.ledger() if r["job_id"] in {h.id for h in accepted}}
+    rows = settled_ledger(producer.quota, [h.id for h in accepted])
     assert len(rows) == 4 and {r["status"] for r in rows.values()} == {"succeeded"}  # each charged once
