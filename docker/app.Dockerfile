@@ -15,11 +15,13 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /srv/musicgen
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY pipeline ./pipeline
 COPY workers ./workers
 COPY settings ./settings
-RUN pip install ".[flower,postgres,api,storage]"
+# The versions CI tested: requirements.lock constrains every package (see .ci/lock).
+RUN pip install "uv==0.13.9" \
+ && uv pip install --system --constraint requirements.lock ".[flower,postgres,api,storage]"
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin musicgen \
  && mkdir -p /data \

@@ -29,12 +29,15 @@ RUN pip install --upgrade pip \
  && pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"
 
 WORKDIR /srv/musicgen
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY pipeline ./pipeline
 COPY workers ./workers
 COPY settings ./settings
 # postgres: the worker writes the usage ledger to the same PostgreSQL as the producers.
-RUN pip install ".[worker,postgres,storage]"
+# The versions CI tested: requirements.lock constrains every package but torch, which it leaves
+# out (with its CUDA libraries) so that the build installed above is the one that stays.
+RUN pip install "uv==0.13.9" \
+ && uv pip install --python /opt/venv/bin/python --constraint requirements.lock ".[worker,postgres,storage]"
 
 # Non-root. The model cache is a volume: weights are put there once (production runs with
 # model.offline = true) and survive image rebuilds. HF_HOME points the Hugging Face cache at it.

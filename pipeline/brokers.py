@@ -139,10 +139,10 @@ def redis_client(url: str, settings: Settings) -> Any:
     from redis.sentinel import Sentinel
 
     hosts, db, password = _sentinel_parts(url)
-    sentinel = Sentinel(hosts, socket_timeout=timeout,  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(hosts, socket_timeout=timeout,
                         socket_connect_timeout=timeout,
                         sentinel_kwargs={"socket_timeout": timeout, "password": password})
-    return sentinel.master_for(  # type: ignore[no-untyped-call]
+    return sentinel.master_for(
         settings.broker.master_name, db=db, password=password, socket_timeout=timeout,
         socket_connect_timeout=timeout)
 

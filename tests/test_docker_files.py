@@ -107,6 +107,7 @@ def test_worker_image_is_cuda_non_root_with_the_cache_at_models() -> None:
     runs = " ".join(rest for word, rest in ins if word == "RUN")
     assert "python3.11" in runs and "ffmpeg" in runs
     assert runs.index("torch==") < runs.index('".[worker,postgres,storage]"')  # torch first, then the extras
+    assert "--constraint requirements.lock" in runs  # the versions CI tested
     assert _last(ins, "CMD") == '["musicgen-pipeline", "worker"]'  # exec form: gets SIGTERM itself
 
 
@@ -116,6 +117,7 @@ def test_app_image_is_slim_non_root_without_torch() -> None:
     assert _last(ins, "USER") not in ("root", "0")
     runs = " ".join(rest for word, rest in ins if word == "RUN")
     assert '".[flower,postgres,api,storage]"' in runs and "ffmpeg" in runs and "torch" not in runs
+    assert "--constraint requirements.lock" in runs  # the versions CI tested
 
 
 @pytest.mark.parametrize("dockerfile", ["worker.Dockerfile", "app.Dockerfile"])
