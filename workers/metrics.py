@@ -216,20 +216,26 @@ def _enable_multiprocess(path: Path) -> None:
         values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
-def _serve(port: int) -> None:
-    from prometheus_client import CollectorRegistry, start_http_server
+def _serve(app: Any, port: int) -> None:
+    from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
+
+    from workers import health
 
     global _server
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=os.environ[MULTIPROC_ENV])  # type: ignore[no-untyped-call]
+    # /livez and /readyz on the same port (workers/health.py): what the kubelet probes.
+    checks = health.HealthServer(registry, app.settings.monitoring.liveness_timeout_s,
+                                 health.broker_check(app))
     try:
-        _server, _ = start_http_server(port, addr=METRICS_ADDRESS, registry=registry)
+        _server = health.serve(port, METRICS_ADDRESS, checks)
     except OSError as exc:  # e.g. a second worker on this host with the same port
         log.error("metrics not served: cannot listen on port %s (monitoring.metrics_port): %s",
                   port, exc)
         return
-    log.info("serving Prometheus metrics on %s:%s/metrics", METRICS_ADDRESS, port)
+    log.info("serving Prometheus metrics on %s:%s/metrics, health on /livez and /readyz",
+             METRICS_ADDRESS, port)
 
 
 def setup_metrics(app: Any) -> None:
@@ -251,7 +257,7 @@ def setup_metrics(app: Any) -> None:
     @receiver(worker_ready)
     def _start(**_: Any) -> None:  # parent, once the pool runs
         if MULTIPROC_ENV in os.environ and settings.monitoring.metrics_port:  # 0 = off
-            _serve(settings.monitoring.metrics_port)
+            _serve(app, settings.monitoring.metrics_port)
 
     @receiver(worker_process_init)
     def _forget_server(**_: Any) -> None:  # a pool child forked after the server started

@@ -17,6 +17,7 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from workers.health import mark_ready
 from workers.metrics import observe_model_load, setup_metrics
 from workers.tasks import STATE, runner_for
 from workers.typed_celery import receiver
@@ -24,15 +25,32 @@ from workers.typed_celery import receiver
 log = logging.getLogger(__name__)
 
 
+def self_check_passed(runner: Any) -> bool:
+    """Whether the preloaded engine passed its start-up self-check (True where it has none).
+
+    The one place ``/readyz`` reads the self-check from: the runner exposes it as
+    ``self_check_passed`` (a bool, or a function returning one) once that check exists.
+    """
+    check = getattr(runner, "self_check_passed", None)
+    if check is None:
+        return True
+    return bool(check() if callable(check) else check)
+
+
 def _setup(app: Any) -> None:
     runner = runner_for(app)
+    preset = app.settings.model.preset
     try:
         seconds = runner.preload()
         if seconds is not None:
-            observe_model_load(app.settings.model.preset, seconds)
+            observe_model_load(preset, seconds)
+        # Without a preload the first job loads the model: nothing to wait for here.
+        mark_ready(preset, self_check_passed(runner))
     except Exception:
         # A worker that cannot load its model still serves: each job reports the error itself
-        # (model_not_found is permanent) instead of the process crash-looping.
+        # (model_not_found is permanent) instead of the process crash-looping. /readyz fails,
+        # so Kubernetes sends it no traffic and an operator sees why.
+        mark_ready(preset, False)
         log.exception("preloading the model failed")
 
 

@@ -353,6 +353,9 @@ class MonitoringSettings(_Section):
     flower_user: str | None = None
     flower_password: SecretStr | None = None
     metrics_port: int = Field(9808, ge=0, le=65535, description="worker Prometheus metrics; 0 = off")
+    liveness_timeout_s: float = Field(120.0, gt=0, le=3600,
+                                      description="the worker's /livez fails once a generation "
+                                                  "loop has not stepped or ticked for this long")
 
 
 class FeatureSettings(_Section):

@@ -1,0 +1,109 @@
+"""The worker's health endpoints and metrics as a kubelet and Prometheus see them.
+
+One real worker (prefork, fault injection loaded, its own metrics port) serves the module. Its
+last test wedges the generation loop (``FAULT:ignore-soft``: a step that never returns), so it
+runs last and kills the worker; the tests before it leave the worker as they found it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import Worker, WorkerFactory, caller_output, run_caller, start_caller, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LIVENESS_TIMEOUT_S = 4.0
+HEARTBEAT = "musicgen_loop_heartbeat_timestamp_seconds"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Fleet:
+    workdir: Path
+    redis_url: str
+    worker: Worker
+    port: int
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as resp:
+                return int(resp.status), resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.read().decode()
+
+    def heartbeats(self) -> list[float]:
+        _, text = self.get("/metrics")
+        return [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == HEARTBEAT]
+
+
+@pytest.fixture(scope="module")
+def fleet(workdir: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    port = free_port()
+    env = {"MUSICGEN_MONITORING__METRICS_PORT": str(port),
+           "MUSICGEN_MONITORING__LIVENESS_TIMEOUT_S": str(LIVENESS_TIMEOUT_S),
+           # The hang test's job fails at its soft limit (so its message is acked and nothing is
+           # redelivered to another module's worker) well after liveness has failed, and long
+           # before the hard limit would end the process.
+           "MUSICGEN_WORKER__SOFT_TIME_LIMIT": "12", "MUSICGEN_WORKER__HARD_TIME_LIMIT": "120",
+           "MUSICGEN_WORKER__TIME_LIMIT_PER_SECOND": "0", "MUSICGEN_WORKER__MAX_RETRIES": "0"}
+    factory = WorkerFactory(workdir, redis_url, tmp_path_factory.mktemp("health"))
+    worker = factory.start(faults=True, **env)
+    try:
+        yield Fleet(workdir, redis_url, worker, port)
+    finally:
+        if worker.proc.poll() is None:
+            worker.kill9()
+
+
+def test_ready_and_live_once_the_model_is_loaded(fleet: Fleet) -> None:
+    # The pool child preloads after the parent logs "ready": wait for that state.
+    wait_for(lambda: fleet.get("/readyz")[0] == 200, 60, "/readyz to pass")
+    status, body = fleet.get("/readyz")
+    assert json.loads(body) == {"ok": True, "problems": []}
+    assert fleet.get("/livez")[0] == 200
+
+
+def test_an_idle_loop_keeps_ticking(fleet: Fleet) -> None:
+    out = run_caller(fleet.workdir, fleet.redis_url,
+                     {"prompt": "warm up", "duration": 0.5, "format": "wav"})
+    assert "result" in out, out
+    done = time.time()
+    # The job started the loop; idle after it, the loop still ticks past the liveness window.
+    wait_for(lambda: any(b > done + LIVENESS_TIMEOUT_S + 1 for b in fleet.heartbeats()), 30,
+             "an idle tick after the liveness window")
+    assert fleet.get("/livez")[0] == 200
+
+
+def test_a_wedged_loop_fails_liveness(fleet: Fleet) -> None:
+    wait_for(lambda: fleet.get("/livez")[0] == 200, 30, "/livez to pass before the hang")
+    caller = start_caller(fleet.workdir, fleet.redis_url,
+                          {"prompt": "FAULT:ignore-soft", "duration": 0.5}, timeout=60)
+    try:
+        wait_for(lambda: fleet.get("/livez")[0] == 503, 60, "/livez to fail on the wedged loop")
+        body = json.loads(fleet.get("/livez")[1])
+        assert not body["ok"] and "loop continuous" in body["problems"][0], body
+        # The job fails at its soft limit; the loop stays wedged and liveness stays failed.
+        out = caller_output(caller, 90)
+        assert out["error"]["details"]["error_code"] == "timeout", out
+        assert fleet.get("/livez")[0] == 503
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+        fleet.worker.kill9()
