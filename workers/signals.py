@@ -10,6 +10,8 @@ import logging
 from typing import Any
 
 from celery.signals import (
+    task_postrun,
+    task_prerun,
     task_received,
     worker_process_init,
     worker_process_shutdown,
@@ -85,9 +87,33 @@ def _connect_recovery(app: Any) -> None:
             running.pop().stop()
 
 
+def _connect_job_logs(app: Any) -> None:
+    """Each record a job's thread logs carries its fields (pipeline/log_format.py)."""
+    from pipeline import log_format
+
+    log_format.connect_celery(app)
+    tokens: dict[str, Any] = {}
+
+    @receiver(task_prerun)
+    def _start(task_id: str = "", task: Any = None, args: Any = None, **_: Any) -> None:
+        payload = args[0] if isinstance(args, (list, tuple)) and args else None
+        user = payload.get("user_id") if isinstance(payload, dict) else None
+        request = getattr(task, "request", None)
+        queue = ((getattr(request, "delivery_info", None) or {}).get("routing_key"))
+        attempt = int(getattr(request, "retries", 0) or 0) + 1
+        tokens[task_id] = log_format.start_job(task_id, user, queue, attempt)
+
+    @receiver(task_postrun)
+    def _end(task_id: str = "", **_: Any) -> None:
+        token = tokens.pop(task_id, None)
+        if token is not None:
+            log_format.end_job(token)
+
+
 def connect(app: Any) -> None:
     pool = app.settings.worker.pool
     setup_metrics(app)
+    _connect_job_logs(app)
     _connect_recovery(app)  # before the model preload below: beating from the start
 
     @receiver(worker_process_init)

@@ -42,6 +42,11 @@ def api(
         raise typer.Exit(EXIT_FAILED) from None
     level = settings.app.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    json_logs = settings.logging.format == "json"
+    if json_logs:
+        from pipeline.log_format import use_json
+
+        use_json([logging.getLogger()])
     try:
         app = create_app(settings)
     except PipelineError as exc:  # no quota database, a broker URL that cannot be used
@@ -51,4 +56,6 @@ def api(
                    "user `anonymous` (development only)", err=True)
     uvicorn.run(app, host=settings.api.host, port=settings.api.port, access_log=False,
                 log_level=settings.app.log_level, server_header=False,
+                # JSON: uvicorn's loggers keep no handlers of their own and reach the root's.
+                log_config=None if json_logs else uvicorn.config.LOGGING_CONFIG,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

@@ -358,6 +358,14 @@ class MonitoringSettings(_Section):
                                                   "loop has not stepped or ticked for this long")
 
 
+class LoggingSettings(_Section):
+    """How the worker, beat and the gateway write their logs."""
+
+    format: Literal["text", "json"] = Field("text", description="json: one JSON object a line, "
+                                            "job records with job_id, user (hashed), queue, "
+                                            "attempt (pipeline/log_format.py)")
+
+
 class FeatureSettings(_Section):
     """Switches for optional behaviour.
 
@@ -443,6 +451,7 @@ class Settings(_Section):
     quotas: QuotaSettings = QuotaSettings()
     validation: ValidationSettings = ValidationSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
+    logging: LoggingSettings = LoggingSettings()
     features: FeatureSettings = FeatureSettings()
     experiments: dict[ExperimentName, ExperimentSettings] = {}
     api: ApiSettings = ApiSettings()
