@@ -65,11 +65,22 @@ def use_json(loggers: Iterable[logging.Logger]) -> None:
 
 
 def connect_celery(app: Any) -> None:
-    """With ``logging.format = "json"``, turn the handlers Celery sets up (worker and beat) into
-    JSON ones. Celery's own banner is not a log record: the worker command drops it (--quiet)."""
+    """With ``logging.format = "json"``, make the worker's or beat's log JSON from its first line.
+
+    The root logger gets its JSON handler now, so what comes before Celery sets logging up (a
+    warning at start) is JSON too, and Celery, finding the root configured, keeps it. The
+    handlers Celery adds itself (the task logger's) are switched when it has made them. Celery's
+    banner is not a log record: the commands drop it (--quiet).
+    """
     if app.settings.logging.format != "json":
         return
     from celery.signals import after_setup_logger, after_setup_task_logger
+
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    use_json([root])
+    logging.captureWarnings(True)  # warnings.warn goes through the JSON handler, not raw stderr
 
     def _json(logger: logging.Logger | None = None, **_: Any) -> None:
         use_json([logger] if logger is not None else [logging.getLogger()])

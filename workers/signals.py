@@ -40,6 +40,13 @@ def self_check_passed(runner: Any) -> bool:
 
 
 def _setup(app: Any) -> None:
+    if app.settings.logging.format == "json":
+        # transformers writes through a stderr handler of its own ("[transformers] ..."): hand
+        # its records to the root's JSON handler instead. Here, after the fork: it imports torch.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
     runner = runner_for(app)
     preset = app.settings.model.preset
     try:
@@ -102,11 +109,13 @@ def _connect_job_logs(app: Any) -> None:
         queue = ((getattr(request, "delivery_info", None) or {}).get("routing_key"))
         attempt = int(getattr(request, "retries", 0) or 0) + 1
         tokens[task_id] = log_format.start_job(task_id, user, queue, attempt)
+        log.info("job %s started (attempt %d)", task_id, attempt)  # a line per job, with its fields
 
     @receiver(task_postrun)
-    def _end(task_id: str = "", **_: Any) -> None:
+    def _end(task_id: str = "", state: str | None = None, **_: Any) -> None:
         token = tokens.pop(task_id, None)
         if token is not None:
+            log.info("job %s ended: %s", task_id, state)
             log_format.end_job(token)
 
 

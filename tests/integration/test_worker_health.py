@@ -1,6 +1,8 @@
-"""The worker's health endpoints and metrics as a kubelet and Prometheus see them.
+"""The worker as a kubelet, Prometheus and a log shipper see it: its health endpoints, the metric
+names deploy/ relies on, and its JSON log.
 
-One real worker (prefork, fault injection loaded, its own metrics port) serves the module. Its
+One real worker (prefork, fault injection loaded, its own metrics port, JSON logs) serves the
+module. Its
 last test wedges the generation loop (``FAULT:ignore-soft``: a step that never returns), so it
 runs last and kills the worker; the tests before it leave the worker as they found it.
 """
@@ -8,6 +10,7 @@ runs last and kills the worker; the tests before it leave the worker as they fou
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -17,12 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.config import Settings
+from pipeline.queue_metrics import QueueCollector
 
 from .conftest import Worker, WorkerFactory, caller_output, run_caller, start_caller, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+REPO = Path(__file__).resolve().parents[2]
 LIVENESS_TIMEOUT_S = 4.0
 HEARTBEAT = "musicgen_loop_heartbeat_timestamp_seconds"
 
@@ -39,6 +47,7 @@ class Fleet:
     redis_url: str
     worker: Worker
     port: int
+    job_id: str = ""  # the job test_an_idle_loop_keeps_ticking ran
 
     def get(self, path: str) -> tuple[int, str]:
         try:
@@ -58,6 +67,7 @@ def fleet(workdir: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactor
     port = free_port()
     env = {"MUSICGEN_MONITORING__METRICS_PORT": str(port),
            "MUSICGEN_MONITORING__LIVENESS_TIMEOUT_S": str(LIVENESS_TIMEOUT_S),
+           "MUSICGEN_LOGGING__FORMAT": "json",
            # The hang test's job fails at its soft limit (so its message is acked and nothing is
            # redelivered to another module's worker) well after liveness has failed, and long
            # before the hard limit would end the process.
@@ -89,6 +99,37 @@ def test_an_idle_loop_keeps_ticking(fleet: Fleet) -> None:
     wait_for(lambda: any(b > done + LIVENESS_TIMEOUT_S + 1 for b in fleet.heartbeats()), 30,
              "an idle tick after the liveness window")
     assert fleet.get("/livez")[0] == 200
+    fleet.job_id = out["job_id"]
+
+
+def named_metrics() -> set[str]:
+    """The metric names deploy/'s rules and dashboard query (recording rules excluded)."""
+    text = (REPO / "deploy/prometheus/rules.yaml").read_text()
+    text += (REPO / "deploy/grafana/musicgen-pipeline.json").read_text()
+    return set(re.findall(r"\b(musicgen_[a-z_]+)", text))
+
+
+def test_every_metric_deploy_names_is_exported(fleet: Fleet, redis_url: str) -> None:
+    assert fleet.job_id, "runs after a job went through the worker"
+    _, text = fleet.get("/metrics")
+    exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    exporter = CollectorRegistry()
+    exporter.register(QueueCollector(Settings.model_validate({"broker": {"url": redis_url}}),
+                                     ["musicgen.tiny"]))
+    exported |= {s.name for f in exporter.collect() for s in f.samples}
+    named = named_metrics()
+    assert len(named) >= 10
+    assert named <= exported, sorted(named - exported)
+
+
+def test_the_log_is_json_line_by_line_with_the_job_fields(fleet: Fleet) -> None:
+    records = [json.loads(line) for line in fleet.worker.log_text().splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    mine = [r for r in records if r.get("job_id") == fleet.job_id]
+    assert any("started" in r["message"] for r in mine) and any("ended" in r["message"] for r in mine)
+    for record in mine:
+        assert record["queue"] == "musicgen.tiny" and record["attempt"] == 1
+        assert re.fullmatch(r"[0-9a-f]{16}", record["user"])  # a hash, never the user id
 
 
 def test_a_wedged_loop_fails_liveness(fleet: Fleet) -> None:
