@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pipeline.brokers import BrokerKind, kind_of, redis_client, url_with_password
@@ -28,7 +28,7 @@ from pipeline.config.schema import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QueueCollector", "redis_in_flight"]
+__all__ = ["QueueCollector", "breaker_reader", "redis_in_flight"]
 
 #: kombu.transport.redis.Channel.unacked_key: the HASH of taken, unacked messages (tag -> JSON
 #: ``[payload, exchange, routing_key]``).
@@ -52,13 +52,38 @@ def redis_in_flight(client: Any, queues: Sequence[str]) -> dict[str, int]:
     return counts
 
 
-class QueueCollector:
-    """A Prometheus collector of the depth and in-flight jobs of ``queues`` on the broker."""
+def breaker_reader(settings: Settings, presets: Sequence[str]) -> Callable[[], dict[str, str]]:
+    """A function returning each preset's circuit-breaker state, as the producers see it (the
+    breakers live in the coordination Redis; none where circuit_breaker.enabled is off)."""
+    from pipeline.celery_app import make_celery
+    from pipeline.policies.configured import Policies
 
-    def __init__(self, settings: Settings, queues: Sequence[str]) -> None:
+    built: list[Policies] = []  # on the first read: the app connects, and the broker may be away
+
+    def read() -> dict[str, str]:
+        if not built:
+            built.append(Policies.for_app(make_celery(settings)))
+        policies = built[0]
+        states: dict[str, str] = {}
+        for preset in presets:
+            breaker = policies.breaker(preset)
+            if breaker is not None:
+                states[preset] = breaker.state().value
+        return states
+
+    return read
+
+
+class QueueCollector:
+    """A Prometheus collector of the depth and in-flight jobs of ``queues`` on the broker, and of
+    the breakers ``breakers`` reads (``breaker_reader``), if given."""
+
+    def __init__(self, settings: Settings, queues: Sequence[str],
+                 breakers: Callable[[], dict[str, str]] | None = None) -> None:
         self.settings = settings
         self.queues = list(queues)
         self.kind = kind_of(settings.broker.url)
+        self.breakers = breakers
 
     def read(self) -> tuple[dict[str, int], dict[str, int] | None]:
         """(waiting per queue, in flight per queue or None where the broker cannot tell)."""
@@ -104,4 +129,25 @@ class QueueCollector:
             for queue, n in in_flight.items():
                 flight.add_metric([queue], n)
             yield flight
+        if self.breakers is not None:
+            yield from self._breakers(self.breakers)
+
+    @staticmethod
+    def _breakers(read: Callable[[], dict[str, str]]) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from pipeline.policies.breaker import BreakerState
+
+        try:
+            states = read()
+        except Exception as exc:
+            log.warning("could not read the circuit breakers: %s", exc)
+            return
+        # One series per state, 1 for the current one (a state set): alerts match state="open".
+        family = GaugeMetricFamily("musicgen_breaker_state", "Circuit breaker of each model: 1 "
+                                   "for its current state", labels=["model", "state"])
+        for model, current in states.items():
+            for state in BreakerState:
+                family.add_metric([model, state.value], 1 if state.value == current else 0)
+        yield family
 

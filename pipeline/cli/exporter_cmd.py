@@ -23,15 +23,18 @@ def queue_exporter(
     env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
     sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
 ) -> None:
-    """Serve musicgen_queue_depth{queue} and musicgen_jobs_in_flight{queue} on /metrics."""
+    """Serve musicgen_queue_depth{queue}, musicgen_jobs_in_flight{queue} and
+    musicgen_breaker_state{model,state} on /metrics."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from pipeline.queue_metrics import QueueCollector
+    from pipeline.jobs import QUEUE_PREFIX
+    from pipeline.queue_metrics import QueueCollector, breaker_reader
 
     settings = load_or_exit(env, parse_sets(sets))
     names = queues or queue_names(settings)
     registry = CollectorRegistry()
-    registry.register(QueueCollector(settings, names))
+    presets = [q.removeprefix(QUEUE_PREFIX) for q in names if q.startswith(QUEUE_PREFIX)]
+    registry.register(QueueCollector(settings, names, breaker_reader(settings, presets)))
     start_http_server(port, addr=address, registry=registry)
     typer.echo(f"exporting the depth of {', '.join(names)} on {address}:{port}/metrics")
     threading.Event().wait()  # the server thread is a daemon: serve until a signal ends us

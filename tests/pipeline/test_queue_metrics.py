@@ -14,9 +14,11 @@ import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeline import keys
 from pipeline.celery_app import make_celery
 from pipeline.config import Settings
-from pipeline.queue_metrics import QueueCollector
+from pipeline.policies.breaker import CircuitBreaker, RedisBreakerBackend
+from pipeline.queue_metrics import QueueCollector, breaker_reader
 
 PRIORITIES = [0, 2, 5, 5, 9]
 
@@ -59,6 +61,27 @@ def test_depth_and_in_flight_of_jobs_at_several_priorities(redis_url: str, queue
             message.ack()
             held.close()
     assert values(registry, "musicgen_jobs_in_flight") == {queue: 0, other: 0}
+
+
+def test_breaker_state_of_each_model(redis_client: redis.Redis, redis_url: str,
+                                     key_prefix: str) -> None:
+    """A breaker opened by real failures in the shared Redis reads as open, the others closed."""
+    sick, well = f"{key_prefix}sick", f"{key_prefix}well"
+    settings = Settings.model_validate({"broker": {"url": redis_url}})
+    cb = settings.circuit_breaker
+    breaker = CircuitBreaker(sick, threshold=cb.threshold, reset_timeout=cb.reset_timeout,
+                             backend=RedisBreakerBackend(redis_client))
+    for _ in range(cb.threshold):
+        breaker.record_failure()
+    registry = CollectorRegistry()
+    registry.register(QueueCollector(settings, [], breaker_reader(settings, [sick, well])))
+    try:
+        states = {(s.labels["model"], s.labels["state"]): s.value for f in registry.collect()
+                  for s in f.samples if s.name == "musicgen_breaker_state"}
+        assert states[(sick, "open")] == 1 and states[(sick, "closed")] == 0
+        assert states[(well, "closed")] == 1 and states[(well, "open")] == 0
+    finally:
+        redis_client.delete(keys.breaker_key(sick))
 
 
 def test_the_command_serves_them_and_says_when_the_broker_is_away(redis_url: str) -> None:
