@@ -65,6 +65,9 @@ def loop_tick(loop: str) -> None:
                ).labels(loop).set(now)
     except Exception:  # liveness must never stop the loop it watches
         log.warning("could not record a loop tick", exc_info=True)
+    from workers import gpu_metrics
+
+    gpu_metrics.sample()  # the loop's process holds the device: sample it on the same beat
 
 
 def mark_ready(model: str, ready: bool) -> None:
