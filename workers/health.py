@@ -146,11 +146,21 @@ class HealthServer:
         return [body]
 
 
-def serve(port: int, address: str, app: HealthServer) -> WSGIServer:
-    """Serve ``app`` on ``address:port`` from a daemon thread; raises OSError if it cannot bind."""
-    server = make_server(address, port, app, _Server, handler_class=_Quiet)
-    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-    return server
+def serve(port: int, address: str, app: HealthServer, *, tries: int = 1) -> tuple[WSGIServer, int]:
+    """Serve ``app`` from a daemon thread on the first free port of ``port`` and the
+    ``tries - 1`` after it (two workers on one host: the second takes the next port); the server
+    and its port. Raises the last OSError if none is free."""
+    error: OSError | None = None
+    for candidate in range(port, port + max(1, tries)):
+        try:
+            server = make_server(address, candidate, app, _Server, handler_class=_Quiet)
+        except OSError as exc:
+            error = exc
+            continue
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+        return server, candidate
+    assert error is not None
+    raise error
 
 
 def broker_check(app: Any) -> Callable[[], str | None]:

@@ -39,6 +39,8 @@ __all__ = ["model_of", "observe_batch", "observe_failure", "observe_model_load",
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Scraped from the monitoring host, so not loopback only; the metrics hold no secret.
 METRICS_ADDRESS = "0.0.0.0"
+# Ports tried from monitoring.metrics_port on: one worker per GPU, up to 8 GPUs on a host.
+PORT_TRIES = 8
 # A cache hit costs a dict lookup under a lock (microseconds); any real load reads a checkpoint
 # from disk (tens of milliseconds at least). Below this, a job's model_load timing was a hit.
 MODEL_LOAD_MIN_S = 0.001
@@ -229,13 +231,15 @@ def _serve(app: Any, port: int) -> None:
     checks = health.HealthServer(registry, app.settings.monitoring.liveness_timeout_s,
                                  health.broker_check(app))
     try:
-        _server = health.serve(port, METRICS_ADDRESS, checks)
-    except OSError as exc:  # e.g. a second worker on this host with the same port
-        log.error("metrics not served: cannot listen on port %s (monitoring.metrics_port): %s",
-                  port, exc)
+        # Several workers on one host (one per GPU) share monitoring.metrics_port: each takes the
+        # next free port, so every one exports (scrape port .. port + PORT_TRIES - 1).
+        _server, taken = health.serve(port, METRICS_ADDRESS, checks, tries=PORT_TRIES)
+    except OSError as exc:
+        log.error("metrics not served: ports %s-%s (monitoring.metrics_port on) are all taken: %s",
+                  port, port + PORT_TRIES - 1, exc)
         return
     log.info("serving Prometheus metrics on %s:%s/metrics, health on /livez and /readyz",
-             METRICS_ADDRESS, port)
+             METRICS_ADDRESS, taken)
 
 
 def setup_metrics(app: Any) -> None:
