@@ -49,10 +49,13 @@ class JobFields(logging.Filter):
 
 
 def json_formatter() -> logging.Formatter:
+    from pythonjsonlogger.core import RESERVED_ATTRS
     from pythonjsonlogger.json import JsonFormatter
 
     return JsonFormatter("{asctime}{levelname}{name}{message}", style="{",
-                         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"})
+                         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                         # uvicorn's copy of the message with terminal colours: noise in JSON
+                         reserved_attrs=[*RESERVED_ATTRS, "color_message"])
 
 
 def use_json(loggers: Iterable[logging.Logger]) -> None:
