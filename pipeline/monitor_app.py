@@ -52,6 +52,9 @@ def make_monitor_app(settings: Settings) -> PipelineCelery:
     """The factory's app with beat's schedule; it registers no task (it sends by name)."""
     app = make_celery(settings, name="musicgen-monitor")
     app.conf.beat_schedule = maintenance_schedule()
+    from pipeline.log_format import connect_celery
+
+    connect_celery(app)
     return app
 
 

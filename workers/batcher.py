@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import GpuOutOfMemory
+from workers.health import IDLE_TICK_S, loop_tick
 from workers.partials import PartialCodes
 from workers.runtime.batch import GeneratedAudio, GenerationItem, window_sink
 from workers.watchdog import HardLimitWatchdog
@@ -167,6 +168,7 @@ class Batcher:
     # --- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
+            loop_tick("hf")  # /livez
             batch = self._next_batch()
             wait_s = time.monotonic() - batch[0].submitted
             started = time.monotonic()
@@ -186,7 +188,8 @@ class Batcher:
             while True:
                 self._pending = [t for t in self._pending if not t.dropped]
                 if not self._pending:
-                    self._cond.wait()
+                    self._cond.wait(IDLE_TICK_S)  # wake to tick: idle is not stuck
+                    loop_tick("hf")
                     continue
                 head = self._pending[0]
                 mates = [t for t in self._pending
@@ -235,6 +238,7 @@ class Batcher:
     @staticmethod
     def _progress(batch: list[Ticket]) -> Callable[[float, str], None]:
         def report(fraction: float, message: str) -> None:
+            loop_tick("hf")  # each generation step: a long generate call is not a stuck one
             if all(t.dropped for t in batch):
                 raise BatchAbandoned()
             for ticket in batch:

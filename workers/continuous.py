@@ -47,6 +47,7 @@ from typing import Any, Protocol
 
 from pipeline.errors import GpuOutOfMemory, PipelineError
 from workers.batcher import Batcher, BatchStats, Ticket, _settle
+from workers.health import IDLE_TICK_S, loop_tick
 from workers.runtime.batch import GeneratedAudio, GenerationItem
 from workers.watchdog import HardLimitWatchdog
 
@@ -169,6 +170,7 @@ class ContinuousBatcher:
     # --- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
+            loop_tick("continuous")  # /livez: a step that never returns stops these ticks
             self._route()
             current = self._choose()
             if current is None:
@@ -280,7 +282,8 @@ class ContinuousBatcher:
                     self._current = me
                     return me
                 self._current = None
-                self._cond.wait()
+                self._cond.wait(IDLE_TICK_S)  # wake to tick: idle is not stuck
+                loop_tick("continuous")
 
     def _admit(self, me: _ModelEngine) -> float | None:
         """Admit waiting tickets into ``me``'s free rows; the wait of the oldest admitted."""

@@ -39,6 +39,8 @@ __all__ = ["model_of", "observe_batch", "observe_failure", "observe_model_load",
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Scraped from the monitoring host, so not loopback only; the metrics hold no secret.
 METRICS_ADDRESS = "0.0.0.0"
+# Ports tried from monitoring.metrics_port on: one worker per GPU, up to 8 GPUs on a host.
+PORT_TRIES = 8
 # A cache hit costs a dict lookup under a lock (microseconds); any real load reads a checkpoint
 # from disk (tens of milliseconds at least). Below this, a job's model_load timing was a hit.
 MODEL_LOAD_MIN_S = 0.001
@@ -216,20 +218,28 @@ def _enable_multiprocess(path: Path) -> None:
         values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
-def _serve(port: int) -> None:
-    from prometheus_client import CollectorRegistry, start_http_server
+def _serve(app: Any, port: int) -> None:
+    from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
+
+    from workers import health
 
     global _server
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=os.environ[MULTIPROC_ENV])  # type: ignore[no-untyped-call]
+    # /livez and /readyz on the same port (workers/health.py): what the kubelet probes.
+    checks = health.HealthServer(registry, app.settings.monitoring.liveness_timeout_s,
+                                 health.broker_check(app))
     try:
-        _server, _ = start_http_server(port, addr=METRICS_ADDRESS, registry=registry)
-    except OSError as exc:  # e.g. a second worker on this host with the same port
-        log.error("metrics not served: cannot listen on port %s (monitoring.metrics_port): %s",
-                  port, exc)
+        # Several workers on one host (one per GPU) share monitoring.metrics_port: each takes the
+        # next free port, so every one exports (scrape port .. port + PORT_TRIES - 1).
+        _server, taken = health.serve(port, METRICS_ADDRESS, checks, tries=PORT_TRIES)
+    except OSError as exc:
+        log.error("metrics not served: ports %s-%s (monitoring.metrics_port on) are all taken: %s",
+                  port, port + PORT_TRIES - 1, exc)
         return
-    log.info("serving Prometheus metrics on %s:%s/metrics", METRICS_ADDRESS, port)
+    log.info("serving Prometheus metrics on %s:%s/metrics, health on /livez and /readyz",
+             METRICS_ADDRESS, taken)
 
 
 def setup_metrics(app: Any) -> None:
@@ -251,7 +261,7 @@ def setup_metrics(app: Any) -> None:
     @receiver(worker_ready)
     def _start(**_: Any) -> None:  # parent, once the pool runs
         if MULTIPROC_ENV in os.environ and settings.monitoring.metrics_port:  # 0 = off
-            _serve(settings.monitoring.metrics_port)
+            _serve(app, settings.monitoring.metrics_port)
 
     @receiver(worker_process_init)
     def _forget_server(**_: Any) -> None:  # a pool child forked after the server started

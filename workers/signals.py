@@ -10,6 +10,8 @@ import logging
 from typing import Any
 
 from celery.signals import (
+    task_postrun,
+    task_prerun,
     task_received,
     worker_process_init,
     worker_process_shutdown,
@@ -17,6 +19,7 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from workers.health import mark_ready
 from workers.metrics import observe_model_load, setup_metrics
 from workers.tasks import STATE, runner_for
 from workers.typed_celery import receiver
@@ -24,15 +27,39 @@ from workers.typed_celery import receiver
 log = logging.getLogger(__name__)
 
 
+def self_check_passed(runner: Any) -> bool:
+    """Whether the preloaded engine passed its start-up self-check (True where it has none).
+
+    The one place ``/readyz`` reads the self-check from: the runner exposes it as
+    ``self_check_passed`` (a bool, or a function returning one) once that check exists.
+    """
+    check = getattr(runner, "self_check_passed", None)
+    if check is None:
+        return True
+    return bool(check() if callable(check) else check)
+
+
 def _setup(app: Any) -> None:
+    if app.settings.logging.format == "json":
+        # transformers writes through a stderr handler of its own ("[transformers] ..."): hand
+        # its records to the root's JSON handler instead. Here, after the fork: it imports torch.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
     runner = runner_for(app)
+    preset = app.settings.model.preset
     try:
         seconds = runner.preload()
         if seconds is not None:
-            observe_model_load(app.settings.model.preset, seconds)
+            observe_model_load(preset, seconds)
+        # Without a preload the first job loads the model: nothing to wait for here.
+        mark_ready(preset, self_check_passed(runner))
     except Exception:
         # A worker that cannot load its model still serves: each job reports the error itself
-        # (model_not_found is permanent) instead of the process crash-looping.
+        # (model_not_found is permanent) instead of the process crash-looping. /readyz fails,
+        # so Kubernetes sends it no traffic and an operator sees why.
+        mark_ready(preset, False)
         log.exception("preloading the model failed")
 
 
@@ -67,9 +94,35 @@ def _connect_recovery(app: Any) -> None:
             running.pop().stop()
 
 
+def _connect_job_logs(app: Any) -> None:
+    """Each record a job's thread logs carries its fields (pipeline/log_format.py)."""
+    from pipeline import log_format
+
+    log_format.connect_celery(app)
+    tokens: dict[str, Any] = {}
+
+    @receiver(task_prerun)
+    def _start(task_id: str = "", task: Any = None, args: Any = None, **_: Any) -> None:
+        payload = args[0] if isinstance(args, (list, tuple)) and args else None
+        user = payload.get("user_id") if isinstance(payload, dict) else None
+        request = getattr(task, "request", None)
+        queue = ((getattr(request, "delivery_info", None) or {}).get("routing_key"))
+        attempt = int(getattr(request, "retries", 0) or 0) + 1
+        tokens[task_id] = log_format.start_job(task_id, user, queue, attempt)
+        log.info("job %s started (attempt %d)", task_id, attempt)  # a line per job, with its fields
+
+    @receiver(task_postrun)
+    def _end(task_id: str = "", state: str | None = None, **_: Any) -> None:
+        token = tokens.pop(task_id, None)
+        if token is not None:
+            log.info("job %s ended: %s", task_id, state)
+            log_format.end_job(token)
+
+
 def connect(app: Any) -> None:
     pool = app.settings.worker.pool
     setup_metrics(app)
+    _connect_job_logs(app)
     _connect_recovery(app)  # before the model preload below: beating from the start
 
     @receiver(worker_process_init)

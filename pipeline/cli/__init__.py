@@ -10,6 +10,7 @@ from pipeline.cli.api_cmd import api
 from pipeline.cli.beat_cmd import beat
 from pipeline.cli.breaker_cmd import breaker_app
 from pipeline.cli.db_cmd import db_app
+from pipeline.cli.exporter_cmd import queue_exporter
 from pipeline.cli.flags_cmd import flags_app
 from pipeline.cli.flower_cmd import flower
 from pipeline.cli.generate_cmd import generate
@@ -46,6 +47,7 @@ app.command("flower")(flower)
 app.command("beat")(beat)
 app.command("webhooks")(webhooks)
 app.command("api")(api)
+app.command("queue-exporter")(queue_exporter)
 
 
 def main() -> None:

@@ -42,13 +42,24 @@ def api(
         raise typer.Exit(EXIT_FAILED) from None
     level = settings.app.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    json_logs = settings.logging.format == "json"
+    if json_logs:
+        from pipeline.log_format import use_json
+
+        use_json([logging.getLogger()])
     try:
         app = create_app(settings)
     except PipelineError as exc:  # no quota database, a broker URL that cannot be used
         fail(exc)
     if not settings.api.auth:
-        typer.echo("warning: API keys are off (api.auth = false): every request acts for the "
-                   "user `anonymous` (development only)", err=True)
+        message = ("API keys are off (api.auth = false): every request acts for the user "
+                   "`anonymous` (development only)")
+        if json_logs:  # a log line like every other, not raw text in a JSON stream
+            logging.getLogger("pipeline.gateway").warning(message)
+        else:
+            typer.echo(f"warning: {message}", err=True)
     uvicorn.run(app, host=settings.api.host, port=settings.api.port, access_log=False,
                 log_level=settings.app.log_level, server_header=False,
+                # JSON: uvicorn's loggers keep no handlers of their own and reach the root's.
+                log_config=None if json_logs else uvicorn.config.LOGGING_CONFIG,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

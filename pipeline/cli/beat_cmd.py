@@ -30,7 +30,8 @@ def beat_argv(settings: Settings, *, loglevel: str | None = None) -> list[str]:
     On Redis, beat answers ``celery inspect ping -d celerybeat@<host>`` (and stops answering
     when its scheduler stalls): that is its health check.
     """
-    argv = [sys.executable, "-m", "celery", "-A", "pipeline.monitor_app", "beat",
+    quiet = ["--quiet"] if settings.logging.format == "json" else []  # no banner: JSON lines only
+    argv = [sys.executable, "-m", "celery", *quiet, "-A", "pipeline.monitor_app", "beat",
             "--schedule", str(schedule_path(settings)),
             "--loglevel", (loglevel or settings.app.log_level).upper()]
     if settings.broker.url is not None:  # the embedded broker has no control fanout

@@ -41,7 +41,9 @@ def worker_argv(settings: Settings, *, queues: Sequence[str] = (), pool: str | N
     """The `celery worker` command line these settings call for."""
     w = settings.worker
     chosen_pool = pool or w.pool
-    argv = [sys.executable, "-m", "celery", "-A", "workers", "worker",
+    # --quiet: no banner on stdout, so a JSON log is JSON on every line.
+    quiet = ["--quiet"] if settings.logging.format == "json" else []
+    argv = [sys.executable, "-m", "celery", *quiet, "-A", "workers", "worker",
             "-Q", ",".join(queues or [queue_for(settings.model.preset)]),
             "--pool", chosen_pool,
             "--concurrency", str(concurrency or w.concurrency or default_concurrency(chosen_pool, settings.generation.max_batch_size)),

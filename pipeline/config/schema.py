@@ -353,6 +353,17 @@ class MonitoringSettings(_Section):
     flower_user: str | None = None
     flower_password: SecretStr | None = None
     metrics_port: int = Field(9808, ge=0, le=65535, description="worker Prometheus metrics; 0 = off")
+    liveness_timeout_s: float = Field(120.0, gt=0, le=3600,
+                                      description="the worker's /livez fails once a generation "
+                                                  "loop has not stepped or ticked for this long")
+
+
+class LoggingSettings(_Section):
+    """How the worker, beat and the gateway write their logs."""
+
+    format: Literal["text", "json"] = Field("text", description="json: one JSON object a line, "
+                                            "job records with job_id, user (hashed), queue, "
+                                            "attempt (pipeline/log_format.py)")
 
 
 class FeatureSettings(_Section):
@@ -440,6 +451,7 @@ class Settings(_Section):
     quotas: QuotaSettings = QuotaSettings()
     validation: ValidationSettings = ValidationSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
+    logging: LoggingSettings = LoggingSettings()
     features: FeatureSettings = FeatureSettings()
     experiments: dict[ExperimentName, ExperimentSettings] = {}
     api: ApiSettings = ApiSettings()
