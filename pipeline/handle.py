@@ -135,13 +135,16 @@ class JobHandle:
     the ledger once the result backend has forgotten the job (``pipeline.records``).
 
     ``replayed`` is True when ``enqueue`` found this job already queued for the same
-    ``job_id`` and request (an idempotent retry), instead of queueing it.
+    ``job_id`` and request (an idempotent retry), instead of queueing it. ``priority_clamped``
+    is True when the request asked for a priority above its tier's ``max_priority`` and the
+    job was queued at that maximum instead (``quotas.priority_over_max = "clamp"``).
     """
 
     def __init__(self, job_id: str, app: PipelineCelery, registry: JobRegistry,
                  quota: QuotaStore | None = None, *, replayed: bool = False) -> None:
         self.id = job_id
         self.replayed = replayed
+        self.priority_clamped = False
         self._app = app
         self._registry = registry
         self._quota = quota

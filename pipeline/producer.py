@@ -29,6 +29,7 @@ from pipeline.errors import (
     JobNotFound,
     PipelineError,
     ServiceUnavailable,
+    UnsupportedOption,
 )
 from pipeline.experiments import control_fallback
 from pipeline.handle import JobHandle
@@ -89,7 +90,8 @@ class Producer:
         returns the first job (``handle.replayed`` is True), never a second; with another
         request, or from another user, it raises ``JobIdConflict`` and changes nothing."""
         request = _as_request(request, "request")
-        return self._send_all([self._resolve(request)])[0]
+        spec, fingerprint, clamped = self._resolve(request)
+        return self._send_all([(spec, fingerprint)], {spec.job_id} if clamped else set())[0]
 
     def enqueue_many(self, requests: Sequence[GenerationRequest]) -> list[JobHandle]:
         """Queue several jobs, all or nothing: every request is validated, admitted and
@@ -99,15 +101,18 @@ class Producer:
                                                                                      Sequence):
             raise InvalidRequest("requests must be a list of pipeline.GenerationRequest, not "
                                  f"{type(requests).__name__}", "requests")
-        items = []
+        items, clamped = [], set()
         for i, item in enumerate(requests):
             request = _as_request(item, f"requests[{i}]")
             try:
-                items.append(self._resolve(request))
-            except InvalidRequest as exc:
-                raise InvalidRequest(f"requests[{i}]: {exc.message}", f"requests[{i}].{exc.field}",
-                                     exc.details) from exc
-        return self._send_all(items)
+                spec, fingerprint, lowered = self._resolve(request)
+            except (InvalidRequest, UnsupportedOption) as exc:
+                raise type(exc)(f"requests[{i}]: {exc.message}", f"requests[{i}].{exc.field}",
+                                exc.details) from exc
+            items.append((spec, fingerprint))
+            if lowered:
+                clamped.add(spec.job_id)
+        return self._send_all(items, clamped)
 
     def apply_settings(self, settings: Settings) -> None:
         """A live settings change (``LiveSettings`` listener): requests from now on are checked
@@ -162,12 +167,27 @@ class Producer:
 
     # --- sending ----------------------------------------------------------------------------
 
-    def _resolve(self, request: GenerationRequest) -> tuple[JobSpec, str]:
+    def _resolve(self, request: GenerationRequest) -> tuple[JobSpec, str, bool]:
+        """The spec to send, the request's fingerprint, and whether its priority was lowered
+        to its tier's ``max_priority``."""
         job_id = check_job_id(request.job_id) if request.job_id else new_job_id()
-        spec = resolve(request, self.settings, job_id=job_id, user=self.user_context(request))
-        return spec, request_fingerprint(request)
+        user = self.user_context(request)
+        spec = resolve(request, self.settings, job_id=job_id, user=user)
+        quotas = self.settings.quotas
+        tier = quotas.tiers.get(user.tier)
+        cap = tier.priority_cap(user.tier) if quotas.enabled and tier is not None else 9
+        if request.priority <= cap:
+            return spec, request_fingerprint(request), False
+        if quotas.priority_over_max == "refuse":
+            raise UnsupportedOption(f"priority {request.priority} is above the {user.tier!r} "
+                                    f"tier's maximum of {cap}", "priority",
+                                    {"max_priority": cap, "tier": user.tier})
+        # model_copy skips validation: a lower priority is within the same bounds.
+        spec = spec.model_copy(update={"priority": min(spec.priority, cap)})
+        return spec, request_fingerprint(request), True
 
-    def _send_all(self, items: list[tuple[JobSpec, str]]) -> list[JobHandle]:
+    def _send_all(self, items: list[tuple[JobSpec, str]],
+                  clamped: set[str] | frozenset[str] = frozenset()) -> list[JobHandle]:
         """Claim every id, admit and charge every new job, then send them: a refusal before
         the sends gives everything back; a broker failure during them cancels what was sent."""
         handles: dict[str, JobHandle] = {}
@@ -209,6 +229,8 @@ class Producer:
                 raise
             sent.append(spec)
             handles[spec.job_id] = self._handle(spec.job_id, replayed=False)
+        for spec, _ in items:
+            handles[spec.job_id].priority_clamped = spec.job_id in clamped
         return [handles[spec.job_id] for spec, _ in items]
 
     def _handle(self, job_id: str, *, replayed: bool) -> JobHandle:

@@ -61,7 +61,7 @@ def _gateway(request: Request) -> Gateway:
     return gateway
 
 
-_REPLAYED = {200: {"model": JobView, "description": "a replay: the same request again with the "
+_REPLAYED: dict[int | str, dict[str, Any]] = {200: {"model": JobView, "description": "a replay: the same request again with the "
                    "same Idempotency-Key or job_id gives the first job "
                    "(`Idempotent-Replayed: true`)"}}
 _IDEMPOTENCY_KEY = {"parameters": [{

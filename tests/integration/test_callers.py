@@ -120,6 +120,33 @@ def test_enqueue_many_is_all_or_nothing(tmp_path: Path, redis_url: str,
     assert prod.quota.usage(user).daily.used == used + 3
 
 
+# --- priority by tier ---------------------------------------------------------------------------
+
+def test_a_priority_above_the_tier_maximum_is_clamped_or_refused(
+        tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    prod = producer(tmp_path, redis_url, monkeypatch, MUSICGEN_QUOTAS__DEFAULT_TIER="free")
+    user = uid("ida")  # on the free tier: max_priority 5
+    urgent = prod.enqueue(GenerationRequest(prompt="now", duration=1.0, user_id=user, model=IDLE,
+                                            priority=9))
+    calm = prod.enqueue(GenerationRequest(prompt="later", duration=1.0, user_id=user, model=IDLE,
+                                          priority=5))
+    assert (urgent.priority_clamped, calm.priority_clamped) == (True, False)
+    assert urgent.record().request["priority"] == 5  # what was queued
+    prod.quota.set_quota(user, tier="enterprise")
+    assert prod.enqueue(GenerationRequest(prompt="now", duration=1.0, user_id=user, model=IDLE,
+                                          priority=9)).priority_clamped is False
+
+    strict = producer(tmp_path, redis_url, monkeypatch, MUSICGEN_QUOTAS__DEFAULT_TIER="free",
+                      MUSICGEN_QUOTAS__PRIORITY_OVER_MAX="refuse")
+    job_id = uid("too-urgent")
+    with pytest.raises(pipeline.UnsupportedOption) as refused:
+        strict.enqueue(GenerationRequest(prompt="now", duration=1.0, user_id=uid("jo"),
+                                         model=IDLE, priority=6, job_id=job_id))
+    assert refused.value.field == "priority"
+    assert refused.value.details == {"max_priority": 5, "tier": "free"}
+    assert no_trace(strict, job_id)
+
+
 # --- the handle, with a real worker ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
