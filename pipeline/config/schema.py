@@ -134,6 +134,8 @@ class ModelSettings(_Section):
     num_threads: int = Field(0, ge=0, le=256, description="torch CPU threads per worker process; 0 = torch's default")
     preload: bool = True
     offline: bool = False
+    hub_token: SecretStr | None = Field(None, description="Hugging Face token for gated or "
+                                        "private checkpoints (`models download`); HF_TOKEN works too")
     download_timeout: int = Field(180, ge=30, le=3600,
                                   description="seconds each Hugging Face hub request (metadata, file "
                                               "download) may wait for the server; not a cap on a "

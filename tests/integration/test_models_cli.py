@@ -1,0 +1,81 @@
+"""`musicgen-pipeline models download` and `models import`, run as an operator runs them, put a
+preset's checkpoint where an offline worker looks: the tiny model served by a stand-in Hub
+(through HF_ENDPOINT, in the Hub's layout), then imported from a folder."""
+
+from __future__ import annotations
+
+import filecmp
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import base_env
+from .fakehub import FakeHub
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+REPO_ID = "facebook/musicgen-small"  # the preset's source; the files are the tiny model's
+
+
+@pytest.fixture
+def hub(workdir: Path) -> Iterator[FakeHub]:
+    server = FakeHub({REPO_ID: workdir / ".musicgen/models/tiny"})
+    yield server
+    server.stop()
+
+
+def models(workdir: Path, cache: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = base_env(workdir, None, MUSICGEN_MODEL__CACHE_DIR=str(cache), **env)
+    full.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "models", *args], cwd=workdir,
+                          env=full, capture_output=True, text=True, timeout=120, check=False)
+
+
+def same_files(a: Path, b: Path) -> bool:
+    names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+    theirs = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
+    return names == theirs and filecmp.cmpfiles(a, b, names, shallow=False)[0] == names
+
+
+def test_download_fetches_a_preset_through_hf_endpoint_into_the_hub_cache(
+        workdir: Path, hub: FakeHub, tmp_path: Path) -> None:
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = tmp_path / "hub"
+    done = models(workdir, cache, "download", "musicgen-small", HF_ENDPOINT=hub.url)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "verified" in done.stdout
+    # Where from_pretrained(..., local_files_only=True) looks: an offline worker finds it.
+    config = try_to_load_from_cache(REPO_ID, "config.json", cache_dir=cache)
+    assert isinstance(config, str)
+    assert same_files(workdir / ".musicgen/models/tiny", Path(config).parent)
+    served = sum(r.startswith("GET /facebook/") for r in hub.requests)
+    again = models(workdir, cache, "download", "musicgen-small", HF_ENDPOINT=hub.url)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sum(r.startswith("GET /facebook/") for r in hub.requests) == served  # nothing again
+
+    # A preset that loads a local folder has nothing to download, and says so.
+    local = models(workdir, cache, "download", "tiny", HF_ENDPOINT=hub.url)
+    assert local.returncode == 1 and "model_not_found" in local.stderr
+
+
+def test_import_puts_a_folder_where_offline_workers_look(workdir: Path, tmp_path: Path) -> None:
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = tmp_path / "hub"
+    tiny = workdir / ".musicgen/models/tiny"
+    done = models(workdir, cache, "import", "musicgen-small", str(tiny))
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = try_to_load_from_cache(REPO_ID, "config.json", cache_dir=cache)
+    assert isinstance(config, str) and same_files(tiny, Path(config).parent)
+    again = models(workdir, cache, "import", "musicgen-small", str(tiny))  # same files: same rev
+    assert again.returncode == 0 and again.stdout == done.stdout
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    refused = models(workdir, cache, "import", "musicgen-small", str(broken))
+    assert refused.returncode == 1 and "no weights" in refused.stderr
