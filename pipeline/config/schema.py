@@ -317,6 +317,10 @@ class CircuitBreakerSettings(_Section):
 class TierSettings(_Section):
     daily: int = Field(ge=-1, description="jobs per day; -1 = unlimited")
     monthly: int = Field(ge=-1, description="jobs per month; -1 = unlimited")
+    daily_seconds: float = Field(-1, ge=-1, description="seconds of audio per day (asked for "
+                                 "while a job runs, made once it succeeds); -1 = unlimited")
+    monthly_seconds: float = Field(-1, ge=-1, description="seconds of audio per month; "
+                                   "-1 = unlimited")
     max_priority: int | None = Field(None, ge=0, le=9, description="the highest request "
                                      "priority (0-9) this tier may ask for; unset: the built-in "
                                      "tier's (free 5, premium 7, others 9); see "

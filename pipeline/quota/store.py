@@ -50,6 +50,7 @@ from pipeline.quota.tables import (
 )
 from pipeline.quota.windows import (
     UNLIMITED,
+    SecondsUsage,
     TierLimits,
     Window,
     WindowUsage,
@@ -92,12 +93,29 @@ class Reservation:
 
 @dataclass(frozen=True)
 class UsageSummary:
-    """What ``usage()`` reports for one user."""
+    """What ``usage()`` reports for one user: jobs and seconds of audio against the limits,
+    and the GPU seconds the month's succeeded jobs used (reported, not limited)."""
 
     user_id: str
     tier: str
     daily: WindowUsage
     monthly: WindowUsage
+    daily_seconds: SecondsUsage | None = None
+    monthly_seconds: SecondsUsage | None = None
+    monthly_gpu_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Used:
+    """One user's charged jobs and seconds in the current day and month."""
+
+    day: Window
+    month: Window
+    day_jobs: int
+    month_jobs: int
+    day_seconds: float
+    month_seconds: float
+    month_gpu_seconds: float
 
 
 # Upserts are dialect-specific statements; both dialects spell ON CONFLICT the same way.
@@ -259,9 +277,14 @@ class QuotaStore:
         with self._sessions.begin() as s:
             quota = s.get(UserQuota, user_id)
             tier, daily, monthly = self._limits(quota)
-            (day, day_used), (month, month_used) = self._count(s, user_id, now)
-        return UsageSummary(user_id, tier, WindowUsage(day_used, daily, self._local(day.end)),
-                            WindowUsage(month_used, monthly, self._local(month.end)))
+            used = self._count(s, user_id, now)
+        limits = self._tiers[tier]
+        day_end, month_end = self._local(used.day.end), self._local(used.month.end)
+        return UsageSummary(user_id, tier, WindowUsage(used.day_jobs, daily, day_end),
+                            WindowUsage(used.month_jobs, monthly, month_end),
+                            SecondsUsage(used.day_seconds, limits.daily_seconds, day_end),
+                            SecondsUsage(used.month_seconds, limits.monthly_seconds, month_end),
+                            used.month_gpu_seconds)
 
     def tier_of(self, user_id: str) -> str:
         """The user's tier (the default tier for a user with no row yet); one indexed read."""
@@ -335,31 +358,52 @@ class QuotaStore:
         return (tier, limits.daily if daily is None else daily,
                 limits.monthly if monthly is None else monthly)
 
-    def _count(self, s: Session, user_id: str,
-               now: datetime) -> tuple[tuple[Window, int], tuple[Window, int]]:
+    def _count(self, s: Session, user_id: str, now: datetime) -> _Used:
         day, month = day_window(now, self._zone), month_window(now, self._zone)
         # A local day always lies inside its local month: one scan of the month counts both.
         in_day = (UsageLedger.created_at >= day.start) & (UsageLedger.created_at < day.end)
+        # An open job holds what it asked for; a succeeded one, what it made.
+        seconds = case((UsageLedger.status == LedgerStatus.SUCCEEDED.value,
+                        func.coalesce(UsageLedger.produced_seconds,
+                                      UsageLedger.requested_seconds)),
+                       else_=UsageLedger.requested_seconds)
         row = s.execute(
-            select(func.count(case((in_day, 1))), func.count())
+            select(func.count(case((in_day, 1))), func.count(),
+                   func.coalesce(func.sum(case((in_day, seconds), else_=0.0)), 0.0),
+                   func.coalesce(func.sum(seconds), 0.0),
+                   func.coalesce(func.sum(UsageLedger.gpu_seconds), 0.0))
             .where(UsageLedger.user_id == user_id,
                    UsageLedger.status.in_(_CHARGED),
                    UsageLedger.created_at >= month.start, UsageLedger.created_at < month.end)
         ).one()
-        return (day, int(row[0])), (month, int(row[1]))
+        return _Used(day, month, int(row[0]), int(row[1]), float(row[2]), float(row[3]),
+                     float(row[4]))
 
-    def _check_room(self, s: Session, user_id: str, now: datetime) -> None:
+    def _check_room(self, s: Session, user_id: str, now: datetime,
+                    requested_seconds: float) -> None:
         tier, daily, monthly = self._limits(s.get(UserQuota, user_id))
-        (day, day_used), (month, month_used) = self._count(s, user_id, now)
+        limits = self._tiers[tier]
+        used = self._count(s, user_id, now)
         # Monthly first: when both are spent, the month's reset is the one that matters.
-        for name, used, limit, window in (("monthly", month_used, monthly, month),
-                                          ("daily", day_used, daily, day)):
-            if limit != UNLIMITED and used >= limit:
+        for name, jobs, limit, window in (("monthly", used.month_jobs, monthly, used.month),
+                                          ("daily", used.day_jobs, daily, used.day)):
+            if limit != UNLIMITED and jobs >= limit:
                 resets = self._local(window.end).isoformat()
                 raise QuotaExceeded(
-                    f"{name} quota of {limit} jobs used ({used}/{limit}); resets at {resets}",
-                    details={"limit": name, "used": used, "limit_value": limit,
+                    f"{name} quota of {limit} jobs used ({jobs}/{limit}); resets at {resets}",
+                    details={"limit": name, "used": jobs, "limit_value": limit,
                              "resets_at": resets, "user_id": user_id, "tier": tier})
+        for name, secs, cap, window in (
+                ("monthly_seconds", used.month_seconds, limits.monthly_seconds, used.month),
+                ("daily_seconds", used.day_seconds, limits.daily_seconds, used.day)):
+            if cap != UNLIMITED and secs + requested_seconds > cap + 1e-9:
+                resets = self._local(window.end).isoformat()
+                raise QuotaExceeded(
+                    f"{name.replace('_', ' ')} quota of {cap:g} s of audio would be passed "
+                    f"({secs:g} s used, {requested_seconds:g} s asked); resets at {resets}",
+                    details={"limit": name, "used": secs, "limit_value": cap,
+                             "requested": requested_seconds, "resets_at": resets,
+                             "user_id": user_id, "tier": tier})
 
     def _check_charge(self, c: Charge) -> None:
         for field, value, longest in (("job_id", c.job_id, 128), ("user_id", c.user_id, 128),
@@ -376,7 +420,7 @@ class QuotaStore:
         existing = s.scalar(select(UsageLedger).where(UsageLedger.job_id == c.job_id))
         if existing is not None:
             return self._as_reservation(existing, c.user_id, new=False)
-        self._check_room(s, c.user_id, now)
+        self._check_room(s, c.user_id, now, float(c.requested_seconds))
         row = UsageLedger(job_id=c.job_id, user_id=c.user_id, model=c.model,
                           requested_seconds=float(c.requested_seconds), created_at=now,
                           status=LedgerStatus.RESERVED.value, attempts=0,
