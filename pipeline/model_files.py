@@ -13,14 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pipeline.config.presets import model_settings_for
 from pipeline.config.schema import ModelSettings, Settings
 from pipeline.errors import ModelNotFound, ServiceUnavailable
 
-__all__ = ["Snapshot", "download", "import_folder", "verify"]
+__all__ = ["Snapshot", "download", "import_folder", "import_from", "verify"]
 
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -142,3 +144,37 @@ def import_folder(settings: Settings, preset: str, folder: Path) -> Snapshot:
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     return _checked(preset, source, snapshot)
+
+
+def _fetch_s3(uri: str, settings: Settings, dest: Path) -> None:
+    """Every object under the ``s3://bucket/prefix`` folder ``uri`` into ``dest``, with the
+    deployment's storage credentials and endpoint (``storage.*``)."""
+    from pipeline.storage_backends import s3_client
+
+    parts = urlsplit(uri)
+    bucket, prefix = parts.netloc, parts.path.strip("/")
+    prefix = f"{prefix}/" if prefix else ""
+    client = s3_client(settings.storage)
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        keys = [item["Key"] for page in pages for item in page.get("Contents", [])]
+        for key in keys:
+            relative = key[len(prefix):]
+            if not relative or relative.endswith("/") or ".." in Path(relative).parts:
+                continue  # a folder marker, or a key that would leave dest
+            target = dest / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(target))
+    except Exception as exc:  # botocore's errors: the bucket is the deployment's, not a bug
+        raise ServiceUnavailable(f"cannot read {uri} ({type(exc).__name__})", "path",
+                                 {"retry_after": 30}) from exc
+
+
+def import_from(settings: Settings, preset: str, source: str) -> Snapshot:
+    """``import_folder`` from a local folder or an ``s3://bucket/prefix`` folder (the
+    deployment's bucket: fetched to a temporary folder first, with ``storage.*``)."""
+    if not source.startswith("s3://"):
+        return import_folder(settings, preset, Path(source))
+    with tempfile.TemporaryDirectory(prefix="musicgen-import-") as scratch:
+        _fetch_s3(source, settings, Path(scratch))
+        return import_folder(settings, preset, Path(scratch))

@@ -61,17 +61,19 @@ def download_cmd(
 @models_app.command("import")
 def import_cmd(
     preset: str = typer.Argument(..., help="the model preset the files are for"),
-    path: Path = typer.Argument(..., help="a checkpoint folder (config.json and the weights)"),
+    path: str = typer.Argument(..., help="a checkpoint folder (config.json and the weights), "
+                                         "local or s3://bucket/prefix (storage.* credentials)"),
     env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
     sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
 ) -> None:
-    """Import a checkpoint folder as PRESET's files, for nodes without Hub access: verified,
-    then copied into model.cache_dir in the Hub's layout, where offline workers look."""
-    from pipeline.model_files import import_folder
+    """Import a checkpoint folder (local, or in the deployment's bucket) as PRESET's files, for
+    nodes without Hub access: verified, then copied into model.cache_dir in the Hub's layout,
+    where offline workers look."""
+    from pipeline.model_files import import_from
 
     settings = load_or_exit(env, parse_sets(sets))
     try:
-        snapshot = import_folder(settings, preset, path)
+        snapshot = import_from(settings, preset, path)
     except PipelineError as exc:
         fail(exc)
     typer.echo(f"{preset}: {path} -> {snapshot.path} ({snapshot.files} files, verified)")

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config.schema import StorageSettings
+from pipeline.storage_backends import s3_client
+
 from .conftest import base_env
 from .fakehub import FakeHub
 
@@ -79,3 +82,25 @@ def test_import_puts_a_folder_where_offline_workers_look(workdir: Path, tmp_path
     (broken / "config.json").write_text("{}")
     refused = models(workdir, cache, "import", "musicgen-small", str(broken))
     assert refused.returncode == 1 and "no weights" in refused.stderr
+
+
+def test_import_reads_a_folder_from_the_deployments_bucket(
+        workdir: Path, tmp_path: Path, s3_storage: StorageSettings) -> None:
+    from huggingface_hub import try_to_load_from_cache
+
+    tiny = workdir / ".musicgen/models/tiny"
+    bucket = (s3_storage.url or "").removeprefix("s3://").split("/")[0]
+    client = s3_client(s3_storage)
+    for file in (p for p in tiny.rglob("*") if p.is_file()):
+        client.upload_file(str(file), bucket, f"checkpoints/small/{file.relative_to(tiny).as_posix()}")
+    secret = s3_storage.secret_access_key.get_secret_value() if s3_storage.secret_access_key else ""
+    cache = tmp_path / "hub"
+    done = models(workdir, cache, "import", "musicgen-small", f"s3://{bucket}/checkpoints/small",
+                  MUSICGEN_STORAGE__URL=s3_storage.url or "",
+                  MUSICGEN_STORAGE__ENDPOINT_URL=s3_storage.endpoint_url or "",
+                  MUSICGEN_STORAGE__REGION="us-east-1", MUSICGEN_STORAGE__ADDRESSING_STYLE="path",
+                  MUSICGEN_STORAGE__ACCESS_KEY_ID=s3_storage.access_key_id or "",
+                  MUSICGEN_STORAGE__SECRET_ACCESS_KEY=secret)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = try_to_load_from_cache(REPO_ID, "config.json", cache_dir=cache)
+    assert isinstance(config, str) and same_files(tiny, Path(config).parent)
