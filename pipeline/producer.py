@@ -148,7 +148,7 @@ class Producer:
             except Exception as exc:  # redis.ConnectionError and friends
                 raise _unavailable("the broker is unreachable", exc) from exc
             if owner is None:  # the claim expired: the ledger still knows whose job it is
-                with _typed_failures(self.quota):
+                with _typed_failures(self.quota, "get_job"):
                     record = job_record(self.quota, job_id)
                 owner = None if record is None else record.user_id
             if owner != user_id:
@@ -161,7 +161,7 @@ class Producer:
                   since: datetime | None = None, limit: int = 20,
                   cursor: str | None = None) -> JobPage:
         """A user's jobs, newest first, from the ledger (see ``pipeline.list_jobs``)."""
-        with _typed_failures(self.quota):
+        with _typed_failures(self.quota, "list_jobs"):
             return _list_jobs(self.quota, user_id, status=status, since=since, limit=limit,
                              cursor=cursor)
 
@@ -347,7 +347,7 @@ def _different_request(job_id: str) -> JobIdConflict:
 
 
 @contextmanager
-def _typed_failures(quota: QuotaStore) -> Iterator[None]:
+def _typed_failures(quota: QuotaStore, what: str = "enqueue") -> Iterator[None]:
     """Every failure of the public API is typed; the chained cause keeps a bug visible."""
     try:
         yield
@@ -359,7 +359,7 @@ def _typed_failures(quota: QuotaStore) -> Iterator[None]:
     except SQLAlchemyError as exc:
         raise database_failure(exc, quota) from exc
     except Exception as exc:
-        raise PipelineError(f"enqueue failed unexpectedly: {type(exc).__name__}: {exc}",
+        raise PipelineError(f"{what} failed unexpectedly: {type(exc).__name__}: {exc}",
                             None) from exc
 
 
