@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config.schema import StorageSettings
+from pipeline.config.schema import Settings, StorageSettings
+from pipeline.errors import ModelNotFound
+from pipeline.model_files import download, import_folder
 from pipeline.storage_backends import s3_client
 
 from .conftest import base_env
@@ -61,8 +63,8 @@ def test_download_fetches_a_preset_through_hf_endpoint_into_the_hub_cache(
     assert sum(r.startswith("GET /facebook/") for r in hub.requests) == served  # nothing again
 
     # A preset that loads a local folder has nothing to download, and says so.
-    local = models(workdir, cache, "download", "tiny", HF_ENDPOINT=hub.url)
-    assert local.returncode == 1 and "model_not_found" in local.stderr
+    with pytest.raises(ModelNotFound, match="local folder"):
+        download(Settings(), "tiny")
 
 
 def test_import_puts_a_folder_where_offline_workers_look(workdir: Path, tmp_path: Path) -> None:
@@ -80,8 +82,10 @@ def test_import_puts_a_folder_where_offline_workers_look(workdir: Path, tmp_path
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
-    refused = models(workdir, cache, "import", "musicgen-small", str(broken))
-    assert refused.returncode == 1 and "no weights" in refused.stderr
+    with pytest.raises(ModelNotFound, match="no weights"):  # refused before anything is copied
+        import_folder(Settings(model={"cache_dir": str(tmp_path / "other")}), "musicgen-small",
+                      broken)
+    assert not (tmp_path / "other").exists()
 
 
 def test_import_reads_a_folder_from_the_deployments_bucket(
