@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import redis
 
 import pipeline
 import pipeline.aio
 from pipeline import GenerationRequest, JobStatus
+from pipeline.keys import queue_list_keys
 
 from .conftest import Worker, held, release, settled_ledger, wait_for
 from .test_admission import producer
@@ -23,7 +26,21 @@ from .test_admission import producer
 pytest_plugins = ["tests.pipeline.quota_conftest"]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-IDLE = "musicgen-small"  # no worker serves this preset here: its jobs stay queued
+# No worker serves these presets, and no other module queues to them: their jobs stay queued
+# here, and are removed after each test (test_admission counts musicgen-medium's depth).
+IDLE = "musicgen-stereo-large"
+BUSY = "musicgen-stereo-medium"
+
+
+@pytest.fixture(autouse=True)
+def _empty_idle_queues(redis_url: str) -> Iterator[None]:
+    yield
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.delete(*(key for preset in (IDLE, BUSY)
+                        for key in queue_list_keys(f"musicgen.{preset}")))
+    finally:
+        client.close()
 
 
 def uid(name: str) -> str:
@@ -92,7 +109,7 @@ def test_enqueue_many_is_all_or_nothing(tmp_path: Path, redis_url: str,
     assert prod.app.queue_depth(idle_queue) == waiting
 
     # Room for the list, and one more, but not for the list after that one.
-    medium = "musicgen-medium"
+    medium = BUSY
     limit = max(prod.app.queue_depth(f"musicgen.{p}") for p in (IDLE, medium)) + 3
     prod = producer(tmp_path, redis_url, monkeypatch, MUSICGEN_QUOTAS__DEFAULT_TIER="free",
                     MUSICGEN_MONITORING__BACKLOG_THRESHOLD=str(limit))
