@@ -105,6 +105,7 @@ def _fresh(result: JobResult, settings: Any) -> JobResult:
 
 
 def progress_of(state: str, info: Any) -> Progress:
+    """The progress a stored (state, info) shows (the sync and asyncio handles share it)."""
     if state == "SUCCESS":
         return Progress(1.0, "done")
     if isinstance(info, dict) and "progress" in info:
