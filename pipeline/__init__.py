@@ -10,33 +10,61 @@ The producer side only: importing this package never imports torch, transformers
 from pipeline.config import Settings, load_settings
 from pipeline.errors import (
     Backpressure,
+    GpuOutOfMemory,
+    InputUnavailable,
     InvalidRequest,
     JobCancelled,
     JobFailed,
     JobIdConflict,
+    JobNotFinished,
     JobNotFound,
     JobTimeout,
     ModelNotFound,
+    ModelRuntimeError,
+    PayloadTooLarge,
     PipelineError,
+    PoisonJob,
+    PostProcessFailed,
     QuotaExceeded,
+    RateLimited,
     ServiceUnavailable,
     SettingsError,
+    StorageUnavailable,
+    TransientError,
+    Unauthorized,
+    UnsupportedMediaType,
     UnsupportedOption,
+    WebhookSignatureInvalid,
 )
-from pipeline.handle import JobHandle, Progress
+from pipeline.handle import JobHandle, Partial, Progress
 from pipeline.jobs import GenerationRequest, JobResult, JobStatus
-from pipeline.producer import Producer, enqueue, enqueue_many, get_job, reload_settings
+from pipeline.producer import (
+    Producer,
+    enqueue,
+    enqueue_many,
+    get_job,
+    list_jobs,
+    reload_settings,
+)
+from pipeline.records import JobPage, JobRecord
 
 __all__ = [
     # the job contract
-    "GenerationRequest", "JobResult", "JobStatus", "JobHandle", "Progress",
+    "GenerationRequest", "JobResult", "JobStatus", "JobHandle", "Progress", "Partial",
+    "JobRecord", "JobPage",
     # the producer
-    "enqueue", "enqueue_many", "get_job", "Producer",
+    "enqueue", "enqueue_many", "get_job", "list_jobs", "Producer",
     # settings
     "Settings", "load_settings", "reload_settings",
-    # errors
+    # errors: the request
     "PipelineError", "SettingsError", "InvalidRequest", "JobIdConflict", "UnsupportedOption",
-    "ModelNotFound",
-    "JobNotFound", "JobFailed", "JobCancelled", "JobTimeout", "QuotaExceeded",
-    "ServiceUnavailable", "Backpressure",
+    "ModelNotFound", "QuotaExceeded", "InputUnavailable",
+    # errors: the job
+    "JobNotFound", "JobNotFinished", "JobFailed", "JobCancelled", "JobTimeout", "PoisonJob",
+    # errors: the service (TransientError and its subclasses are retried by the worker)
+    "ServiceUnavailable", "Backpressure", "StorageUnavailable", "TransientError",
+    "GpuOutOfMemory", "PostProcessFailed", "ModelRuntimeError",
+    # errors: the HTTP gateway and webhooks
+    "Unauthorized", "RateLimited", "PayloadTooLarge", "UnsupportedMediaType",
+    "WebhookSignatureInvalid",
 ]

@@ -113,10 +113,21 @@ class JobCancelled(PipelineError):
     code = "job_cancelled"
 
 
-class JobTimeout(PipelineError):
-    """Raised when a job passes its time limit, or a caller's wait runs out."""
+class JobTimeout(PipelineError, TimeoutError):
+    """Raised when a job passes its time limit, or a caller's wait runs out; a ``TimeoutError``
+    too, so code written for ``concurrent.futures`` (``except TimeoutError``) catches it."""
 
     code = "timeout"
+
+    def __init__(self, message: str, field: str | None = None, details: Any = None) -> None:
+        super().__init__(message, field, details)
+        # OSError's __init__ reads the arguments as (errno, strerror, filename) and keeps only
+        # two in ``args``: put all three back, so the error pickles and crosses Celery intact.
+        self.args = (message, field, details)
+        self.errno = self.strerror = self.filename = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.args, self.__dict__)
 
 
 class PoisonJob(PipelineError):

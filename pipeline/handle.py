@@ -6,13 +6,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, overload
 
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline.changes import FALLBACK_S, changes_of
 from pipeline.errors import (
     JobCancelled,
     JobFailed,
@@ -23,6 +25,7 @@ from pipeline.errors import (
     ServiceUnavailable,
 )
 from pipeline.jobs import JobResult, JobStatus
+from pipeline.records import JobRecord, job_record
 
 if TYPE_CHECKING:
     from pipeline.celery_app import PipelineCelery
@@ -47,6 +50,8 @@ def _reachable(job_id: str) -> Iterator[None]:
     failure of the public API is a ``PipelineError`` (the driver's text is not passed on)."""
     try:
         yield
+    except PipelineError:  # already typed (JobTimeout is an OSError too: a TimeoutError)
+        raise
     except (OperationalError, RedisError, OSError, SQLAlchemyError) as exc:
         raise ServiceUnavailable(f"cannot reach the result backend for job {job_id} "
                                  f"({type(exc).__name__}); try again", None,
@@ -99,12 +104,48 @@ def _fresh(result: JobResult, settings: Any) -> JobResult:
     return result.model_copy(update={"download_url": url, "download_expires_at": expires_at})
 
 
+def progress_of(state: str, info: Any) -> Progress:
+    """The progress a stored (state, info) shows (the sync and asyncio handles share it)."""
+    if state == "SUCCESS":
+        return Progress(1.0, "done")
+    if isinstance(info, dict) and "progress" in info:
+        return Progress(float(info["progress"]), str(info.get("message", "")))
+    return Progress(0.0, _STATUS.get(state, JobStatus.queued).value)
+
+
+def _as_state(record: JobRecord) -> tuple[str, Any]:
+    """A ledger record in Celery's (state, info) shape, so every reader treats both alike."""
+    if record.status is JobStatus.succeeded:
+        if record.result is None:  # a row from before results were recorded
+            return "PENDING", None
+        return "SUCCESS", record.result.model_dump(mode="json")
+    if record.status is JobStatus.failed:
+        error = record.error or {"code": "internal_error", "message": ""}
+        return "FAILURE", {"code": error["code"], "message": error["message"]}
+    if record.status is JobStatus.cancelled:
+        return "REVOKED", None
+    return ("STARTED" if record.status is JobStatus.started else "QUEUED"), None
+
+
+class _Now(Enum):
+    NOW = "now"
+
+
 class JobHandle:
-    """A job accepted by the queue. Cheap to create; every call reads the result backend."""
+    """A job accepted by the queue. Cheap to create; every call reads the result backend, and
+    the ledger once the result backend has forgotten the job (``pipeline.records``).
+
+    ``replayed`` is True when ``enqueue`` found this job already queued for the same
+    ``job_id`` and request (an idempotent retry), instead of queueing it. ``priority_clamped``
+    is True when the request asked for a priority above its tier's ``max_priority`` and the
+    job was queued at that maximum instead (``quotas.priority_over_max = "clamp"``).
+    """
 
     def __init__(self, job_id: str, app: PipelineCelery, registry: JobRegistry,
-                 quota: QuotaStore | None = None) -> None:
+                 quota: QuotaStore | None = None, *, replayed: bool = False) -> None:
         self.id = job_id
+        self.replayed = replayed
+        self.priority_clamped = False
         self._app = app
         self._registry = registry
         self._quota = quota
@@ -113,31 +154,63 @@ class JobHandle:
         return f"JobHandle({self.id!r})"
 
     def _state(self) -> tuple[str, Any]:
+        """Celery's state and info; once the result backend has forgotten the job (and its
+        claim has expired), the ledger's record in the same shape. PENDING: nobody knows it."""
         with _reachable(self.id):
             result = self._app.AsyncResult(self.id)
-            return result.state, result.info
+            state, info = result.state, result.info
+            if state != "PENDING" or self._quota is None or self._registry.exists(self.id):
+                return state, info
+            record = job_record(self._quota, self.id)
+        return ("PENDING", None) if record is None else _as_state(record)
 
     def _exists(self) -> bool:
         with _reachable(self.id):
             return self._registry.exists(self.id)
 
+    def record(self) -> JobRecord:
+        """The ledger's record of the job (request, result or error, created, started and
+        finished times); ``JobNotFound`` without a ledger (quotas off on an old row)."""
+        record = None
+        if self._quota is not None:
+            with _reachable(self.id):
+                record = job_record(self._quota, self.id)
+        if record is None:
+            raise JobNotFound(f"no ledger record of job {self.id!r}", "job_id")
+        return record
+
     def status(self) -> JobStatus:
         """Where the job is now; ``JobNotFound`` for an id nobody enqueued (or long expired)."""
-        state, _ = self._state()
+        return self._status_of(*self._state())
+
+    def _status_of(self, state: str, info: Any) -> JobStatus:
         if state == "PENDING":
             if self._exists():  # claimed, QUEUED not written yet
                 return JobStatus.queued
             raise JobNotFound(f"no job with id {self.id!r}", "job_id")
         return _STATUS.get(state, JobStatus.started)
 
+    def done(self) -> bool:
+        """True once the job has ended (succeeded, failed or cancelled), like ``Future.done``."""
+        return self.status().finished
+
     def progress(self) -> Progress:
         """How far generation has got (0..1) and what the worker is doing."""
-        state, info = self._state()
+        return progress_of(*self._state())
+
+    def _ended(self, state: str, info: Any) -> JobResult | None:
         if state == "SUCCESS":
-            return Progress(1.0, "done")
-        if isinstance(info, dict) and "progress" in info:
-            return Progress(float(info["progress"]), str(info.get("message", "")))
-        return Progress(0.0, _STATUS.get(state, JobStatus.queued).value)
+            return _fresh(JobResult.model_validate(info), self._app.settings)
+        if state == "FAILURE":
+            code, message = error_of(info)
+            raise JobFailed(f"job {self.id} failed: {code}: {message}", None,
+                            {"error_code": code, "error_message": message})
+        if state == "REVOKED":
+            raise JobCancelled(f"job {self.id} was cancelled", "job_id")
+        if state == "PENDING" and not self._exists():
+            raise JobNotFound(f"no job with id {self.id!r}", "job_id")
+        return None
+
 
     def partial(self) -> Partial | None:
         """The latest partial result of a running long job, or None: before its first window
@@ -154,35 +227,44 @@ class JobHandle:
         except (KeyError, TypeError, ValueError):  # a state no worker of ours would write
             return None
 
-    def result(self) -> JobResult | None:
-        """The result if the job succeeded, None while it runs; raises if it failed or was cancelled."""
-        state, info = self._state()
-        if state == "SUCCESS":
-            return _fresh(JobResult.model_validate(info), self._app.settings)
-        if state == "FAILURE":
-            code, message = error_of(info)
-            raise JobFailed(f"job {self.id} failed: {code}: {message}", None,
-                            {"error_code": code, "error_message": message})
-        if state == "REVOKED":
-            raise JobCancelled(f"job {self.id} was cancelled", "job_id")
-        if state == "PENDING" and not self._exists():
-            raise JobNotFound(f"no job with id {self.id!r}", "job_id")
-        return None
+    @overload
+    def result(self) -> JobResult | None: ...
 
-    def wait(self, timeout: float | None = None, *, poll: float = 0.25,
+    @overload
+    def result(self, timeout: float | None) -> JobResult: ...
+
+    def result(self, timeout: float | None | _Now = _Now.NOW) -> JobResult | None:
+        """The result if the job succeeded; raises ``JobFailed`` or ``JobCancelled`` if it
+        did not. Without ``timeout``: None while the job runs. With one, like
+        ``Future.result``: blocks until the job ends (``timeout=None``: however long it takes)
+        and raises ``JobTimeout``, a ``TimeoutError``, if ``timeout`` seconds pass first."""
+        if not isinstance(timeout, _Now):
+            return self.wait(timeout)
+        return self._ended(*self._state())
+
+    def wait(self, timeout: float | None = None, *, poll: float | None = None,
              on_progress: Callable[[Progress], None] | None = None) -> JobResult:
-        """Block until the job ends; ``JobTimeout`` if ``timeout`` seconds pass first."""
+        """Block until the job ends; ``JobTimeout`` (a ``TimeoutError``) if ``timeout`` seconds
+        pass first. Woken by the result backend's messages on each state change, with a read
+        every ``poll`` seconds as well (2 s; 0.25 s on the embedded broker, which has none).
+        ``on_progress`` is called with the first progress seen and then on each change."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            done = self.result()
-            if done is not None:
-                return done
-            if on_progress is not None:
-                on_progress(self.progress())
-            if deadline is not None and time.monotonic() >= deadline:
-                raise JobTimeout(f"job {self.id} did not finish within {timeout:g} s "
-                                 "(it is still queued or running)", "timeout")
-            time.sleep(poll)
+        last: Progress | None = None
+        with _reachable(self.id), changes_of(self._app, self.id, fallback=poll) as changes:
+            while True:
+                state, info = self._state()
+                done = self._ended(state, info)
+                if done is not None:
+                    return done
+                now = progress_of(state, info)
+                if on_progress is not None and now != last:
+                    on_progress(now)
+                last = now
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise JobTimeout(f"job {self.id} did not finish within {timeout:g} s "
+                                     "(it is still queued or running)", "timeout")
+                changes.wait(FALLBACK_S * 30 if left is None else left)
 
     def _finished(self) -> JobResult:
         result = self.result()  # raises for a failed, cancelled or unknown job

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import re
 import secrets
 import unicodedata
@@ -376,3 +378,23 @@ def check_job_id(job_id: str) -> str:
         raise InvalidRequest(f"job id {job_id!r} must match {JOB_ID_PATTERN}", "job_id")
     return job_id
 
+
+
+def request_fingerprint(request: GenerationRequest) -> str:
+    """A SHA-256 of what the request asks for, so a repeated ``job_id`` can be told apart from
+    a different request reusing it. Normalised: the id and user (checked on their own) are left
+    out, an unset field equals one set to None, and a melody counts by its content (a gateway
+    upload lands at a new path each time; a file path is read, a URI is its text)."""
+    fields = request.model_dump(mode="python", exclude={"job_id", "user_id"})
+    melody = fields.pop("melody", None)
+    if isinstance(melody, (bytes, bytearray)):
+        fields["melody"] = "sha256:" + hashlib.sha256(melody).hexdigest()
+    elif isinstance(melody, Path):
+        try:
+            fields["melody"] = "sha256:" + hashlib.sha256(melody.read_bytes()).hexdigest()
+        except OSError:  # resolve() reports a missing file; the path is all there is to compare
+            fields["melody"] = str(melody)
+    elif melody is not None:
+        fields["melody"] = str(melody)
+    text = json.dumps(fields, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()

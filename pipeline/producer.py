@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from kombu.exceptions import OperationalError
@@ -27,14 +29,26 @@ from pipeline.errors import (
     JobNotFound,
     PipelineError,
     ServiceUnavailable,
+    UnsupportedOption,
 )
 from pipeline.experiments import control_fallback
 from pipeline.handle import JobHandle
 from pipeline.inputs import by_reference
 from pipeline.inputs import discard as discard_input
-from pipeline.jobs import GenerationRequest, JobSpec, check_job_id, new_job_id, queue_for
+from pipeline.jobs import (
+    GenerationRequest,
+    JobSpec,
+    JobStatus,
+    check_job_id,
+    new_job_id,
+    queue_for,
+    request_fingerprint,
+)
 from pipeline.policies.configured import Policies
+from pipeline.quota import Charge, QuotaStore
 from pipeline.quota.configured import database_failure, store_for
+from pipeline.records import JobPage, job_record, request_echo
+from pipeline.records import list_jobs as _list_jobs
 from pipeline.registry import JobRegistry, registry_for
 from pipeline.resolve import resolve
 from pipeline.time_limits import job_time_limits
@@ -72,30 +86,33 @@ class Producer:
         self.quota = store_for(settings)
 
     def enqueue(self, request: GenerationRequest) -> JobHandle:
-        """Queue one job. The same ``job_id`` twice from the same user returns the first job,
-        never a second; from another user it raises ``JobIdConflict`` and changes nothing."""
+        """Queue one job. The same ``job_id`` again from the same user with the same request
+        returns the first job (``handle.replayed`` is True), never a second; with another
+        request, or from another user, it raises ``JobIdConflict`` and changes nothing."""
         request = _as_request(request, "request")
-        job_id = check_job_id(request.job_id) if request.job_id else new_job_id()
-        spec = resolve(request, self.settings, job_id=job_id, user=self.user_context(request))
-        return self._send(spec)
+        spec, fingerprint, clamped = self._resolve(request)
+        return self._send_all([(spec, fingerprint)], {spec.job_id} if clamped else set())[0]
 
     def enqueue_many(self, requests: Sequence[GenerationRequest]) -> list[JobHandle]:
-        """Validate every request first (none is queued if one is bad), then queue them all."""
+        """Queue several jobs, all or nothing: every request is validated, admitted and
+        charged before any is sent, so a refusal (quota, backlog, breaker, a bad request, an
+        id conflict) leaves none of them queued or charged."""
         if isinstance(requests, (str, bytes, GenerationRequest)) or not isinstance(requests,
                                                                                      Sequence):
             raise InvalidRequest("requests must be a list of pipeline.GenerationRequest, not "
                                  f"{type(requests).__name__}", "requests")
-        specs = []
+        items, clamped = [], set()
         for i, item in enumerate(requests):
             request = _as_request(item, f"requests[{i}]")
-            job_id = check_job_id(request.job_id) if request.job_id else new_job_id()
             try:
-                specs.append(resolve(request, self.settings, job_id=job_id,
-                                     user=self.user_context(request)))
-            except InvalidRequest as exc:
-                raise InvalidRequest(f"requests[{i}]: {exc.message}", f"requests[{i}].{exc.field}",
-                                     exc.details) from exc
-        return [self._send(spec) for spec in specs]
+                spec, fingerprint, lowered = self._resolve(request)
+            except (InvalidRequest, UnsupportedOption) as exc:
+                raise type(exc)(f"requests[{i}]: {exc.message}", f"requests[{i}].{exc.field}",
+                                exc.details) from exc
+            items.append((spec, fingerprint))
+            if lowered:
+                clamped.add(spec.job_id)
+        return self._send_all(items, clamped)
 
     def apply_settings(self, settings: Settings) -> None:
         """A live settings change (``LiveSettings`` listener): requests from now on are checked
@@ -114,7 +131,8 @@ class Producer:
         return UserContext(request.user_id, tier)
 
     def get_job(self, job_id: str, user_id: str | None = None) -> JobHandle:
-        """A handle for a job enqueued earlier, by this process or another.
+        """A handle for a job enqueued earlier, by this process or another; found from the
+        ledger once the result backend has forgotten it (``broker.result_expires``).
 
         A calling service acting for a user passes ``user_id``: another user's job is then
         ``JobNotFound``, exactly like an unknown id, so an id reveals nothing. Without it any
@@ -129,102 +147,220 @@ class Producer:
                 owner = self.registry.owner(job_id)
             except Exception as exc:  # redis.ConnectionError and friends
                 raise _unavailable("the broker is unreachable", exc) from exc
+            if owner is None:  # the claim expired: the ledger still knows whose job it is
+                with _typed_failures(self.quota, "get_job"):
+                    record = job_record(self.quota, job_id)
+                owner = None if record is None else record.user_id
             if owner != user_id:
                 raise JobNotFound(f"no job with id {job_id!r}", "job_id")
         handle = JobHandle(job_id, self.app, self.registry, self.quota)
         handle.status()  # JobNotFound for an unknown id
         return handle
 
-    def _send(self, spec: JobSpec) -> JobHandle:
-        handle = JobHandle(spec.job_id, self.app, self.registry, self.quota)
+    def list_jobs(self, user_id: str, *, status: JobStatus | str | None = None,
+                  since: datetime | None = None, limit: int = 20,
+                  cursor: str | None = None) -> JobPage:
+        """A user's jobs, newest first, from the ledger (see ``pipeline.list_jobs``)."""
+        with _typed_failures(self.quota, "list_jobs"):
+            return _list_jobs(self.quota, user_id, status=status, since=since, limit=limit,
+                             cursor=cursor)
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def _resolve(self, request: GenerationRequest) -> tuple[JobSpec, str, bool]:
+        """The spec to send, the request's fingerprint, and whether its priority was lowered
+        to its tier's ``max_priority``."""
+        job_id = check_job_id(request.job_id) if request.job_id else new_job_id()
+        user = self.user_context(request)
+        spec = resolve(request, self.settings, job_id=job_id, user=user)
+        quotas = self.settings.quotas
+        tier = quotas.tiers.get(user.tier)
+        cap = tier.priority_cap(user.tier) if quotas.enabled and tier is not None else 9
+        if request.priority <= cap:
+            return spec, request_fingerprint(request), False
+        if quotas.priority_over_max == "refuse":
+            raise UnsupportedOption(f"priority {request.priority} is above the {user.tier!r} "
+                                    f"tier's maximum of {cap}", "priority",
+                                    {"max_priority": cap, "tier": user.tier})
+        # model_copy skips validation: a lower priority is within the same bounds.
+        spec = spec.model_copy(update={"priority": min(spec.priority, cap)})
+        return spec, request_fingerprint(request), True
+
+    def _send_all(self, items: list[tuple[JobSpec, str]],
+                  clamped: set[str] | frozenset[str] = frozenset()) -> list[JobHandle]:
+        """Claim every id, admit and charge every new job, then send them: a refusal before
+        the sends gives everything back; a broker failure during them cancels what was sent."""
+        handles: dict[str, JobHandle] = {}
+        claimed: list[tuple[JobSpec, str]] = []
+        try:
+            for spec, fingerprint in items:
+                if self._claim(spec, fingerprint):
+                    claimed.append((spec, fingerprint))
+                else:
+                    handles[spec.job_id] = self._handle(spec.job_id, replayed=True)
+        except BaseException:
+            self._give_back_all([spec for spec, _ in claimed], reserved=False)
+            raise
+        with self._giving_back(claimed, reserved=False):
+            admitted = [(self._admit(spec, claimed[:i]), fp) for i, (spec, fp) in enumerate(claimed)]
+        with self._giving_back(admitted, reserved=False):  # all or nothing: nothing charged
+            reservations = self.quota.reserve_many([
+                Charge(spec.job_id, spec.user_id, spec.model, spec.duration, spec.experiment,
+                       spec.variant, fp, request_echo(spec)) for spec, fp in admitted])
+        fresh = [spec for (spec, _), r in zip(admitted, reservations, strict=True) if r.new]
+        # A claim that had expired while the ledger kept the job: the same job, or a conflict.
+        known = [(spec, fp, r.request_hash) for (spec, fp), r in zip(admitted, reservations,
+                                                                     strict=True) if not r.new]
+        conflict = next((spec for spec, fp, stored in known if stored not in (None, fp)), None)
+        if conflict is not None:
+            self._give_back_all(fresh, reserved=True)
+            self._give_back_all([spec for spec, _, _ in known], reserved=False)
+            raise _different_request(conflict.job_id)
+        for spec, _, _ in known:
+            self._forget_claim(spec.job_id)  # the ledger answers for this job now
+            handles[spec.job_id] = self._handle(spec.job_id, replayed=True)
+        sent: list[JobSpec] = []
+        for i, spec in enumerate(fresh):
+            try:
+                with self._giving_back([(s, "") for s in fresh[i:]], reserved=True):
+                    self._publish(spec)
+            except BaseException:
+                self._cancel_sent(sent)
+                raise
+            sent.append(spec)
+            handles[spec.job_id] = self._handle(spec.job_id, replayed=False)
+        for spec, _ in items:
+            handles[spec.job_id].priority_clamped = spec.job_id in clamped
+        return [handles[spec.job_id] for spec, _ in items]
+
+    def _handle(self, job_id: str, *, replayed: bool) -> JobHandle:
+        return JobHandle(job_id, self.app, self.registry, self.quota, replayed=replayed)
+
+    def _claim(self, spec: JobSpec, fingerprint: str) -> bool:
+        """Claim the id; False for a replay of the same request by the same user."""
         ttl = self.settings.broker.result_expires
         try:
-            claim = self.registry.claim(spec.job_id, ttl, spec.user_id)
+            claim = self.registry.claim(spec.job_id, ttl, spec.user_id, fingerprint)
         except Exception as exc:  # redis.ConnectionError and friends
             raise _unavailable("the broker is unreachable", exc) from exc
-        if not claim.new:
-            if claim.owner != spec.user_id:
-                # Checked before anything else: the other user's job, quota and state stay as
-                # they are, and the message does not say whose the id is.
-                raise JobIdConflict(f"job_id {spec.job_id!r} is already taken by another user; "
-                                    "choose another id", "job_id")
-            log.info("job %s already enqueued; returning the existing job", spec.job_id)
-            return handle
-        reserved = stored = False
-        try:
-            # Fail fast, before anything is queued: a broken model or a full queue.
-            breaker = self.policies.breaker(spec.model)
-            try:
-                if breaker is not None:
-                    breaker.check()
-            except ServiceUnavailable as refused:
-                # An experiment's failing variant is no reason to fail a request its control
-                # can serve; a breaker that cannot be read (no "state") is an outage, not this.
-                details = refused.details if isinstance(refused.details, dict) else {}
-                fallback = (control_fallback(spec, self.settings)
-                            if details.get("state") == "open" else None)
-                if fallback is None:
-                    raise
-                log.warning("job %s: experiment %s variant %s has its circuit breaker open; "
-                            "falling back to the control %s", spec.job_id, spec.experiment,
-                            spec.variant, fallback.variant)
-                spec = fallback
-                control = self.policies.breaker(spec.model)
-                if control is not None:
-                    control.check()
-            self.policies.check_backlog(queue_for(spec.model))
-            # Atomic in SQL; a retried or redelivered job is charged once (one ledger row per id).
-            self.quota.reserve(job_id=spec.job_id, user_id=spec.user_id, model=spec.model,
-                               requested_seconds=spec.duration, experiment=spec.experiment,
-                               variant=spec.variant)
-            reserved = stored = True  # from here a failure may leave a QUEUED state behind
-            # Last before the send, once nothing else can refuse the job: only the melody's
-            # URI crosses the broker (a failure below removes the upload again).
-            spec = by_reference(spec, self.settings.storage)
-            self.app.backend.store_result(spec.job_id, {"model": spec.model, "user_id": spec.user_id,
-                                                        "enqueued_at": spec.enqueued_at}, "QUEUED")
-            # Limits scaled with the job's duration: a prefork child enforces them per message.
-            limits = job_time_limits(self.settings.worker, spec.duration)
-            self.app.send_task(TASK_GENERATE, args=[spec.model_dump(mode="json")], task_id=spec.job_id,
-                               queue=queue_for(spec.model),
-                               priority=celery_priority(spec.priority, self.app.broker_kind),
-                               soft_time_limit=limits.soft, time_limit=limits.hard,
-                               retry=True, retry_policy=_PUBLISH_RETRY)
-        except PipelineError:
-            self._give_back(spec, reserved, stored)
-            raise
-        except (OperationalError, RedisError, OSError) as exc:
-            self._give_back(spec, reserved, stored)
-            raise ServiceUnavailable(f"the broker is unreachable: {exc}", None, {"retry_after": 5}) from exc
-        except SQLAlchemyError as exc:
-            self._give_back(spec, reserved, stored)
-            raise database_failure(exc, self.quota) from exc
-        except Exception as exc:
-            # Every failure of the public API is typed; the chained cause keeps the bug visible.
-            self._give_back(spec, reserved, stored)
-            raise PipelineError(f"enqueue failed unexpectedly: {type(exc).__name__}: {exc}",
-                                None) from exc
-        return handle
+        if claim.new:
+            return True
+        if claim.owner != spec.user_id:
+            # Checked before anything else: the other user's job, quota and state stay as
+            # they are, and the message does not say whose the id is.
+            raise JobIdConflict(f"job_id {spec.job_id!r} is already taken by another user; "
+                                "choose another id", "job_id")
+        if claim.fingerprint and claim.fingerprint != fingerprint:
+            raise _different_request(spec.job_id)
+        log.info("job %s already enqueued; returning the existing job", spec.job_id)
+        return False
 
-    def _give_back(self, spec: JobSpec, reserved: bool, stored: bool) -> None:
-        """Undo a refused enqueue: the quota slot, the QUEUED state and the id claim, so that
+    def _admit(self, spec: JobSpec, ahead: Sequence[tuple[JobSpec, str]]) -> JobSpec:
+        """Fail fast, before anything is queued: a broken model or a full queue (counting the
+        jobs of the same list ``ahead`` of this one). Returns the spec to send: an experiment
+        variant whose breaker is open falls back to its control."""
+        breaker = self.policies.breaker(spec.model)
+        try:
+            if breaker is not None:
+                breaker.check()
+        except ServiceUnavailable as refused:
+            # An experiment's failing variant is no reason to fail a request its control
+            # can serve; a breaker that cannot be read (no "state") is an outage, not this.
+            details = refused.details if isinstance(refused.details, dict) else {}
+            fallback = (control_fallback(spec, self.settings)
+                        if details.get("state") == "open" else None)
+            if fallback is None:
+                raise
+            log.warning("job %s: experiment %s variant %s has its circuit breaker open; "
+                        "falling back to the control %s", spec.job_id, spec.experiment,
+                        spec.variant, fallback.variant)
+            spec = fallback
+            control = self.policies.breaker(spec.model)
+            if control is not None:
+                control.check()
+        queue = queue_for(spec.model)
+        self.policies.check_backlog(queue, adding=sum(queue_for(s.model) == queue for s, _ in ahead))
+        return spec
+
+    def _publish(self, spec: JobSpec) -> None:
+        # Last before the send, once nothing else can refuse the job: only the melody's
+        # URI crosses the broker (a failure below removes the upload again).
+        spec = by_reference(spec, self.settings.storage)
+        self.app.backend.store_result(spec.job_id, {"model": spec.model, "user_id": spec.user_id,
+                                                    "enqueued_at": spec.enqueued_at}, "QUEUED")
+        # Limits scaled with the job's duration: a prefork child enforces them per message.
+        limits = job_time_limits(self.settings.worker, spec.duration)
+        self.app.send_task(TASK_GENERATE, args=[spec.model_dump(mode="json")], task_id=spec.job_id,
+                           queue=queue_for(spec.model),
+                           priority=celery_priority(spec.priority, self.app.broker_kind),
+                           soft_time_limit=limits.soft, time_limit=limits.hard,
+                           retry=True, retry_policy=_PUBLISH_RETRY)
+
+    @contextmanager
+    def _giving_back(self, items: Sequence[tuple[JobSpec, str]], *,
+                     reserved: bool) -> Iterator[None]:
+        """Every failure typed as a ``PipelineError``, after giving back ``items``."""
+        try:
+            with _typed_failures(self.quota):
+                yield
+        except BaseException:
+            self._give_back_all([spec for spec, _ in items], reserved=reserved)
+            raise
+
+    def _give_back_all(self, specs: Sequence[JobSpec], *, reserved: bool) -> None:
+        """Undo refused enqueues: the quota slot, the QUEUED state and the id claim, so that
         nothing reads as a job that never was (the broker or database may be down too: each
         step is best effort, and the claim's TTL is the last resort)."""
-        discard_input(spec.melody, self.settings.storage)  # uploaded for this job only
-        if reserved:
-            try:
-                self.quota.mark_finished(spec.job_id, status="cancelled", error_code="not_queued")
-            except Exception:
-                log.warning("could not give back the quota slot of job %s", spec.job_id)
-        if stored:
-            try:
-                self.app.backend.forget(spec.job_id)  # the QUEUED written before the send
-            except Exception:
-                log.warning("could not remove the stored state of job %s", spec.job_id)
+        for spec in specs:
+            discard_input(spec.melody, self.settings.storage)  # uploaded for this job only
+            if reserved:
+                try:
+                    self.quota.release(spec.job_id)
+                except Exception:
+                    log.warning("could not give back the quota slot of job %s", spec.job_id)
+                try:
+                    self.app.backend.forget(spec.job_id)  # a QUEUED written before the send
+                except Exception:
+                    log.warning("could not remove the stored state of job %s", spec.job_id)
+            self._forget_claim(spec.job_id)
+
+    def _forget_claim(self, job_id: str) -> None:
         try:
-            self.registry.release(spec.job_id)
+            self.registry.release(job_id)
         except Exception:  # the broker is likely down too; the claim expires with its TTL
-            log.warning("could not release the claim of job %s", spec.job_id)
+            log.warning("could not release the claim of job %s", job_id)
+
+    def _cancel_sent(self, sent: Sequence[JobSpec]) -> None:
+        """The broker failed part-way through a list: the jobs already sent are cancelled
+        (a worker drops a cancelled job unstarted, and its quota slot comes back)."""
+        for spec in sent:
+            try:
+                self._handle(spec.job_id, replayed=False).cancel()
+            except Exception:
+                log.warning("could not cancel job %s of a list that failed part-way", spec.job_id)
+
+
+def _different_request(job_id: str) -> JobIdConflict:
+    return JobIdConflict(f"job_id {job_id!r} was used for a different request; send the same "
+                         "request to get that job again, or choose another id", "job_id",
+                         {"reason": "different_request"})
+
+
+@contextmanager
+def _typed_failures(quota: QuotaStore, what: str = "enqueue") -> Iterator[None]:
+    """Every failure of the public API is typed; the chained cause keeps a bug visible."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except (OperationalError, RedisError, OSError) as exc:
+        raise ServiceUnavailable(f"the broker is unreachable: {exc}", None,
+                                 {"retry_after": 5}) from exc
+    except SQLAlchemyError as exc:
+        raise database_failure(exc, quota) from exc
+    except Exception as exc:
+        raise PipelineError(f"{what} failed unexpectedly: {type(exc).__name__}: {exc}",
+                            None) from exc
 
 
 _lock = threading.Lock()
@@ -275,6 +411,17 @@ def get_job(job_id: str, settings: Settings | None = None, *,
     """The handle of an existing job; ``JobNotFound`` if there is none, or if ``user_id`` is
     given and the job is another user's (without ``user_id``: the operator's view)."""
     return producer_for(settings).get_job(job_id, user_id)
+
+
+def list_jobs(user_id: str, settings: Settings | None = None, *,
+              status: JobStatus | str | None = None, since: datetime | None = None,
+              limit: int = 20, cursor: str | None = None) -> JobPage:
+    """``user_id``'s jobs, newest first, one page of ``limit`` (1..100) at a time: pass the
+    page's ``next_cursor`` as ``cursor`` for the next. ``status`` filters, ``since`` keeps
+    jobs created at or after it. Read from the ledger, so a job is listed for as long as its
+    row is kept, long after the result backend has forgotten it."""
+    return producer_for(settings).list_jobs(user_id, status=status, since=since, limit=limit,
+                                            cursor=cursor)
 
 
 def reload_settings() -> ReloadResult:

@@ -25,16 +25,30 @@ _CLAIM_TRIES = 5
 
 
 class Claim(NamedTuple):
-    """The answer to a claim: ``new`` when this call made it; ``owner`` the id's user."""
+    """The answer to a claim: ``new`` when this call made it; ``owner`` the id's user and
+    ``fingerprint`` the hash of the request that made it ("" for a claim written before
+    requests were fingerprinted: it matches any request)."""
 
     new: bool
     owner: str
+    fingerprint: str = ""
+
+
+def _encode(owner: str, fingerprint: str) -> str:
+    # One value, so the owner and the request appear together: a user id cannot hold a newline.
+    return f"{owner}\n{fingerprint}" if fingerprint else owner
+
+
+def _decode(value: str) -> tuple[str, str]:
+    owner, _, fingerprint = value.partition("\n")
+    return owner, fingerprint
 
 
 class JobRegistry(Protocol):
-    def claim(self, job_id: str, ttl: int, owner: str) -> Claim:
-        """Claim the id for ``owner``; only the first caller gets ``new=True``, every later one
-        learns who owns it (a claim written before owners were recorded reads as owner "")."""
+    def claim(self, job_id: str, ttl: int, owner: str, fingerprint: str = "") -> Claim:
+        """Claim the id for ``owner`` and the request ``fingerprint``; only the first caller
+        gets ``new=True``, every later one learns who owns it and for which request (a claim
+        written before owners were recorded reads as owner "")."""
 
     def release(self, job_id: str) -> None:
         """Forget a claim whose job was never queued (enqueue failed after claiming)."""
@@ -56,16 +70,16 @@ class RedisJobRegistry:
     def __init__(self, client: Any) -> None:
         self.client = client
 
-    def claim(self, job_id: str, ttl: int, owner: str) -> Claim:
+    def claim(self, job_id: str, ttl: int, owner: str, fingerprint: str = "") -> Claim:
         # SET NX + GET rather than one `SET NX GET`: that form needs Redis 7, and the loop makes
         # the pair safe against a claim released in between.
         key = CLAIM_PREFIX + job_id
         for _ in range(_CLAIM_TRIES):
-            if self.client.set(key, owner, nx=True, ex=ttl):
-                return Claim(True, owner)
-            current = self.owner(job_id)
+            if self.client.set(key, _encode(owner, fingerprint), nx=True, ex=ttl):
+                return Claim(True, owner, fingerprint)
+            current = self._read(job_id)
             if current is not None:
-                return Claim(False, current)
+                return Claim(False, *current)
         raise RuntimeError(f"the claim of job {job_id} kept vanishing")
 
     def release(self, job_id: str) -> None:
@@ -75,10 +89,14 @@ class RedisJobRegistry:
         return bool(self.client.exists(CLAIM_PREFIX + job_id))
 
     def owner(self, job_id: str) -> str | None:
+        current = self._read(job_id)
+        return None if current is None else current[0]
+
+    def _read(self, job_id: str) -> tuple[str, str] | None:
         value = self.client.get(CLAIM_PREFIX + job_id)
         if value is None:
             return None
-        return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        return _decode(value.decode(errors="replace") if isinstance(value, bytes) else str(value))
 
     def cancel(self, job_id: str, ttl: int) -> None:
         self.client.set(CANCEL_PREFIX + job_id, "1", ex=ttl)
@@ -104,19 +122,19 @@ class FileJobRegistry:
     def _path(self, prefix: str, job_id: str) -> Path:
         return self.folder / f"{prefix.strip(':').replace(':', '.')}.{job_id}"
 
-    def claim(self, job_id: str, ttl: int, owner: str) -> Claim:
+    def claim(self, job_id: str, ttl: int, owner: str, fingerprint: str = "") -> Claim:
         path = self._path(CLAIM_PREFIX, job_id)
         draft = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-        draft.write_text(owner, encoding="utf-8")
+        draft.write_text(_encode(owner, fingerprint), encoding="utf-8")
         try:
             for _ in range(_CLAIM_TRIES):
                 try:
                     os.link(draft, path)
-                    return Claim(True, owner)
+                    return Claim(True, owner, fingerprint)
                 except FileExistsError:
-                    current = self.owner(job_id)
+                    current = self._read(job_id)
                     if current is not None:
-                        return Claim(False, current)
+                        return Claim(False, *current)
             raise RuntimeError(f"the claim of job {job_id} kept vanishing")
         finally:
             draft.unlink(missing_ok=True)
@@ -128,10 +146,15 @@ class FileJobRegistry:
         return self._path(CLAIM_PREFIX, job_id).exists()
 
     def owner(self, job_id: str) -> str | None:
+        current = self._read(job_id)
+        return None if current is None else current[0]
+
+    def _read(self, job_id: str) -> tuple[str, str] | None:
         try:
-            return self._path(CLAIM_PREFIX, job_id).read_text(encoding="utf-8", errors="replace")
+            text = self._path(CLAIM_PREFIX, job_id).read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return None
+        return _decode(text)
 
     def cancel(self, job_id: str, ttl: int) -> None:
         self._path(CANCEL_PREFIX, job_id).touch()

@@ -296,18 +296,20 @@ class GenerationTask(Task):  # type: ignore[misc]
         batch_size = int(retval.get("batch_size") or 1)
         _ledger(self.app, "mark_finished", task_id, status="succeeded",
                 produced_seconds=retval["duration"],
-                gpu_seconds=retval["timings"]["generate"] / batch_size, batch_size=batch_size)
+                gpu_seconds=retval["timings"]["generate"] / batch_size, batch_size=batch_size,
+                result=retval)  # the job's record outlives the result backend's copy
         observe_success(str(retval.get("model")), retval)
         job_ended(self.app, args[0] if args else None, "succeeded", result=retval)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
-        code, _ = error_of(exc)
+        code, message = error_of(exc)
         # Any final failure (poison, a hard time limit that killed the child, a last retry)
         # leaves none of the job's files; this runs in the parent after a hard kill.
         discard_job_files(self.app.settings, task_id)
         _ledger(self.app, "mark_finished", task_id,
-                status="timeout" if code == "timeout" else "failed", error_code=code)
+                status="timeout" if code == "timeout" else "failed", error_code=code,
+                error_message=message)
         observe_failure(model_of(args), code)
         job_ended(self.app, args[0] if args else None,
                   "timeout" if code == "timeout" else "failed", error_code=code)

@@ -1,10 +1,15 @@
-"""`musicgen-pipeline models`: build the tiny local models tests and offline demos run on."""
+"""`musicgen-pipeline models`: put a preset's checkpoint on this node (download from the Hub or
+import a folder, for `model.offline = true` workers), and build the tiny local models tests and
+offline demos run on."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
+
+from pipeline.cli.common import fail, load_or_exit, parse_sets
+from pipeline.errors import PipelineError
 
 models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 
@@ -31,3 +36,44 @@ def make_tiny_cmd(
                                  ("tiny-stereo", False, True)):
         target = make_tiny(path / name, melody=melody, stereo=stereo, seed=seed)
         typer.echo(f"{name}: {target} (random weights: it sounds like noise)")
+
+
+@models_app.command("download")
+def download_cmd(
+    presets: list[str] = typer.Argument(..., help="model presets, e.g. musicgen-small"),
+    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
+    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+) -> None:
+    """Download each preset's checkpoint from the Hugging Face Hub into model.cache_dir (the
+    Hub cache offline workers read), resuming a partial download, and verify the files.
+    HF_ENDPOINT selects a mirror; model.hub_token (or HF_TOKEN) opens gated repos."""
+    from pipeline.model_files import download
+
+    settings = load_or_exit(env, parse_sets(sets))
+    for preset in presets:
+        try:
+            snapshot = download(settings, preset)
+        except PipelineError as exc:
+            fail(exc)
+        typer.echo(f"{preset}: {snapshot.source} -> {snapshot.path} ({snapshot.files} files, verified)")
+
+
+@models_app.command("import")
+def import_cmd(
+    preset: str = typer.Argument(..., help="the model preset the files are for"),
+    path: str = typer.Argument(..., help="a checkpoint folder (config.json and the weights), "
+                                         "local or s3://bucket/prefix (storage.* credentials)"),
+    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
+    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+) -> None:
+    """Import a checkpoint folder (local, or in the deployment's bucket) as PRESET's files, for
+    nodes without Hub access: verified, then copied into model.cache_dir in the Hub's layout,
+    where offline workers look."""
+    from pipeline.model_files import import_from
+
+    settings = load_or_exit(env, parse_sets(sets))
+    try:
+        snapshot = import_from(settings, preset, path)
+    except PipelineError as exc:
+        fail(exc)
+    typer.echo(f"{preset}: {path} -> {snapshot.path} ({snapshot.files} files, verified)")

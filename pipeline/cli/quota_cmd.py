@@ -18,7 +18,7 @@ from pipeline.config.schema import Settings
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
-    from pipeline.quota import UsageSummary, WindowUsage
+    from pipeline.quota import SecondsUsage, UsageSummary, WindowUsage
 
 quota_app = typer.Typer(help="Per-user job quotas: show usage, set a tier or limits.",
                         no_args_is_help=True)
@@ -26,7 +26,7 @@ quota_app = typer.Typer(help="Per-user job quotas: show usage, set a tier or lim
 UNLIMITED_TEXT = "unlimited"
 
 
-def _window(w: WindowUsage) -> dict[str, Any]:
+def _window(w: WindowUsage | SecondsUsage) -> dict[str, Any]:
     unlimited = w.remaining is None
     return {"used": w.used, "limit": UNLIMITED_TEXT if unlimited else w.limit,
             "remaining": UNLIMITED_TEXT if unlimited else w.remaining,
@@ -35,8 +35,14 @@ def _window(w: WindowUsage) -> dict[str, Any]:
 
 def usage_dict(summary: UsageSummary) -> dict[str, Any]:
     """The JSON form of ``quota show``."""
-    return {"user_id": summary.user_id, "tier": summary.tier,
-            "daily": _window(summary.daily), "monthly": _window(summary.monthly)}
+    data: dict[str, Any] = {"user_id": summary.user_id, "tier": summary.tier,
+                            "daily": _window(summary.daily), "monthly": _window(summary.monthly)}
+    for name in ("daily_seconds", "monthly_seconds"):
+        seconds = getattr(summary, name)
+        if seconds is not None:
+            data[name] = _window(seconds)
+    data["monthly_gpu_seconds"] = round(summary.monthly_gpu_seconds, 3)
+    return data
 
 
 def _print_usage(summary: UsageSummary, settings: Settings, as_json: bool) -> None:
@@ -51,6 +57,12 @@ def _print_usage(summary: UsageSummary, settings: Settings, as_json: bool) -> No
         left = "" if w["limit"] == UNLIMITED_TEXT else f" ({w['remaining']} left)"
         typer.echo(f"{name + ':':<8} {w['used']} / {w['limit']} jobs used{left}, "
                    f"resets at {w['resets_at']}")
+    for name in ("daily", "monthly"):
+        w = data.get(f"{name}_seconds")
+        if w is not None and w["limit"] != UNLIMITED_TEXT:
+            typer.echo(f"{name + ':':<8} {w['used']:g} / {w['limit']:g} s of audio used "
+                       f"({w['remaining']:g} s left)")
+    typer.echo(f"gpu:     {data['monthly_gpu_seconds']:g} GPU seconds this month")
     if not settings.quotas.enabled:
         typer.echo("note: quotas.enabled is false in these settings: every limit is unlimited")
 

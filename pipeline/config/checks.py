@@ -223,7 +223,9 @@ def check_model(settings: Settings, environ: Mapping[str, str]) -> list[CheckRes
         return [CheckResult("model", Status.ok, f"{source}: in the cache at {cache}")]
     if settings.model.offline:
         return [CheckResult("model", Status.fail,
-                            f"{source}: not in the cache at {cache} and model.offline is true")]
+                            f"{source}: not in the cache at {cache} and model.offline is true; "
+                            f"run `musicgen-pipeline models download {settings.model.preset}` "
+                            "(or `models import` a folder) with the same settings")]
     return [CheckResult("model", Status.warn, f"{source}: not cached at {cache}; will download on first use")]
 
 

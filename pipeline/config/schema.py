@@ -134,6 +134,8 @@ class ModelSettings(_Section):
     num_threads: int = Field(0, ge=0, le=256, description="torch CPU threads per worker process; 0 = torch's default")
     preload: bool = True
     offline: bool = False
+    hub_token: SecretStr | None = Field(None, description="Hugging Face token for gated or "
+                                        "private checkpoints (`models download`); HF_TOKEN works too")
     download_timeout: int = Field(180, ge=30, le=3600,
                                   description="seconds each Hugging Face hub request (metadata, file "
                                               "download) may wait for the server; not a cap on a "
@@ -315,14 +317,36 @@ class CircuitBreakerSettings(_Section):
 class TierSettings(_Section):
     daily: int = Field(ge=-1, description="jobs per day; -1 = unlimited")
     monthly: int = Field(ge=-1, description="jobs per month; -1 = unlimited")
+    daily_seconds: float = Field(-1, ge=-1, description="seconds of audio per day (asked for "
+                                 "while a job runs, made once it succeeds); -1 = unlimited")
+    monthly_seconds: float = Field(-1, ge=-1, description="seconds of audio per month; "
+                                   "-1 = unlimited")
+    max_priority: int | None = Field(None, ge=0, le=9, description="the highest request "
+                                     "priority (0-9) this tier may ask for; unset: the built-in "
+                                     "tier's (free 5, premium 7, others 9); see "
+                                     "quotas.priority_over_max")
+
+    def priority_cap(self, name: str) -> int:
+        """``max_priority``, or the built-in default of the tier called ``name``."""
+        if self.max_priority is not None:
+            return self.max_priority
+        return DEFAULT_MAX_PRIORITY.get(name, 9)
+
+
+#: A tier's maximum priority when its max_priority is unset: the default priority (5) is the
+#: free tier's ceiling, so only paying tiers jump the queue.
+DEFAULT_MAX_PRIORITY = {"free": 5, "premium": 7}
 
 
 class QuotaSettings(_Section):
-    """Per-user job quotas (daily and monthly windows)."""
+    """Per-user job quotas (daily and monthly windows) and the priority each tier may use."""
 
     enabled: bool = True
     default_tier: str = "free"
     timezone: str = "UTC"
+    # A request above its tier's max_priority is lowered to it (the handle says so), or refused
+    # with unsupported_option. Not enforced with quotas off, like the limits.
+    priority_over_max: Literal["clamp", "refuse"] = "clamp"
     tiers: dict[str, TierSettings] = Field(default_factory=lambda: {
         "free": TierSettings(daily=10, monthly=100),
         "premium": TierSettings(daily=100, monthly=1000),

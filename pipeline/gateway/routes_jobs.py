@@ -61,11 +61,27 @@ def _gateway(request: Request) -> Gateway:
     return gateway
 
 
+_REPLAYED: dict[int | str, dict[str, Any]] = {200: {"model": JobView, "description": "a replay: the same request again with the "
+                   "same Idempotency-Key or job_id gives the first job "
+                   "(`Idempotent-Replayed: true`)"}}
+_IDEMPOTENCY_KEY = {"parameters": [{
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": "makes a retry safe: the same key with the same request gives the first "
+                   "job; with another request, 409 job_id_conflict. Scoped to the key's user"}]}
+
+
 @router.post("", status_code=202, response_model=JobView, summary="Enqueue a job",
-             responses=_errors(401, 409, 413, 415, 422, 429, 503), openapi_extra=_REQUEST_BODY)
+             responses={**_REPLAYED, **_errors(401, 409, 413, 415, 422, 429, 503)},
+             openapi_extra={**_REQUEST_BODY, **_IDEMPOTENCY_KEY})
 async def create_job(request: Request, response: Response, who: Who) -> Any:
-    """Validate, admit (quota, rate, breaker, backlog) and queue one job; 202 with the job."""
+    """Validate, admit (quota, rate, breaker, backlog) and queue one job; 202 with the job.
+
+    An ``Idempotency-Key`` header (or a ``job_id`` in the body) makes a retry safe: the same
+    key with the same request answers 200 with the first job and ``Idempotent-Replayed:
+    true``; with another request, 409 ``job_id_conflict``."""
     gateway = _gateway(request)
+    idempotency_key = request.headers.get("idempotency-key")
     kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if kind == "application/json":
         body = await read_json(request, gateway.body_limit)
@@ -76,11 +92,15 @@ async def create_job(request: Request, response: Response, who: Who) -> Any:
         raise UnsupportedMediaType(f"send application/json, or multipart/form-data with a "
                                    f"melody file; not {kind or 'no Content-Type'}", "Content-Type")
     try:
-        handle = await run_in_threadpool(gateway.enqueue, body, who.user_id)
+        handle = await run_in_threadpool(gateway.enqueue, body, who.user_id, idempotency_key)
     except BaseException:
         discard(body)
         raise
     response.headers["Location"] = f"/v1/jobs/{handle.id}"
+    if handle.replayed:  # the first job, not a new one (Stripe's header name)
+        discard(body)
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
     return await run_in_threadpool(job_view, handle)
 
 

@@ -50,10 +50,11 @@ class Policies:
                               backend=self._backend,
                               probe_timeout=max(cb.reset_timeout, float(self.settings.worker.hard_time_limit)))
 
-    def check_backlog(self, queue: str) -> None:
-        """Producer: refuse at once when the queue already holds more than it can drain."""
+    def check_backlog(self, queue: str, adding: int = 0) -> None:
+        """Producer: refuse at once when the queue already holds more than it can drain
+        (``adding``: jobs of the same list admitted before this one, not sent yet)."""
         if self.redis is not None and self.backpressure.threshold > 0:
-            self.backpressure.check(queue, self._depth(queue))
+            self.backpressure.check(queue, self._depth(queue) + adding)
 
     @classmethod
     def for_app(cls, app: Any, settings: Settings | None = None) -> Policies:

@@ -2,13 +2,19 @@
 
 from pipeline.quota.migrate import current, upgrade
 from pipeline.quota.rollup import daily_usage, roll_up
-from pipeline.quota.store import QuotaStore, Reservation, UsageSummary
+from pipeline.quota.store import Charge, QuotaStore, Reservation, UsageSummary
 from pipeline.quota.tables import DailyUsageRow, LedgerRow, LedgerStatus, make_engine
-from pipeline.quota.windows import DEFAULT_TIERS, UNLIMITED, TierLimits, WindowUsage
+from pipeline.quota.windows import (
+    DEFAULT_TIERS,
+    UNLIMITED,
+    SecondsUsage,
+    TierLimits,
+    WindowUsage,
+)
 
 __all__ = [
     # the store and what it returns
-    "QuotaStore", "Reservation", "UsageSummary", "WindowUsage", "LedgerRow", "LedgerStatus",
+    "QuotaStore", "Charge", "Reservation", "UsageSummary", "WindowUsage", "SecondsUsage", "LedgerRow", "LedgerStatus",
     # limits
     "TierLimits", "DEFAULT_TIERS", "UNLIMITED",
     # daily roll-ups of the ledger

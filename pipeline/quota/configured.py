@@ -61,8 +61,9 @@ def store_for(settings: Settings, *, migrate: bool = False) -> QuotaStore:
         engine = make_engine(url, pool_size=settings.database.pool_size)
     q = settings.quotas
     # With quotas off the ledger still records every job (stats read it); nobody is refused.
-    tiers = {name: TierLimits(daily=t.daily, monthly=t.monthly) if q.enabled else TierLimits(-1, -1)
-             for name, t in q.tiers.items()}
+    tiers = {name: TierLimits(daily=t.daily, monthly=t.monthly, daily_seconds=t.daily_seconds,
+                              monthly_seconds=t.monthly_seconds)
+             if q.enabled else TierLimits(-1, -1) for name, t in q.tiers.items()}
     return QuotaStore(engine, tiers=tiers, default_tier=q.default_tier, timezone=q.timezone)
 
 

@@ -10,13 +10,24 @@ per-user lock, so the same code is exact on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Update, case, func, inspect, literal, select, update
+from sqlalchemy import (
+    CursorResult,
+    Engine,
+    Update,
+    case,
+    delete,
+    func,
+    inspect,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,6 +50,7 @@ from pipeline.quota.tables import (
 )
 from pipeline.quota.windows import (
     UNLIMITED,
+    SecondsUsage,
     TierLimits,
     Window,
     WindowUsage,
@@ -47,12 +59,27 @@ from pipeline.quota.windows import (
     resolve_zone,
 )
 
-__all__ = ["QuotaStore", "Reservation", "UsageSummary"]
+__all__ = ["Charge", "QuotaStore", "Reservation", "UsageSummary"]
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One job to reserve (``reserve_many``); ``request_hash`` and ``request`` are its record."""
+
+    job_id: str
+    user_id: str
+    model: str
+    requested_seconds: float
+    experiment: str | None = None
+    variant: str | None = None
+    request_hash: str | None = None
+    request: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class Reservation:
-    """A job's slot in the ledger; ``new`` is False when an earlier reserve already made it."""
+    """A job's slot in the ledger; ``new`` is False when an earlier reserve already made it
+    (``request_hash`` is then the earlier request's: None for rows from before revision 0006)."""
 
     job_id: str
     user_id: str
@@ -61,16 +88,34 @@ class Reservation:
     status: LedgerStatus
     created_at: datetime
     new: bool
+    request_hash: str | None = None
 
 
 @dataclass(frozen=True)
 class UsageSummary:
-    """What ``usage()`` reports for one user."""
+    """What ``usage()`` reports for one user: jobs and seconds of audio against the limits,
+    and the GPU seconds the month's succeeded jobs used (reported, not limited)."""
 
     user_id: str
     tier: str
     daily: WindowUsage
     monthly: WindowUsage
+    daily_seconds: SecondsUsage | None = None
+    monthly_seconds: SecondsUsage | None = None
+    monthly_gpu_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Used:
+    """One user's charged jobs and seconds in the current day and month."""
+
+    day: Window
+    month: Window
+    day_jobs: int
+    month_jobs: int
+    day_seconds: float
+    month_seconds: float
+    month_gpu_seconds: float
 
 
 # Upserts are dialect-specific statements; both dialects spell ON CONFLICT the same way.
@@ -124,46 +169,56 @@ class QuotaStore:
             return None
 
     def reserve(self, *, job_id: str, user_id: str, model: str, requested_seconds: float,
-                experiment: str | None = None, variant: str | None = None) -> Reservation:
+                experiment: str | None = None, variant: str | None = None,
+                request_hash: str | None = None,
+                request: dict[str, Any] | None = None) -> Reservation:
         """Charge one job to ``user_id``, or raise ``QuotaExceeded``; idempotent per ``job_id``.
 
         ``experiment`` and ``variant`` record the model experiment that chose the job's preset
         (``stats --by variant`` compares its variants); None for a job no experiment touched.
+        ``request_hash`` and ``request`` are the job's record (``pipeline.records``).
         """
-        for field, value, longest in (("job_id", job_id, 128), ("user_id", user_id, 128),
-                                      ("model", model, 64)):
-            _check_text(field, value, longest)
-        for field, optional in (("experiment", experiment), ("variant", variant)):
-            if optional is not None:
-                _check_text(field, optional, 64)
-        if not (math.isfinite(requested_seconds) and requested_seconds > 0):
-            raise InvalidRequest("requested_seconds must be a positive number",
-                                 field="requested_seconds")
+        [reservation] = self.reserve_many([Charge(job_id, user_id, model, requested_seconds,
+                                                  experiment, variant, request_hash, request)])
+        return reservation
+
+    def reserve_many(self, charges: Sequence[Charge]) -> list[Reservation]:
+        """Charge every job in one transaction: all of them, or none (``QuotaExceeded`` for
+        the first that does not fit, with the earlier ones of the list counted). Each is
+        idempotent per ``job_id`` like ``reserve``."""
+        for charge in charges:
+            self._check_charge(charge)
+        if len({c.job_id for c in charges}) != len(charges):
+            raise InvalidRequest("the same job_id appears twice in one list", field="job_id")
         now = self._now()
         try:
             with self._sessions.begin() as s:
-                self._lock_user(s, user_id, now)
-                existing = s.scalar(select(UsageLedger).where(UsageLedger.job_id == job_id))
-                if existing is not None:
-                    return self._as_reservation(existing, user_id, new=False)
-                self._check_room(s, user_id, now)
-                row = UsageLedger(job_id=job_id, user_id=user_id, model=model,
-                                  requested_seconds=float(requested_seconds), created_at=now,
-                                  status=LedgerStatus.RESERVED.value, attempts=0,
-                                  experiment=experiment, variant=variant)
-                s.add(row)
-            return self._as_reservation(row, user_id, new=True)
+                # Users locked in one order, so two lists sharing users cannot deadlock.
+                for user_id in sorted({c.user_id for c in charges}):
+                    self._lock_user(s, user_id, now)
+                reservations = [self._reserve_one(s, charge, now) for charge in charges]
+            return reservations
         except IntegrityError as e:
             # Only another user's concurrent reserve of the same job_id gets here (one user's
             # reserves are serialised by the lock); report it like the sequential case.
             with self._sessions.begin() as s:
-                existing = s.scalar(select(UsageLedger).where(UsageLedger.job_id == job_id))
-            if existing is None:
-                raise
-            if existing.user_id != user_id:
-                raise JobIdConflict(f"job_id {job_id!r} is already taken by another user",
-                                    field="job_id") from e
-            return self._as_reservation(existing, user_id, new=False)
+                taken = s.scalars(select(UsageLedger).where(
+                    UsageLedger.job_id.in_([c.job_id for c in charges]))).all()
+            for existing in taken:
+                owner = next(c.user_id for c in charges if c.job_id == existing.job_id)
+                if existing.user_id != owner:
+                    raise JobIdConflict(f"job_id {existing.job_id!r} is already taken by "
+                                        "another user", field="job_id") from e
+            raise
+
+    def release(self, job_id: str) -> bool:
+        """Delete a reservation whose job was never queued (the producer's give-back): a job
+        that never was leaves no row to count, list or find. Only a row still ``reserved``."""
+        with self._sessions.begin() as s:
+            result = s.execute(delete(UsageLedger).where(
+                UsageLedger.job_id == job_id,
+                UsageLedger.status == LedgerStatus.RESERVED.value))
+            return cast(CursorResult[Any], result).rowcount == 1
 
     def mark_started(self, job_id: str, *, worker: str,
                      queue_wait_seconds: float | None = None) -> bool:
@@ -186,12 +241,15 @@ class QuotaStore:
 
     def mark_finished(self, job_id: str, *, status: LedgerStatus | str,
                       produced_seconds: float | None = None, gpu_seconds: float | None = None,
-                      error_code: str | None = None, batch_size: int | None = None) -> bool:
+                      error_code: str | None = None, batch_size: int | None = None,
+                      result: dict[str, Any] | None = None,
+                      error_message: str | None = None) -> bool:
         """Record the job's final outcome; failed, timeout and cancelled refund the slot.
 
         ``gpu_seconds`` is the job's own share of the generate call, and ``batch_size`` how many
         jobs shared that call (None: not known, as on rows from before batching). Call it once
-        per job, on the final outcome (not before a retry). The first final outcome wins:
+        per job, on the final outcome (not before a retry). ``result`` (the job's JSON result)
+        and ``error_message`` complete its record (``pipeline.records``). The first final outcome wins:
         returns False, changing nothing, when the job had already ended.
         """
         final = LedgerStatus(status)
@@ -206,7 +264,8 @@ class QuotaStore:
                 .where(UsageLedger.job_id == job_id, UsageLedger.status.in_(_OPEN))
                 .values(status=final.value, finished_at=self._now(),
                         produced_seconds=produced_seconds, gpu_seconds=gpu_seconds,
-                        error_code=error_code, batch_size=batch_size)
+                        error_code=error_code, batch_size=batch_size, result=result,
+                        error_message=None if error_message is None else error_message[:2000])
                 .execution_options(synchronize_session=False))
         return self._settle(stmt, job_id)
 
@@ -218,9 +277,14 @@ class QuotaStore:
         with self._sessions.begin() as s:
             quota = s.get(UserQuota, user_id)
             tier, daily, monthly = self._limits(quota)
-            (day, day_used), (month, month_used) = self._count(s, user_id, now)
-        return UsageSummary(user_id, tier, WindowUsage(day_used, daily, self._local(day.end)),
-                            WindowUsage(month_used, monthly, self._local(month.end)))
+            used = self._count(s, user_id, now)
+        limits = self._tiers[tier]
+        day_end, month_end = self._local(used.day.end), self._local(used.month.end)
+        return UsageSummary(user_id, tier, WindowUsage(used.day_jobs, daily, day_end),
+                            WindowUsage(used.month_jobs, monthly, month_end),
+                            SecondsUsage(used.day_seconds, limits.daily_seconds, day_end),
+                            SecondsUsage(used.month_seconds, limits.monthly_seconds, month_end),
+                            used.month_gpu_seconds)
 
     def tier_of(self, user_id: str) -> str:
         """The user's tier (the default tier for a user with no row yet); one indexed read."""
@@ -294,31 +358,77 @@ class QuotaStore:
         return (tier, limits.daily if daily is None else daily,
                 limits.monthly if monthly is None else monthly)
 
-    def _count(self, s: Session, user_id: str,
-               now: datetime) -> tuple[tuple[Window, int], tuple[Window, int]]:
+    def _count(self, s: Session, user_id: str, now: datetime) -> _Used:
         day, month = day_window(now, self._zone), month_window(now, self._zone)
         # A local day always lies inside its local month: one scan of the month counts both.
         in_day = (UsageLedger.created_at >= day.start) & (UsageLedger.created_at < day.end)
+        # An open job holds what it asked for; a succeeded one, what it made.
+        seconds = case((UsageLedger.status == LedgerStatus.SUCCEEDED.value,
+                        func.coalesce(UsageLedger.produced_seconds,
+                                      UsageLedger.requested_seconds)),
+                       else_=UsageLedger.requested_seconds)
         row = s.execute(
-            select(func.count(case((in_day, 1))), func.count())
+            select(func.count(case((in_day, 1))), func.count(),
+                   func.coalesce(func.sum(case((in_day, seconds), else_=0.0)), 0.0),
+                   func.coalesce(func.sum(seconds), 0.0),
+                   func.coalesce(func.sum(UsageLedger.gpu_seconds), 0.0))
             .where(UsageLedger.user_id == user_id,
                    UsageLedger.status.in_(_CHARGED),
                    UsageLedger.created_at >= month.start, UsageLedger.created_at < month.end)
         ).one()
-        return (day, int(row[0])), (month, int(row[1]))
+        return _Used(day, month, int(row[0]), int(row[1]), float(row[2]), float(row[3]),
+                     float(row[4]))
 
-    def _check_room(self, s: Session, user_id: str, now: datetime) -> None:
+    def _check_room(self, s: Session, user_id: str, now: datetime,
+                    requested_seconds: float) -> None:
         tier, daily, monthly = self._limits(s.get(UserQuota, user_id))
-        (day, day_used), (month, month_used) = self._count(s, user_id, now)
+        limits = self._tiers[tier]
+        used = self._count(s, user_id, now)
         # Monthly first: when both are spent, the month's reset is the one that matters.
-        for name, used, limit, window in (("monthly", month_used, monthly, month),
-                                          ("daily", day_used, daily, day)):
-            if limit != UNLIMITED and used >= limit:
+        for name, jobs, limit, window in (("monthly", used.month_jobs, monthly, used.month),
+                                          ("daily", used.day_jobs, daily, used.day)):
+            if limit != UNLIMITED and jobs >= limit:
                 resets = self._local(window.end).isoformat()
                 raise QuotaExceeded(
-                    f"{name} quota of {limit} jobs used ({used}/{limit}); resets at {resets}",
-                    details={"limit": name, "used": used, "limit_value": limit,
+                    f"{name} quota of {limit} jobs used ({jobs}/{limit}); resets at {resets}",
+                    details={"limit": name, "used": jobs, "limit_value": limit,
                              "resets_at": resets, "user_id": user_id, "tier": tier})
+        for name, secs, cap, window in (
+                ("monthly_seconds", used.month_seconds, limits.monthly_seconds, used.month),
+                ("daily_seconds", used.day_seconds, limits.daily_seconds, used.day)):
+            if cap != UNLIMITED and secs + requested_seconds > cap + 1e-9:
+                resets = self._local(window.end).isoformat()
+                raise QuotaExceeded(
+                    f"{name.replace('_', ' ')} quota of {cap:g} s of audio would be passed "
+                    f"({secs:g} s used, {requested_seconds:g} s asked); resets at {resets}",
+                    details={"limit": name, "used": secs, "limit_value": cap,
+                             "requested": requested_seconds, "resets_at": resets,
+                             "user_id": user_id, "tier": tier})
+
+    def _check_charge(self, c: Charge) -> None:
+        for field, value, longest in (("job_id", c.job_id, 128), ("user_id", c.user_id, 128),
+                                      ("model", c.model, 64)):
+            _check_text(field, value, longest)
+        for field, optional in (("experiment", c.experiment), ("variant", c.variant)):
+            if optional is not None:
+                _check_text(field, optional, 64)
+        if not (math.isfinite(c.requested_seconds) and c.requested_seconds > 0):
+            raise InvalidRequest("requested_seconds must be a positive number",
+                                 field="requested_seconds")
+
+    def _reserve_one(self, s: Session, c: Charge, now: datetime) -> Reservation:
+        existing = s.scalar(select(UsageLedger).where(UsageLedger.job_id == c.job_id))
+        if existing is not None:
+            return self._as_reservation(existing, c.user_id, new=False)
+        self._check_room(s, c.user_id, now, float(c.requested_seconds))
+        row = UsageLedger(job_id=c.job_id, user_id=c.user_id, model=c.model,
+                          requested_seconds=float(c.requested_seconds), created_at=now,
+                          status=LedgerStatus.RESERVED.value, attempts=0,
+                          experiment=c.experiment, variant=c.variant,
+                          request_hash=c.request_hash, request=c.request)
+        s.add(row)
+        s.flush()  # the next job of the list counts this one
+        return self._as_reservation(row, c.user_id, new=True)
 
     def _settle(self, stmt: Update, job_id: str) -> bool:
         # The guarded UPDATE is the whole state machine: it matches only an open job, so a
@@ -336,4 +446,4 @@ class QuotaStore:
             raise JobIdConflict(f"job_id {row.job_id!r} is already taken by another user",
                                 field="job_id")
         return Reservation(row.job_id, row.user_id, row.model, row.requested_seconds,
-                           LedgerStatus(row.status), row.created_at, new)
+                           LedgerStatus(row.status), row.created_at, new, row.request_hash)

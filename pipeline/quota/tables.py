@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any, TypedDict, cast
 
 from sqlalchemy import (
+    JSON,
     Connection,
     Date,
     DateTime,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     TypeDecorator,
     create_engine,
     event,
@@ -221,6 +223,13 @@ class UsageLedger(Base):
     # pipeline/experiments.py). NULL for jobs no experiment touched and for older rows.
     experiment: Mapped[str | None] = mapped_column(String(64))
     variant: Mapped[str | None] = mapped_column(String(64))
+    # The job's own record (revision 0006; pipeline/records.py): a SHA-256 of the request (a
+    # repeated job_id with another request is a conflict), the request as resolved, the result
+    # or the error message. Deferred: stats scan the whole ledger and never need them.
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    request: Mapped[dict[str, Any] | None] = mapped_column(JSON, deferred=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, deferred=True)
+    error_message: Mapped[str | None] = mapped_column(Text, deferred=True)
 
     def to_row(self) -> LedgerRow:
         """This row as plain data (no ORM state)."""

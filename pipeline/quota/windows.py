@@ -15,21 +15,25 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-__all__ = ["DEFAULT_TIERS", "UNLIMITED", "TierLimits", "Window", "WindowUsage", "day_window",
-           "month_window", "resolve_zone"]
+__all__ = ["DEFAULT_TIERS", "UNLIMITED", "SecondsUsage", "TierLimits", "Window", "WindowUsage",
+           "day_window", "month_window", "resolve_zone"]
 
 UNLIMITED = -1
 
 
 @dataclass(frozen=True)
 class TierLimits:
-    """Jobs allowed per local day and per local month; ``UNLIMITED`` (-1) never refuses."""
+    """Jobs, and seconds of audio, allowed per local day and per local month; ``UNLIMITED``
+    (-1) never refuses. Seconds count what a job asked for while it is open and what it made
+    once it succeeded; a failed, timed-out or cancelled job gives them back."""
 
     daily: int
     monthly: int
+    daily_seconds: float = UNLIMITED
+    monthly_seconds: float = UNLIMITED
 
     def __post_init__(self) -> None:
-        for name in ("daily", "monthly"):
+        for name in ("daily", "monthly", "daily_seconds", "monthly_seconds"):
             if getattr(self, name) < UNLIMITED:
                 raise ValueError(f"{name} limit must be >= 0, or -1 for unlimited")
 
@@ -54,6 +58,20 @@ class WindowUsage:
     def remaining(self) -> int | None:
         """Jobs still allowed in this window; None when unlimited."""
         return None if self.limit == UNLIMITED else max(self.limit - self.used, 0)
+
+
+@dataclass(frozen=True)
+class SecondsUsage:
+    """Seconds of audio counted in one window, its limit (-1 = unlimited) and when it resets."""
+
+    used: float
+    limit: float
+    resets_at: datetime
+
+    @property
+    def remaining(self) -> float | None:
+        """Seconds still allowed in this window; None when unlimited."""
+        return None if self.limit == UNLIMITED else max(self.limit - self.used, 0.0)
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,29 @@ def test_call_it_from_your_service_example_runs(shared_worker: Worker, workdir: 
                           timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert lines[0].endswith(" queued")
+    assert lines[0].split()[1] in ("queued", "started")  # an idle worker may take it at once
     assert any(line.startswith("100% ") or "%" in line for line in lines[1:-1])  # progress was shown
     path, duration, rate, lufs = lines[-1].split()
     assert Path(path).suffix == ".mp3" and float(duration) == pytest.approx(8.0, abs=0.01)
     probe = ffprobe(Path(path))
     assert probe["streams"][0]["codec_name"] == "mp3" and int(rate) == 32000
     assert float(lufs) == pytest.approx(-14.0, abs=0.5)  # the default loudness target
+
+
+def test_the_asyncio_and_listing_example_runs(shared_worker: Worker, workdir: Path,
+                                               redis_url: str) -> None:
+    code = blocks("python", "## Call it from your service")[1]
+    env = base_env(workdir, redis_url)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    uri = next(line for line in lines if line.startswith("file://"))
+    assert lines[lines.index(uri) - 1] == "100% done"  # the last progress event
+    listed = [line.split() for line in lines[lines.index(uri) + 1:]]
+    # The newest is this job (just ended: the ledger may not have settled it yet).
+    assert Path(uri.removeprefix("file://")).stem == listed[0][0]
+    assert listed[0][1] in ("started", "succeeded")
 
 
 def test_offline_demo_commands_run_as_written(tmp_path: Path) -> None:

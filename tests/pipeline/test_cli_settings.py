@@ -417,6 +417,7 @@ def test_check_model_local_cached_offline_and_download(isolated_settings_env: Pa
     assert online.status is Status.warn and "will download on first use" in online.detail
     [offline] = check_model(_settings(model={**hub, "offline": True}), {})
     assert offline.status is Status.fail
+    assert "musicgen-pipeline models download musicgen-small" in offline.detail  # the fix
     snapshot = cache / "models--facebook--musicgen-small" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")

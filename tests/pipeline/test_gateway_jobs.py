@@ -250,3 +250,26 @@ def test_a_result_with_a_presigned_url_redirects_there(gateway: Gateway) -> None
     _finish(gateway, "kim-1", b"RIFF", download_url=url, **fresh)
     moved = gateway.client.get("/v1/jobs/kim-1/audio", headers=key, follow_redirects=False)
     assert moved.status_code == 307 and moved.headers["location"] == url
+
+
+def test_an_idempotency_key_replays_the_same_request_and_refuses_another(gateway: Gateway) -> None:
+    client, alice, bob = gateway.client, gateway.key("alice"), gateway.key("bob")
+    body = {"prompt": "slow cello drone", "duration": 2}
+    first = client.post("/v1/jobs", json=body, headers={**alice, "Idempotency-Key": "order-7"})
+    assert first.status_code == 202 and "Idempotent-Replayed" not in first.headers, first.text
+    again = client.post("/v1/jobs", json=body, headers={**alice, "Idempotency-Key": "order-7"})
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["Location"] == first.headers["Location"]
+    _error(client.post("/v1/jobs", json={**body, "duration": 3},
+                       headers={**alice, "Idempotency-Key": "order-7"}),
+           409, "job_id_conflict", "job_id")
+    # Keys are the user's own: bob's "order-7" is another job, not a conflict with alice's.
+    other = client.post("/v1/jobs", json=body, headers={**bob, "Idempotency-Key": "order-7"})
+    assert other.status_code == 202 and other.json()["id"] != first.json()["id"]
+    assert [r["user_id"] for r in gateway.producer.quota.ledger()] == ["alice", "bob"]
+    _error(client.post("/v1/jobs", json={**body, "job_id": "mine"},
+                       headers={**alice, "Idempotency-Key": "order-8"}),
+           422, "invalid_request", "Idempotency-Key")
+    _error(client.post("/v1/jobs", json=body, headers={**alice, "Idempotency-Key": "a b"}),
+           422, "invalid_request", "Idempotency-Key")

@@ -110,7 +110,9 @@ def load_model(source: str, *, device: str = "auto", dtype: str = "auto", compil
     try:
         config = AutoConfig.from_pretrained(path, **files)
     except (OSError, ValueError) as e:
-        where = " (offline: only local files and the hub cache are searched)" if offline else ""
+        where = (" (offline: only local files and the hub cache are searched; fill the cache "
+                 "with `musicgen-pipeline models download PRESET` or `models import PRESET PATH`)"
+                 if offline else "")
         raise ModelNotFound(f"cannot load model {source!r}{where}: {e}", field="model",
                             details={"source": source}) from e
     if config.model_type not in ("musicgen", "musicgen_melody"):
