@@ -242,13 +242,17 @@ def test_breakers_of_different_models_are_independent(breaker_backend: Any,
 
 # --- exactly one probe among many concurrent claims -----------------------------------------
 
+# A bound on waiting for the contenders, not a duration: eight spawned interpreters importing
+# the package take over a minute to reach the barrier on a loaded two-core host.
+START_BOUND = 240
+
 def _claim_in_process(redis_url: str, prefix: str, now: float, barrier: Any,
                       results: Any) -> None:
     with redis.Redis.from_url(redis_url) as client:
         # The parent's fake clock, stopped where the breaker is half-open.
         br = CircuitBreaker(NAME, threshold=1, reset_timeout=RESET, probe_timeout=60,
                             backend=RedisBreakerBackend(client, prefix), clock=lambda: now)
-        barrier.wait(timeout=60)
+        barrier.wait(timeout=START_BOUND)
         results.put(br.try_acquire())
 
 
@@ -263,7 +267,7 @@ def test_exactly_one_concurrent_claim_wins_the_probe(breaker_backend: Any, clock
         wins: list[bool] = []
 
         def claim() -> None:
-            barrier.wait(timeout=60)
+            barrier.wait(timeout=START_BOUND)
             wins.append(br.try_acquire())
 
         workers: list[Any] = [threading.Thread(target=claim) for _ in range(contenders)]
@@ -276,7 +280,7 @@ def test_exactly_one_concurrent_claim_wins_the_probe(breaker_backend: Any, clock
     for w in workers:
         w.start()
     assert br.state() is BreakerState.HALF_OPEN
-    barrier.wait(timeout=60)  # release them all at once
+    barrier.wait(timeout=START_BOUND)  # release them all at once
     for w in workers:
         w.join(timeout=60)
     if breaker_backend.kind == "redis":
