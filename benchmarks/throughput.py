@@ -1,7 +1,7 @@
 """Jobs per second through the real queue with the batching worker at batch 1, 4 and 8.
 
     .venv/bin/python benchmarks/throughput.py [--jobs 32] [--duration 2.0] [--batch-sizes 1 4 8]
-        [--batch-wait-ms 50] [--format wav] [--normalization lufs] [--engine hf]
+        [--batch-wait-ms 50] [--format wav] [--normalization lufs] [--engine hf] [--smoke]
 
 Everything is real: the Redis on 127.0.0.1:6379 (an empty database of its own, claimed like the
 integration tests' ``redis_url`` fixture, and only its keys deleted afterwards), a temp project
@@ -31,7 +31,8 @@ Finish times come from the worker's own clock (enqueued_at in each job's sidecar
 total), not from this process's polling, so the figures do not depend on how often we poll.
 Below the table: each batch size against batch 1 and the issue's targets, PASS or MISS (figures
 only: a miss never makes the exit status non-zero; a job that fails does, the run is void).
-Numbers depend on the machine; run it on an idle one.
+Numbers depend on the machine; run it on an idle one. ``--smoke`` (CI): 4 jobs of 0.5 s at
+batch 1 and 2, to prove the script runs.
 """
 
 from __future__ import annotations
@@ -328,7 +329,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--normalization", choices=NORMALIZATIONS, default="lufs")
     parser.add_argument("--engine", choices=["hf", "static"], default="hf",
                         help="model.engine of the workers (hf: the batcher these columns count)")
+    parser.add_argument("--smoke", action="store_true", help="4 jobs of 0.5 s at batch 1 and 2 (CI)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.jobs, args.duration, args.batch_sizes = 4, 0.5, [1, 2]
     if args.jobs < 1 or any(b < 1 for b in args.batch_sizes):
         parser.error("--jobs and every batch size must be at least 1")
     try:
