@@ -1,7 +1,7 @@
 """What the HTTP gateway adds: requests per second and p50/p99 latency of ``POST /v1/jobs``
 beside a bare endpoint that returns 200, in the same app, under the same load.
 
-    .venv/bin/python benchmarks/api.py [--requests 2000] [--concurrency 8] [--warmup 50]
+    .venv/bin/python benchmarks/api.py [--requests 2000] [--concurrency 8] [--warmup 50] [--smoke]
 
 Everything but the GPU is real: the gateway (``create_app``) under uvicorn in its own process,
 with one extra route, ``GET /bench/bare`` (no auth, no body, 200); a claimed empty database on
@@ -198,7 +198,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="client threads")
     parser.add_argument("--warmup", type=int, default=50, help="requests per endpoint first")
     parser.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="12 requests, 2 threads (CI)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.requests, args.concurrency, args.warmup = 12, 2, 2
     if args.serve is not None:
         serve(args.serve)
         return

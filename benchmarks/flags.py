@@ -1,6 +1,6 @@
 """What one feature-flag check costs, beside a plain dict lookup (target: under 10 µs).
 
-    .venv/bin/python benchmarks/flags.py [--iterations 200000] [--repeats 5]
+    .venv/bin/python benchmarks/flags.py [--iterations 200000] [--repeats 5] [--smoke]
 
 Four cases, each called in the same loop over the same pre-built users (so the loop's own cost
 is in every row, and the dict row is the floor):
@@ -68,7 +68,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=200_000, help="checks per timed loop")
     parser.add_argument("--repeats", type=int, default=5, help="timed loops per case")
+    parser.add_argument("--smoke", action="store_true", help="one check, one loop (CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.iterations, args.repeats = 1, 1
     if args.iterations < 1 or args.repeats < 1:
         sys.exit("--iterations and --repeats must be at least 1")
 

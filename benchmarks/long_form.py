@@ -1,6 +1,6 @@
 """Long-form generation against the same audio as independent window-sized jobs (no queue).
 
-    .venv/bin/python benchmarks/long_form.py [--jobs 4] [--duration 75] [--stride 18]
+    .venv/bin/python benchmarks/long_form.py [--smoke] [--jobs 4] [--duration 75] [--stride 18]
         [--model PATH] [--device cpu] [--window S] [--threads 1]
 
 Case 1, long-form: --jobs jobs of --duration seconds in one ``generate`` call; their windows run
@@ -114,7 +114,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--window", type=float, help="shrink the model's window (seconds)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 jobs of 5 s in 2 s windows 1.2 s apart (CI)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.jobs, args.duration, args.stride, args.window = 2, 5.0, 1.2, 2.0
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         source = args.model or str(make_tiny(Path(folder) / "tiny"))

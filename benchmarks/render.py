@@ -4,7 +4,9 @@ A deterministic 10 s mono clip at MusicGen's 32 kHz (noise plus two tones) is re
 times per case by each path; the table shows the median and p95 wall time and the finished
 file's loudness measured by ffmpeg's ebur128 filter (independent of both paths' meters).
 
-    .venv/bin/python benchmarks/render.py [--runs 10] [--seconds 10]
+    .venv/bin/python benchmarks/render.py [--runs 10] [--seconds 10] [--smoke]
+
+``--smoke`` (CI): one run of a 1 s clip per path and case, to prove the script runs.
 
 Not a test: figures depend on the host and its load. Issue 9's targets for a 10 s clip are
 <= 40 ms for wav and <= 80 ms for mp3+lufs.
@@ -68,7 +70,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--smoke", action="store_true", help="one run of a 1 s clip (CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.runs, args.seconds = 1, 1.0
     samples = clip(args.seconds)
     print(f"{args.seconds:g} s mono clip at {SOURCE_RATE} Hz, {args.runs} runs per path; "
           "LUFS = the finished file by ffmpeg ebur128 (lufs target -14)")

@@ -1,11 +1,13 @@
 """Audio seconds generated per wall second by the runtime at batch 1, 4 and 8 (no queue).
 
     .venv/bin/python benchmarks/runtime_batch.py [--items 32] [--duration 2.0] [--threads 1]
+        [--batches 1 4 8] [--smoke]
 
 The tiny random-weight MusicGen on the CPU, ``--items`` items with mixed prompts, seeds and
 sampling parameters and durations jittered by up to 3% (one bucket at the default 2 s), handed to ``generate`` in chunks of
 the batch size (each chunk is one ``model.generate`` call now that seeds no longer split a batch).
-Prints audio s/s, the speed-up over batch 1 and the padding waste side by side.
+Prints audio s/s, the speed-up over batch 1 and the padding waste side by side. ``--smoke`` (CI):
+4 items of 0.5 s at batch 1 and 2, to prove the script runs.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--smoke", action="store_true", help="4 items of 0.5 s, batch 1 and 2 (CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.items, args.duration, args.batches = 4, 0.5, [1, 2]
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         make_tiny(Path(folder) / "tiny")

@@ -1,12 +1,13 @@
 """How long loading and validating the production settings takes, and what Dynaconf costs.
 
-    .venv/bin/python benchmarks/settings_load.py [--warm-runs 200] [--cold-runs 5]
+    .venv/bin/python benchmarks/settings_load.py [--warm-runs 200] [--cold-runs 5] [--smoke]
 
 "layered" is what a service calls: ``load_settings("production")`` (Dynaconf reads and merges
 the layers twice, then ${VAR} substitution, the rules and pydantic). "baseline" does the least
 that gives the same Settings: tomllib on the same files, a dict merge, substitution and
 ``Settings.model_validate``. Cold = a fresh process (interpreter start, imports, first load),
-median of a few; warm = the median of many loads in one process.
+median of a few; warm = the median of many loads in one process. ``--smoke`` (CI): 5 warm
+loads and one cold process, to prove the script runs.
 """
 
 from __future__ import annotations
@@ -102,7 +103,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warm-runs", type=int, default=200)
     parser.add_argument("--cold-runs", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="5 warm loads, 1 cold process (CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.warm_runs, args.cold_runs = 5, 1
 
     os.environ.update(DUMMY_ENV)
     workdir = tempfile.mkdtemp(prefix="settings-bench-")  # no settings.local.toml here

@@ -1,7 +1,7 @@
 """Where one decode step of the static engine goes, and what its matrix products cost alone.
 
     .venv/bin/python benchmarks/step_profile.py [--model small@2] [--rows 1] [--steps 40]
-        [--device auto] [--dtype fp32]
+        [--device auto] [--dtype fp32] [--smoke]
 
 ``benchmarks/gpu.py`` times whole calls (text encoding and EnCodec decode included) and sets
 them against a memory floor. This script answers the next question, for one model: how long a
@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed runs of each measurement")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--smoke", action="store_true", help="the tiny model, 3 steps (CI)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.steps = "tiny", 3
     device = resolve_device(args.device)
     if device == "cpu":
         torch.set_num_threads(1)  # as benchmarks/gpu.py runs on the CPU

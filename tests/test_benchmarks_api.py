@@ -18,8 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 def test_the_smallest_run_prints_both_endpoints_and_cleans_its_database() -> None:
-    proc = subprocess.run([sys.executable, "benchmarks/api.py", "--requests", "12",
-                           "--concurrency", "2", "--warmup", "2"],
+    proc = subprocess.run([sys.executable, "benchmarks/api.py", "--smoke"],
                           cwd=REPO, capture_output=True, text=True, timeout=150, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

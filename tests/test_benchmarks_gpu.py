@@ -96,7 +96,7 @@ def _check_roofline(report: Report, out: str) -> None:
 def test_step_profile_prints_the_bare_step_and_its_products(capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks.step_profile import main as profile_main
 
-    profile_main(["--model", "tiny", "--steps", "3"])
+    profile_main(["--smoke"])  # the tiny model, 3 steps
     out = capsys.readouterr().out
     step = float(re.search(rf"bare engine step: ({NUMBER}) ms", out).group(1))  # type: ignore[union-attr]
     assert step > 0 and "aten::mm" in out  # the profiler's table names the products

@@ -19,7 +19,7 @@ def test_split_cuts_a_long_job_into_window_sized_ones() -> None:
 
 def test_the_smallest_run_prints_both_cases_and_the_cost_per_window(
         capsys: pytest.CaptureFixture[str]) -> None:
-    main(["--jobs", "2", "--duration", "5", "--stride", "1.2", "--window", "2"])
+    main(["--smoke"])  # 2 jobs of 5 s in 2 s windows 1.2 s apart
     out = capsys.readouterr().out
     # 5 s in 2 s windows 1.2 s apart: 4 calls in lockstep; as 2 + 2 + 1 s jobs, 2 at a time: 3.
     assert re.search(r"long-form \(4 windows\)\s+4\s+[\d.]+\s+[\d.]+", out), out

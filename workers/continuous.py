@@ -162,7 +162,9 @@ class ContinuousBatcher:
     def _start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
-        self._loop_started = time.monotonic()
+        # A restarted loop's fraction covers its own life only: busy time of a dead thread's
+        # over a new thread's wall time could read above 1.
+        self._loop_started, self._busy_s = time.monotonic(), 0.0
         self._thread = threading.Thread(target=self._loop, name="continuous-loop", daemon=True)
         self._thread.start()
         self.watchdog.start()

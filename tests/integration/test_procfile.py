@@ -351,9 +351,10 @@ def test_beat_line_sends_both_sweeps_and_the_worker_line_runs_them(
         for task in SWEEPS:
             assert entries[task].total_run_count == 1
             assert time.time() - entries[task].last_run_at.timestamp() < 120
-    again = procfile.start("beat", env)
-    again.wait_for("start-up line", lambda: "beat: Starting..." in again.text())
-    time.sleep(3)
+    # At debug level beat logs "Waking up in ..." after each tick, once it has looked at every
+    # entry and sent the due ones: a state to wait for, where a sleep might end before it looked.
+    again = procfile.start("beat", {**env, "MUSICGEN_APP__LOG_LEVEL": "debug"})
+    again.wait_for("its first tick", lambda: "beat: Waking up in" in again.text())
     assert "Sending due task" not in again.text()
     assert "Traceback" not in again.terminate()
     assert "worker: Cold shutdown (MainProcess)" in worker.terminate()

@@ -31,7 +31,12 @@ def test_call_it_from_your_service_example_runs(shared_worker: Worker, workdir: 
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[0].split()[1] in ("queued", "started")  # an idle worker may take it at once
-    assert any(line.startswith("100% ") or "%" in line for line in lines[1:-1])  # progress was shown
+    # Progress was shown: every line between the first and the last is the example's
+    # "<percent>% <message>", and the percentages never go back.
+    progress = [re.fullmatch(r"(\d{1,3})% (.*)", line) for line in lines[1:-1]]
+    assert progress and all(progress), lines[1:-1]
+    percents = [int(m[1]) for m in progress if m]
+    assert percents == sorted(percents) and percents[-1] <= 100, lines[1:-1]
     path, duration, rate, lufs = lines[-1].split()
     assert Path(path).suffix == ".mp3" and float(duration) == pytest.approx(8.0, abs=0.01)
     probe = ffprobe(Path(path))

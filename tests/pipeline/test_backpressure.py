@@ -87,14 +87,27 @@ def test_policy_refuses_at_the_threshold() -> None:
 
 @pytest.mark.parametrize("threshold", [0, -1])
 def test_threshold_zero_or_less_disables_it(threshold: int) -> None:
-    BackpressurePolicy(threshold).check("musicgen", 10**9)
+    def allowed(policy: BackpressurePolicy) -> list[int]:
+        passed = []
+        for depth in (0, 1, 50, 10**9):
+            try:
+                policy.check("musicgen", depth)
+            except Backpressure:
+                continue
+            passed.append(depth)
+        return passed
+
+    assert allowed(BackpressurePolicy(1)) == [0]  # an enabled check refuses these depths...
+    assert allowed(BackpressurePolicy(threshold)) == [0, 1, 50, 10**9]  # ...a disabled one none
 
 
 def test_policy_with_a_real_queue(redis_client: redis.Redis, key_prefix: str) -> None:
     queue = f"{key_prefix}musicgen"
     policy = BackpressurePolicy(threshold=3)
     redis_client.lpush(queue, "a", "b")
-    policy.check(queue, queue_depth(redis_client, queue))
-    redis_client.lpush(f"{queue}\x06\x166", "c")
-    with pytest.raises(Backpressure):
+    assert queue_depth(redis_client, queue) == 2
+    policy.check(queue, queue_depth(redis_client, queue))  # two waiting: a third may join
+    redis_client.lpush(f"{queue}\x06\x166", "c")  # a priority list counts as well
+    with pytest.raises(Backpressure) as caught:
         policy.check(queue, queue_depth(redis_client, queue))
+    assert caught.value.details == {"queue": queue, "depth": 3, "threshold": 3}

@@ -242,25 +242,32 @@ def test_breakers_of_different_models_are_independent(breaker_backend: Any,
 
 # --- exactly one probe among many concurrent claims -----------------------------------------
 
-def _claim_in_process(redis_url: str, prefix: str, barrier: Any, results: Any) -> None:
+# A bound on waiting for the contenders, not a duration: eight spawned interpreters importing
+# the package take over a minute to reach the barrier on a loaded two-core host.
+START_BOUND = 240
+
+def _claim_in_process(redis_url: str, prefix: str, now: float, barrier: Any,
+                      results: Any) -> None:
     with redis.Redis.from_url(redis_url) as client:
-        br = CircuitBreaker(NAME, threshold=1, reset_timeout=0.3, probe_timeout=60,
-                            backend=RedisBreakerBackend(client, prefix))
-        barrier.wait(timeout=60)
+        # The parent's fake clock, stopped where the breaker is half-open.
+        br = CircuitBreaker(NAME, threshold=1, reset_timeout=RESET, probe_timeout=60,
+                            backend=RedisBreakerBackend(client, prefix), clock=lambda: now)
+        barrier.wait(timeout=START_BOUND)
         results.put(br.try_acquire())
 
 
-def test_exactly_one_concurrent_claim_wins_the_probe(breaker_backend: Any) -> None:
+def test_exactly_one_concurrent_claim_wins_the_probe(breaker_backend: Any, clock: Any) -> None:
     contenders = 8
-    br = CircuitBreaker(NAME, threshold=1, reset_timeout=0.3, probe_timeout=60,
-                        backend=breaker_backend.backend)
+    br = CircuitBreaker(NAME, threshold=1, reset_timeout=RESET, probe_timeout=60,
+                        backend=breaker_backend.backend, clock=clock)
     br.record_failure()
+    clock.advance(RESET)  # the reset timeout has passed, for every contender alike
     if breaker_backend.kind == "memory":  # one process: threads
         barrier = threading.Barrier(contenders + 1)
         wins: list[bool] = []
 
         def claim() -> None:
-            barrier.wait(timeout=60)
+            barrier.wait(timeout=START_BOUND)
             wins.append(br.try_acquire())
 
         workers: list[Any] = [threading.Thread(target=claim) for _ in range(contenders)]
@@ -269,12 +276,11 @@ def test_exactly_one_concurrent_claim_wins_the_probe(breaker_backend: Any) -> No
         barrier, results = ctx.Barrier(contenders + 1), ctx.Queue()
         workers = [ctx.Process(target=_claim_in_process,
                                args=(breaker_backend.redis_url, breaker_backend.prefix,
-                                     barrier, results)) for _ in range(contenders)]
+                                     clock(), barrier, results)) for _ in range(contenders)]
     for w in workers:
         w.start()
-    time.sleep(0.35)
     assert br.state() is BreakerState.HALF_OPEN
-    barrier.wait(timeout=60)  # release them all at once
+    barrier.wait(timeout=START_BOUND)  # release them all at once
     for w in workers:
         w.join(timeout=60)
     if breaker_backend.kind == "redis":

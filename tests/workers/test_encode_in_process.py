@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from pipeline.errors import PostProcessFailed
 from workers.audio import FORMATS, OutputSpec, render
@@ -65,12 +66,22 @@ def test_each_format_has_one_encoder(fmt: str) -> None:
             assert encoder_for(spec) == expected, (rate, channels)
 
 
-def test_formats_written_in_process_all_have_sndfile_settings() -> None:
+def test_formats_written_in_process_all_have_sndfile_settings(tmp_path: Path) -> None:
     # The chooser falls back to ffmpeg where libsndfile cannot honour a spec; every format the
     # policy names can be honoured at every rate, so that fallback never silently takes over.
+    containers = {"wav": "WAV", "flac": "FLAC", "ogg": "OGG"}
+    assert set(IN_PROCESS_FORMATS) <= set(containers)
     for fmt in IN_PROCESS_FORMATS:
         for rate in FORMATS[fmt].sample_rates:
-            assert sndfile_encoding(OutputSpec(format=fmt, sample_rate=rate)) is not None
+            spec = OutputSpec(format=fmt, sample_rate=rate)
+            how = sndfile_encoding(spec)
+            assert how is not None and how.format == containers[fmt], (fmt, rate)
+            assert sf.check_format(how.format, how.subtype), (fmt, rate, how)
+            # and libsndfile really writes it at that rate
+            out = tmp_path / f"{fmt}-{rate}.{fmt}"
+            write_in_process(noise(rate, spec.channels, seconds=0.1), rate, spec, out)
+            info = sf.info(out)
+            assert (info.format, info.subtype, info.samplerate) == (how.format, how.subtype, rate)
 
 
 def test_opus_is_left_to_ffmpeg(tmp_path: Path) -> None:

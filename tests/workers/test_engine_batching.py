@@ -102,14 +102,24 @@ def test_release_frees_a_row_at_once_and_leaves_its_neighbours_alone(
     assert engine.step() == []  # nothing left to run
 
 
-def test_generate_admits_waiting_items_as_rows_free_up(tiny_model: LoadedModel) -> None:
+def test_generate_admits_waiting_items_as_rows_free_up(tiny_model: LoadedModel,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     engine = StaticEngine(tiny_model, max_rows=2)
+    finished: list[int] = []  # seeds, in the order their rows finished (a row decodes then)
+    real = engine._decode
+
+    def decode(row: int, job: Row) -> GeneratedAudio:
+        finished.append(job.seed)
+        return real(row, job)
+
+    monkeypatch.setattr(engine, "_decode", decode)
     items = [LONG, SHORT, LATE, GenerationItem("x", 0.1, seed=4)]
     results = engine.generate(items)
     assert [r.seed for r in results] == [11, 5, 8, 4]
     # The first two started together; the others took the rows the short ones left.
     assert [r.batch_size for r in results] == [1, 2, 2, 2]
-    assert results[1].generate_seconds < results[0].generate_seconds
+    # The long job, admitted first, finished last: the short ones came and went beside it.
+    assert finished == [5, 8, 4, 11]
 
 
 def fail_decode(engine: StaticEngine, monkeypatch: pytest.MonkeyPatch, item: GenerationItem,

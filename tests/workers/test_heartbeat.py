@@ -94,17 +94,19 @@ def test_the_beat_goes_on_while_the_process_is_busy(store: HeartbeatStore) -> No
     beat = Heartbeat(store, worker, hostname="busy", interval=0.5, held=lambda: held)
     beat.start()
     try:
-        first = next(r.beat for r in store.records()[1] if r.worker_id == worker)
-
-        def beats_since_start() -> float:
-            return next(r.beat for r in store.records()[1] if r.worker_id == worker) - first
+        def last_beat() -> float:
+            return next(r.beat for r in store.records()[1] if r.worker_id == worker)
 
         # The "job": pure Python holding the interpreter, until three intervals have been beaten.
+        # Each beat is seen while the loop runs: what is checked is that they kept coming, not
+        # how recent the last one is (a loaded host may delay a beat, never stop them).
+        seen = {last_beat()}
         n, deadline = 0, time.monotonic() + 60
-        while beats_since_start() < 1.5:
+        while max(seen) - min(seen) < 1.5:
             assert time.monotonic() < deadline, "the heartbeat stopped while the process was busy"
             n = sum(i * i for i in range(20000)) + n % 7
-        assert worker not in store.silent(0.5 * 2)  # two missed beats would make it dead
+            seen.add(last_beat())
+        assert len(seen) >= 3  # the first beat and more of them, not one late jump
         assert next(r.held for r in store.records()[1] if r.worker_id == worker) == held
     finally:
         beat.stop()

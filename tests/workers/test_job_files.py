@@ -53,8 +53,17 @@ def test_removing_job_abc_leaves_job_abc_def_alone(settings: Settings, tmp_path:
     assert names(job_temp_dir(settings, "abc.def")) == ["melody.upload"]
 
 
-def test_discard_is_a_no_op_for_a_job_with_no_files(settings: Settings) -> None:
-    discard_job_files(settings, "never-ran")  # no folders yet: nothing raised
+def test_discard_is_a_no_op_for_a_job_with_no_files(settings: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "outputs"
+    discard_job_files(settings, "never-ran")  # no folders yet: nothing raised, nothing made
+    assert not out.exists() and not (tmp_path / "tmp").exists()
+    # Beside other jobs' files (one whose id starts with this one's), it touches none of them.
+    files_of(out, "never-ran.x.wav", "never-ran.x.wav.json", *NEIGHBOURS)
+    files_of(job_temp_dir(settings, "never-ran.x"), "melody.upload")
+    discard_job_files(settings, "never-ran")
+    assert names(out) == sorted(["never-ran.x.wav", "never-ran.x.wav.json", *NEIGHBOURS])
+    assert names(job_temp_dir(settings, "never-ran.x")) == ["melody.upload"]
+    assert not job_temp_dir(settings, "never-ran").exists()
 
 
 def test_clear_leftovers_keeps_the_finished_pair(settings: Settings, tmp_path: Path) -> None:

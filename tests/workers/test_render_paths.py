@@ -116,10 +116,20 @@ def test_one_encoder_run_at_most(fmt: str, runs: int, tmp_path: Path) -> None:
     assert sf.info(dest).frames > 0
 
 
-def test_in_process_formats_need_no_ffmpeg(tmp_path: Path) -> None:
-    for fmt in ("wav", "flac", "ogg"):
-        render(noise(1.0), RATE, OutputSpec(format=fmt, normalization="peak"),
-               tmp_path / f"take.{fmt}", temp_dir=tmp_path / "t", ffmpeg="/nonexistent/ffmpeg")
+@pytest.mark.parametrize(("fmt", "container"), [("wav", "WAV"), ("flac", "FLAC"), ("ogg", "OGG")])
+def test_in_process_formats_need_no_ffmpeg(fmt: str, container: str, tmp_path: Path) -> None:
+    dest = tmp_path / f"take.{fmt}"
+    spec = OutputSpec(format=fmt, sample_rate=44100, normalization="peak")
+    result = render(noise(1.0), RATE, spec, dest, temp_dir=tmp_path / "t",
+                    ffmpeg="/nonexistent/ffmpeg")  # any ffmpeg run would fail the render
+    info = sf.info(dest)
+    assert result.path == dest and (info.format, info.samplerate) == (container, 44100)
+    assert info.frames == pytest.approx(44100, abs=64)  # one second, resampled
+    written, _ = sf.read(dest, dtype="float32")
+    peak_db = float(20 * np.log10(np.abs(written).max()))
+    assert result.peak_dbfs == pytest.approx(peak_db, abs=0.05)  # the file's own peak is reported
+    if fmt != "ogg":  # lossless: exactly the -1 dBFS asked for; Vorbis overshoots a little
+        assert peak_db == pytest.approx(-1.0, abs=0.01)
 
 
 def test_encode_run_that_exits_non_zero_is_retryable(tmp_path: Path) -> None:
