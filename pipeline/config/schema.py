@@ -131,6 +131,11 @@ class ModelSettings(_Section):
         "static", description="static: our static-cache decode loop with continuous batching "
                               "(melody and long-form jobs still run on hf); hf: Hugging Face "
                               "generate, jobs batched by batch key")
+    engine_memory_fraction: float = Field(
+        0.6, gt=0, le=1, description="static engine on CUDA: the share of the device memory free "
+                                     "after the model loaded that its KV cache may take (its "
+                                     "rows are capped to fit); the rest is for activations, "
+                                     "EnCodec and HF-path jobs")
     num_threads: int = Field(0, ge=0, le=256, description="torch CPU threads per worker process; 0 = torch's default")
     preload: bool = True
     offline: bool = False
