@@ -146,11 +146,13 @@ class JobRunner:
         self.loop: Batcher | ContinuousBatcher = self.batcher
         if settings.model.engine == "static":
             from workers.runtime.engine import EngineUnsupported
+            from workers.runtime.engine.selfcheck import self_check
             from workers.runtime.engine.serving import EngineBuilder
 
-            self.engines = EngineBuilder(compile=settings.model.compile,
-                                         memory_fraction=settings.model.engine_memory_fraction,
-                                         on_verdict=on_engine)
+            self.engines = EngineBuilder(
+                compile=settings.model.compile,
+                memory_fraction=settings.model.engine_memory_fraction, on_verdict=on_engine,
+                check=self_check if settings.model.engine_self_check else None)
             limits = _batcher_limits(settings)
             self.loop = ContinuousBatcher(
                 self._engine, self.batcher, max_batch_size=limits["max_batch_size"],

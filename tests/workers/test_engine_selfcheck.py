@@ -198,3 +198,16 @@ def test_hf_workers_report_hf(tmp_path: Path, tiny_path: Path) -> None:
     runner = JobRunner(settings)
     runner.model("tiny")
     assert runner.engines is None and runner.serving_engines() == {"tiny": "hf"}
+
+
+def test_with_the_self_check_off_the_engine_serves_unchecked(
+        tmp_path: Path, tiny_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = load_settings("development", cwd=tmp_path, overrides={
+        "model.preset": "tiny", "model.source": str(tiny_path), "model.device": "cpu",
+        "model.engine": "static", "model.engine_self_check": False})
+    runner = JobRunner(settings)
+    with caplog.at_level(logging.INFO, logger="workers.runtime.engine.serving"):
+        runner.preload()
+    assert runner.serving_engines() == {"tiny": "static"}
+    assert "serves unchecked (model.engine_self_check = false)" in caplog.text
+    assert "passed its self-check" not in caplog.text

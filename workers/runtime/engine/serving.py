@@ -38,7 +38,7 @@ class EngineBuilder:
 
     def __init__(self, *, compile: bool, memory_fraction: float,
                  on_verdict: Verdict | None = None,
-                 check: Callable[[StaticEngine], SelfCheck] = self_check,
+                 check: Callable[[StaticEngine], SelfCheck] | None = self_check,
                  free_bytes: Callable[[str], int | None] = free_device_bytes) -> None:
         self.compile = compile
         self.memory_fraction = memory_fraction
@@ -77,6 +77,11 @@ class EngineBuilder:
             engine = StaticEngine(loaded, max_rows=sizing.rows, compile=self.compile)
         except Exception as e:  # noqa: BLE001 - any build failure means "serve with hf"
             self._refuse(model, f"building it failed ({type(e).__name__}: {e})", e)
+        if self._check is None:
+            log.info("static engine for %s serves unchecked (model.engine_self_check = false)",
+                     model)
+            self._decide(model, STATIC, None)
+            return engine
         verdict = self._check(engine)
         if not verdict.passed:
             self._refuse(model, f"its self-check failed: {verdict.reason}")
