@@ -58,7 +58,7 @@ def self_check(engine: StaticEngine, hf: HfGenerate = hf_generate,
     try:
         reason = _compare(engine, hf, items)
     except Exception as e:  # noqa: BLE001 - whatever the engine raises is the verdict
-        reason = f"the engine raised {type(e).__name__}: {_one_line(e)}"
+        reason = f"the engine raised {type(e).__name__}: {one_line(str(e))}"
     return SelfCheck(reason is None, reason or "", time.perf_counter() - started)
 
 
@@ -89,6 +89,7 @@ def _compare(engine: StaticEngine, hf: HfGenerate,
     return None
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 200 else text[:197] + "..."
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line, at most ``limit`` characters: a log line, not a dump."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."

@@ -22,7 +22,7 @@ from workers.runtime.engine.engine import (
     EngineUnsupported,
     StaticEngine,
 )
-from workers.runtime.engine.selfcheck import SelfCheck, self_check
+from workers.runtime.engine.selfcheck import SelfCheck, one_line, self_check
 from workers.runtime.engine.sizing import free_device_bytes, rows_for, shape_of
 from workers.runtime.musicgen import LoadedModel, max_new_tokens_for, window_frames
 
@@ -92,8 +92,9 @@ class EngineBuilder:
         return engine
 
     def _refuse(self, model: str, reason: str, cause: BaseException | None = None) -> NoReturn:
+        reason = one_line(reason)
         log.warning("model %s is served by the hf path, not the static engine: %s", model,
-                    " ".join(reason.split()))
+                    reason)
         self._decide(model, HF, reason)
         raise EngineUnsupported(f"static engine refused: {reason}", field="model") from cause
 
