@@ -23,7 +23,8 @@ from workers.runtime import LoadedModel
 from workers.runtime.engine import EngineUnsupported, StaticEngine
 from workers.runtime.engine.selfcheck import self_check
 from workers.runtime.engine.serving import EngineBuilder
-from workers.runtime.musicgen import load_model
+from workers.runtime.engine.sizing import shape_of
+from workers.runtime.musicgen import load_model, max_new_tokens_for, window_frames
 
 
 @contextmanager
@@ -161,10 +162,21 @@ def test_rows_are_capped_to_the_free_device_memory(tiny_model: LoadedModel) -> N
 
 
 def _row_bytes(loaded: LoadedModel) -> int:
-    """One tiny engine row's cache, counted from the tensors a one-row engine allocates."""
-    cache = StaticEngine(loaded, max_rows=1)._cache
-    return sum(t.numel() * t.element_size()
-               for t in (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v))
+    """What one more row adds to an engine's cache, counted from the tensors it allocates
+    (whatever their layout: one tensor for all layers or one per layer)."""
+    def allocated(rows: int) -> int:
+        found = [*vars(StaticEngine(loaded, max_rows=rows)._cache).values()]
+        tensors = [t for v in found for t in (v if isinstance(v, (list, tuple)) else [v])
+                   if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    return allocated(2) - allocated(1)
+
+
+def test_the_sizing_counts_what_a_row_really_allocates(tiny_model: LoadedModel) -> None:
+    shape = shape_of(tiny_model, max_new_tokens_for(window_frames(tiny_model),
+                                                    tiny_model.delay_codebooks), 128)
+    assert shape.row_bytes == pytest.approx(_row_bytes(tiny_model), rel=0.05)
 
 
 # --- the worker's preload -------------------------------------------------------------------
