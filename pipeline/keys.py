@@ -43,8 +43,9 @@ WEBHOOK_PREFIX = ROOT_PREFIX + "webhook:"
 #: Redis server time of its last beat. A member whose score is old is a dead worker.
 WORKERS_KEY = ROOT_PREFIX + "workers"
 #: ``musicgen:worker:{worker id}``: a HASH with ``hostname``, ``pid``, ``beat`` (Redis time),
-#: ``beat_local`` (the worker's own clock, which kombu stamps its deliveries with) and ``held``
-#: (JSON: delivery tag -> job id of every message the worker holds). Expires after the
+#: ``beat_local`` (the worker's own clock, which kombu stamps its deliveries with), ``held``
+#: (JSON: delivery tag -> job id of every message the worker holds) and ``engines`` (JSON: model
+#: preset -> ``static`` or ``hf``, the engine serving it in that process once decided). Expires after the
 #: visibility timeout, when the broker has given those messages back by itself.
 WORKER_PREFIX = ROOT_PREFIX + "worker:"
 

@@ -36,13 +36,13 @@ log = logging.getLogger(__name__)
 __all__ = ["Heartbeat", "HeartbeatStore", "WorkerRecord", "held_requests", "new_worker_id"]
 
 # KEYS: the workers ZSET, the worker's record. ARGV: worker id, hostname, pid, the worker's own
-# clock, the held tags (JSON), the record's TTL in seconds.
+# clock, the held tags (JSON), the record's TTL in seconds, the engine serving each model (JSON).
 _BEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[2], 'hostname', ARGV[2], 'pid', ARGV[3], 'beat', tostring(now),
-           'beat_local', ARGV[4], 'held', ARGV[5])
+           'beat_local', ARGV[4], 'held', ARGV[5], 'engines', ARGV[7])
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[6]))
 return tostring(now)
 """
@@ -79,20 +79,27 @@ class WorkerRecord:
     beat: float  # Redis's clock
     beat_local: float  # the worker's own clock at that beat (kombu stamps deliveries with it)
     held: dict[str, str] = field(default_factory=dict)  # delivery tag -> job id
+    # model preset -> the engine serving it in this process ("static" or "hf"), once decided
+    engines: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_hash(cls, worker_id: str, fields: Mapping[bytes | str, bytes | str],
                   beat: float | None = None) -> WorkerRecord:
         """The record from its Redis HASH (``beat`` from the ZSET when the hash has expired)."""
         f = {_text(k): _text(v) for k, v in fields.items()}
-        try:
-            held = json.loads(f.get("held") or "{}")
-        except ValueError:
-            held = {}
         return cls(worker_id, f.get("hostname", worker_id.split("/", 1)[0]),
                    int(f.get("pid") or 0), float(f.get("beat") or beat or 0.0),
-                   float(f.get("beat_local") or 0.0),
-                   {str(k): str(v) for k, v in held.items()} if isinstance(held, dict) else {})
+                   float(f.get("beat_local") or 0.0), _json_map(f.get("held")),
+                   _json_map(f.get("engines")))
+
+
+def _json_map(text: str | None) -> dict[str, str]:
+    """A JSON object of strings from a record's field; empty when absent or unreadable."""
+    try:
+        found = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
 
 
 def _text(value: bytes | str) -> str:
@@ -109,11 +116,14 @@ class HeartbeatStore:
         self._claim = client.register_script(_CLAIM)
 
     def beat(self, worker_id: str, *, hostname: str, held: Mapping[str, str],
-             beat_local: float, pid: int | None = None) -> float:
-        """Record a beat of ``worker_id`` holding ``held``; returns Redis's time of it."""
+             beat_local: float, pid: int | None = None,
+             engines: Mapping[str, str] | None = None) -> float:
+        """Record a beat of ``worker_id`` holding ``held`` (and serving each model with
+        ``engines``); returns Redis's time of it."""
         now = self._beat(keys=[keys.WORKERS_KEY, keys.worker_key(worker_id)],
                          args=[worker_id, hostname, pid if pid is not None else os.getpid(),
-                               repr(beat_local), json.dumps(dict(held)), self.ttl])
+                               repr(beat_local), json.dumps(dict(held)), self.ttl,
+                               json.dumps(dict(engines or {}))])
         return float(_text(now))
 
     def forget(self, worker_id: str) -> None:
@@ -193,10 +203,12 @@ class Heartbeat:
     MIN_GAP_S = 0.05
 
     def __init__(self, store: HeartbeatStore, worker_id: str, *, hostname: str,
-                 interval: float, held: Callable[[], Mapping[str, str]] = held_requests) -> None:
+                 interval: float, held: Callable[[], Mapping[str, str]] = held_requests,
+                 engines: Callable[[], Mapping[str, str]] | None = None) -> None:
         self.store, self.worker_id, self.hostname = store, worker_id, hostname
         self.interval = interval
         self._held = held
+        self._engines = engines
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="musicgen-heartbeat", daemon=True)
@@ -225,7 +237,16 @@ class Heartbeat:
         held = self._held()
         # Read after the snapshot: every tag in it was delivered before this instant.
         self.store.beat(self.worker_id, hostname=self.hostname, held=held,
-                        beat_local=time.time())
+                        beat_local=time.time(), engines=self._serving())
+
+    def _serving(self) -> Mapping[str, str]:
+        if self._engines is None:
+            return {}
+        try:
+            return self._engines()
+        except Exception:  # what it reports must never stop the beat
+            log.warning("could not read which engine serves each model", exc_info=True)
+            return {}
 
     def _run(self) -> None:
         while not self._stopped.is_set():

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +37,9 @@ from workers.runtime.batch import GeneratedAudio, GenerationItem, validate_items
 from workers.runtime.model_cache import ModelCache
 from workers.runtime.musicgen import LoadedModel, batch_key_for, generate, load_model
 from workers.storage import remove_partial, upload_pair, write_sidecar
+
+if TYPE_CHECKING:  # the engine's modules import it lazily: an hf worker never loads them
+    from workers.runtime.engine.serving import EngineBuilder
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +112,13 @@ class RunOutcome:
     gpu_seconds: float
 
 
-def _batcher_limits(settings: Settings) -> dict[str, Any]:
+def _batcher_limits(settings: Settings, row_cap: int | None = None) -> dict[str, Any]:
     gen = settings.generation
     # Only the threads pool has more than one job in a process at a time: in prefork and solo
     # a batch is one job, and waiting for company that cannot come would only add latency.
     batch = gen.max_batch_size if settings.worker.pool == "threads" else 1
+    if row_cap is not None:  # the rows the device's memory holds (EngineBuilder's sizing)
+        batch = min(batch, row_cap)
     return {"max_batch_size": batch, "batch_wait_s": gen.batch_wait_ms / 1000,
             "hard_limit_s": float(settings.worker.hard_time_limit)}
 
@@ -122,7 +127,8 @@ class JobRunner:
     """Everything a worker process keeps between jobs: its settings and its model cache."""
 
     def __init__(self, settings: Settings,
-                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
+                 on_batch: Callable[[BatchStats], None] | None = None,
+                 on_engine: Callable[[str, str], None] | None = None) -> None:
         self.settings = settings
         if settings.model.num_threads:
             # Process-wide; on a shared CPU host one thread per worker process beats oversubscription.
@@ -131,13 +137,22 @@ class JobRunner:
             torch.set_num_threads(settings.model.num_threads)
         self.cache: ModelCache[LoadedModel] = ModelCache(settings.model.cache_size, self._load)
         self._model_settings: dict[str, ModelSettings] = {}
+        self._presets: dict[int, str] = {}  # id(LoadedModel) -> its preset, for logs and metrics
+        self._row_cap: int | None = None  # fewer rows than max_batch_size fit the device
+        self.engines: EngineBuilder | None = None
         # The HF path; with the static engine it still runs what that engine cannot (melody,
         # past the window), so ``batcher`` always exists and ``loop`` is what jobs go to.
         self.batcher = Batcher(_generate, on_batch=on_batch, **_batcher_limits(settings))
         self.loop: Batcher | ContinuousBatcher = self.batcher
         if settings.model.engine == "static":
             from workers.runtime.engine import EngineUnsupported
+            from workers.runtime.engine.selfcheck import self_check
+            from workers.runtime.engine.serving import EngineBuilder
 
+            self.engines = EngineBuilder(
+                compile=settings.model.compile,
+                memory_fraction=settings.model.engine_memory_fraction, on_verdict=on_engine,
+                check=self_check if settings.model.engine_self_check else None)
             limits = _batcher_limits(settings)
             self.loop = ContinuousBatcher(
                 self._engine, self.batcher, max_batch_size=limits["max_batch_size"],
@@ -149,20 +164,35 @@ class JobRunner:
         batch size and wait); a running job keeps the limits it started with. What this object
         built from the model settings (the model cache, the engine) is not live: those keys need
         a restart."""
-        self.loop.configure(**_batcher_limits(settings))
+        self.loop.configure(**_batcher_limits(settings, self._row_cap))
         self.settings = settings
 
-    def _engine(self, loaded: LoadedModel, rows: int) -> Engine:
-        from workers.runtime.engine import StaticEngine
+    def serving_engines(self) -> dict[str, str]:
+        """Model preset -> the engine serving it (``static`` or ``hf``), for the heartbeat."""
+        if self.engines is None:
+            return dict.fromkeys(self.cache.sources(), "hf")
+        return self.engines.serving()
 
-        return StaticEngine(loaded, max_rows=rows, compile=self.settings.model.compile)
+    def _engine(self, loaded: LoadedModel, rows: int) -> Engine:
+        """The continuous loop's engine factory: sized, built and checked by ``engines``."""
+        assert self.engines is not None
+        engine = self.engines.build(loaded, rows,
+                                    model=self._presets.get(id(loaded), loaded.source))
+        if engine.max_rows < rows:
+            # Fewer rows fit than the loop asked for: it must not ask again for more (it would
+            # rebuild the engine for every job), nor admit more jobs than rows.
+            self._row_cap = min(engine.max_rows, self._row_cap or engine.max_rows)
+            self.loop.configure(**_batcher_limits(self.settings, self._row_cap))
+        return engine
 
     def _load(self, preset: str) -> LoadedModel:
         m = self._model_settings[preset]
         log.info("loading model %s from %s on %s", preset, m.source, m.device)
-        return load_model(m.source, device=m.device, dtype=m.dtype, compile=m.compile,
-                          offline=m.offline, cache_dir=m.cache_dir,
-                          download_timeout=m.download_timeout)
+        loaded = load_model(m.source, device=m.device, dtype=m.dtype, compile=m.compile,
+                            offline=m.offline, cache_dir=m.cache_dir,
+                            download_timeout=m.download_timeout)
+        self._presets[id(loaded)] = preset
+        return loaded
 
     def model(self, preset: str) -> tuple[LoadedModel, float]:
         """The loaded model for a preset and the seconds spent loading it (0 when cached)."""
@@ -175,13 +205,14 @@ class JobRunner:
         return loaded, time.perf_counter() - started
 
     def preload(self) -> float | None:
-        """Load the preset's model now if settings ask for it, and build its static engine (with
-        ``model.engine = static``); the seconds the load took, or None."""
+        """Load the preset's model now if settings ask for it, and build and self-check its
+        static engine (with ``model.engine = static``; see ``workers.runtime.engine.serving``);
+        the seconds the load took, or None."""
         if not self.settings.model.preload:
             return None
         loaded, seconds = self.model(self.settings.model.preset)
         if isinstance(self.loop, ContinuousBatcher):
-            self.loop.prepare(loaded)  # a failure is logged; the first job tries again
+            self.loop.prepare(loaded)  # a refusal is logged once: HF serves the model
         return seconds
 
     def run(self, spec: JobSpec, *, worker: str, progress: Progress, started_at: float,

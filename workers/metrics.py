@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["model_of", "observe_batch", "observe_failure", "observe_model_load",
-           "observe_recovered", "observe_success", "setup_metrics"]
+__all__ = ["model_of", "observe_batch", "observe_engine", "observe_failure",
+           "observe_model_load", "observe_recovered", "observe_success", "setup_metrics"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Scraped from the monitoring host, so not loopback only; the metrics hold no secret.
@@ -45,6 +45,7 @@ PORT_TRIES = 8
 # from disk (tens of milliseconds at least). Below this, a job's model_load timing was a hit.
 MODEL_LOAD_MIN_S = 0.001
 SUCCEEDED = "succeeded"
+ENGINES = ("static", "hf")  # the values of the musicgen_engine gauge's engine label
 
 _GENERATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 _RTF_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 4, 8, 16, 32)
@@ -99,6 +100,13 @@ class _Metrics:
         self.settings_reloads = Counter("musicgen_settings_reloads",
                                         "Settings reloads by outcome (applied, unchanged, invalid, "
                                         "restart_required, failed)", ["outcome"])
+        # 1 for the engine serving the model in a live process, 0 for the other one
+        # (workers/runtime/engine/serving.py): "liveall" keeps one series per process, so a
+        # node whose processes disagree shows it; take max by (model, engine) in the query.
+        self.engine = Gauge("musicgen_engine",
+                            "Which engine serves the model: static (our decode engine, checked "
+                            "against HF at start) or hf", ["model", "engine"],
+                            multiprocess_mode="liveall")
         # Counted by the live worker that re-published them (workers/recovery.py).
         self.recovered = Counter("musicgen_recovered_jobs",
                                  "Jobs of dead workers put back on their queues by the heartbeat "
@@ -182,6 +190,16 @@ def observe_batch(stats: BatchStats) -> None:
     except Exception:
         log.warning("could not record metrics of a batch of %s", getattr(stats, "model", "?"),
                     exc_info=True)
+
+
+def observe_engine(model: str, engine: str) -> None:
+    """Record that ``engine`` (``static`` or ``hf``) serves ``model`` in this process."""
+    try:
+        m = _get()
+        for name in ENGINES:
+            m.engine.labels(model, name).set(1 if name == engine else 0)
+    except Exception:
+        log.warning("could not record which engine serves %s", model, exc_info=True)
 
 
 def observe_settings_reload(outcome: str) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,14 +163,15 @@ class Recovery:
     """One worker process's heartbeat and its periodic look for dead workers (two threads)."""
 
     def __init__(self, app: Any, hostname: str | None = None,
-                 held: Mapping[str, str] | None = None) -> None:
+                 held: Mapping[str, str] | None = None,
+                 engines: Callable[[], Mapping[str, str]] | None = None) -> None:
         r = app.settings.recovery
         self.app = app
         self.store = store_for(app)
         self.worker_id = new_worker_id(hostname)
         kwargs: dict[str, Any] = {} if held is None else {"held": lambda: held}
         self.heartbeat = Heartbeat(self.store, self.worker_id, hostname=hostname or self.worker_id,
-                                   interval=r.heartbeat_interval, **kwargs)
+                                   interval=r.heartbeat_interval, engines=engines, **kwargs)
         self.scan_interval = r.scan_interval
         self._stopped = threading.Event()
         self._scanner = threading.Thread(target=self._scan, name="musicgen-recovery", daemon=True)

@@ -27,11 +27,17 @@ from workers.typed_celery import receiver
 log = logging.getLogger(__name__)
 
 
+_BEATS: list[Any] = []  # this process's running Recovery, once the worker is ready
+
+
 def self_check_passed(runner: Any) -> bool:
     """Whether the preloaded engine passed its start-up self-check (True where it has none).
 
     The one place ``/readyz`` reads the self-check from: the runner exposes it as
     ``self_check_passed`` (a bool, or a function returning one) once that check exists.
+    The static engine's self-check (``workers.runtime.engine.serving``) does not: an engine
+    that fails it steps aside and the model is served by the hf path, so the process is ready
+    (``health`` and the ``musicgen_engine`` gauge say which engine serves).
     """
     check = getattr(runner, "self_check_passed", None)
     if check is None:
@@ -61,6 +67,15 @@ def _setup(app: Any) -> None:
         # so Kubernetes sends it no traffic and an operator sees why.
         mark_ready(preset, False)
         log.exception("preloading the model failed")
+    for beat in _BEATS:  # which engine serves the preloaded model: in the record now
+        beat.heartbeat.poke()
+
+
+def _serving_engines() -> dict[str, str]:
+    """The heartbeat's ``engines``: this process's runner's, where jobs run in this process
+    (solo and threads pools; a prefork child's runner is not the beating parent's)."""
+    runner = STATE.runner
+    return {} if runner is None else runner.serving_engines()
 
 
 def _connect_recovery(app: Any) -> None:
@@ -70,12 +85,13 @@ def _connect_recovery(app: Any) -> None:
 
     if not recovery.enabled_for(app.settings):
         return
-    running: list[recovery.Recovery] = []
+    running = _BEATS
 
     @receiver(worker_ready)
     def _beat(sender: Any = None, **_: Any) -> None:
         try:
-            started = recovery.Recovery(app, getattr(sender, "hostname", None))
+            started = recovery.Recovery(app, getattr(sender, "hostname", None),
+                                        engines=_serving_engines)
             started.start()
         except Exception:  # Redis away at start: the broker's visibility timeout still holds
             log.exception("heartbeat not started: this worker's jobs are recovered only after "

@@ -36,7 +36,13 @@ from pipeline.registry import JobRegistry, registry_for
 from pipeline.time_limits import job_time_limits
 from workers import typed_celery
 from workers.job_runner import JobCancelledByUser, JobRunner, discard_job_files
-from workers.metrics import model_of, observe_batch, observe_failure, observe_success
+from workers.metrics import (
+    model_of,
+    observe_batch,
+    observe_engine,
+    observe_failure,
+    observe_success,
+)
 from workers.webhook_task import job_ended
 
 log = logging.getLogger(__name__)
@@ -68,7 +74,8 @@ _STATE_LOCK = threading.Lock()
 def runner_for(app: PipelineCelery) -> JobRunner:
     with _STATE_LOCK:
         if STATE.runner is None:
-            STATE.runner = JobRunner(app.settings, on_batch=observe_batch)
+            STATE.runner = JobRunner(app.settings, on_batch=observe_batch,
+                                     on_engine=observe_engine)
         return STATE.runner
 
 

@@ -18,10 +18,12 @@ def build_app(settings: Settings | None = None) -> PipelineCelery:
     tasks.register_tasks(app)
     maintenance.register(app)
     webhook_task.register(app)
+    if reloadable:
+        # First: a pool process watches for reloads before the model preload (signals), which
+        # takes seconds with the engine's self-check; a reload told meanwhile is not missed.
+        live_reload.connect(app)
     signals.connect(app)
     memory_guard.connect(app)
-    if reloadable:
-        live_reload.connect(app)
     # Before any model loads, in the parent too, so prefork children inherit it.
     apply_hub_timeouts(settings.model.download_timeout)
     return app

@@ -4,6 +4,11 @@ Meant for a load-balancer probe, a Kubernetes exec probe or cron: it compares th
 the deepest queue and the p95 end-to-end latency of the window with ``monitoring.*``, and fails
 just as clearly when the broker or the database cannot be reached (a probe must not report a
 service healthy because it could not look).
+
+It also shows which engine serves each model on each live worker (``static``: our decode
+engine, which checked itself against HF generate at start; ``hf``: HF generate), as the
+workers' heartbeats record it (Redis brokers with ``recovery.enabled``). Serving with ``hf`` is
+not unhealthy: it is slower, and the worker's log says why in one line.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import typer
 
 from pipeline.cli.common import EXIT_FAILED, load_or_exit, parse_sets
 from pipeline.cli.stats_cmd import read_broker, read_ledger, window_or_exit
+from pipeline.config.schema import Settings
 from pipeline.errors import ServiceUnavailable
 from pipeline.quota.tables import LedgerRow
 from pipeline.stats import Thresholds, compute_stats, health_problems
@@ -59,6 +65,7 @@ def health(
             "latency_p95_seconds": report.overall.latency.p95,
             "latency_threshold_seconds": thresholds.latency_seconds,
         }
+    checks["engines"] = read_engines(settings)
     if as_json:
         typer.echo(json.dumps({"healthy": not problems, "window": since, "problems": problems,
                                "checks": checks}, indent=2))
@@ -68,8 +75,30 @@ def health(
     else:
         typer.echo(_healthy_line(checks, since))
         typer.echo(f"broker: {broker.line()}")
+        if checks["engines"]:
+            typer.echo("engines: " + "; ".join(
+                f"{w['worker']}: " + ", ".join(f"{m} {e}" for m, e in sorted(w["engines"].items()))
+                for w in checks["engines"]))
     if problems:
         raise typer.Exit(EXIT_FAILED)
+
+
+def read_engines(settings: Settings) -> list[dict[str, Any]] | None:
+    """Each live worker process's engine per model, from its heartbeat (``workers list``'s
+    records); None where there are no heartbeats (RabbitMQ, recovery off) or Redis could not be
+    read (the broker check says so)."""
+    from pipeline.celery_app import make_celery
+    from workers.recovery import dead_after, enabled_for, store_for
+
+    if not enabled_for(settings):
+        return None
+    try:
+        now, records = store_for(make_celery(settings)).records()
+    except Exception:  # noqa: BLE001 - unreachable Redis is the broker check's problem line
+        return None
+    limit = dead_after(settings)
+    return [{"worker": r.hostname, "pid": r.pid, "engines": r.engines} for r in records
+            if now - r.beat <= limit and r.engines]
 
 
 def _healthy_line(checks: dict[str, Any], window: str) -> str:

@@ -36,7 +36,8 @@ def list_workers(
     env: str = typer.Option(None, "--env", "-e"),
     sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
 ) -> None:
-    """Each worker process: its last beat, alive or dead, and the jobs it holds."""
+    """Each worker process: its last beat, alive or dead, the jobs it holds and the engine
+    serving each of its models (static, or hf where the engine failed its self-check)."""
     from workers.recovery import dead_after, store_for
 
     app = _app(env, sets)
@@ -45,7 +46,7 @@ def list_workers(
     rows: list[dict[str, Any]] = [{"worker_id": r.worker_id, "hostname": r.hostname, "pid": r.pid,
              "silent_for": round(max(0.0, now - r.beat), 1),
              "state": "dead" if now - r.beat > limit else "alive",
-             "jobs": sorted(r.held.values())} for r in records]
+             "jobs": sorted(r.held.values()), "engines": r.engines} for r in records]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -53,8 +54,10 @@ def list_workers(
         typer.echo("no worker is beating")
     for row in rows:
         jobs = ", ".join(row["jobs"]) or "no job"
+        serves = "".join(f", serves {model} with {engine}"
+                         for model, engine in sorted(row["engines"].items()))
         typer.echo(f"{row['worker_id']}  {row['state']}, last beat {row['silent_for']} s ago, "
-                   f"holds {jobs}")
+                   f"holds {jobs}{serves}")
 
 
 @workers_app.command("recover")

@@ -131,6 +131,16 @@ class ModelSettings(_Section):
         "static", description="static: our static-cache decode loop with continuous batching "
                               "(melody and long-form jobs still run on hf); hf: Hugging Face "
                               "generate, jobs batched by batch key")
+    engine_memory_fraction: float = Field(
+        0.6, gt=0, le=1, description="static engine on CUDA: the share of the device memory free "
+                                     "after the model loaded that its KV cache may take (its "
+                                     "rows are capped to fit); the rest is for activations, "
+                                     "EnCodec and HF-path jobs")
+    engine_self_check: bool = Field(
+        True, description="static engine: run a short canary against HF generate before "
+                          "serving with it, and serve the model with hf if it fails; off only "
+                          "where its cost (~0.3 s on a GPU, seconds to a minute on a CPU with a "
+                          "full-size model) outweighs the check")
     num_threads: int = Field(0, ge=0, le=256, description="torch CPU threads per worker process; 0 = torch's default")
     preload: bool = True
     offline: bool = False

@@ -285,3 +285,15 @@ def _faulty_engine(self: JobRunner, loaded: Any, rows: int) -> FaultyEngine:
 
 
 JobRunner._engine = _faulty_engine  # type: ignore[method-assign]
+
+
+# ``FAULTS_ENGINE_BROKEN=1`` in the worker's environment: every StaticEngine step raises, as a
+# step past its cache would (issue 22, defect 1), so the engine fails its self-check at preload
+# and the worker serves its model with hf.
+if os.environ.get("FAULTS_ENGINE_BROKEN") == "1":
+    from workers.runtime.engine import StaticEngine
+
+    def _broken_step(self: StaticEngine) -> Any:
+        raise IndexError("index 24048 is out of bounds (injected)")
+
+    StaticEngine.step = _broken_step  # type: ignore[method-assign]

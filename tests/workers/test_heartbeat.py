@@ -55,6 +55,27 @@ def test_a_beat_records_the_held_jobs_with_redis_time(store: HeartbeatStore,
     assert not client.exists(keys.worker_key(worker))
 
 
+def test_a_beat_records_which_engine_serves_each_model(store: HeartbeatStore) -> None:
+    worker = wid()
+    serving = {"tiny": "static"}
+    beat = Heartbeat(store, worker, hostname="w1@host", interval=60, held=dict,
+                     engines=lambda: serving)
+    beat.beat_once()
+    assert next(r for r in store.records()[1] if r.worker_id == worker).engines == serving
+    serving = {"tiny": "static", "tiny-melody": "hf"}  # a second model, decided later
+    beat.beat_once()
+    mine = next(r for r in store.records()[1] if r.worker_id == worker)
+    assert mine.engines == {"tiny": "static", "tiny-melody": "hf"}
+
+    def broken() -> dict[str, str]:
+        raise RuntimeError("runner gone")
+
+    Heartbeat(store, worker, hostname="w1@host", interval=60, held=dict,
+              engines=broken).beat_once()  # the beat goes on, with nothing to say
+    assert next(r for r in store.records()[1] if r.worker_id == worker).engines == {}
+    store.forget(worker)
+
+
 def test_a_new_process_under_the_same_name_is_another_worker() -> None:
     # A worker restarted by systemd keeps its node name; the dead one's record must survive it.
     assert new_worker_id("w1@host") != new_worker_id("w1@host")

@@ -218,12 +218,16 @@ def test_the_cli_lists_workers_and_recovers_one_by_hand(app: PipelineCelery, cha
     queue = queue_name()
     (tag, job), = take(app, channel, queue, 1).items()
     worker = new_worker_id("ops@host")
-    store.beat(worker, hostname="ops@host", held={tag: job}, beat_local=time.time())
+    store.beat(worker, hostname="ops@host", held={tag: job}, beat_local=time.time(),
+               engines={"tiny": "hf"})
     monkeypatch.setenv("MUSICGEN_BROKER__URL", redis_url)
     listed = CliRunner().invoke(cli, ["workers", "list", "--json"])
     assert listed.exit_code == 0, listed.output
     row = next(r for r in json.loads(listed.output) if r["worker_id"] == worker)
     assert row["state"] == "alive" and row["jobs"] == [job] and row["hostname"] == "ops@host"
+    assert row["engines"] == {"tiny": "hf"}
+    text = CliRunner().invoke(cli, ["workers", "list"]).output
+    assert f"holds {job}, serves tiny with hf" in text
     refused = CliRunner().invoke(cli, ["workers", "recover", worker])
     assert refused.exit_code == 1 and "--force" in refused.output  # it beat just now
     assert waiting(client, queue) == []

@@ -6,6 +6,15 @@ highest active row, and always reads the whole window of self-attention position
 reads only as far as the furthest row, a length that changes every step). Compilation is lazy, so
 every bucket is run at construction; whatever goes wrong there means "run eagerly", never a
 failed job.
+
+Dynamo caches compiled graphs per code object, and every engine's step is the same code
+(``DecoderStep.forward``): by default one engine at 64 rows (7 buckets) leaves room for one more
+graph under dynamo's recompile limit (8), and a second engine (two models, or a rebuild at a new
+``max_rows``) would pass it, after which dynamo runs the step eagerly with only a log warning
+while ``compiled`` still said True. So each engine's compile is a region of its own
+(``isolate_recompiles``) with room for its own buckets, and ``fullgraph`` turns a limit that is
+still hit (or a graph break) into an exception, which ``compile_step`` or the engine's step
+answers by running eagerly with ``compiled = False``: compiled or honestly not.
 """
 
 from __future__ import annotations
@@ -35,6 +44,12 @@ def bucket_of(rows: int, buckets: list[int]) -> int:
     return next(bucket for bucket in buckets if bucket >= rows)
 
 
+def recompile_limit(buckets: list[int]) -> int:
+    """Graphs one engine's step may compile: one per bucket, and as many again for guards that
+    fail once (e.g. a first call inside and outside inference mode) before it settles."""
+    return 2 * len(buckets)
+
+
 def compile_step(step: torch.nn.Module, buckets: list[int], device: torch.device,
                  warm_up: Callable[[StepFunction, int], None]) -> StepFunction | None:
     """``step`` compiled and run once per bucket by ``warm_up``; None if any of it failed.
@@ -44,7 +59,11 @@ def compile_step(step: torch.nn.Module, buckets: list[int], device: torch.device
     """
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     try:
-        compiled: StepFunction = torch.compile(step, mode=mode, dynamic=False)
+        # torch 2.13's typing overloads of compile() omit the last two (its implementation
+        # takes them, as documented).
+        compiled: StepFunction = torch.compile(  # type: ignore[call-overload]
+            step, mode=mode, dynamic=False, fullgraph=True, isolate_recompiles=True,
+            recompile_limit=recompile_limit(buckets))
         for bucket in buckets:
             warm_up(compiled, bucket)
     except Exception as e:  # noqa: BLE001 - any compiler failure means "run eagerly"
