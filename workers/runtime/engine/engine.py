@@ -193,9 +193,27 @@ class StaticEngine:
         return row
 
     def release(self, row: int) -> None:
-        """Drop row ``row`` now (cancelled, out of time): its slot is free for the next admit."""
+        """Drop row ``row`` now (cancelled, out of time, finished): its slot is free for the next
+        admit, and the row is parked at position 0 of its own slot (see ``_park``)."""
         self._slots.drop(row)
         self._active_cache = None
+        self._park(row)
+
+    def _park(self, row: int) -> None:
+        """Put free row ``row`` at position 0 of its own slot, with pad tokens.
+
+        A free row below the highest active one is still inside the step's row bucket: every
+        step computes it and writes its keys and values at its position. Left where its job
+        ended, a job that had the whole window ends one past its slot, so those writes went into
+        the next row's cache (another job's audio), or past the tensor in the last row (issue
+        22). Parked, they land in its own position 0, which the next admission into the row
+        clears (``StaticCache.reset``) and its first step writes anyway. A separate scratch slot
+        for free rows would do the same at the cost of one more cache row and a per-row write
+        target in every step (and every compiled graph); parking costs nothing per step.
+        """
+        with torch.inference_mode():
+            self._position[row] = 0
+            self._tokens[row] = self._pad
 
     # --- decoding ----------------------------------------------------------------------------
 
