@@ -225,7 +225,8 @@ class StaticEngine:
         ``raise_runtime`` converts (``GpuOutOfMemory``, ``ModelRuntimeError``; a
         ``PipelineError`` as it is), and the other rows are unaffected. Finished rows are free
         when this returns, whichever their outcome. Raises only when the batched step itself
-        fails, which is every active row's failure.
+        fails, which is every active row's failure: with a ``PipelineError`` whatever the
+        cause (``GpuOutOfMemory``, or ``ModelRuntimeError`` raised from the original error).
         """
         active, index, sampling = self._active()
         if not active:
@@ -250,6 +251,9 @@ class StaticEngine:
             raise
         except RuntimeError as e:
             raise_runtime(e, "a decoding step")
+        except Exception as e:  # an IndexError too: every row's failure all the same, typed
+            raise ModelRuntimeError(
+                f"model failed during a decoding step: {type(e).__name__}: {e}") from e
         # Every row's tokens and position moved on: its count does too, before any decode can
         # fail, or the rows after a failed one would step on with a count one behind.
         for job in rows:
