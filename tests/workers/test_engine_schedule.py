@@ -22,7 +22,7 @@ from workers.runtime import GeneratedAudio, GenerationItem, LoadedModel
 from workers.runtime.engine import StaticEngine
 from workers.runtime.musicgen import bucket_for, max_new_tokens_for, window_frames
 
-from .test_engine import assert_same_codes, channels_joined, recorded_codes
+from .test_engine import assert_same_codes, decoded_rows, recorded_codes
 
 FULL = GenerationItem("loud rock drums", 28.0, temperature=0.0)  # >= 25.6 s: the whole window
 PLACEHOLDER = GenerationItem("x", 0.1, temperature=0.0)  # holds a row for a few steps
@@ -43,7 +43,7 @@ def step_recording(engine: StaticEngine) -> list[tuple[int, GeneratedAudio, torc
     received for it (rows finishing together may be decoded in one batched call)."""
     with recorded_codes(engine.loaded) as seen:
         finished = engine.step()
-    codes = [row for part in channels_joined(seen, engine.loaded.audio_channels) for row in part]
+    codes = decoded_rows(seen, engine.loaded.audio_channels)
     out = []
     for (row, outcome), part in zip(finished, codes, strict=True):
         assert isinstance(outcome, GeneratedAudio), outcome
