@@ -115,7 +115,7 @@ class StaticEngine:
         if compile:
             # The step writes the cache in place: marked static, CUDA graphs keep their
             # addresses instead of refusing to capture a step that mutates its inputs.
-            for tensor in (self._cache.self_k, self._cache.self_v):
+            for tensor in (*self._cache.self_k, *self._cache.self_v):
                 torch._dynamo.mark_static_address(tensor)
             compiled = compile_step(self._step, self._buckets, self._device, self._warm_up)
             if compiled is not None:
