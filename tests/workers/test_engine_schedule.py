@@ -178,28 +178,36 @@ def run_schedule(loaded: LoadedModel, max_rows: int,
     return got
 
 
+class SoloRuns:
+    """The shortened-window model and each item's codes alone (one engine of one row), filled
+    as the schedules need them. Its short repr keeps hypothesis' failure report readable."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self._engine = StaticEngine(loaded, max_rows=1)
+        self._codes: dict[tuple[object, ...], torch.Tensor] = {}
+
+    def codes(self, item: GenerationItem) -> torch.Tensor:
+        key = astuple(item)
+        if key not in self._codes:
+            self._codes[key] = run_alone(self._engine, item)[1]
+        return self._codes[key]
+
+    def __repr__(self) -> str:
+        return f"SoloRuns(window {self.loaded.max_duration_s} s)"
+
+
 @pytest.fixture(scope="module")
-def short_window(tiny_model: LoadedModel) -> LoadedModel:
+def solo_runs(tiny_model: LoadedModel) -> SoloRuns:
     loaded = replace(tiny_model, max_duration_s=WINDOW_S)
     assert window_frames(loaded) == 60
-    return loaded
-
-
-@pytest.fixture(scope="module")
-def solo_codes() -> dict[tuple[object, ...], torch.Tensor]:
-    """Each item's codes alone, filled as the schedules need them."""
-    return {}
+    return SoloRuns(loaded)
 
 
 @settings(max_examples=25, deadline=None, database=None)
 @given(max_rows=st.integers(1, 8), jobs=arrivals, cancelled=cancels)
 def test_every_job_of_any_schedule_has_its_solo_codes(
-        short_window: LoadedModel, solo_codes: dict[tuple[object, ...], torch.Tensor],
-        max_rows: int, jobs: list[tuple[GenerationItem, int]], cancelled: dict[int, int]) -> None:
-    got = run_schedule(short_window, max_rows, jobs, cancelled)
-    alone = StaticEngine(short_window, max_rows=1)
-    for item, codes in got:
-        key = astuple(item)
-        if key not in solo_codes:
-            solo_codes[key] = run_alone(alone, item)[1]
-        assert_same_codes(codes, solo_codes[key])
+        solo_runs: SoloRuns, max_rows: int, jobs: list[tuple[GenerationItem, int]],
+        cancelled: dict[int, int]) -> None:
+    for item, codes in run_schedule(solo_runs.loaded, max_rows, jobs, cancelled):
+        assert_same_codes(codes, solo_runs.codes(item))
