@@ -204,7 +204,12 @@ def solo_runs(tiny_model: LoadedModel) -> SoloRuns:
     return SoloRuns(loaded)
 
 
-@settings(max_examples=25, deadline=None, database=None)
+# Derandomized: the same 25 schedules on every run. The step is not bitwise batch-invariant on
+# the CPU (a row's logits in a 1-row bucket and in a larger one differ by ~4e-6: BLAS picks
+# another kernel for 2 matrix rows than for 4 or more), so over many random schedules a
+# near-tie can rarely flip one code against the solo run (seen once in ~800 examples), which
+# would make a randomized test flaky. These 25 fail on the engine without the parked rows.
+@settings(max_examples=25, deadline=None, database=None, derandomize=True)
 @given(max_rows=st.integers(1, 8), jobs=arrivals, cancelled=cancels)
 def test_every_job_of_any_schedule_has_its_solo_codes(
         solo_runs: SoloRuns, max_rows: int, jobs: list[tuple[GenerationItem, int]],
