@@ -27,8 +27,11 @@ Failures stay per job: a step's out-of-memory releases the newest row and fails 
 (``GpuOutOfMemory``, retryable: Celery runs it again later) while the others step on, and the
 engine then admits no more rows than survived until it drains; a finished row whose EnCodec
 decode failed fails only its own job (the engine hands that error back as the row's result);
-any other step error fails the jobs of that step; a step or admission that runs past the hard
-limit ends the process (``workers.watchdog``).
+any other step error fails the jobs of that step with a typed error (``ModelRuntimeError`` for
+anything that is not a ``PipelineError`` already, an IndexError included); a step or admission
+that runs past the hard limit ends the process (``workers.watchdog``), and so does one that fails
+with an unrecoverable device error (``device_lost``: a CUDA device-side assert or illegal memory
+access leaves the process's CUDA context dead, so every later job on it would fail too).
 
 ``max_batch_size`` caps the rows in use. An engine is built with that many rows; a reload that
 lowers it caps admissions, one that raises it past the engine's ``max_rows`` lets that engine
@@ -45,13 +48,44 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pipeline.errors import GpuOutOfMemory, PipelineError
+from pipeline.errors import GpuOutOfMemory, ModelRuntimeError, PipelineError
 from workers.batcher import Batcher, BatchStats, Ticket, _settle
 from workers.health import IDLE_TICK_S, loop_tick
 from workers.runtime.batch import GeneratedAudio, GenerationItem
-from workers.watchdog import HardLimitWatchdog
+from workers.watchdog import HardLimitWatchdog, exit_process
 
 log = logging.getLogger(__name__)
+
+# What torch says when the device's context is gone for good: after a device-side assert (an
+# index out of range in a kernel), an illegal memory access or a launch failure, every later CUDA
+# call in the process fails the same way. Out of memory is not among them: it passes.
+DEVICE_LOST_MARKERS = ("device-side assert", "cuda error", "illegal memory access",
+                       "unspecified launch failure", "illegal instruction", "misaligned address",
+                       "cublas_status_execution_failed")
+
+
+def device_lost(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) says the device's context is dead."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        message = str(current).lower()
+        if "out of memory" not in message and any(m in message for m in DEVICE_LOST_MARKERS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def typed(error: Exception, during: str) -> PipelineError:
+    """``error`` as the job's typed error: a ``PipelineError`` as it is, anything else (an
+    IndexError, a RuntimeError the engine did not convert) a ``ModelRuntimeError`` caused by it."""
+    if isinstance(error, PipelineError):
+        return error
+    converted = ModelRuntimeError(f"model failed during {during}: {type(error).__name__}: {error}",
+                                  details={"device_lost": device_lost(error)})
+    converted.__cause__ = error
+    return converted
 
 
 class Engine(Protocol):
@@ -99,6 +133,9 @@ class ContinuousBatcher:
         self._unsupported = unsupported  # EngineUnsupported: passed in, this module stays torch-free
         self._on_batch = on_batch
         self.watchdog = HardLimitWatchdog(hard_limit_s, on_hard_limit, what="an engine step")
+        # The hard limit's way out serves a dead device too: the process ends, its unacked
+        # messages are redelivered and the process manager starts a fresh one.
+        self._end_process = on_hard_limit or exit_process
         self._cond = threading.Condition()
         self._incoming: list[Ticket] = []  # submitted, not yet routed (engine or fallback)
         self._waiting: list[Ticket] = []  # routed to an engine, waiting for a row, oldest first
@@ -305,7 +342,7 @@ class ContinuousBatcher:
             ids = set(map(id, taken))
             self._waiting = [t for t in self._waiting if id(t) not in ids]
         waits: list[float] = []
-        for ticket in taken:
+        for position, ticket in enumerate(taken):
             seed = int(ticket.item.seed) if ticket.item.seed is not None else secrets.randbelow(2**31)
             try:
                 with self.watchdog.timing(ticket.hard_limit_s):
@@ -314,8 +351,11 @@ class ContinuousBatcher:
                 self.fallback.enqueue(ticket)
                 continue
             except Exception as exc:  # this job's own failure (its prompt, memory for its row)
+                if device_lost(exc):
+                    self._device_lost(me, exc, taken[position:])
+                    break
                 log.warning("could not admit a job into the engine: %s", exc)
-                _settle(ticket.future, error=exc)
+                _settle(ticket.future, error=typed(exc, "admitting a job"))
                 continue
             if ticket.dropped:  # dropped while it was being admitted
                 self._release_quietly(me, row)
@@ -348,13 +388,22 @@ class ContinuousBatcher:
                         len(me.rows) + 1, len(me.rows))
             _settle(ticket.future, error=exc)
             return
-        except BaseException as exc:  # the model failed for every row of this step
-            for row, ticket in list(me.rows.items()):
-                _settle(ticket.future, error=exc)
-                self._release_quietly(me, row)
-            me.rows.clear()
-            if not isinstance(exc, Exception):
-                raise
+        except Exception as exc:  # the model failed for every row of this step
+            if device_lost(exc):
+                self._device_lost(me, exc, [])
+                return
+            error = typed(exc, "an engine step")
+            log.warning("an engine step failed; its %d job(s) fail: %s", len(me.rows), error)
+            self._fail_rows(me, error)
+            return
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: fail the rows, go on up
+            self._fail_rows(me, exc)
+            raise
+        lost = next((o for _, o in finished if isinstance(o, PipelineError) and device_lost(o)),
+                    None)
+        if lost is not None:  # a decode on a dead device: the rows still running are lost too
+            ended = [me.rows.pop(row) for row, _ in finished if row in me.rows]
+            self._device_lost(me, lost, ended)
             return
         for row, outcome in finished:  # the engine freed these rows itself
             done = me.rows.pop(row, None)
@@ -370,6 +419,31 @@ class ContinuousBatcher:
         for row, ticket in me.rows.items():
             ticket.fraction = me.engine.progress(row)
             ticket.message = message
+
+    def _fail_rows(self, me: _ModelEngine, error: BaseException) -> None:
+        """Every row of ``me`` fails with ``error`` and is released."""
+        for row, ticket in list(me.rows.items()):
+            _settle(ticket.future, error=error)
+            self._release_quietly(me, row)
+        me.rows.clear()
+
+    def _device_lost(self, me: _ModelEngine, exc: Exception, others: list[Ticket]) -> None:
+        """End the process after an unrecoverable device error: serving on a dead CUDA context
+        would fail every later job. Its jobs' messages are redelivered (and counted by the
+        poison cap, should a job itself be the cause). Only where ending the process is a test's
+        callback does it return: the jobs of its rows and ``others`` (out of its rows already)
+        then fail with a typed error and the engine is dropped: the next job builds a new one."""
+        log.critical("unrecoverable device error in the static engine (%s: %s): ending the "
+                     "process so that its process manager starts a fresh one",
+                     type(exc).__name__, exc)
+        self._end_process()
+        error = typed(exc, "an engine step")
+        for ticket in others:
+            _settle(ticket.future, error=error)
+        self._fail_rows(me, error)
+        with self._cond:
+            if self._engines.get(id(me.loaded)) is me:
+                del self._engines[id(me.loaded)]
 
     @staticmethod
     def _release_quietly(me: _ModelEngine, row: int) -> None:

@@ -58,6 +58,12 @@ def channels_joined(parts: list[torch.Tensor], channels: int) -> list[torch.Tens
     return [torch.cat(parts[i:i + channels], dim=-2) for i in range(0, len(parts), channels)]
 
 
+def decoded_rows(parts: list[torch.Tensor], channels: int) -> list[torch.Tensor]:
+    """Each ``(codebooks, frames)`` clip EnCodec decoded, in order: the engine decodes the rows
+    of one length that finish in the same step in one call."""
+    return [clip for part in channels_joined(parts, channels) for clip in part]
+
+
 def hf_greedy_codes(loaded: LoadedModel, item: GenerationItem) -> torch.Tensor:
     """``(codebooks, frames)`` of transformers' own greedy generate for ``item`` alone."""
     steps = max_new_tokens_for(bucket_for(item.duration_s, loaded), loaded.delay_codebooks)
@@ -82,8 +88,8 @@ def engine_codes(engine: StaticEngine, items: list[GenerationItem]) -> list[torc
     while rows:
         with recorded_codes(engine.loaded) as seen:
             finished = engine.step()
-        for (row, _), part in zip(finished, channels_joined(seen, channels), strict=True):
-            codes[rows.pop(row)] = part[0]
+        for (row, _), part in zip(finished, decoded_rows(seen, channels), strict=True):
+            codes[rows.pop(row)] = part
     return [c for c in codes if c is not None]
 
 

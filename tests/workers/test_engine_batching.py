@@ -3,16 +3,17 @@ codes are what it produces alone (on the real tiny model; codes read as EnCodec 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.errors import GpuOutOfMemory, ModelRuntimeError, PipelineError
-from workers.runtime import GeneratedAudio, GenerationItem, LoadedModel
+from workers.runtime import GenerationItem, LoadedModel
 from workers.runtime.engine import StaticEngine
 from workers.runtime.engine.slots import Row
 from workers.runtime.musicgen import bucket_for, max_new_tokens_for
 
-from .test_engine import assert_same_codes, channels_joined, engine_codes, recorded_codes
+from .test_engine import assert_same_codes, decoded_rows, engine_codes, recorded_codes
 
 LONG = GenerationItem("loud rock drums", 1.0, seed=11, temperature=0.8, top_k=50)
 SHORT = GenerationItem("calm piano", 0.2, seed=5, top_p=0.9, guidance_scale=2.0)
@@ -35,9 +36,9 @@ def step_until(engine: StaticEngine, rows: dict[int, str],
     while rows and (stop is None or stop not in order):
         with recorded_codes(engine.loaded) as seen:
             finished = engine.step()
-        for (row, _), part in zip(finished, channels_joined(seen, 1), strict=True):
+        for (row, _), part in zip(finished, decoded_rows(seen, 1), strict=True):
             name = rows.pop(row)
-            codes[name] = part[0]
+            codes[name] = part
             order.append(name)
     return order
 
@@ -124,16 +125,16 @@ def test_generate_admits_waiting_items_as_rows_free_up(tiny_model: LoadedModel,
 
 def fail_decode(engine: StaticEngine, monkeypatch: pytest.MonkeyPatch, item: GenerationItem,
                 error: Exception) -> None:
-    """Make the EnCodec decode of ``item``'s row raise ``error``; other jobs decode for real
-    (a later job in the same row too)."""
-    real = engine._decode
+    """Make an EnCodec decode that holds ``item``'s row raise ``error``; other jobs decode for
+    real (a later job in the same row too, and the rows decoded with it, again alone)."""
+    real = engine._decode_rows
 
-    def decode(row: int, job: Row) -> GeneratedAudio:
-        if job.item is item:
+    def decode(group: list[tuple[int, Row]]) -> np.ndarray:
+        if any(job.item is item for _, job in group):
             raise error
-        return real(row, job)
+        return real(group)
 
-    monkeypatch.setattr(engine, "_decode", decode)
+    monkeypatch.setattr(engine, "_decode_rows", decode)
 
 
 @pytest.mark.parametrize(("error", "expected"), [

@@ -7,6 +7,12 @@ gathering. Self-attention holds ``positions`` entries per row (the model's windo
 steps); cross-attention holds the prompt's keys and values, computed once at admission, padded to
 ``text_tokens`` with a mask. Writes are in place (``index_copy_``), so the tensors' addresses never
 change: what a CUDA graph needs.
+
+Self-attention keys and values are one tensor per layer, each written in place by the step (the
+pattern of HF's ``StaticCache`` and gpt-fast): a compiled step then mutates its inputs directly,
+which inductor keeps in place. Written through a view of one tensor of all layers, the compiled
+step kept a functional ``index_put`` and a ``select_scatter`` over the whole cache and copied it
+back every step, a cost that grew with ``rows``, not with the rows stepped (issue 22, defect 2).
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ class StaticCache:
                  text_tokens: int, dtype: torch.dtype, device: str | torch.device) -> None:
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
         self.positions, self.text_tokens = positions, text_tokens
-        shape = (layers, 2 * rows, heads, positions, head_dim)
-        self.self_k = torch.zeros(shape, dtype=dtype, device=device)
-        self.self_v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (2 * rows, heads, positions, head_dim)
+        self.self_k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.self_v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         cross = (layers, 2 * rows, heads, text_tokens, head_dim)
         self.cross_k = torch.zeros(cross, dtype=dtype, device=device)
         self.cross_v = torch.zeros(cross, dtype=dtype, device=device)
@@ -40,8 +46,9 @@ class StaticCache:
     def reset(self, row: int) -> None:
         """Forget row ``row``'s self-attention entries (both halves)."""
         pair = slice(2 * row, 2 * row + 2)
-        self.self_k[:, pair].zero_()
-        self.self_v[:, pair].zero_()
+        for keys, values in zip(self.self_k, self.self_v, strict=True):
+            keys[pair].zero_()
+            values[pair].zero_()
 
     def set_prompt(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor],
                    mask: torch.Tensor) -> None:

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PROMPT_TOKENS = 128  # cross-attention cache per row; longer prompts run on HF
 LENGTH_STEP = 64  # the eager step reads self-attention up to the furthest row, in these steps
+# Finished rows of one length EnCodec decodes in one call, at most: its activations at the audio
+# rate grow with rows x length (a 30 s row's last layers hold tens of MB per channel).
+DECODE_ROWS = 16
 
 
 class EngineUnsupported(UnsupportedOption):
@@ -112,7 +115,7 @@ class StaticEngine:
         if compile:
             # The step writes the cache in place: marked static, CUDA graphs keep their
             # addresses instead of refusing to capture a step that mutates its inputs.
-            for tensor in (self._cache.self_k, self._cache.self_v):
+            for tensor in (*self._cache.self_k, *self._cache.self_v):
                 torch._dynamo.mark_static_address(tensor)
             compiled = compile_step(self._step, self._buckets, self._device, self._warm_up)
             if compiled is not None:
@@ -193,9 +196,27 @@ class StaticEngine:
         return row
 
     def release(self, row: int) -> None:
-        """Drop row ``row`` now (cancelled, out of time): its slot is free for the next admit."""
+        """Drop row ``row`` now (cancelled, out of time, finished): its slot is free for the next
+        admit, and the row is parked at position 0 of its own slot (see ``_park``)."""
         self._slots.drop(row)
         self._active_cache = None
+        self._park(row)
+
+    def _park(self, row: int) -> None:
+        """Put free row ``row`` at position 0 of its own slot, with pad tokens.
+
+        A free row below the highest active one is still inside the step's row bucket: every
+        step computes it and writes its keys and values at its position. Left where its job
+        ended, a job that had the whole window ends one past its slot, so those writes went into
+        the next row's cache (another job's audio), or past the tensor in the last row (issue
+        22). Parked, they land in its own position 0, which the next admission into the row
+        clears (``StaticCache.reset``) and its first step writes anyway. A separate scratch slot
+        for free rows would do the same at the cost of one more cache row and a per-row write
+        target in every step (and every compiled graph); parking costs nothing per step.
+        """
+        with torch.inference_mode():
+            self._position[row] = 0
+            self._tokens[row] = self._pad
 
     # --- decoding ----------------------------------------------------------------------------
 
@@ -207,7 +228,8 @@ class StaticEngine:
         ``raise_runtime`` converts (``GpuOutOfMemory``, ``ModelRuntimeError``; a
         ``PipelineError`` as it is), and the other rows are unaffected. Finished rows are free
         when this returns, whichever their outcome. Raises only when the batched step itself
-        fails, which is every active row's failure.
+        fails, which is every active row's failure: with a ``PipelineError`` whatever the
+        cause (``GpuOutOfMemory``, or ``ModelRuntimeError`` raised from the original error).
         """
         active, index, sampling = self._active()
         if not active:
@@ -232,19 +254,19 @@ class StaticEngine:
             raise
         except RuntimeError as e:
             raise_runtime(e, "a decoding step")
+        except Exception as e:  # an IndexError too: every row's failure all the same, typed
+            raise ModelRuntimeError(
+                f"model failed during a decoding step: {type(e).__name__}: {e}") from e
         # Every row's tokens and position moved on: its count does too, before any decode can
         # fail, or the rows after a failed one would step on with a count one behind.
         for job in rows:
             job.done += 1
         leaving = [(row, job) for row, job in zip(active, rows, strict=True) if job.finished]
-        finished: list[tuple[int, GeneratedAudio | PipelineError]] = []
         try:
-            for row, job in leaving:
-                finished.append((row, self._decode_alone(row, job)))
+            return self._decode_finished(leaving)
         finally:  # also past an unexpected error: a finished row must not step on
             for row, _ in leaving:
                 self.release(row)
-        return finished
 
     def generate(self, items: list[GenerationItem],
                  progress: ProgressCallback | None = None) -> list[GeneratedAudio]:
@@ -374,29 +396,58 @@ class StaticEngine:
             values.append(attn.v_proj(states).view(-1, heads, head_dim).transpose(0, 1))
         self._cache.set_prompt(row, keys, values, mask[0].bool())
 
-    def _decode_alone(self, row: int, job: Row) -> GeneratedAudio | PipelineError:
-        """``_decode``, its failure converted into the row's result instead of raised."""
+    def _decode_finished(self, leaving: list[tuple[int, Row]]
+                         ) -> list[tuple[int, GeneratedAudio | PipelineError]]:
+        """Each finished row's outcome, the rows of one length decoded together (in that order,
+        ``DECODE_ROWS`` at a time): 64 equal jobs that end in one step cost one EnCodec call, not
+        64 one after another while every other row waits. Rows of different lengths are not
+        padded to share a call: EnCodec is not causal, so padding changes the shorter row's
+        audio (by ~3e-2 on the tiny model), where rows of one length decoded together differ from
+        their decodes alone only by float rounding (~1e-7)."""
+        by_length: dict[int, list[tuple[int, Row]]] = {}
+        for row, job in leaving:
+            by_length.setdefault(job.frames, []).append((row, job))
+        finished: list[tuple[int, GeneratedAudio | PipelineError]] = []
+        for group in by_length.values():
+            for start in range(0, len(group), DECODE_ROWS):
+                finished.extend(self._decode_group(group[start:start + DECODE_ROWS]))
+        return finished
+
+    def _decode_group(self, group: list[tuple[int, Row]]
+                      ) -> list[tuple[int, GeneratedAudio | PipelineError]]:
+        """Rows of one length in one EnCodec call, each trimmed to its item, or its error. If the
+        call fails, each row is decoded alone: a failure stays its own row's (converted as
+        ``raise_runtime`` converts; a ``PipelineError`` as it is)."""
         try:
             with torch.inference_mode():
-                return self._decode(row, job)
-        except PipelineError as e:
-            return e
-        except RuntimeError as e:
-            return runtime_error(e, "decoding a finished row")
+                audio = self._decode_rows(group)
+        except Exception as e:  # noqa: BLE001 - the row's outcome, whatever it is
+            if len(group) > 1:
+                return [out for one in group for out in self._decode_group([one])]
+            return [(group[0][0], _row_error(e))]
+        return [(row, self._trimmed(job, samples))
+                for (row, job), samples in zip(group, audio, strict=True)]
 
-    def _decode(self, row: int, job: Row) -> GeneratedAudio:
-        """EnCodec-decode a finished row's codes and trim them to the item's duration."""
+    def _decode_rows(self, group: list[tuple[int, Row]]) -> np.ndarray:
+        """EnCodec-decode finished rows of one length: ``(rows, channels, samples)`` float32."""
         loaded = self.loaded
-        codes = codes_of(self._codes[row, :, :job.steps + 1], job.frames, self._delays)
+        codes = torch.stack([codes_of(self._codes[row, :, :job.steps + 1], job.frames,
+                                      self._delays) for row, job in group])
         decoder: Any = loaded.model.audio_encoder
         if loaded.audio_channels == 1:
-            audio = decoder.decode(codes[None, None], audio_scales=[None]).audio_values
+            audio = decoder.decode(codes[None], audio_scales=[None]).audio_values
         else:  # stereo: left and right codebooks interleave; EnCodec decodes each channel
-            audio = torch.cat([decoder.decode(codes[None, None, c::2], audio_scales=[None])
+            audio = torch.cat([decoder.decode(codes[None, :, c::2], audio_scales=[None])
                                .audio_values for c in (0, 1)], dim=1)
-        samples: np.ndarray = audio[0].to(torch.float32).cpu().numpy()
+        samples: np.ndarray = audio.to(torch.float32).cpu().numpy()
+        return samples
+
+    def _trimmed(self, job: Row, samples: np.ndarray) -> GeneratedAudio | PipelineError:
+        """A finished row's ``(channels, samples)`` trimmed to its item's duration, or the error
+        of a decode that came back short."""
+        loaded = self.loaded
         if samples.shape[-1] < job.target_samples:
-            raise ModelRuntimeError(
+            return ModelRuntimeError(
                 f"model returned {samples.shape[-1]} samples, {job.target_samples} were needed",
                 details={"source": loaded.source})
         target = job.target_samples
@@ -418,6 +469,18 @@ class StaticEngine:
     def _prompt_tokens(self, prompt: str) -> int:
         return len(self.loaded.processor.tokenizer(prompt)["input_ids"])
 
+
+
+def _row_error(error: Exception) -> PipelineError:
+    """A finished row's failed decode as its typed outcome."""
+    if isinstance(error, PipelineError):
+        return error
+    if isinstance(error, RuntimeError):
+        return runtime_error(error, "decoding a finished row")
+    converted = ModelRuntimeError(
+        f"model failed during decoding a finished row: {type(error).__name__}: {error}")
+    converted.__cause__ = error
+    return converted
 
 
 def _scaled(progress: ProgressCallback, start: float, span: float) -> ProgressCallback:
