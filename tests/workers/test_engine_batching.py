@@ -107,13 +107,13 @@ def test_generate_admits_waiting_items_as_rows_free_up(tiny_model: LoadedModel,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     engine = StaticEngine(tiny_model, max_rows=2)
     finished: list[int] = []  # seeds, in the order their rows finished (a row decodes then)
-    real = engine._decode
+    real = engine._decode_rows
 
-    def decode(row: int, job: Row) -> GeneratedAudio:
-        finished.append(job.seed)
-        return real(row, job)
+    def decode(group: list[tuple[int, Row]]) -> np.ndarray:
+        finished.extend(job.seed for _, job in group)
+        return real(group)
 
-    monkeypatch.setattr(engine, "_decode", decode)
+    monkeypatch.setattr(engine, "_decode_rows", decode)
     items = [LONG, SHORT, LATE, GenerationItem("x", 0.1, seed=4)]
     results = engine.generate(items)
     assert [r.seed for r in results] == [11, 5, 8, 4]
