@@ -16,7 +16,12 @@ from pipeline.jobs import GenerationRequest, request_fingerprint
 
 
 def test_every_error_class_is_importable_from_pipeline() -> None:
+    # The caller's classes, those of the pipeline package; a worker's own subclasses (e.g. the
+    # engine's EngineUnsupported) exist only where torch is, and are loaded when another test
+    # of the same run imported workers.
     for cls in _all_subclasses(PipelineError):
+        if not cls.__module__.startswith("pipeline"):
+            continue
         assert getattr(pipeline, cls.__name__) is cls, cls.__name__
         assert cls.__name__ in pipeline.__all__
 
