@@ -1,0 +1,140 @@
+"""Every Redis touch of a running job, against a Redis that is not there (a real client on a
+closed port): the ones before the job runs become a retryable error once the outage outlasts the
+wait; the ones after it never replace the job's outcome."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from pipeline.errors import (
+    Backpressure,
+    CoordinationUnavailable,
+    PipelineError,
+    ServiceUnavailable,
+    TransientError,
+)
+from pipeline.policies.breaker import Admission, CircuitBreaker, RedisBreakerBackend
+from pipeline.policies.rate_limit import GlobalRateLimit
+from pipeline.registry import RedisJobRegistry
+from workers.outage import through_outage
+from workers.tasks import settle_breaker
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def dead_redis(closed_port: int) -> Iterator[redis.Redis]:
+    # No client-side retries (redis-py 8 retries a refused connection 10 times, ~4 s): the waits
+    # under test are the worker's own.
+    client = redis.Redis(port=closed_port, socket_connect_timeout=0.5, socket_timeout=0.5,
+                         retry=Retry(NoBackoff(), 0))
+    yield client
+    client.close()
+
+
+class FakeTime:
+    """A clock the waits advance, so a 45 s outage is tested in no time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.pauses: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.now += seconds
+
+    def clock(self) -> float:
+        return self.now
+
+
+def breaker_on(client: redis.Redis) -> CircuitBreaker:
+    return CircuitBreaker("tiny", threshold=3, reset_timeout=30, backend=RedisBreakerBackend(client))
+
+
+def touches(dead: redis.Redis, port: int) -> dict[str, Callable[[], Any]]:
+    """The Redis touches a job makes before it runs, each on the unreachable Redis."""
+    registry = RedisJobRegistry(dead)
+    limit = GlobalRateLimit("5/minute", storage_uri=f"redis://127.0.0.1:{port}/0")
+    return {
+        "cancel flag": lambda: registry.is_cancelled("job-1"),
+        "delivery count": lambda: registry.count_delivery("job-1", 60),
+        "rate limit": lambda: limit.try_acquire("musicgen.tiny"),
+        "breaker admission": breaker_on(dead).admit,
+    }
+
+
+@pytest.mark.parametrize("what", ["cancel flag", "delivery count", "rate limit", "breaker admission"])
+def test_a_touch_before_the_job_runs_becomes_a_retryable_error(
+        what: str, dead_redis: redis.Redis, closed_port: int) -> None:
+    fake = FakeTime()
+    with pytest.raises(CoordinationUnavailable) as raised:
+        through_outage(what, touches(dead_redis, closed_port)[what], wait_s=10,
+                       sleep=fake.sleep, clock=fake.clock)
+    err = raised.value
+    # Celery's autoretry_for=(TransientError,) retries it; it is never a final failure.
+    assert isinstance(err, TransientError) and err.retryable
+    assert err.code == "coordination_unavailable" and what in err.message
+    assert isinstance(err.__cause__, (redis.RedisError, ServiceUnavailable))
+    # It waited the outage out with growing pauses before giving up, not at once.
+    assert len(fake.pauses) > 3 and fake.pauses == sorted(fake.pauses)
+    assert sum(fake.pauses) <= 10
+    # It crosses the broker intact, as Celery stores a retried job's exception.
+    again = PipelineError.from_dict(err.to_dict())
+    assert type(again) is CoordinationUnavailable and again.retryable
+
+
+def test_a_touch_goes_on_once_redis_is_back(dead_redis: redis.Redis) -> None:
+    """The failover ends: the promoted master answers the same call within the wait."""
+    live = redis.Redis(port=6379)
+    clients = iter([dead_redis, dead_redis, live])
+    fake = FakeTime()
+    assert through_outage("the cancel flag",
+                          lambda: RedisJobRegistry(next(clients)).is_cancelled("no-such-job"),
+                          sleep=fake.sleep, clock=fake.clock) is False
+    assert len(fake.pauses) == 2
+    live.close()
+
+
+def test_backpressure_is_not_an_outage() -> None:
+    def refuse() -> None:
+        raise Backpressure("queue full", None, {"retry_after": 5})
+
+    with pytest.raises(Backpressure):
+        through_outage("the backlog", refuse, sleep=pytest.fail)
+
+
+@pytest.mark.parametrize("verdict", ["success", "failure", "release"])
+def test_settling_the_breaker_never_fails_a_job(verdict: str, dead_redis: redis.Redis) -> None:
+    """After the job: its file is written; a breaker that cannot be told is logged, not raised."""
+    breaker = breaker_on(dead_redis)
+    with pytest.raises(ServiceUnavailable):
+        breaker.record_failure()  # the breaker itself does reach for the dead Redis
+    settle_breaker(breaker, Admission(probe_until=123.0), verdict)  # type: ignore[arg-type]
+
+
+def test_progress_on_a_dead_redis_is_skipped(dead_redis: redis.Redis) -> None:
+    """Progress writes and the cancel-flag read during a job are best effort (workers/tasks.py)."""
+    from workers.tasks import _JobProgress
+
+    class Task:
+        class request:  # noqa: N801 (Celery's attribute name)
+            id = "job-1"
+
+        def update_state(self, **_: Any) -> None:
+            raise AssertionError("not reached: the cancel read fails first")
+
+    progress = _JobProgress(Task(), RedisJobRegistry(dead_redis))  # type: ignore[arg-type]
+    progress(0.5, "generating")  # no exception: the job goes on
