@@ -193,7 +193,8 @@ def _admit(task: Task, spec: JobSpec,
     admission = through_outage(f"the circuit breaker of {spec.model}", breaker.admit)
     if admission is None:
         # Open, or another worker runs the half-open probe: this model takes no job for now.
-        wait = (float(breaker.status().get("retry_after") or 0)
+        status = through_outage(f"the circuit breaker of {spec.model}", breaker.status)
+        wait = (float(status.get("retry_after") or 0)
                 or app.settings.circuit_breaker.reset_timeout / 4)
         _defer(task, max(1.0, wait), f"circuit breaker of {spec.model} is not closed")
     return breaker, admission
