@@ -209,7 +209,11 @@ def transport_conf(settings: Settings) -> dict[str, Any]:
     # declare the same arguments (RabbitMQ refuses a redeclaration that differs). Quorum queues
     # on 3.x take no priorities, so they are an option only where priorities do not matter.
     if b.queue_type == "quorum":
-        conf.update(task_default_queue_type="quorum", worker_detect_quorum_queues=True)
+        # The model queues are named per job, not configured: Celery creates them as "missing"
+        # queues, whose type is task_create_missing_queue_type (default classic), not the
+        # default queue's (test_quorum_queues.py found them classic with only the latter set).
+        conf.update(task_default_queue_type="quorum", task_create_missing_queue_type="quorum",
+                    worker_detect_quorum_queues=True)
     else:
         conf["task_queue_max_priority"] = keys.AMQP_MAX_PRIORITY
     conf.update(
