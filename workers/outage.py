@@ -17,12 +17,15 @@ that is down: :data:`PUBLISH_THROUGH_FAILOVER` makes that publish wait for it ju
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
+from celery import states
 
 from pipeline.errors import Backpressure, CoordinationUnavailable, ServiceUnavailable
 
@@ -64,3 +67,32 @@ def through_outage(what: str, call: Callable[[], T], *, wait_s: float = OUTAGE_W
             log.warning("cannot reach Redis for %s (%s); trying again in %.1f s", what, exc, pause)
             sleep(pause)
             pause = min(pause * 2, _MAX_PAUSE_S)
+
+
+def restore_lost_result(backend: Any, outputs: Sequence[Path], job_id: str) -> bool:
+    """Put back the ``SUCCESS`` state of a finished job that a failover lost; True if it did.
+
+    An uncoordinated Sentinel failover lets the old master take a finishing job's result and
+    ack, then resync them away: the message comes back, the ledger says the job finished, and
+    without this a caller waits for a state that never comes. The job's sidecar (one of
+    ``outputs`` + ``.json``, on local storage) holds its result, written before the state.
+    """
+    try:
+        if backend.get_state(job_id) in states.READY_STATES:
+            return False
+    except Exception:  # the backend is away again: the next redelivery tries again
+        return False
+    for output in outputs:
+        sidecar = output.with_name(output.name + ".json")
+        if not sidecar.is_file():
+            continue
+        try:
+            result = json.loads(sidecar.read_text(encoding="utf-8"))["result"]
+            backend.store_result(job_id, result, states.SUCCESS)
+        except Exception:
+            log.exception("job %s: could not restore its lost result from %s", job_id, sidecar)
+            return False
+        log.warning("job %s: its result state was lost (a failover); restored from %s",
+                    job_id, sidecar)
+        return True
+    return False

@@ -35,7 +35,7 @@ from pipeline.quota.configured import store_for
 from pipeline.registry import JobRegistry, registry_for
 from pipeline.time_limits import job_time_limits
 from workers import typed_celery
-from workers.job_runner import JobCancelledByUser, JobRunner, discard_job_files
+from workers.job_runner import JobCancelledByUser, JobRunner, discard_job_files, job_outputs
 from workers.metrics import (
     model_of,
     observe_batch,
@@ -43,7 +43,7 @@ from workers.metrics import (
     observe_failure,
     observe_success,
 )
-from workers.outage import PUBLISH_THROUGH_FAILOVER, through_outage
+from workers.outage import PUBLISH_THROUGH_FAILOVER, restore_lost_result, through_outage
 from workers.webhook_task import job_ended
 
 log = logging.getLogger(__name__)
@@ -281,6 +281,7 @@ def _run(task: Task, spec: JobSpec, reg: JobRegistry, started_at: float) -> dict
                queue_wait_seconds=max(0.0, started_at - spec.enqueued_at)) is False:
         # The job already ended (a late redelivery of a finished job): do not make it twice.
         log.warning("job %s already finished; dropping this delivery", spec.job_id)
+        restore_lost_result(task.backend, job_outputs(app.settings, spec.job_id), spec.job_id)
         raise Ignore()
     try:
         progress = _progress_reporter(task, reg)

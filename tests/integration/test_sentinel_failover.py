@@ -67,12 +67,15 @@ def sentinel_worker(topology: SentinelTopology, workdir: Path,
         factory.stop_all()
 
 
-@pytest.fixture
-def producer(topology: SentinelTopology, workdir: Path,
-             monkeypatch: pytest.MonkeyPatch) -> pipeline.Producer:
+@pytest.fixture(autouse=True)
+def producer_env(topology: SentinelTopology, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in base_env(workdir, topology.url, **LIMITS).items():
         if key.startswith("MUSICGEN_"):
             monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def producer(producer_env: None, workdir: Path) -> pipeline.Producer:
     return pipeline.Producer(pipeline.load_settings(cwd=workdir))
 
 
@@ -84,32 +87,38 @@ def held_by_worker(topology: SentinelTopology, worker: Worker) -> set[str]:
 
 
 def enqueue_through_switch(producer: pipeline.Producer, topology: SentinelTopology, old: int,
-                           tag: str) -> tuple[list[JobHandle], list[pipeline.ServiceUnavailable], float]:
+                           tag: str) -> tuple[dict[str, JobHandle], list[pipeline.ServiceUnavailable], float]:
     """Enqueue again and again until one is accepted by the new master; every refusal must be a
     typed ``service_unavailable`` with a retry hint (anything else fails the test). Returns the
-    accepted handles, the refusals and the seconds until the first acceptance on the new master.
+    accepted handles by prompt, the refusals and the seconds until the first acceptance on the
+    new master. A refused job may still be queued (the replica wait refuses after the publish),
+    so every try has a prompt of its own.
     """
-    accepted: list[JobHandle] = []
+    accepted: dict[str, JobHandle] = {}
     refusals: list[pipeline.ServiceUnavailable] = []
     started = time.monotonic()
     while True:
         assert time.monotonic() - started < SWITCH_BOUND_S, f"no enqueue accepted; {refusals[-3:]}"
         try:
-            accepted.append(producer.enqueue(
-                GenerationRequest(prompt=f"{tag} switch {len(accepted)}", duration=0.5, format="wav")))
+            prompt = f"{tag} switch {len(accepted) + len(refusals)}"
+            accepted[prompt] = producer.enqueue(
+                GenerationRequest(prompt=prompt, duration=0.5, format="wav"))
         except pipeline.ServiceUnavailable as refused:
-            assert refused.code == "service_unavailable", refused
+            assert refused.code == "service_unavailable", refused  # not backpressure: paced
             assert float((refused.details or {}).get("retry_after") or 0) > 0, refused.to_dict()
             refusals.append(refused)
-            time.sleep(0.1)  # a caller's pacing between tries, not a wait for a state
-            continue
-        if topology.master_port() != old:
-            return accepted, refusals, time.monotonic() - started
+        else:
+            if topology.master_port() != old:
+                return accepted, refusals, time.monotonic() - started
+        # A caller's pacing between tries (not a wait for a state): ten a second stays far
+        # below the backlog limit however long the sentinels take to name the new master.
+        time.sleep(0.1)
 
 
-def enqueue_jobs(producer: pipeline.Producer, prompt: str, count: int) -> list[JobHandle]:
-    return [producer.enqueue(GenerationRequest(prompt=f"{prompt} {i}", duration=0.5, format="wav"))
-            for i in range(count)]
+def enqueue_jobs(producer: pipeline.Producer, prompt: str, count: int) -> dict[str, JobHandle]:
+    return {f"{prompt} {i}": producer.enqueue(GenerationRequest(prompt=f"{prompt} {i}", duration=0.5,
+                                                                format="wav"))
+            for i in range(count)}
 
 
 def run_failover(producer: pipeline.Producer, topology: SentinelTopology, worker: tuple[Worker, Path],
@@ -122,7 +131,7 @@ def run_failover(producer: pipeline.Producer, topology: SentinelTopology, worker
     admitting = enqueue_jobs(producer, f"{how} admitting FAULT:hold-admit={admit_hold}", ADMIT_JOBS)
     wait_for(lambda: held(folder, hold) and held(folder, admit_hold), JOB_BOUND_S,
              "jobs to be held at the model and before admission")
-    wait_for(lambda: held_by_worker(topology, worker[0]) == {h.id for h in running + admitting},
+    wait_for(lambda: held_by_worker(topology, worker[0]) == {h.id for h in [*running.values(), *admitting.values()]},
              JOB_BOUND_S, "the worker to hold every held job (its slots and prefetch full)")
     queued = enqueue_jobs(producer, f"{how} queued", QUEUED_JOBS)
 
@@ -135,7 +144,8 @@ def run_failover(producer: pipeline.Producer, topology: SentinelTopology, worker
     print(f"{how}: enqueue refused {len(refusals)} times, accepted again after {switch_s:.1f} s")
     record_property(f"enqueue_unavailable_s[{how}]", round(switch_s, 2))  # type: ignore[operator]
 
-    accepted = running + admitting + queued + during
+    by_prompt = {**running, **admitting, **queued, **during}
+    accepted = list(by_prompt.values())
     # The ledger (SQL) and the files are the worker's record of what ran; the result backend's
     # state is what a caller's wait() reads, and a failover can lose it (below).
     rows = settled_ledger(producer.quota, [h.id for h in accepted], timeout=JOB_BOUND_S)
@@ -143,7 +153,8 @@ def run_failover(producer: pipeline.Producer, topology: SentinelTopology, worker
     assert all(r["attempts"] == 1 for r in rows.values()), rows  # none started twice
     made = [line.split(" ", 1)[1] for line in (folder / "attempts.log").read_text().splitlines()]
     made = [prompt for prompt in made if prompt.startswith(how)]
-    assert len(made) == len(set(made)) == len(accepted), made  # each generated exactly once
+    assert len(made) == len(set(made)), made  # no job generated twice
+    assert set(by_prompt) <= set(made), made  # every accepted job generated
     outputs = Path(producer.settings.storage.output_dir)
     assert all((outputs / f"{h.id}.wav.json").is_file() for h in accepted)
     lost = [h.id for h in accepted if h.result() is None]
@@ -155,8 +166,9 @@ def run_failover(producer: pipeline.Producer, topology: SentinelTopology, worker
     # SENTINEL FAILOVER is not coordinated: the old master takes writes between the replica's
     # promotion and its own demotion, then resyncs them away. A job that finishes in that window
     # loses its SUCCESS state and its ack (the file, the sidecar and the ledger stay); its
-    # message comes back and is dropped as finished. Not closed yet: README says so, and
-    # results_lost counts it.
+    # message comes back (when kombu reconnects, or after the visibility timeout), and that
+    # delivery restores the state from the sidecar (workers/outage.py). When it comes back is
+    # not a state this test can wait on, so results_lost only counts it (README says so).
     if how == "kill9":
         # The outage outlasted redis-py's own retries: workers/outage.py's waits carried the
         # admissions through it (before them, such a job ended FAILED).
@@ -170,7 +182,14 @@ def test_no_accepted_job_is_lost_when_the_master_is_killed(
     run_failover(producer, topology, sentinel_worker, "kill9", record_property)
 
 
-def test_no_accepted_job_is_lost_in_a_sentinel_failover(
-        topology: SentinelTopology, sentinel_worker: tuple[Worker, Path],
-        producer: pipeline.Producer, record_property: object) -> None:
-    run_failover(producer, topology, sentinel_worker, "failover", record_property)
+def test_no_accepted_job_is_lost_in_a_sentinel_failover_with_the_replica_wait(
+        topology: SentinelTopology, sentinel_worker: tuple[Worker, Path], workdir: Path,
+        monkeypatch: pytest.MonkeyPatch, record_property: object) -> None:
+    """SENTINEL FAILOVER is not coordinated: the old master takes writes between the promotion
+    and its demotion and then drops them, so an enqueue it accepts then is lost (one run here
+    queued 50 on it). With broker.wait_replicas = 1 it has no replica left to confirm them, and
+    the producer refuses them (retryable): every job it accepts survives."""
+    monkeypatch.setenv("MUSICGEN_BROKER__WAIT_REPLICAS", "1")
+    prod = pipeline.Producer(pipeline.load_settings(cwd=workdir))
+    assert prod.settings.broker.wait_replicas == 1
+    run_failover(prod, topology, sentinel_worker, "failover", record_property)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -138,3 +139,50 @@ def test_progress_on_a_dead_redis_is_skipped(dead_redis: redis.Redis) -> None:
 
     progress = _JobProgress(Task(), RedisJobRegistry(dead_redis))  # type: ignore[arg-type]
     progress(0.5, "generating")  # no exception: the job goes on
+
+
+def test_a_finished_job_whose_state_a_failover_lost_gets_it_back_from_its_sidecar(
+        tmp_path: Path) -> None:
+    """The old master took the SUCCESS and resynced it away; the redelivery restores it."""
+    import uuid
+
+    from pipeline.celery_app import make_celery
+    from pipeline.config.schema import Settings
+    from pipeline.jobs import JobResult
+    from workers.outage import restore_lost_result
+    from workers.storage import write_sidecar
+
+    app = make_celery(Settings.model_validate({"broker": {"url": "redis://127.0.0.1:6379/0"}}))
+    job_id = f"lost-{uuid.uuid4().hex}"
+    output = tmp_path / f"{job_id}.wav"
+    output.write_bytes(b"RIFF")
+    result = {"job_id": job_id, "uri": output.as_uri(), "format": "wav", "duration": 1.0,
+              "sample_rate": 32000, "bit_depth": 16, "loudness_lufs": None, "peak_dbfs": None,
+              "channels": 1, "model": "tiny", "seed": 7, "worker": "w1",
+              "timings": {"queue_wait": 0.1, "model_load": 0.0, "generate": 0.5,
+                          "postprocess": 0.1, "total": 0.7}}
+    write_sidecar(output, {"request": {}, "result": result})
+    try:
+        assert app.backend.get_state(job_id) == "PENDING"  # lost: no state at all
+        assert restore_lost_result(app.backend, [tmp_path / f"{job_id}.mp3", output], job_id)
+        assert app.backend.get_state(job_id) == "SUCCESS"
+        assert JobResult.model_validate(app.backend.get_result(job_id)).seed == 7
+        # A state that is there already is left alone (the common late redelivery).
+        assert not restore_lost_result(app.backend, [output], job_id)
+    finally:
+        app.backend.forget(job_id)
+        app.close()
+
+
+def test_no_sidecar_no_restore(tmp_path: Path) -> None:
+    """A failed or cancelled job's files are gone: there is nothing to restore from."""
+    from workers.outage import restore_lost_result
+
+    class Backend:
+        def get_state(self, job_id: str) -> str:
+            return "STARTED"
+
+        def store_result(self, *args: Any, **kwargs: Any) -> None:
+            raise AssertionError("nothing to restore from")
+
+    assert not restore_lost_result(Backend(), [tmp_path / "job.wav"], "job")
