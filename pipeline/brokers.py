@@ -147,6 +147,21 @@ def redis_client(url: str, settings: Settings) -> Any:
         socket_connect_timeout=timeout)
 
 
+def wait_for_replicas(client: Any, replicas: int, timeout_ms: int) -> int:
+    """How many replicas (at most ``replicas``) confirm everything the master did before this
+    call, within ``timeout_ms``: Redis's ``WAIT``.
+
+    WAIT waits for the calling connection's own last write, and the publish went out on
+    kombu's connection; so this connection writes first (:data:`keys.REPLICATION_FENCE`). The
+    master executed the publish before this call began, and its replication stream is one
+    ordered log: a replica that has the fence has the job.
+    """
+    pipe = client.pipeline(transaction=False)  # one connection for both commands
+    pipe.incr(keys.REPLICATION_FENCE)
+    pipe.execute_command("WAIT", replicas, timeout_ms)
+    return int(pipe.execute()[1])
+
+
 def limits_storage_uri(url: str, master_name: str) -> str:
     """``url`` as the ``limits`` library spells it (its Sentinel scheme lists hosts by comma).
 
@@ -194,7 +209,11 @@ def transport_conf(settings: Settings) -> dict[str, Any]:
     # declare the same arguments (RabbitMQ refuses a redeclaration that differs). Quorum queues
     # on 3.x take no priorities, so they are an option only where priorities do not matter.
     if b.queue_type == "quorum":
-        conf.update(task_default_queue_type="quorum", worker_detect_quorum_queues=True)
+        # The model queues are named per job, not configured: Celery creates them as "missing"
+        # queues, whose type is task_create_missing_queue_type (default classic), not the
+        # default queue's (test_quorum_queues.py found them classic with only the latter set).
+        conf.update(task_default_queue_type="quorum", task_create_missing_queue_type="quorum",
+                    worker_detect_quorum_queues=True)
     else:
         conf["task_queue_max_priority"] = keys.AMQP_MAX_PRIORITY
     conf.update(

@@ -172,6 +172,13 @@ class TransientError(PipelineError):
     retryable = True
 
 
+class CoordinationUnavailable(TransientError):
+    """Raised in a worker when the Redis of the shared policies (breaker, rate limit, cancel
+    flags, delivery counts) stays unreachable past a failover's length; the job is retried."""
+
+    code = "coordination_unavailable"
+
+
 class GpuOutOfMemory(TransientError):
     """Raised when CUDA runs out of memory; the worker frees its cache and retries."""
 

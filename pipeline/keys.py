@@ -37,6 +37,10 @@ DELIVERY_PREFIX = ROOT_PREFIX + "deliveries:"
 #: (HSETNX), so a job that ends twice (a redelivery) notifies once.
 WEBHOOK_PREFIX = ROOT_PREFIX + "webhook:"
 
+#: A counter every producer increments right after a publish when ``broker.wait_replicas`` is
+#: set: a write on its own connection that Redis orders after the publish, for WAIT to wait on.
+REPLICATION_FENCE = ROOT_PREFIX + "replication-fence"
+
 # --- worker heartbeats and held jobs (workers/heartbeat.py, workers/recovery.py) ------------
 #: A ZSET of the live worker processes: member = worker id (``host/pid/random``, one per process
 #: start, so a restarted worker never overwrites the record of the one that died), score = the

@@ -20,6 +20,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline.brokers import BrokerKind, wait_for_replicas
 from pipeline.celery_app import TASK_GENERATE, PipelineCelery, celery_priority, make_celery
 from pipeline.config.live import FileWatcher, LiveSettings, ReloadResult
 from pipeline.config.schema import Settings
@@ -231,7 +232,30 @@ class Producer:
             handles[spec.job_id] = self._handle(spec.job_id, replayed=False)
         for spec, _ in items:
             handles[spec.job_id].priority_clamped = spec.job_id in clamped
+        # One WAIT covers every publish above, and the replays' too (a caller retrying a refusal).
+        self._confirm_replicated([spec.job_id for spec, _ in items])
         return [handles[spec.job_id] for spec, _ in items]
+
+    def _confirm_replicated(self, job_ids: list[str]) -> None:
+        """With ``broker.wait_replicas``: refuse (retryable) unless that many replicas have the
+        jobs, so "accepted" means on more than one node. The jobs stay queued either way (a
+        publish cannot be taken back): the refusal names them, and enqueueing the same requests
+        with those ids again returns the same jobs once a replica confirms."""
+        b = self.settings.broker
+        if not b.wait_replicas or self.app.broker_kind not in (BrokerKind.redis,
+                                                               BrokerKind.sentinel):
+            return
+        try:
+            acked = wait_for_replicas(self.app.redis, b.wait_replicas, b.wait_timeout_ms)
+        except (RedisError, OSError) as exc:
+            log.warning("jobs %s: could not ask Redis for its replicas: %s", job_ids, exc)
+            acked = 0
+        if acked < b.wait_replicas:
+            raise ServiceUnavailable(
+                f"job(s) {', '.join(job_ids)} queued on the Redis master, but {acked} of "
+                f"{b.wait_replicas} replica(s) confirmed them within {b.wait_timeout_ms} ms, so "
+                "a failover now could lose them; enqueue again with the same job_id (never a "
+                "second job)", None, {"retry_after": 1, "job_ids": job_ids, "replicas": acked})
 
     def _handle(self, job_id: str, *, replayed: bool) -> JobHandle:
         return JobHandle(job_id, self.app, self.registry, self.quota, replayed=replayed)

@@ -35,7 +35,7 @@ from pipeline.quota.configured import store_for
 from pipeline.registry import JobRegistry, registry_for
 from pipeline.time_limits import job_time_limits
 from workers import typed_celery
-from workers.job_runner import JobCancelledByUser, JobRunner, discard_job_files
+from workers.job_runner import JobCancelledByUser, JobRunner, discard_job_files, job_outputs
 from workers.metrics import (
     model_of,
     observe_batch,
@@ -43,6 +43,7 @@ from workers.metrics import (
     observe_failure,
     observe_success,
 )
+from workers.outage import PUBLISH_THROUGH_FAILOVER, restore_lost_result, through_outage
 from workers.webhook_task import job_ended
 
 log = logging.getLogger(__name__)
@@ -159,8 +160,8 @@ def _defer(task: Task, wait: float, reason: str) -> None:
     delivery (it did not start), so neither the retry budget nor the poison count moves."""
     log.info("job %s waits %.1f s: %s", task.request.id, wait, reason)
     task.backend.store_result(task.request.id, {"reason": reason}, "QUEUED")
-    task.signature_from_request(task.request, countdown=wait,
-                                retries=task.request.retries).apply_async()
+    task.signature_from_request(task.request, countdown=wait, retries=task.request.retries,
+                                retry=True, retry_policy=PUBLISH_THROUGH_FAILOVER).apply_async()
     raise Ignore()
 
 
@@ -182,16 +183,18 @@ def _admit(task: Task, spec: JobSpec,
     """
     app: PipelineCelery = task.app
     if policies.rate_limit is not None:
-        wait = policies.rate_limit.try_acquire(queue_for(spec.model))
+        limit, queue = policies.rate_limit, queue_for(spec.model)
+        wait = through_outage("the rate limit", lambda: limit.try_acquire(queue))
         if wait > 0:  # over the global limit: the job waits, it is not failed
             _defer(task, wait, f"global rate limit {policies.rate_limit.rate}")
     breaker = policies.breaker(spec.model)
     if breaker is None:
         return None, None
-    admission = breaker.admit()
+    admission = through_outage(f"the circuit breaker of {spec.model}", breaker.admit)
     if admission is None:
         # Open, or another worker runs the half-open probe: this model takes no job for now.
-        wait = (float(breaker.status().get("retry_after") or 0)
+        status = through_outage(f"the circuit breaker of {spec.model}", breaker.status)
+        wait = (float(status.get("retry_after") or 0)
                 or app.settings.circuit_breaker.reset_timeout / 4)
         _defer(task, max(1.0, wait), f"circuit breaker of {spec.model} is not closed")
     return breaker, admission
@@ -202,7 +205,8 @@ def _check_poison(task: Task, spec: JobSpec, reg: JobRegistry) -> None:
     # a worker died (or was killed) holding this job. Its files go in on_failure.
     app: PipelineCelery = task.app
     cap = app.settings.worker.redelivery_cap
-    starts = reg.count_delivery(spec.job_id, app.settings.broker.result_expires)
+    starts = through_outage("the delivery count", lambda: reg.count_delivery(
+        spec.job_id, app.settings.broker.result_expires))
     redeliveries = starts - 1 - task.request.retries
     if redeliveries >= cap:
         raise PoisonJob(f"job was delivered {starts} times without finishing (it kills its "
@@ -242,7 +246,9 @@ def run_generate(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
     started_at = time.time()
     spec = _decode(payload)
     reg, policies = _registry(app), _policies(app)
-    if reg.is_cancelled(spec.job_id):
+    # Every Redis touch before the job runs rides out a failover, then is a transient error
+    # (workers/outage.py); the ones after it are best effort.
+    if through_outage("the cancel flag", lambda: reg.is_cancelled(spec.job_id)):
         task.backend.mark_as_revoked(spec.job_id, "cancelled before start", request=task.request)
         _ledger(app, "mark_finished", spec.job_id, status="cancelled", error_code="cancelled")
         job_ended(app, payload, "cancelled", error_code="cancelled")
@@ -275,6 +281,7 @@ def _run(task: Task, spec: JobSpec, reg: JobRegistry, started_at: float) -> dict
                queue_wait_seconds=max(0.0, started_at - spec.enqueued_at)) is False:
         # The job already ended (a late redelivery of a finished job): do not make it twice.
         log.warning("job %s already finished; dropping this delivery", spec.job_id)
+        restore_lost_result(task.backend, job_outputs(app.settings, spec.job_id), spec.job_id)
         raise Ignore()
     try:
         progress = _progress_reporter(task, reg)
@@ -323,7 +330,7 @@ class GenerationTask(Task):  # type: ignore[misc]
         if isinstance(exc, TimeLimitExceeded) and args:  # killed by the hard limit: sick model too
             breaker = _policies(self.app).breaker(str(args[0].get("model")))
             if breaker is not None:
-                breaker.record_failure()
+                settle_breaker(breaker, Admission(), "failure")  # never raises: Redis may be away
 
 
 def register_tasks(app: PipelineCelery) -> None:
@@ -333,6 +340,8 @@ def register_tasks(app: PipelineCelery) -> None:
     @typed_celery.task(app, name=TASK_GENERATE, bind=True, base=GenerationTask, acks_late=True,
                        reject_on_worker_lost=True, autoretry_for=(TransientError,),
                        max_retries=w.max_retries, retry_backoff=w.retry_backoff,
+                       # The retry is a publish, to a broker that may be failing over.
+                       retry_kwargs={"retry": True, "retry_policy": PUBLISH_THROUGH_FAILOVER},
                        retry_backoff_max=int(w.retry_backoff_max), retry_jitter=w.retry_jitter)
     def generate(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         return run_generate(self, payload)

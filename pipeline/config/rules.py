@@ -182,6 +182,15 @@ def _results_on_redis(raw: Raw) -> Problem | None:
     return None
 
 
+def _replica_wait_on_redis(raw: Raw) -> Problem | None:
+    wanted = get(raw, "broker.wait_replicas")
+    if not wanted or _broker_kind(raw) in ("redis", "sentinel"):
+        return None
+    return Problem("broker.wait_replicas", wanted, "waiting for replicas is Redis's WAIT; "
+                   "RabbitMQ confirms a publish itself (a quorum queue once a majority has it)",
+                   "set broker.wait_replicas = 0, or use a redis:// or sentinel:// broker")
+
+
 def _production_redis_secured(raw: Raw) -> Problem | None:
     url = get(raw, "broker.url")
     if not _is_production(raw) or not isinstance(url, str) or not url:
@@ -503,6 +512,7 @@ RULES: tuple[Rule, ...] = (
     Rule("staging/production: Redis broker", _production_needs_broker),
     Rule("broker: a scheme we support", _broker_scheme_known),
     Rule("RabbitMQ: results (and shared state) on Redis", _results_on_redis),
+    Rule("broker: replica wait on Redis only", _replica_wait_on_redis),
     Rule("production: Redis password or TLS", _production_redis_secured),
     Rule("broker URL without password", _broker_url_has_no_password),
     Rule("production: Flower auth", _production_flower_auth),

@@ -102,6 +102,11 @@ class BrokerSettings(_Section):
                                                      "(replicated, no priorities on RabbitMQ 3.x)")
     result_expires: int = Field(86400, ge=60, le=30 * 86400)
     connect_timeout: float = Field(5.0, gt=0, le=120)
+    wait_replicas: int = Field(0, ge=0, le=8, description="Redis/Sentinel: replicas that must "
+                               "confirm an enqueue (Redis WAIT) before it is accepted; 0 = off "
+                               "(replication is asynchronous: a failover can drop the last jobs)")
+    wait_timeout_ms: int = Field(250, ge=1, le=10000, description="how long an enqueue waits for "
+                                 "broker.wait_replicas; past it the enqueue is refused, retryable")
 
 
 class DatabaseSettings(_Section):

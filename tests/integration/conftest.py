@@ -32,6 +32,9 @@ OWNER_KEY = "musicgen-tests:owner"
 #: RabbitMQ broker URL -> the Redis its processes keep results (and our keys) on; base_env reads
 #: it, so a test passes one broker URL around whichever broker it runs on.
 RESULTS_FOR: dict[str, str] = {}
+#: RabbitMQ broker URLs whose processes declare quorum queues (``broker.queue_type``); base_env
+#: reads it, like RESULTS_FOR (tests/integration/test_quorum_queues.py).
+QUORUM: set[str] = set()
 #: A ledger row's final statuses: the worker has settled it.
 FINAL = frozenset(s.value for s in TERMINAL_STATUSES)
 
@@ -115,6 +118,8 @@ def base_env(workdir: Path, broker: str | None, **extra: str) -> dict[str, str]:
     if broker and on_rabbitmq(broker):
         env["MUSICGEN_BROKER__PASSWORD"] = rabbitmq.PASSWORD
         env["MUSICGEN_BROKER__RESULT_BACKEND"] = RESULTS_FOR[broker.split("?")[0]]
+        if broker.split("?")[0] in QUORUM:
+            env["MUSICGEN_BROKER__QUEUE_TYPE"] = "quorum"
     env.update(extra)
     return env
 

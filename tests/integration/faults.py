@@ -297,3 +297,20 @@ if os.environ.get("FAULTS_ENGINE_BROKEN") == "1":
         raise IndexError("index 24048 is out of bounds (injected)")
 
     StaticEngine.step = _broken_step  # type: ignore[method-assign]
+
+# --- a hold before admission --------------------------------------------------------------------
+# ``FAULT:hold-admit=NAME``: the job has started (its cancel flag read, its state STARTED) and
+# stops just before the rate limit and the circuit breaker admit it, until ``NAME.release``: a
+# test can take Redis away at exactly the point where issue 27's jobs ended FAILED.
+import workers.tasks as tasks  # noqa: E402
+
+_real_admit = tasks._admit
+
+
+def _admit_after_hold(task: Any, spec: Any, policies: Any) -> Any:
+    if hold := re.search(r"FAULT:hold-admit=(\S+)", spec.prompt):
+        _hold(hold.group(1))
+    return _real_admit(task, spec, policies)
+
+
+tasks._admit = _admit_after_hold

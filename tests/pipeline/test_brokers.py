@@ -65,6 +65,7 @@ def test_rabbitmq_conf_priorities_no_visibility_timeout_results_on_redis() -> No
 def test_rabbitmq_quorum_queues_drop_priorities() -> None:
     conf = make_celery(amqp_settings(queue_type="quorum")).conf
     assert conf.task_default_queue_type == "quorum"
+    assert conf.task_create_missing_queue_type == "quorum"  # the per-model queues
     assert conf.task_queue_max_priority is None
 
 
