@@ -25,7 +25,9 @@ the real shapes (workers.runtime.shapes); ``small@2`` cuts the decoder (and text
 layers. Without CUDA everything shrinks on its own: 2 layers, fp32, batches 1 and 4, 2 s jobs,
 compile off (compiling on the CPU takes minutes; ``--compile on`` still does it). ``--smoke``
 is CI's run: tiny and small@2, batches 1 and 2, 1 s of audio, compile off. A configuration
-that runs out of memory prints "skipped: out of memory" and the run goes on.
+that runs out of memory prints "skipped: out of memory" and the run goes on. The full run prints
+a rough estimate of its duration first. ``--quick`` is benchmarks/quick.py: one shape, HF
+against the engine eager and compiled, in minutes on a GPU and seconds on the CPU.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from torch.nn import functional as F
 from pipeline.errors import GpuOutOfMemory
 from workers.runtime import GenerationItem, generate, load_model
 from workers.runtime.engine import StaticEngine
+from workers.runtime.engine.compile import row_buckets
 from workers.runtime.musicgen import LoadedModel, _compile_decoder, batch_key_for, frames_for
 from workers.runtime.shapes import random_loaded
 from workers.runtime.tiny import make_tiny
@@ -447,6 +450,31 @@ def plan_of(args: argparse.Namespace, device: str) -> Plan:
                 16, (2.0, 30.0) if cuda else (1.0, 6.0), 8 if cuda else 4, 10.0)
 
 
+# Rough seconds a decode step of one row takes, by model shape, for the estimate only (an H100 in
+# bf16 and one CPU thread at 2 layers); and a compiled graph's compile time.
+GUESS_STEP_S = {"cuda": {"tiny": 0.004, "small": 0.012, "medium": 0.025, "large": 0.04},
+                "cpu": {"tiny": 0.004, "small": 0.03, "medium": 0.06, "large": 0.08}}
+GUESS_COMPILE_S = {"cuda": 30.0, "cpu": 20.0}
+
+
+def estimated_s(plan: Plan) -> float:
+    """A rough duration of ``plan``: both paths' steps (warm-up and timed run) for every
+    configuration, each compiled engine's graphs, and the mixed and time-to-first-audio runs."""
+    kind = "cuda" if plan.device.startswith("cuda") else "cpu"
+    total = 0.0
+    for model in plan.models:
+        step = GUESS_STEP_S[kind].get(model.partition("@")[0], 0.03)
+        steps = plan.duration * 50 + 4
+        for batch in plan.batches:
+            per_batch = 2 * steps * step * (1 + batch / 16)  # HF and the engine
+            for compiled in plan.compile:
+                graphs = len(row_buckets(batch)) * 4 if compiled else 0  # 4 length buckets
+                total += len(plan.dtypes) * (per_batch + graphs * GUESS_COMPILE_S[kind])
+        mixed = plan.mixed_jobs * sum(plan.mixed_range) / 2 * 50 * step
+        total += len(plan.dtypes) * len(plan.compile) * (2 * mixed + 2 * plan.ttfa_s * 50 * step)
+    return total
+
+
 def build(name: str, dtype: str, device: str, folder: Path) -> LoadedModel:
     """``tiny`` through the real loading path, the others built in memory (shapes.py)."""
     if name == "tiny":
@@ -709,6 +737,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on the CPU)")
     parser.add_argument("--smoke", action="store_true", help="the fastest run (CI)")
+    parser.add_argument("--quick", action="store_true",
+                        help="HF vs the engine eager and compiled, one shape (benchmarks/quick.py)")
     args = parser.parse_args(argv)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
@@ -716,11 +746,22 @@ def main(argv: Sequence[str] | None = None) -> Report:
         # One thread by default on the CPU: steadier figures on a shared host, as the other
         # benchmarks run.
         torch.set_num_threads(args.threads or 1)
+    if args.quick:
+        from benchmarks.quick import run_quick  # it imports this module: not at the top
+
+        print(f"benchmarks/gpu.py --quick: HF generate vs StaticEngine eager and compiled\n"
+              f"device: {_device_name(device)}; torch {torch.__version__}, "
+              f"transformers {transformers.__version__}")
+        with tempfile.TemporaryDirectory() as folder:
+            run_quick(device, Path(folder))
+        return Report()
     plan = plan_of(args, device)
     print(f"benchmarks/gpu.py: HF generate vs StaticEngine, same jobs, same run, "
           f"{plan.duration:g} s a job")
     print(f"device: {_device_name(device)}; torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
+    print(f"estimated duration: ~{estimated_s(plan) / 60:.0f} min (a rough guess from step "
+          f"times and compile costs assumed per model, not measured here)", flush=True)
     memory = PeakMemory(device)
     with tempfile.TemporaryDirectory() as folder:
         report = run_plan(plan, memory, Path(folder))

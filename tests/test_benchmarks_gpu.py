@@ -4,7 +4,10 @@ are checked: the rest are timings."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +117,32 @@ def test_step_profile_prints_the_bare_step_and_its_products(capsys: pytest.Captu
     assert two and one and transposed, out
     assert float(two.group(1)) > 0 and float(one.group(1)) > 0 and float(transposed.group(1)) > 0
     assert "20 linears" in out  # tiny: 2 layers x 8 linears + 4 LM heads
+
+
+def test_the_quick_run_prints_hf_and_the_engine_eager_and_compiled_with_their_costs() -> None:
+    # A subprocess, as it is run: its compiles and dynamo counters stay out of this process.
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu.py"), "--quick"],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600,
+                          check=False)
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    header = ["path", "batch", "tokens/s", "RTF", "peak MB", "cache MB", "peak/cache",
+              "compile s", "cg skips", "breaks", "recompiles"]
+    assert re.search(r"^" + r"\s+".join(map(re.escape, header)) + r"$", out, re.MULTILINE), out
+    row = (r"^(hf|engine eager|engine compiled)\s+([14])" + rf"\s+({NUMBER})" * 4
+           + rf"\s+({NUMBER}|-)\s+({NUMBER})\s+(\d+)\s+(\d+)\s+(\d+)$")
+    rows = re.findall(row, out, flags=re.MULTILINE)
+    assert [(r[0], r[1]) for r in rows] == [
+        (path, batch) for batch in "14" for path in ("hf", "engine eager", "engine compiled")], out
+    for path, _, tokens, rtf, _, cache_mb, ratio, compile_s, skips, breaks, recompiles in rows:
+        assert float(tokens) > 0 and float(rtf) > 0, out
+        assert (float(cache_mb) > 0) == path.startswith("engine") == (ratio != "-"), out
+        assert (float(compile_s) > 0) == (path == "engine compiled"), out  # really compiled
+        assert (skips, breaks, recompiles) == ("0", "0", "0"), out
+    assert re.findall(r"^codes vs HF, fp32 on cpu, engine (eager|compiled): equal", out,
+                      flags=re.MULTILINE) == ["eager", "compiled"], out
+    verdicts = re.findall(r"^  CPU (tiny 4 active rows|small@2 16 rows): .+x, target <= "
+                          r"\d\.\dx\): (?:MET|NOT MET)$", out, flags=re.MULTILINE)
+    assert verdicts == ["tiny 4 active rows", "small@2 16 rows"], out

@@ -42,10 +42,12 @@ def test_a_compile_failure_runs_the_eager_step_with_a_warning(
 
 @pytest.mark.slow
 def test_the_compiled_step_gives_the_eager_steps_codes(tiny_model: LoadedModel) -> None:
-    compiled = StaticEngine(tiny_model, max_rows=1, compile=True)
+    # Two inductor graphs: lengths 64 and the window, so the 2 s job crosses a length bucket.
+    compiled = StaticEngine(tiny_model, max_rows=1, compile=True, lengths=(64,))
     assert compiled.compiled is True
     eager = StaticEngine(tiny_model, max_rows=1)
-    items = [ITEM, GenerationItem("jazz", 0.2, seed=3, top_k=50, guidance_scale=1.0)]
+    items = [GenerationItem("calm piano", 2.0, temperature=0.0),
+             GenerationItem("jazz", 0.2, seed=3, top_k=50, guidance_scale=1.0)]
     for item in items:
         assert_same_codes(engine_codes(compiled, [item])[0], engine_codes(eager, [item])[0])
 
@@ -81,10 +83,13 @@ def test_two_compiled_engines_are_both_really_compiled(
     # Dynamo's limit is per code object and both engines' steps are DecoderStep.forward: with a
     # shared limit of 1, the second engine's graph is one too many (issue 22, defect 4: seen
     # with the default 8 at 64 rows) and dynamo would run it eagerly while it said compiled.
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    # (config.patch, not monkeypatch: monkeypatch's undo deletes the option from dynamo's
+    # config, and every later torch.compile(recompile_limit=...) then fails.)
     torch._dynamo.reset()
-    first = StaticEngine(tiny_model, max_rows=1, compile=True)
-    second = StaticEngine(tiny_model, max_rows=1, compile=True)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        # lengths=(): the whole window only, one graph per engine
+        first = StaticEngine(tiny_model, max_rows=1, compile=True, lengths=())
+        second = StaticEngine(tiny_model, max_rows=1, compile=True, lengths=())
     assert first.compiled and second.compiled
     assert len(counter.calls) == 2  # one graph each
     calls = list(counter.calls)
@@ -105,7 +110,7 @@ def test_an_engine_past_its_recompile_limit_says_it_runs_eagerly(
 
     monkeypatch.setattr(torch, "compile", counted)
     torch._dynamo.reset()
-    engine = StaticEngine(tiny_model, max_rows=2, compile=True)  # buckets 1 and 2: two graphs
+    engine = StaticEngine(tiny_model, max_rows=2, compile=True, lengths=())  # two graphs
     assert engine.compiled is False  # not "compiled" while dynamo runs the second eagerly
     assert_same_codes(engine_codes(engine, [ITEM])[0], hf_greedy_codes(tiny_model, ITEM))
     torch._dynamo.reset()

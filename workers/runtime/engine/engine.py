@@ -16,6 +16,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -25,7 +26,13 @@ import torch
 from pipeline.errors import ModelRuntimeError, PipelineError, UnsupportedOption
 from workers.runtime.batch import GeneratedAudio, GenerationItem, validate_items
 from workers.runtime.engine.cache import StaticCache
-from workers.runtime.engine.compile import StepFunction, bucket_of, compile_step, row_buckets
+from workers.runtime.engine.compile import (
+    StepFunction,
+    bucket_of,
+    compile_step,
+    length_buckets,
+    row_buckets,
+)
 from workers.runtime.engine.decoder import DecoderStep
 from workers.runtime.engine.delay import codebook_delays, codes_of, frames_of, keep_generated
 from workers.runtime.engine.slots import Row, Slots
@@ -60,13 +67,18 @@ class EngineUnsupported(UnsupportedOption):
 class StaticEngine:
     """Continuous-batching MusicGen decoding over ``max_rows`` rows of a preallocated cache.
 
-    ``compile`` torch.compiles the step for a few row-count buckets and warms it up here; if that
-    fails, ``compiled`` is False and the eager step runs (a warning is logged). On a model it
-    cannot run (MusicGen-Melody) the engine is built but ``supports`` refuses every item.
+    ``compile`` torch.compiles the step for a few row-count buckets times a few self-attention
+    lengths (``lengths``, by default 256 / 512 / 1024, each below the window, then the window;
+    ``length_buckets`` is what was chosen; ``rows`` replaces the row buckets 1, 2, 4, ...,
+    ``max_rows``) and warms it up here; if that fails, ``compiled`` is False and the eager step
+    runs (a warning is logged). On a model it cannot run (MusicGen-Melody) the engine is built
+    but ``supports`` refuses every item.
     """
 
     def __init__(self, loaded: LoadedModel, max_rows: int = 8, compile: bool = False, *,
-                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> None:
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+                 lengths: Sequence[int] | None = None,
+                 rows: Sequence[int] | None = None) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
         self.loaded = loaded
@@ -80,7 +92,11 @@ class StaticEngine:
         self._window = window_frames(loaded)
         self._steps_max = max_new_tokens_for(self._window, loaded.delay_codebooks)
         self._device = torch.device(loaded.device)
-        self._buckets = row_buckets(max_rows)
+        # ``rows``: the row buckets, for a benchmark that bounds compile time with one.
+        chosen = row_buckets(max_rows) if rows is None else rows
+        self._buckets = sorted({*(r for r in chosen if 0 < r < max_rows), max_rows})
+        self.length_buckets = length_buckets(self._steps_max, lengths)
+        self.last_length: int | None = None  # self-attention positions the last step read
         self._active_cache: tuple[list[int], torch.Tensor, RowSampling | None] | None = None
         self._step_fn: StepFunction | None = None
         if self.unsupported_model is not None:
@@ -117,7 +133,8 @@ class StaticEngine:
             # addresses instead of refusing to capture a step that mutates its inputs.
             for tensor in (*self._cache.self_k, *self._cache.self_v):
                 torch._dynamo.mark_static_address(tensor)
-            compiled = compile_step(self._step, self._buckets, self._device, self._warm_up)
+            shapes = [(rows, length) for rows in self._buckets for length in self.length_buckets]
+            compiled = compile_step(self._step, shapes, self._device, self._warm_up)
             if compiled is not None:
                 self._step_fn, self.compiled = compiled, True
 
@@ -346,13 +363,15 @@ class StaticEngine:
         """The step's guided logits for rows ``0 .. bucket-1``."""
         args = (self._tokens[:bucket], self._position[:bucket], self._scale[:bucket],
                 self._guided[:bucket])
+        eager_length = min(self._steps_max, -(-furthest // LENGTH_STEP) * LENGTH_STEP)
         if not self.compiled:
-            length = min(self._steps_max, -(-furthest // LENGTH_STEP) * LENGTH_STEP)
-            logits: torch.Tensor = self._step(*args, length)
+            self.last_length = eager_length
+            logits: torch.Tensor = self._step(*args, eager_length)
             return logits
         assert self._step_fn is not None
+        self.last_length = bucket_of(furthest, self.length_buckets)
         try:
-            return self._step_fn(*args, self._steps_max)
+            return self._step_fn(*args, self.last_length)
         except Exception as e:  # noqa: BLE001 - a compiled step that breaks later: go eager
             if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():
                 raise
@@ -361,7 +380,8 @@ class StaticEngine:
             self._step_fn, self.compiled = self._step, False
             # The failed call may have written this step's keys and values already: rewriting
             # them with the same values is harmless.
-            logits = self._step(*args, self._steps_max)
+            self.last_length = eager_length
+            logits = self._step(*args, eager_length)
             return logits
 
     def _choose(self, logits: torch.Tensor, rows: list[Row],
@@ -457,14 +477,14 @@ class StaticEngine:
             generate_seconds=time.perf_counter() - job.admitted_at, batch_size=job.batch_size,
             padding_waste=padding_waste_for(loaded, [job.item]))
 
-    def _warm_up(self, step: StepFunction, bucket: int) -> None:
-        """Run ``step`` over ``bucket`` idle rows (what compiles it); CUDA graphs record on a
-        later call than the first, so it runs three times there."""
+    def _warm_up(self, step: StepFunction, bucket: int, length: int) -> None:
+        """Run ``step`` over ``bucket`` idle rows reading ``length`` positions (what compiles
+        it); CUDA graphs record on a later call than the first, so it runs three times there."""
         calls = 3 if self._device.type == "cuda" else 1
         with torch.inference_mode():
             for _ in range(calls):
                 step(self._tokens[:bucket], self._position[:bucket], self._scale[:bucket],
-                     self._guided[:bucket], self._steps_max)
+                     self._guided[:bucket], length)
 
     def _prompt_tokens(self, prompt: str) -> int:
         return len(self.loaded.processor.tokenizer(prompt)["input_ids"])
