@@ -57,8 +57,9 @@ def test_compose_declares_every_service_each_with_a_healthcheck(compose: dict[st
     services = compose["services"]
     assert SERVICES <= set(services)
     one_shots = {name for name, s in services.items() if s.get("restart") == "no"}
-    assert one_shots == {"migrate"}
+    assert one_shots == {"migrate", "models"}
     assert services["migrate"]["command"] == ["musicgen-pipeline", "db", "upgrade"]
+    assert services["models"]["command"][:3] == ["musicgen-pipeline", "models", "download"]
     for name, service in services.items():
         if name not in one_shots:  # a one-shot exits: it has nothing to be healthy about
             test = service.get("healthcheck", {}).get("test")
@@ -70,6 +71,22 @@ def test_compose_declares_every_service_each_with_a_healthcheck(compose: dict[st
                 assert spec["condition"] == "service_healthy" and "healthcheck" in services[dependency]
     # Nothing creates the schema as a side effect, so the worker waits for the migration.
     assert "migrate" in services["worker"]["depends_on"]
+    # An offline worker finds its checkpoint: it starts once the download has completed.
+    assert "models" in services["worker"]["depends_on"]
+
+
+def test_the_models_one_shot_fills_the_worker_cache_without_a_gpu(compose: dict[str, Any]) -> None:
+    models, worker = compose["services"]["models"], compose["services"]["worker"]
+    assert models["build"]["dockerfile"] == "docker/worker.Dockerfile"  # has huggingface_hub
+    assert "models:/models" in models["volumes"]  # HF_HOME of the worker image
+    assert not models.get("deploy") and not models["depends_on"]
+    assert models["healthcheck"] == {"disable": True}
+    assert models["environment"] == worker["environment"]  # the same settings, the same cache
+    # Every preset it downloads is a shipped preset (the worker's own: see the production test).
+    from pipeline.config.layers import settings_dir
+
+    presets = models["command"][3:]
+    assert presets and all((settings_dir() / "models" / f"{p}.toml").is_file() for p in presets)
 
 
 def test_redis_keeps_an_append_only_file_on_a_volume(compose: dict[str, Any]) -> None:
@@ -168,6 +185,9 @@ def test_compose_environment_with_the_example_secrets_passes_production_rules(
 
     settings = load_settings()
     assert settings.app.environment.value == "production"
+    # The models one-shot downloads the checkpoint this worker loads, offline.
+    assert settings.model.offline
+    assert settings.model.preset in compose["services"]["models"]["command"][3:]
     assert settings.broker.url == "redis://redis:6379/0" and settings.broker.password is not None
     assert settings.storage.output_dir == "/data/outputs"
     auth = flower_auth(settings)  # Flower would start: auth is set and usable
