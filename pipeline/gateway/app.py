@@ -25,6 +25,7 @@ from pipeline.errors import InvalidRequest
 from pipeline.gateway import errors, routes_jobs, routes_meta
 from pipeline.gateway.auth import Authenticator, KeyRate
 from pipeline.gateway.keystore import ApiKeyStore
+from pipeline.gateway.metrics import HttpMetrics
 from pipeline.gateway.models import JobRequest
 from pipeline.gateway.uploads import KB, MB, Body
 from pipeline.gateway.views import models_view
@@ -155,4 +156,18 @@ def create_app(settings: Settings, *, producer: Producer | None = None) -> FastA
                            allow_headers=["Authorization", "Content-Type", "Range"],
                            expose_headers=["Location", "Retry-After", "Content-Range"])
     app.add_middleware(AccessLog)
+    # Outermost, so that what it times and counts is what the client saw (CORS and the access
+    # log included). ``/metrics`` (routes_meta) reads app.state.metrics.
+    app.state.metrics = HttpMetrics()
+    app.add_middleware(_Metrics, metrics=app.state.metrics)
     return app
+
+
+class _Metrics:
+    """Starlette's middleware signature (``cls(app, **options)``) over ``HttpMetrics``."""
+
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+        self.record = metrics.middleware(app)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.record(scope, receive, send)

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipeline.config.checks import Status, check_broker, check_database
 from pipeline.errors import ServiceUnavailable
@@ -55,6 +56,12 @@ def readyz(request: Request) -> Any:
         raise ServiceUnavailable(f"not ready: {', '.join(r.name for r in failed)} unreachable",
                                  None, {"retry_after": 5, "checks": checks})
     return {"status": "ready", "checks": checks}
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    """Prometheus' scrape: the gateway's HTTP requests, statuses and latency (``metrics``)."""
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/", include_in_schema=False)

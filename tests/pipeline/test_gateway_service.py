@@ -144,3 +144,32 @@ def test_every_error_a_request_can_meet_has_its_status_and_retry_after() -> None
     assert retry_after(quota, now) == 7200
     assert retry_after(errors.ServiceUnavailable("m", None, {"retry_after": 0.2})) == 1
     assert retry_after(errors.Backpressure("m", None, {"queue": "q"})) == 5
+
+
+def test_metrics_count_each_request_by_route_template_and_status(gateway: Gateway) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    key = gateway.key("metrics-user")
+    assert gateway.client.get("/v1/models").status_code == 200
+    assert gateway.client.get("/v1/models").status_code == 200
+    assert gateway.client.get("/v1/jobs/no-such-job", headers=key).status_code == 404
+    assert gateway.client.get("/v1/jobs/no-such-job").status_code == 401  # no key
+    assert gateway.client.get("/no/such/route").status_code == 404
+    scrape = gateway.client.get("/metrics")
+    assert scrape.status_code == 200 and scrape.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(scrape.text)}
+    counts = {(s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+              for s in families["musicgen_http_requests"].samples if s.name.endswith("_total")}
+    assert counts[("GET", "/v1/models", "200")] == 2
+    # The route's template, never the id: a label per job would grow without bound.
+    assert counts[("GET", "/v1/jobs/{job_id}", "404")] == 1
+    assert counts[("GET", "/v1/jobs/{job_id}", "401")] == 1
+    assert counts[("GET", "unmatched", "404")] == 1
+    assert not any("no-such-job" in route for _, route, _ in counts)
+    latency = {(s.labels["method"], s.labels["route"]): s.value
+               for s in families["musicgen_http_request_duration_seconds"].samples
+               if s.name.endswith("_count")}
+    assert latency[("GET", "/v1/models")] == 2 and latency[("GET", "/v1/jobs/{job_id}")] == 2
+    # The scrape itself is counted once it has answered: the next one shows it.
+    again = gateway.client.get("/metrics").text
+    assert 'musicgen_http_requests_total{method="GET",route="/metrics",status="200"} 1.0' in again
