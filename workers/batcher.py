@@ -21,6 +21,8 @@ Per-job failure semantics live here:
 - a transient error of a whole call (GPU out of memory) splits the batch and runs the halves;
   only a single job's out-of-memory reaches that job (as a retryable error);
 - any other error of a call fails the jobs of that call (the model failed for all of them);
+  one that says the device's context is dead (``workers.watchdog.device_lost``: a device-side
+  assert, an illegal memory access) ends the process first, as a hard limit does;
 - a call that runs past ``hard_limit_s`` (a hung kernel, a stuck driver) ends the process, as
   Celery's hard time limit would: the unacked messages are redelivered and the poison cap
   counts them.
@@ -40,7 +42,7 @@ from pipeline.errors import GpuOutOfMemory
 from workers.health import IDLE_TICK_S, loop_tick
 from workers.partials import PartialCodes
 from workers.runtime.batch import GeneratedAudio, GenerationItem, window_sink
-from workers.watchdog import HardLimitWatchdog
+from workers.watchdog import HardLimitWatchdog, device_lost, exit_process
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,7 @@ class Batcher:
         self.batch_wait_s = max(0.0, batch_wait_s)
         self._on_batch = on_batch
         self.watchdog = HardLimitWatchdog(hard_limit_s, on_hard_limit)
+        self._end_process = on_hard_limit or exit_process
         self._pending: list[Ticket] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -226,6 +229,14 @@ class Batcher:
             self._run(live[half:])
             return
         except BaseException as exc:  # the model failed for every job of this call
+            if isinstance(exc, Exception) and device_lost(exc):
+                # A dead CUDA context fails every later call of this process: end it (as a hard
+                # limit does) so the jobs are redelivered to a fresh one. Only a test's callback
+                # returns here; the jobs then fail with the error below.
+                log.critical("unrecoverable device error in generate (%s: %s): ending the "
+                             "process so that its process manager starts a fresh one",
+                             type(exc).__name__, exc)
+                self._end_process()
             for ticket in live:
                 _settle(ticket.future, error=exc)
             if not isinstance(exc, Exception):

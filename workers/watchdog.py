@@ -77,3 +77,24 @@ def exit_process() -> None:
     # A hung CUDA kernel cannot be interrupted from Python; only the process's end frees the GPU.
     logging.shutdown()
     os._exit(HARD_LIMIT_EXIT_CODE)
+
+
+# What torch says when the device's context is gone for good: after a device-side assert (an
+# index out of range in a kernel), an illegal memory access or a launch failure, every later CUDA
+# call in the process fails the same way. Out of memory is not among them: it passes.
+DEVICE_LOST_MARKERS = ("device-side assert", "cuda error", "illegal memory access",
+                       "unspecified launch failure", "illegal instruction", "misaligned address",
+                       "cublas_status_execution_failed")
+
+
+def device_lost(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) says the device's context is dead."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        message = str(current).lower()
+        if "out of memory" not in message and any(m in message for m in DEVICE_LOST_MARKERS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

@@ -180,6 +180,26 @@ def test_a_call_past_the_hard_limit_ends_the_process(tiny_model: LoadedModel) ->
     assert ended.wait(WAIT), "the watchdog never acted on the hung call"
 
 
+def test_a_lost_device_ends_the_process_and_a_plain_model_error_does_not(
+        tiny_model: LoadedModel) -> None:
+    ended = threading.Event()
+
+    def fail(items: list[GenerationItem], _: Any) -> None:
+        if items[0].prompt == "lost":  # what torch raises after a device-side assert
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        raise ModelRuntimeError("NaNs (scripted)")
+
+    batcher = Batcher(Recorder(fail), max_batch_size=1, batch_wait_s=0.0, on_hard_limit=ended.set)
+    [plain] = _submit(batcher, tiny_model, [_item("plain", seed=1)])
+    with pytest.raises(ModelRuntimeError):
+        plain.future.result(WAIT)
+    assert not ended.is_set()  # a model error is the job's; the process serves on
+    [lost] = _submit(batcher, tiny_model, [_item("lost", seed=2)])
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        lost.future.result(WAIT)
+    assert ended.is_set()  # set before the job was answered: the context is dead, end it
+
+
 def test_the_oldest_job_leads_the_next_batch_and_takes_only_its_mates(tiny_model: LoadedModel) -> None:
     entered, gate = threading.Event(), threading.Event()
 
