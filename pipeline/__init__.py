@@ -10,6 +10,7 @@ The producer side only: importing this package never imports torch, transformers
 from pipeline.config import Settings, load_settings
 from pipeline.errors import (
     Backpressure,
+    CoordinationUnavailable,
     GpuOutOfMemory,
     InputUnavailable,
     InvalidRequest,
@@ -63,7 +64,7 @@ __all__ = [
     "JobNotFound", "JobNotFinished", "JobFailed", "JobCancelled", "JobTimeout", "PoisonJob",
     # errors: the service (TransientError and its subclasses are retried by the worker)
     "ServiceUnavailable", "Backpressure", "StorageUnavailable", "TransientError",
-    "GpuOutOfMemory", "PostProcessFailed", "ModelRuntimeError",
+    "CoordinationUnavailable", "GpuOutOfMemory", "PostProcessFailed", "ModelRuntimeError",
     # errors: the HTTP gateway and webhooks
     "Unauthorized", "RateLimited", "PayloadTooLarge", "UnsupportedMediaType",
     "WebhookSignatureInvalid",
