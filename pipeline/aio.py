@@ -72,21 +72,22 @@ class AsyncProducer:
         if self._redis is not None:
             await self._redis.aclose()
 
-    def _wrap(self, handle: JobHandle) -> AsyncJobHandle:
+    def wrap(self, handle: JobHandle) -> AsyncJobHandle:
+        """The asyncio face of a blocking handle (one from ``Producer.get_job``, say)."""
         return AsyncJobHandle(handle, self._redis)
 
     async def enqueue(self, request: GenerationRequest) -> AsyncJobHandle:
         """``Producer.enqueue``, awaited: the same checks, errors and idempotency."""
-        return self._wrap(await asyncio.to_thread(self.producer.enqueue, request))
+        return self.wrap(await asyncio.to_thread(self.producer.enqueue, request))
 
     async def enqueue_many(self, requests: Sequence[GenerationRequest]) -> list[AsyncJobHandle]:
         """``Producer.enqueue_many``, awaited: all or nothing."""
         handles = await asyncio.to_thread(self.producer.enqueue_many, requests)
-        return [self._wrap(handle) for handle in handles]
+        return [self.wrap(handle) for handle in handles]
 
     async def get_job(self, job_id: str, user_id: str | None = None) -> AsyncJobHandle:
         """``Producer.get_job``, awaited."""
-        return self._wrap(await asyncio.to_thread(self.producer.get_job, job_id, user_id))
+        return self.wrap(await asyncio.to_thread(self.producer.get_job, job_id, user_id))
 
 
 class AsyncJobHandle:
@@ -163,6 +164,14 @@ class AsyncJobHandle:
         finally:
             if pubsub is not None:
                 await pubsub.aclose()
+
+    def changes(self, timeout: float | None = None, *,
+                poll: float | None = None) -> AsyncGenerator[tuple[str, Any], None]:
+        """The job's stored (Celery state, info): now, after each change, and at least every
+        ``poll`` seconds (default: the fallback read), until the caller stops or ``timeout``
+        passes (``JobTimeout``). For a caller that builds its own view of each state (the
+        gateway's event stream); close it with ``contextlib.aclosing``."""
+        return self._watch(timeout, poll)
 
     async def events(self, timeout: float | None = None, *,
                      poll: float | None = None) -> AsyncIterator[Progress]:

@@ -118,7 +118,7 @@ def get_job(job_id: JobId, request: Request, who: Who) -> Any:
 async def job_events(job_id: JobId, request: Request, who: Who) -> EventStream:
     producer = _gateway(request).producer
     handle = await run_in_threadpool(producer.get_job, job_id, who.user_id)
-    return event_stream(handle, job_view)
+    return event_stream(producer, handle)
 
 
 class _AudioFile(FileResponse):

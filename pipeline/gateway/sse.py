@@ -1,28 +1,33 @@
 """``GET /v1/jobs/{id}/events``: the job as Server-Sent Events.
 
 A ``progress`` event each time the status, fraction or message changes, then one ``state``
-event carrying the whole final job (``JobView``), and the stream ends. The handle is read every
-``POLL_S`` in a worker thread (it reads Redis); a comment line every ``KEEPALIVE_S`` keeps
-proxies from closing a stream whose job waits in the queue. If the backend cannot be read the
-stream ends with an ``error`` event (the body of the error); a client reconnects to go on.
+event carrying the whole final job (``JobView``), and the stream ends. The stream waits on the
+asyncio client (``pipeline.aio``): it is woken by the result backend's message for the job and
+reads the state then, with a fallback read every few seconds; no thread sits polling Redis for
+an open stream. A comment line every ``KEEPALIVE_S`` keeps proxies from closing a stream whose
+job waits in the queue. If the backend cannot be read the stream ends with an ``error`` event
+(the body of the error); a client reconnects to go on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
-import anyio
 from fastapi.encoders import jsonable_encoder
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
+from pipeline.aio import AsyncJobHandle, AsyncProducer
 from pipeline.errors import PipelineError
+from pipeline.gateway.views import view_of_state
 from pipeline.handle import JobHandle
 from pipeline.jobs import JobStatus
+from pipeline.producer import Producer
 
-POLL_S = 0.25
 KEEPALIVE_S = 15.0
 
 
@@ -36,35 +41,46 @@ def frame(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(jsonable_encoder(data))}\n\n".encode()
 
 
-async def job_events(handle: JobHandle,
-                     view_of: Callable[[JobHandle], dict[str, Any]]) -> AsyncIterator[bytes]:
+async def job_events(handle: AsyncJobHandle) -> AsyncIterator[bytes]:
     """The frames of one job's stream, from now until it is final."""
     last: tuple[Any, ...] | None = None
-    quiet = 0.0
-    while True:
+    quiet_since = time.monotonic()
+    # Woken at least every KEEPALIVE_S, so that a quiet job still gets its keepalive line.
+    async with aclosing(handle.changes(poll=None)) as states:
         try:
-            view = await run_in_threadpool(view_of, handle)
+            async for state, info in states:
+                # Building the view may ask the claim registry (a job with no stored state):
+                # a short blocking read, once per change, off the event loop.
+                view = await asyncio.to_thread(view_of_state, handle.sync, state, info)
+                status = JobStatus(view["status"])
+                if status.finished:
+                    yield frame("state", view)
+                    return
+                seen = (status, view["progress"]["fraction"], view["progress"]["message"])
+                if seen != last:
+                    last, quiet_since = seen, time.monotonic()
+                    yield frame("progress", {"id": view["id"], "status": status,
+                                             "progress": view["progress"]})
+                elif time.monotonic() - quiet_since >= KEEPALIVE_S:
+                    quiet_since = time.monotonic()
+                    yield b": keepalive\n\n"
         except PipelineError as exc:
             yield frame("error", exc.to_dict())
-            return
-        status = JobStatus(view["status"])
-        if status.finished:
-            yield frame("state", view)
-            return
-        seen = (status, view["progress"]["fraction"], view["progress"]["message"])
-        if seen != last:
-            last, quiet = seen, 0.0
-            yield frame("progress", {"id": view["id"], "status": status,
-                                     "progress": view["progress"]})
-        elif quiet >= KEEPALIVE_S:
-            quiet = 0.0
-            yield b": keepalive\n\n"
-        await anyio.sleep(POLL_S)
-        quiet += POLL_S
 
 
-def event_stream(handle: JobHandle,
-                 view_of: Callable[[JobHandle], dict[str, Any]]) -> EventStream:
+async def _closing(client: AsyncProducer, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``frames``, then the stream's Redis connections closed (also when the client left)."""
+    try:
+        async for chunk in frames:
+            yield chunk
+    finally:
+        await client.close()
+
+
+def event_stream(producer: Producer, handle: JobHandle) -> EventStream:
+    """The stream of ``handle``'s job. Each stream has its own asyncio client: its Redis
+    connections belong to the event loop that serves it (a subscription holds one anyway)."""
+    client = AsyncProducer(producer)
+    frames = _closing(client, job_events(client.wrap(handle)))
     # no-cache and no proxy buffering: each event must reach the browser when it happens.
-    return EventStream(job_events(handle, view_of),
-                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventStream(frames, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

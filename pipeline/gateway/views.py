@@ -9,7 +9,7 @@ from pipeline.config.presets import known_presets, model_settings_for
 from pipeline.config.schema import Settings
 from pipeline.errors import JobCancelled, JobFailed, SettingsError
 from pipeline.gateway.models import RESULT_EXCLUDED
-from pipeline.handle import JobHandle
+from pipeline.handle import JobHandle, progress_of
 from pipeline.jobs import JobStatus
 from pipeline.output_format import FORMATS
 
@@ -22,13 +22,21 @@ def audio_url(job_id: str) -> str:
 
 
 def job_view(handle: JobHandle) -> dict[str, Any]:
-    """The job as ``JobView``: status and progress, and the result or the error once final.
+    """The job as ``JobView``: status and progress, and the result or the error once final,
+    all from one read of its stored state.
 
     Raises what the handle raises for the job as a whole (``JobNotFound``,
     ``ServiceUnavailable``); a failed or cancelled job is a view with an error, not an error.
     """
-    status = handle.status()
-    progress = handle.progress()
+    return view_of_state(handle, *handle._state())
+
+
+def view_of_state(handle: JobHandle, state: str, info: Any) -> dict[str, Any]:
+    """``job_view`` of a state already read (Celery's state and info: what the event stream
+    is told by ``AsyncJobHandle.changes``). Blocking only for a job with no stored state (it
+    asks the claim registry whether the job exists)."""
+    status = handle._status_of(state, info)
+    progress = progress_of(state, info)
     view: dict[str, Any] = {"id": handle.id, "status": status,
                             "progress": {"fraction": progress.fraction,
                                          "message": progress.message},
@@ -36,7 +44,7 @@ def job_view(handle: JobHandle) -> dict[str, Any]:
     if not status.finished:
         return view
     try:
-        result = handle.result()
+        result = handle._ended(state, info)
     except JobFailed as failed:
         details = failed.details if isinstance(failed.details, dict) else {}
         view["error"] = {"code": str(details.get("error_code") or failed.code),

@@ -308,6 +308,19 @@ def held(folder: Path, name: str) -> bool:
     return (folder / f"{name}.held").exists()
 
 
+def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    """(event, data) of each Server-Sent Event as its lines arrive."""
+    event, data = "message", ""
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            data += line[6:]
+        elif not line and data:
+            yield event, json.loads(data)
+            event, data = "message", ""
+
+
 def ffprobe(path: Path) -> dict[str, Any]:
     out = subprocess.run(["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
                           str(path)], capture_output=True, text=True, check=True)

@@ -7,20 +7,25 @@ result backend has forgotten a job, and the asyncio client."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from fastapi.testclient import TestClient
 
 import pipeline
 import pipeline.aio
 from pipeline import GenerationRequest, JobStatus
+from pipeline.gateway.app import create_app
+from pipeline.gateway.keystore import ApiKeyStore
 from pipeline.keys import queue_list_keys
 
-from .conftest import Worker, held, release, settled_ledger, wait_for
+from .conftest import Worker, held, release, settled_ledger, sse_events, wait_for
 from .test_admission import producer
 
 pytest_plugins = ["tests.pipeline.quota_conftest"]
@@ -262,3 +267,32 @@ def test_the_asyncio_client_enqueues_waits_and_streams_progress(
     assert status is JobStatus.succeeded and result.duration > 0
     assert events[-1] == pipeline.Progress(1.0, "done")
     assert all(a != b for a, b in zip(events, events[1:], strict=False))
+
+
+def test_the_gateway_event_stream_is_woken_by_state_changes(
+        prod: pipeline.Producer, shared_worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``GET /v1/jobs/{id}/events`` waits on the asyncio client: with its fallback read every
+    60 s, only the result backend's messages can bring each change to the stream in time."""
+    monkeypatch.setattr(pipeline.aio, "FALLBACK_S", 60.0)
+    faults = Path(shared_worker.env["FAULTS_DIR"])
+    name, user = uid("hold"), uid("ivy")
+    auth = {"Authorization": f"Bearer {ApiKeyStore(prod.quota.engine).create(user).key}"}
+    handle = prod.enqueue(GenerationRequest(prompt=f"drone FAULT:hold-progress={name}",
+                                            duration=1.0, model="tiny", user_id=user))
+    seen: list[tuple[str, dict[str, Any]]] = []
+    released_at = None
+    with TestClient(create_app(prod.settings, producer=prod)) as client, \
+            client.stream("GET", f"/v1/jobs/{handle.id}/events", headers=auth) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for event, data in sse_events(stream.iter_lines()):
+            seen.append((event, data))
+            if released_at is None and event == "progress" and data["progress"]["fraction"] > 0:
+                assert held(faults, name)  # the job waits at its first step until released
+                release(faults, name)
+                released_at = time.monotonic()
+    assert released_at is not None, seen
+    assert time.monotonic() - released_at < 30, "the stream waited for a fallback read"
+    fractions = [data["progress"]["fraction"] for event, data in seen if event == "progress"]
+    assert fractions == sorted(fractions) and len(set(fractions)) == len(fractions)
+    assert seen[-1][0] == "state" and seen[-1][1]["status"] == "succeeded", seen
+    assert seen[-1][1]["audio_url"] == f"/v1/jobs/{handle.id}/audio"

@@ -22,7 +22,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from .conftest import Worker, base_env, held, release, wait_for
+from .conftest import Worker, base_env, held, release, sse_events, wait_for
 from .test_flower_browser import ARTIFACTS, CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS
 from .test_procfile import Proc, Procfile, free_port
 
@@ -73,19 +73,6 @@ def api(shared_worker: Worker, workdir: Path, redis_url: str,
     procfile.stop_all()
 
 
-def _events(response: httpx.Response) -> Iterator[tuple[str, Any]]:
-    """(event, data) of each Server-Sent Event as it arrives."""
-    event, data = "message", ""
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            data += line[6:]
-        elif not line and data:
-            yield event, json.loads(data)
-            event, data = "message", ""
-
-
 def test_a_job_over_http_from_enqueue_to_its_audio(api: Api, shared_worker: Worker) -> None:
     faults = Path(shared_worker.env["FAULTS_DIR"])
     with httpx.Client(base_url=api.base, timeout=httpx.Timeout(60)) as client:
@@ -98,7 +85,7 @@ def test_a_job_over_http_from_enqueue_to_its_audio(api: Api, shared_worker: Work
         seen: list[tuple[str, Any]] = []
         with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=api.alice) as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")
-            for event, data in _events(stream):
+            for event, data in sse_events(stream.iter_lines()):
                 seen.append((event, data))
                 if event == "progress" and data["progress"]["fraction"] > 0:
                     assert held(faults, "gw-sse")  # the job waits at its first step...
