@@ -81,10 +81,16 @@ def opener() -> urllib.request.OpenerDirector:
     server that redirects could point a worker at an address the allowlist refuses, so a 3xx
     is answered as the error it is, never followed. Built on first use: ``import pipeline``
     does not load urllib.request."""
+    return opener_with()
+
+
+def opener_with(*handlers: Any) -> urllib.request.OpenerDirector:
+    """An opener that follows no redirect, with ``handlers`` in place of urllib's defaults of
+    the same kind (the SSRF guard's HTTP and HTTPS handlers: pipeline/public_addresses.py)."""
     import urllib.request
 
     class NoRedirects(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args: Any, **kwargs: Any) -> None:
             return None
 
-    return urllib.request.build_opener(NoRedirects())
+    return urllib.request.build_opener(NoRedirects(), *handlers)

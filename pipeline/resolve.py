@@ -31,6 +31,7 @@ from pipeline.jobs import (
     invalid_request_from,
 )
 from pipeline.output_format import FORMATS, check_output_spec
+from pipeline.public_addresses import HostNotPublic, public_addresses
 from pipeline.remote_urls import host_allowed
 from pipeline.user_context import UserContext
 
@@ -131,14 +132,26 @@ def _webhook(request: GenerationRequest, settings: Settings, user: UserContext) 
         raise UnsupportedOption("webhooks are switched off for this user (features.webhooks)",
                                 "webhook_url")
     hooks = settings.webhooks
-    if not hooks.allowed_hosts or hooks.secret is None:
+    if not (hooks.allowed_hosts or hooks.public_hosts) or hooks.secret is None:
         raise UnsupportedOption("webhooks are off in this deployment (webhooks.allowed_hosts "
-                                "and webhooks.secret are not both set)", "webhook_url")
-    host = urlsplit(url).hostname or ""
-    if not host_allowed(host, hooks.allowed_hosts):
+                                "or webhooks.public_hosts, and webhooks.secret, are not set)",
+                                "webhook_url")
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if host_allowed(host, hooks.allowed_hosts):
+        return url
+    if not hooks.public_hosts:
         # Said plainly, without listing the allowed hosts: the list is the operator's.
         raise InvalidRequest(f"webhook host {host!r} is not allowed (webhooks.allowed_hosts)",
                              "webhook_url")
+    try:
+        public_addresses(host, parts.port)
+    except HostNotPublic as exc:
+        raise InvalidRequest(f"webhook {exc}: only public receivers are allowed",
+                             "webhook_url") from exc
+    except OSError as exc:
+        raise InvalidRequest(f"webhook host {host!r} does not resolve ({exc})",
+                             "webhook_url") from exc
     return url
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from pipeline.errors import WebhookSignatureInvalid
 from pipeline.keys import WEBHOOK_PREFIX
+from pipeline.public_addresses import HostNotPublic, public_opener
 from pipeline.remote_urls import WEBHOOK_SCHEMES, check_url, host_allowed, opener
 
 TOLERANCE_S = 300  # a signature older (or newer) than this is a replay, not a delivery
@@ -121,27 +122,45 @@ class Attempt:
     error: str | None
 
 
-def check_target(url: str, allowed_hosts: list[str]) -> str | None:
-    """Why a worker must not POST to ``url`` now (settings change), or None."""
+@dataclass(frozen=True)
+class Target:
+    """Where a worker may POST now: ``public`` when only the SSRF guard admits the host (it is
+    not listed), so the POST must go through the guarded opener."""
+
+    url: str
+    public: bool
+
+
+def check_target(url: str, allowed_hosts: list[str], *,
+                 public_hosts: bool = False) -> Target | str:
+    """Whether a worker may POST to ``url`` now (the settings may have changed since the job
+    was enqueued): the target, or why not."""
     try:
         parts = check_url(url, WEBHOOK_SCHEMES)
     except ValueError as exc:
         return str(exc)
-    if not host_allowed(parts.hostname or "", allowed_hosts):
-        return f"host {parts.hostname!r} is not in webhooks.allowed_hosts"
-    return None
+    if host_allowed(parts.hostname or "", allowed_hosts):
+        return Target(url, public=False)
+    if public_hosts:  # the address is checked as the connection is made (post)
+        return Target(url, public=True)
+    return f"host {parts.hostname!r} is not in webhooks.allowed_hosts"
 
 
 def post(url: str, message_id: str, payload: Mapping[str, Any], secret: str | bytes, *,
-         timeout_s: float) -> Attempt:
+         timeout_s: float, public: bool = False) -> Attempt:
     """POST the signed event once. 2xx is delivered; a 5xx, 408, 429, a connection error or a
-    timeout may pass (retryable); any other answer (4xx, a redirect) will not."""
+    timeout may pass (retryable); any other answer (4xx, a redirect) will not. ``public``: the
+    host was admitted by the SSRF guard alone (``Target.public``), so the connection goes only
+    to public addresses, and a host that resolves to another is refused for good."""
     body = body_of(payload)
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers=headers(secret, message_id, body))
     try:
-        with opener().open(request, timeout=timeout_s) as response:
+        with (public_opener() if public else opener()).open(
+                request, timeout=timeout_s) as response:
             return Attempt(True, False, response.status, None)
+    except HostNotPublic as exc:  # raised as the connection is made: nothing was sent
+        return Attempt(False, False, None, str(exc))
     except urllib.error.HTTPError as exc:
         retry = exc.code >= 500 or exc.code in (408, 429)
         return Attempt(False, retry, exc.code, f"HTTP {exc.code} {exc.reason}")

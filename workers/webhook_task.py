@@ -67,12 +67,14 @@ def deliver(app: PipelineCelery, request_retries: int, job_id: str, url: str, me
     """One attempt; returns its outcome and the countdown to the next (None: no more)."""
     hooks = app.settings.webhooks
     attempt_no = request_retries + 1
-    refused = webhooks.check_target(url, hooks.allowed_hosts)
-    if refused is not None or hooks.secret is None:
-        outcome = webhooks.Attempt(False, False, None, refused or "webhooks.secret is unset")
+    target = webhooks.check_target(url, hooks.allowed_hosts, public_hosts=hooks.public_hosts)
+    if isinstance(target, str) or hooks.secret is None:
+        why = target if isinstance(target, str) else "webhooks.secret is unset"
+        outcome = webhooks.Attempt(False, False, None, why)
     else:
-        outcome = webhooks.post(url, message_id, payload, hooks.secret.get_secret_value(),
-                                timeout_s=hooks.timeout_s)
+        outcome = webhooks.post(target.url, message_id, payload,
+                                hooks.secret.get_secret_value(), timeout_s=hooks.timeout_s,
+                                public=target.public)
     again = outcome.retryable and attempt_no < hooks.max_attempts
     _log(app).attempt(job_id, outcome, final=not again)
     if outcome.ok:

@@ -538,7 +538,8 @@ RULES: tuple[Rule, ...] = (
                    required_when=lambda raw: bool(get(raw, "storage.access_key_id"))),
     # Unsigned events would let anyone who learns a receiver's URL forge job results.
     _strong_secret("webhooks.secret", "the webhook signing secret",
-                   required_when=lambda raw: bool(get(raw, "webhooks.allowed_hosts"))),
+                   required_when=lambda raw: bool(get(raw, "webhooks.allowed_hosts")
+                                                   or get(raw, "webhooks.public_hosts") is True)),
 )
 
 

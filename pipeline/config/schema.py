@@ -259,7 +259,13 @@ class WebhookSettings(_Section):
 
     allowed_hosts: list[HostPattern] = Field(
         default_factory=list, description="hosts a webhook_url may name (example.com, "
-                                          "*.example.com); empty = webhooks refused")
+                                          "*.example.com); empty = webhooks refused "
+                                          "unless public_hosts")
+    public_hosts: bool = Field(
+        False, description="also any other host whose every address is public: loopback, "
+                           "private, link-local and metadata addresses refused after DNS, at "
+                           "enqueue and again when the worker connects (for customers' "
+                           "receivers)")
     secret: SecretStr | None = Field(None, description="HMAC-SHA256 key: whsec_<base64> or text")
     timeout_s: float = Field(10.0, gt=0, le=120, description="seconds per delivery attempt")
     max_attempts: int = Field(5, ge=1, le=20)

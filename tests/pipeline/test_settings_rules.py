@@ -165,6 +165,8 @@ CASES = [
          {"webhooks.allowed_hosts": ["hooks.example.com"]},
          {"webhooks.allowed_hosts": ["hooks.example.com"], "webhooks.secret": STRONG},
          "webhooks.secret"),
+    Case("webhooks.secret: present and strong", "production", {"webhooks.public_hosts": True},
+         {"webhooks.public_hosts": True, "webhooks.secret": STRONG}, "webhooks.secret"),
 ]
 
 RULE_BY_NAME = {rule.name: rule for rule in RULES}
