@@ -157,6 +157,8 @@ class AsyncJobHandle:
                 elif await pubsub.get_message(timeout=pause) is not None:
                     while await pubsub.get_message(timeout=0):  # one read answers them all
                         pass
+        except JobTimeout:  # a TimeoutError, hence an OSError: not the backend's failure
+            raise
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(f"cannot reach the result backend for job {self.id} "
                                      f"({type(exc).__name__}); try again", None,

@@ -10,6 +10,7 @@ Both are built from the source model's fields, so a field added there appears he
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -47,6 +48,17 @@ class JobError(BaseModel):
     message: str
 
 
+class JobUrls(BaseModel):
+    """Where to follow the job (Replicate's ``urls``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    get: str = Field(description="this job")
+    cancel: str = Field(description="DELETE it to cancel the job")
+    events: str = Field(description="its Server-Sent Events")
+    audio: str | None = Field(None, description="its audio, once it has succeeded")
+
+
 # Built like the two above: its `result` field's type is one of them, known only at run time.
 _JOB_VIEW_FIELDS: dict[str, Any] = {
     "id": (str, ...),
@@ -55,9 +67,24 @@ _JOB_VIEW_FIELDS: dict[str, Any] = {
     "result": (JobResultView | None, None),
     "error": (JobError | None, None),
     "audio_url": (str | None, Field(None, description="set once the job has succeeded")),
+    "urls": (JobUrls, ...),
+    "created_at": (datetime | None, Field(None, description="when it was enqueued (from the "
+                                                            "ledger; null with quotas off)")),
+    "started_at": (datetime | None, Field(None, description="when a worker first took it")),
+    "completed_at": (datetime | None, Field(None, description="when it ended")),
+    "request": (dict[str, Any] | None, Field(None, description="the request as resolved: "
+                                                               "defaults filled in")),
 }
 JobView = create_model("JobView", __config__=ConfigDict(extra="forbid"),
                        __doc__="One job as its owner sees it.", **_JOB_VIEW_FIELDS)
+
+
+class JobPageView(BaseModel):
+    """One page of the key's jobs, newest first."""
+
+    jobs: list[JobView]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on "
+                                                "the last")
 
 
 class CancelView(BaseModel):

@@ -4,27 +4,42 @@ maps it). A key only ever reaches its own jobs: lookups pass its user to ``get_j
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path as FilePath
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
 
-from pipeline.errors import JobNotFinished, JobNotFound, UnsupportedMediaType
+from pipeline.aio import AsyncProducer
+from pipeline.errors import (
+    JobCancelled,
+    JobFailed,
+    JobNotFinished,
+    JobNotFound,
+    JobTimeout,
+    UnsupportedMediaType,
+)
 from pipeline.gateway.auth import Caller, caller
 from pipeline.gateway.errors import ErrorBody, http_error
-from pipeline.gateway.models import CancelView, JobView
+from pipeline.gateway.models import CancelView, JobPageView, JobView
 from pipeline.gateway.sse import EventStream, event_stream
 from pipeline.gateway.uploads import discard, read_json, read_multipart
-from pipeline.gateway.views import MEDIA_TYPES, job_view
-from pipeline.jobs import JOB_ID_PATTERN
+from pipeline.gateway.views import MEDIA_TYPES, job_view, record_view
+from pipeline.handle import JobHandle
+from pipeline.jobs import JOB_ID_PATTERN, JobStatus
+from pipeline.records import MAX_PAGE
 
 if TYPE_CHECKING:
     from pipeline.gateway.app import Gateway
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+# The longest synchronous wait a request may ask for: a connection held longer than this is
+# better served by the event stream (proxies commonly cut idle requests at 60 s).
+MAX_WAIT_S = 60
 
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the job's id")]
 Who = Annotated[Caller, Depends(caller)]
@@ -64,23 +79,33 @@ def _gateway(request: Request) -> Gateway:
 _REPLAYED: dict[int | str, dict[str, Any]] = {200: {"model": JobView, "description": "a replay: the same request again with the "
                    "same Idempotency-Key or job_id gives the first job "
                    "(`Idempotent-Replayed: true`)"}}
-_IDEMPOTENCY_KEY = {"parameters": [{
+_FINISHED: dict[int | str, dict[str, Any]] = {201: {"model": JobView, "description": "with "
+                   "`Prefer: wait=N`: the job, finished within N seconds "
+                   "(`Preference-Applied: wait=N`)"}}
+_HEADERS = {"parameters": [{
     "name": "Idempotency-Key", "in": "header", "required": False,
     "schema": {"type": "string", "minLength": 1, "maxLength": 255},
     "description": "makes a retry safe: the same key with the same request gives the first "
-                   "job; with another request, 409 job_id_conflict. Scoped to the key's user"}]}
+                   "job; with another request, 409 job_id_conflict. Scoped to the key's user"}, {
+    "name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
+    "example": "wait=30",
+    "description": f"`wait=N` (1 to {MAX_WAIT_S} seconds): answer when the job ends if it "
+                   "ends within N seconds (201 with the finished job), else 202 as without "
+                   "it. Other preferences are ignored (RFC 7240)"}]}
 
 
 @router.post("", status_code=202, response_model=JobView, summary="Enqueue a job",
-             responses={**_REPLAYED, **_errors(401, 409, 413, 415, 422, 429, 503)},
-             openapi_extra={**_REQUEST_BODY, **_IDEMPOTENCY_KEY})
+             responses={**_REPLAYED, **_FINISHED, **_errors(401, 409, 413, 415, 422, 429, 503)},
+             openapi_extra={**_REQUEST_BODY, **_HEADERS})
 async def create_job(request: Request, response: Response, who: Who) -> Any:
     """Validate, admit (quota, rate, breaker, backlog) and queue one job; 202 with the job.
 
     An ``Idempotency-Key`` header (or a ``job_id`` in the body) makes a retry safe: the same
     key with the same request answers 200 with the first job and ``Idempotent-Replayed:
-    true``; with another request, 409 ``job_id_conflict``."""
+    true``; with another request, 409 ``job_id_conflict``. ``Prefer: wait=N`` holds the
+    answer until the job ends, for at most N seconds (Replicate's synchronous mode)."""
     gateway = _gateway(request)
+    wait_s = preferred_wait(request.headers.get("prefer"))
     idempotency_key = request.headers.get("idempotency-key")
     kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if kind == "application/json":
@@ -101,7 +126,56 @@ async def create_job(request: Request, response: Response, who: Who) -> Any:
         discard(body)
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
+    if wait_s is not None:
+        response.headers["Preference-Applied"] = f"wait={wait_s}"
+        if await _finished_within(gateway, handle, wait_s) and not handle.replayed:
+            response.status_code = 201
     return await run_in_threadpool(job_view, handle)
+
+
+def preferred_wait(prefer: str | None) -> int | None:
+    """The ``wait`` of a ``Prefer`` header (RFC 7240: ``wait=30``, among other preferences),
+    capped at ``MAX_WAIT_S``; None when it asks for none. A preference the server cannot
+    read is ignored, as the RFC says, not refused."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.partition("=")
+        if name.strip().lower() == "wait" and value.strip().isdigit():
+            seconds = int(value.strip())
+            return min(seconds, MAX_WAIT_S) if seconds > 0 else None
+    return None
+
+
+async def _finished_within(gateway: Gateway, handle: JobHandle, seconds: float) -> bool:
+    """Wait (woken by the result backend, ``pipeline.aio``) until the job ends or ``seconds``
+    pass; whether it ended. How it ended is the view's to say."""
+    client = AsyncProducer(gateway.producer)
+    try:
+        await client.wrap(handle).wait(timeout=seconds)
+    except JobTimeout:
+        return False
+    except (JobFailed, JobCancelled):
+        pass
+    finally:
+        await client.close()
+    return True
+
+
+@router.get("", response_model=JobPageView, summary="The key's jobs, newest first",
+            responses=_errors(401, 422, 429, 503))
+def list_jobs(request: Request, who: Who,
+              status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
+              since: Annotated[datetime | None, Query(description="only jobs enqueued at or "
+                                                                  "after this time")] = None,
+              limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20,
+              cursor: Annotated[str | None, Query(max_length=512, description="a page's "
+                                                  "next_cursor")] = None) -> Any:
+    """The key's jobs from the ledger, as long as their files are kept; one page of ``limit``
+    at a time (pass ``next_cursor`` as ``cursor``). A running job shows as started: its live
+    progress is at ``GET /v1/jobs/{id}``."""
+    page = _gateway(request).producer.list_jobs(who.user_id, status=status, since=since,
+                                                limit=limit, cursor=cursor)
+    return {"jobs": [record_view(record) for record in page.jobs],
+            "next_cursor": page.next_cursor}
 
 
 @router.get("/{job_id}", response_model=JobView, summary="A job's status, progress and result",

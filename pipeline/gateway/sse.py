@@ -23,7 +23,7 @@ from starlette.responses import StreamingResponse
 
 from pipeline.aio import AsyncJobHandle, AsyncProducer
 from pipeline.errors import PipelineError
-from pipeline.gateway.views import view_of_state
+from pipeline.gateway.views import view_of_state, with_record
 from pipeline.handle import JobHandle
 from pipeline.jobs import JobStatus
 from pipeline.producer import Producer
@@ -53,8 +53,8 @@ async def job_events(handle: AsyncJobHandle) -> AsyncIterator[bytes]:
                 # a short blocking read, once per change, off the event loop.
                 view = await asyncio.to_thread(view_of_state, handle.sync, state, info)
                 status = JobStatus(view["status"])
-                if status.finished:
-                    yield frame("state", view)
+                if status.finished:  # with the ledger's times, as GET /v1/jobs/{id} gives it
+                    yield frame("state", await asyncio.to_thread(with_record, view, handle.sync))
                     return
                 seen = (status, view["progress"]["fraction"], view["progress"]["message"])
                 if seen != last:

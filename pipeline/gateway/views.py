@@ -7,11 +7,12 @@ from typing import Any
 
 from pipeline.config.presets import known_presets, model_settings_for
 from pipeline.config.schema import Settings
-from pipeline.errors import JobCancelled, JobFailed, SettingsError
+from pipeline.errors import JobCancelled, JobFailed, JobNotFound, SettingsError
 from pipeline.gateway.models import RESULT_EXCLUDED
 from pipeline.handle import JobHandle, progress_of
 from pipeline.jobs import JobStatus
 from pipeline.output_format import FORMATS
+from pipeline.records import JobRecord
 
 # The Content-Type of each output format, from the format table (pipeline/output_format.py).
 MEDIA_TYPES: dict[str, str] = {name: info.media_type for name, info in FORMATS.items()}
@@ -21,14 +22,51 @@ def audio_url(job_id: str) -> str:
     return f"/v1/jobs/{job_id}/audio"
 
 
+def job_urls(job_id: str, *, succeeded: bool) -> dict[str, str | None]:
+    own = f"/v1/jobs/{job_id}"
+    return {"get": own, "cancel": own, "events": f"{own}/events",
+            "audio": audio_url(job_id) if succeeded else None}
+
+
 def job_view(handle: JobHandle) -> dict[str, Any]:
     """The job as ``JobView``: status and progress, and the result or the error once final,
-    all from one read of its stored state.
+    all from one read of its stored state; its times and request from the ledger.
 
     Raises what the handle raises for the job as a whole (``JobNotFound``,
     ``ServiceUnavailable``); a failed or cancelled job is a view with an error, not an error.
     """
-    return view_of_state(handle, *handle._state())
+    return with_record(view_of_state(handle, *handle._state()), handle)
+
+
+def with_record(view: dict[str, Any], handle: JobHandle) -> dict[str, Any]:
+    """``view`` with the ledger's times and request echo (left null without a ledger row:
+    quotas off, or a row from before requests were recorded)."""
+    try:
+        record = handle.record()
+    except JobNotFound:
+        return view
+    return {**view, **_times(record)}
+
+
+def _times(record: JobRecord) -> dict[str, Any]:
+    return {"created_at": record.created_at, "started_at": record.started_at,
+            "completed_at": record.finished_at, "request": record.request}
+
+
+def record_view(record: JobRecord) -> dict[str, Any]:
+    """A listed job, as ``JobView``, from its ledger row alone (a page reads no Redis): the
+    ledger knows queued, started and the end, not a running job's fraction; ``GET
+    /v1/jobs/{id}`` has the live progress."""
+    succeeded = record.status is JobStatus.succeeded
+    view: dict[str, Any] = {
+        "id": record.job_id, "status": record.status,
+        "progress": {"fraction": 1.0 if succeeded else 0.0, "message": record.status.value},
+        "result": None, "error": record.error, "audio_url": None,
+        "urls": job_urls(record.job_id, succeeded=succeeded), **_times(record)}
+    if succeeded and record.result is not None:
+        view["result"] = record.result.model_dump(mode="json", exclude=set(RESULT_EXCLUDED))
+        view["audio_url"] = audio_url(record.job_id)
+    return view
 
 
 def view_of_state(handle: JobHandle, state: str, info: Any) -> dict[str, Any]:
@@ -40,7 +78,8 @@ def view_of_state(handle: JobHandle, state: str, info: Any) -> dict[str, Any]:
     view: dict[str, Any] = {"id": handle.id, "status": status,
                             "progress": {"fraction": progress.fraction,
                                          "message": progress.message},
-                            "result": None, "error": None, "audio_url": None}
+                            "result": None, "error": None, "audio_url": None,
+                            "urls": job_urls(handle.id, succeeded=False)}
     if not status.finished:
         return view
     try:
@@ -58,6 +97,7 @@ def view_of_state(handle: JobHandle, state: str, info: Any) -> dict[str, Any]:
     if result is not None:
         view["result"] = result.model_dump(mode="json", exclude=set(RESULT_EXCLUDED))
         view["audio_url"] = audio_url(handle.id)
+        view["urls"] = job_urls(handle.id, succeeded=True)
     return view
 
 

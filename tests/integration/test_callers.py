@@ -169,6 +169,25 @@ def test_a_priority_above_the_tier_maximum_is_clamped_or_refused(
     assert no_trace(strict, job_id)
 
 
+def test_an_async_wait_past_its_timeout_is_a_job_timeout(
+        tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    prod = producer(tmp_path, redis_url, monkeypatch)
+    handle = prod.enqueue(GenerationRequest(prompt="queued", duration=1.0, model=IDLE,
+                                            user_id=uid("una")))
+
+    async def main() -> None:
+        client = pipeline.aio.AsyncProducer(prod)
+        try:
+            await client.wrap(handle).wait(timeout=0.3)
+        finally:
+            await client.close()
+
+    # A TimeoutError is an OSError: it must not read as the backend being unreachable.
+    with pytest.raises(pipeline.JobTimeout):
+        asyncio.run(main())
+    assert handle.status() is JobStatus.queued
+
+
 # --- the handle, with a real worker ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")

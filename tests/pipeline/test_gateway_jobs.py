@@ -5,6 +5,7 @@ finished job, whose result a test stores in the result backend as a worker would
 from __future__ import annotations
 
 import io
+import threading
 import time
 import wave
 from collections.abc import Iterator
@@ -273,3 +274,69 @@ def test_an_idempotency_key_replays_the_same_request_and_refuses_another(gateway
            422, "invalid_request", "Idempotency-Key")
     _error(client.post("/v1/jobs", json=body, headers={**alice, "Idempotency-Key": "a b"}),
            422, "invalid_request", "Idempotency-Key")
+
+
+def test_a_job_carries_its_times_request_and_urls(gateway: Gateway) -> None:
+    client, key = gateway.client, gateway.key("lee")
+    made = client.post("/v1/jobs", json={"prompt": "tape hiss", "job_id": "lee-1"}, headers=key)
+    assert made.status_code == 202, made.text
+    view = made.json()
+    assert view["urls"] == {"get": "/v1/jobs/lee-1", "cancel": "/v1/jobs/lee-1",
+                            "events": "/v1/jobs/lee-1/events", "audio": None}
+    assert view["created_at"] is not None and view["completed_at"] is None
+    assert view["request"]["prompt"] == "tape hiss"
+    assert view["request"]["duration"] == gateway.settings.generation.default_duration
+    _finish(gateway, "lee-1", _wav())
+    done = client.get("/v1/jobs/lee-1", headers=key).json()
+    assert done["urls"]["audio"] == done["audio_url"] == "/v1/jobs/lee-1/audio"
+
+
+def test_the_key_lists_its_own_jobs_newest_first_page_by_page(gateway: Gateway) -> None:
+    client, ann, ben = gateway.client, gateway.key("ann"), gateway.key("ben")
+    for n in range(3):
+        assert client.post("/v1/jobs", json={"prompt": f"take {n}", "job_id": f"ann-{n}"},
+                           headers=ann).status_code == 202
+    client.post("/v1/jobs", json={"prompt": "not ann's", "job_id": "ben-0"}, headers=ben)
+    client.delete("/v1/jobs/ann-1", headers=ann)
+    first = client.get("/v1/jobs", params={"limit": 2}, headers=ann)
+    assert first.status_code == 200, first.text
+    page = first.json()
+    assert [j["id"] for j in page["jobs"]] == ["ann-2", "ann-1"] and page["next_cursor"]
+    assert page["jobs"][0]["request"]["prompt"] == "take 2"
+    assert page["jobs"][0]["urls"]["events"] == "/v1/jobs/ann-2/events"
+    rest = client.get("/v1/jobs", params={"limit": 2, "cursor": page["next_cursor"]},
+                      headers=ann).json()
+    assert [j["id"] for j in rest["jobs"]] == ["ann-0"] and rest["next_cursor"] is None
+    cancelled = client.get("/v1/jobs", params={"status": "cancelled"}, headers=ann).json()
+    assert [j["id"] for j in cancelled["jobs"]] == ["ann-1"]
+    assert [j["id"] for j in client.get("/v1/jobs", headers=ben).json()["jobs"]] == ["ben-0"]
+    _error(client.get("/v1/jobs", params={"cursor": "not-a-cursor"}, headers=ann),
+           422, "invalid_request", "cursor")
+    assert client.get("/v1/jobs").status_code == 401
+
+
+def test_prefer_wait_answers_with_the_finished_job_or_202(gateway: Gateway) -> None:
+    client, key = gateway.client, gateway.key("max")
+    # No worker here: the job stays queued, and the answer comes when the wait is over.
+    queued = client.post("/v1/jobs", json={"prompt": "queued"},
+                         headers={**key, "Prefer": "respond-async, wait=1"})
+    assert queued.status_code == 202 and queued.headers["Preference-Applied"] == "wait=1"
+    assert queued.json()["status"] == "queued"
+
+    def finish_once_queued() -> None:  # what a worker does, once the job exists
+        deadline = time.monotonic() + 30
+        while gateway.producer.registry.owner("max-2") is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        _finish(gateway, "max-2", _wav())
+
+    finisher = threading.Thread(target=finish_once_queued)
+    finisher.start()
+    done = client.post("/v1/jobs", json={"prompt": "soon", "job_id": "max-2"},
+                       headers={**key, "Prefer": "wait=30"})
+    finisher.join()
+    assert done.status_code == 201, done.text
+    assert done.json()["status"] == "succeeded" and done.headers["Location"] == "/v1/jobs/max-2"
+    ignored = client.post("/v1/jobs", json={"prompt": "no wait"},
+                          headers={**key, "Prefer": "wait=soon"})
+    assert ignored.status_code == 202 and "Preference-Applied" not in ignored.headers
