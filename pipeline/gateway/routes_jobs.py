@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path as FilePath
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
@@ -186,13 +186,19 @@ def get_job(job_id: JobId, request: Request, who: Who) -> Any:
 
 @router.get("/{job_id}/events", response_class=EventStream, summary="Server-Sent Events",
             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                             "description": "`progress` events, then one `state` event with "
-                                            "the final job; the stream then ends"},
+                             "description": "`retry:`, `progress` events (each with an "
+                                            "`id:`), then one `state` event with the final "
+                                            "job; the stream then ends"},
                        **_errors(401, 404, 422, 429, 503, json_only=True)})
-async def job_events(job_id: JobId, request: Request, who: Who) -> EventStream:
+async def job_events(job_id: JobId, request: Request, who: Who,
+                     last_event_id: Annotated[str | None, Header(
+                         alias="Last-Event-ID", max_length=64,
+                         description="sent by a reconnecting EventSource: progress the "
+                                     "client already has is not repeated")] = None,
+                     ) -> EventStream:
     producer = _gateway(request).producer
     handle = await run_in_threadpool(producer.get_job, job_id, who.user_id)
-    return event_stream(producer, handle)
+    return event_stream(producer, handle, last_event_id)
 
 
 class _AudioFile(FileResponse):

@@ -1,7 +1,9 @@
 """``GET /v1/jobs/{id}/events``: the job as Server-Sent Events.
 
 A ``progress`` event each time the status, fraction or message changes, then one ``state``
-event carrying the whole final job (``JobView``), and the stream ends. The stream waits on the
+event carrying the whole final job (``JobView``), and the stream ends. Events carry ``id:``
+and the stream starts with ``retry:``; a reconnect with ``Last-Event-ID`` does not repeat the
+progress the client already has. The stream waits on the
 asyncio client (``pipeline.aio``): it is woken by the result backend's message for the job and
 reads the state then, with a fallback read every few seconds; no thread sits polling Redis for
 an open stream. A comment line every ``KEEPALIVE_S`` keeps proxies from closing a stream whose
@@ -12,6 +14,7 @@ job waits in the queue. If the backend cannot be read the stream ends with an ``
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -37,12 +40,27 @@ class EventStream(StreamingResponse):
     media_type = "text/event-stream"
 
 
-def frame(event: str, data: Any) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(jsonable_encoder(data))}\n\n".encode()
+# How long a browser's EventSource waits before it reconnects (the ``retry:`` field), in ms.
+RETRY_MS = 2000
 
 
-async def job_events(handle: AsyncJobHandle) -> AsyncIterator[bytes]:
+def frame(event: str, data: Any, event_id: str | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(jsonable_encoder(data))}\n\n".encode()
+
+
+def event_id(seen: tuple[Any, ...]) -> str:
+    """The ``id:`` of a progress event: a digest of what it says (status, fraction, message).
+    A job's state is not a log to replay, so resuming means not repeating what the client
+    already has: a reconnect whose ``Last-Event-ID`` is the job's current progress gets no
+    copy of it, only what comes next."""
+    return hashlib.sha256(repr(seen).encode()).hexdigest()[:16]
+
+
+async def job_events(handle: AsyncJobHandle,
+                     last_event_id: str | None = None) -> AsyncIterator[bytes]:
     """The frames of one job's stream, from now until it is final."""
+    yield f"retry: {RETRY_MS}\n\n".encode()
     last: tuple[Any, ...] | None = None
     quiet_since = time.monotonic()
     # Woken at least every KEEPALIVE_S, so that a quiet job still gets its keepalive line.
@@ -54,13 +72,16 @@ async def job_events(handle: AsyncJobHandle) -> AsyncIterator[bytes]:
                 view = await asyncio.to_thread(view_of_state, handle.sync, state, info)
                 status = JobStatus(view["status"])
                 if status.finished:  # with the ledger's times, as GET /v1/jobs/{id} gives it
-                    yield frame("state", await asyncio.to_thread(with_record, view, handle.sync))
+                    yield frame("state", await asyncio.to_thread(with_record, view, handle.sync),
+                                "final")
                     return
                 seen = (status, view["progress"]["fraction"], view["progress"]["message"])
                 if seen != last:
                     last, quiet_since = seen, time.monotonic()
+                    if event_id(seen) == last_event_id:
+                        continue  # the client had this one before it reconnected
                     yield frame("progress", {"id": view["id"], "status": status,
-                                             "progress": view["progress"]})
+                                             "progress": view["progress"]}, event_id(seen))
                 elif time.monotonic() - quiet_since >= KEEPALIVE_S:
                     quiet_since = time.monotonic()
                     yield b": keepalive\n\n"
@@ -77,10 +98,12 @@ async def _closing(client: AsyncProducer, frames: AsyncIterator[bytes]) -> Async
         await client.close()
 
 
-def event_stream(producer: Producer, handle: JobHandle) -> EventStream:
-    """The stream of ``handle``'s job. Each stream has its own asyncio client: its Redis
-    connections belong to the event loop that serves it (a subscription holds one anyway)."""
+def event_stream(producer: Producer, handle: JobHandle,
+                 last_event_id: str | None = None) -> EventStream:
+    """The stream of ``handle``'s job, resumed after ``last_event_id`` (the header a browser
+    sends when it reconnects). Each stream has its own asyncio client: its Redis connections
+    belong to the event loop that serves it (a subscription holds one anyway)."""
     client = AsyncProducer(producer)
-    frames = _closing(client, job_events(client.wrap(handle)))
+    frames = _closing(client, job_events(client.wrap(handle), last_event_id))
     # no-cache and no proxy buffering: each event must reach the browser when it happens.
     return EventStream(frames, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -122,7 +122,7 @@ def test_a_queued_job_is_cancelled_over_http(api: Api) -> None:
         cancelled = client.delete(f"/v1/jobs/{job_id}", headers=api.alice).json()
         assert cancelled == {"id": job_id, "cancelled": True, "status": "cancelled"}
         events = client.get(f"/v1/jobs/{job_id}/events", headers=api.alice).text
-        assert events.startswith("event: state\n") and '"status": "cancelled"' in events
+        assert events.startswith("retry: 2000\n\nid: final\nevent: state\n") and '"status": "cancelled"' in events
 
 
 @pytest.fixture
