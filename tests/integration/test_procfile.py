@@ -251,7 +251,7 @@ def test_flower_line_needs_the_password_except_for_health_and_metrics(
     assert http_get(f"{base}/")[0] == 401
     assert http_get(f"{base}/", ("ops", password + "x"))[0] == 401
     assert http_get(f"{base}/api/workers")[0] == 401
-    # Flower 2 leaves these two outside the password (documented in `flower --help` and the README).
+    # Flower 2 leaves these two outside the password (documented in `flower --help` and docs/operations.md).
     status, metrics = http_get(f"{base}/metrics")
     assert status == 200 and "flower_events_total" in metrics
     assert password not in metrics

@@ -1,7 +1,7 @@
 """A subset of the failure suite on RabbitMQ quorum queues (``broker.queue_type = "quorum"``), a
 vhost of the session's own on the single local node: the cases whose promise depends on how the
 queue redelivers (kill -9 mid-job, the poison cap, retries with backoff). The bodies are
-test_failures.py's own; only the broker differs. One node cannot show a node loss: README
+test_failures.py's own; only the broker differs. One node cannot show a node loss: docs/operations.md
 "What is promised when things fail" says what a three-node cluster adds.
 """
 

@@ -1,5 +1,6 @@
-"""The README's examples run as written: the service example against a real worker, and the
-offline demo's commands in a fresh directory."""
+"""The documented examples run as written: the Python client's examples (docs/python-client.md;
+tests/test_docs.py holds the README's copy of the first to it) against a real worker, and the README's offline quickstart
+commands in a fresh directory."""
 
 from __future__ import annotations
 
@@ -16,15 +17,16 @@ from .conftest import REPO, Worker, base_env, ffprobe
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 README = (REPO / "README.md").read_text()
+PYTHON_CLIENT = (REPO / "docs" / "python-client.md").read_text()
 
 
-def blocks(lang: str, after: str) -> list[str]:
-    section = README.split(after, 1)[1]
+def blocks(lang: str, after: str, text: str = README) -> list[str]:
+    section = text.split(after, 1)[1]
     return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
 
 
 def test_call_it_from_your_service_example_runs(shared_worker: Worker, workdir: Path, redis_url: str) -> None:
-    code = blocks("python", "## Call it from your service")[0]
+    code = blocks("python", "# Calling it from Python", PYTHON_CLIENT)[0]
     env = base_env(workdir, redis_url, MUSICGEN_QUOTAS__DEFAULT_TIER="free")
     proc = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=600, check=False)
@@ -46,7 +48,7 @@ def test_call_it_from_your_service_example_runs(shared_worker: Worker, workdir: 
 
 def test_the_asyncio_and_listing_example_runs(shared_worker: Worker, workdir: Path,
                                                redis_url: str) -> None:
-    code = blocks("python", "## Call it from your service")[1]
+    code = blocks("python", "# Calling it from Python", PYTHON_CLIENT)[1]
     env = base_env(workdir, redis_url)
     proc = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True,
                           text=True, timeout=600, check=False)
@@ -61,7 +63,7 @@ def test_the_asyncio_and_listing_example_runs(shared_worker: Worker, workdir: Pa
 
 
 def test_offline_demo_commands_run_as_written(tmp_path: Path) -> None:
-    commands = [line.split("#")[0].strip() for line in blocks("bash", "## Try it offline")[0].splitlines()]
+    commands = [line.split("#")[0].strip() for line in blocks("bash", "## Quickstart: try it offline")[0].splitlines()]
     env = base_env(tmp_path, None)
     for key in ("MUSICGEN_MODEL__PRESET", "MUSICGEN_APP__DATA_DIR", "MUSICGEN_STORAGE__OUTPUT_DIR",
                 "MUSICGEN_STORAGE__TEMP_DIR", "MUSICGEN_DATABASE__URL"):

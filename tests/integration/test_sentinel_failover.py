@@ -40,7 +40,7 @@ LIMITS = {"MUSICGEN_WORKER__SOFT_TIME_LIMIT": "120", "MUSICGEN_WORKER__HARD_TIME
 # One slot per held job and a prefetch of one per slot: once the held jobs fill the slots the
 # worker asks the broker for nothing, so the kill cannot fall between kombu's BRPOP of a message
 # and its write of that message to the unacked set (two commands: a kill between them loses the
-# message; README "What is promised when things fail" says so).
+# message; docs/operations.md "What is promised when things fail" says so).
 WORKER = {"MUSICGEN_WORKER__CONCURRENCY": str(SLOTS), "MUSICGEN_WORKER__PREFETCH_MULTIPLIER": "1",
           "MUSICGEN_GENERATION__MAX_BATCH_SIZE": str(HELD_JOBS),
           "MUSICGEN_RECOVERY__HEARTBEAT_INTERVAL": "0.5"}
@@ -168,7 +168,7 @@ def run_failover(producer: pipeline.Producer, topology: SentinelTopology, worker
     # loses its SUCCESS state and its ack (the file, the sidecar and the ledger stay); its
     # message comes back (when kombu reconnects, or after the visibility timeout), and that
     # delivery restores the state from the sidecar (workers/outage.py). When it comes back is
-    # not a state this test can wait on, so results_lost only counts it (README says so).
+    # not a state this test can wait on, so results_lost only counts it (docs/operations.md says so).
     if how == "kill9":
         # The outage outlasted redis-py's own retries: workers/outage.py's waits carried the
         # admissions through it (before them, such a job ended FAILED).

@@ -98,7 +98,7 @@ def test_a_seeded_long_job_is_reproducible_alone_or_with_a_neighbour(
     np.testing.assert_array_equal(first.samples, again.samples)
     assert not np.array_equal(first.samples, other_seed.samples)
     # Batched, every window's tokens are the same; the decode's float sums in a wider batch
-    # may round differently in the last bit (the README's note on batch shapes).
+    # may round differently in the last bit (docs/engine.md, "What shares a batch").
     assert batched.batch_size == 2 and len(alone) == len(together) == 3
     for solo, pair in zip(alone, together, strict=True):
         assert torch.equal(solo.codes[0], pair.codes[1])

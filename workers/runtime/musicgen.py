@@ -247,7 +247,8 @@ def generate(loaded: LoadedModel, items: list[GenerationItem],
     generated for its bucket's frame count, samples from its own generator seeded with its seed
     (reported back, drawn at random when the item has none) and is trimmed to its own length, so
     a seed reproduces the clip bit for bit on the same model and hardware, whatever the item's
-    batch neighbours (see the README for how exact that is across batch shapes).
+    batch neighbours (docs/engine.md, "What shares a batch", says how exact that is across batch
+    shapes).
 
     Items past the model's window run window by window (``workers.runtime.longform``, in
     lockstep with the items of their group); ``on_window`` hears of each finished window.
