@@ -46,7 +46,7 @@ from pipeline.jobs import (
     request_fingerprint,
 )
 from pipeline.policies.configured import Policies
-from pipeline.quota import Charge, QuotaStore
+from pipeline.quota import Charge, QuotaStore, UsageSummary
 from pipeline.quota.configured import database_failure, store_for
 from pipeline.records import JobPage, job_record, request_echo
 from pipeline.records import list_jobs as _list_jobs
@@ -165,6 +165,12 @@ class Producer:
         with _typed_failures(self.quota, "list_jobs"):
             return _list_jobs(self.quota, user_id, status=status, since=since, limit=limit,
                              cursor=cursor)
+
+    def usage(self, user_id: str) -> UsageSummary:
+        """``user_id``'s tier and what it used of each quota window (jobs, audio seconds) and
+        when each resets, and the month's GPU seconds."""
+        with _typed_failures(self.quota, "usage"):
+            return self.quota.usage(user_id)
 
     # --- sending ----------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pipeline.config.schema import Settings
 from pipeline.errors import InvalidRequest
 from pipeline.gateway import errors, routes_jobs, routes_meta
-from pipeline.gateway.auth import Authenticator, KeyRate
+from pipeline.gateway.auth import Authenticator, KeyRate, RateLimitHeaders
 from pipeline.gateway.keystore import ApiKeyStore
 from pipeline.gateway.metrics import HttpMetrics
 from pipeline.gateway.models import JobRequest
@@ -154,7 +154,11 @@ def create_app(settings: Settings, *, producer: Producer | None = None) -> FastA
         app.add_middleware(CORSMiddleware, allow_origins=api.cors_origins,
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Range"],
-                           expose_headers=["Location", "Retry-After", "Content-Range"])
+                           expose_headers=["Location", "Retry-After", "Content-Range",
+                                           "Idempotent-Replayed", "Preference-Applied",
+                                           "RateLimit-Limit", "RateLimit-Remaining",
+                                           "RateLimit-Reset"])
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(AccessLog)
     # Outermost, so that what it times and counts is what the client saw (CORS and the access
     # log included). ``/metrics`` (routes_meta) reads app.state.metrics.

@@ -15,11 +15,13 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.errors import RateLimited, Unauthorized
 from pipeline.gateway.keystore import ApiKeyStore, masked
 from pipeline.keys import API_RATE_PREFIX
-from pipeline.policies.rate_limit import GlobalRateLimit
+from pipeline.policies.rate_limit import GlobalRateLimit, RateWindow
 
 ANONYMOUS = "anonymous"
 
@@ -43,16 +45,51 @@ class KeyRate:
         self._limit = (GlobalRateLimit(rate, storage_uri=storage_uri, key_prefix=API_RATE_PREFIX)
                        if rate else None)
 
-    def check(self, key: str) -> None:
-        """``RateLimited`` (with ``retry_after``) past the rate; ``ServiceUnavailable`` when
-        the storage cannot be reached."""
+    def check(self, key: str) -> RateWindow | None:
+        """Take one request of ``key``'s rate: where the key then stands (None without a rate);
+        ``RateLimited`` (with ``retry_after``) past the rate; ``ServiceUnavailable`` when the
+        storage cannot be reached."""
         if self._limit is None:
-            return
+            return None
         wait = self._limit.try_acquire(key)
         if wait > 0:
             raise RateLimited(f"more than {self.rate} requests with this API key; retry in "
                               f"{math.ceil(wait)} s", None,
-                              {"retry_after": wait, "rate": self.rate})
+                              {"retry_after": wait, "rate": self.rate,
+                               "limit": self._limit.item.amount})
+        return self._limit.window(key)
+
+
+def rate_headers(window: RateWindow) -> dict[str, str]:
+    """The IETF draft's ``RateLimit-*`` fields (as GitHub and Cloudflare send them): the
+    window's limit, what is left, and seconds until a slot frees."""
+    return {"RateLimit-Limit": str(window.limit), "RateLimit-Remaining": str(window.remaining),
+            "RateLimit-Reset": str(math.ceil(window.reset_s))}
+
+
+class RateLimitHeaders:
+    """Adds the ``RateLimit-*`` headers of the request's key to every response, the JSON
+    routes', the streams' and the errors' alike (``caller`` leaves the window in the request
+    state; a response that is not a route's, or a key past its rate, gets none here: the 429
+    carries ``Retry-After``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            window = (scope.get("state") or {}).get("rate_window")
+            if message["type"] == "http.response.start" and window is not None:
+                headers = MutableHeaders(scope=message)
+                for name, value in rate_headers(window).items():
+                    headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 @dataclass(frozen=True)
@@ -78,5 +115,11 @@ def caller(request: Request,
         request.state.key_label = masked(credentials.credentials)
         info = auth.keys.authenticate(credentials.credentials)
         who = Caller(info.user_id, info.label)
-    auth.rate.check(who.key_label or who.user_id)
+    try:
+        request.state.rate_window = auth.rate.check(who.key_label or who.user_id)
+    except RateLimited as over:  # the 429 says so in the same headers
+        details = over.details if isinstance(over.details, dict) else {}
+        request.state.rate_window = RateWindow(int(details.get("limit", 0)), 0,
+                                               float(details.get("retry_after", 0.0)))
+        raise
     return who

@@ -137,3 +137,24 @@ class CheckView(BaseModel):
 class Readiness(BaseModel):
     status: str
     checks: list[CheckView]
+
+
+class QuotaWindow(BaseModel):
+    """One quota window: what was used of the limit (null: unlimited) and when it resets."""
+
+    used: float
+    limit: float | None
+    remaining: float | None
+    resets_at: datetime
+
+
+class UsageView(BaseModel):
+    """The key's user: its tier, jobs and seconds of audio used per window, the GPU seconds
+    its jobs took this month (reported, not limited) and the key's request rate."""
+
+    user_id: str
+    tier: str
+    jobs: dict[str, QuotaWindow] = Field(description="`day` and `month`")
+    audio_seconds: dict[str, QuotaWindow] = Field(description="`day` and `month`")
+    gpu_seconds_this_month: float
+    rate: str | None = Field(description="`api.rate` per key (null: none)")

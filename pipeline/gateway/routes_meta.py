@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipeline.config.checks import Status, check_broker, check_database
 from pipeline.errors import ServiceUnavailable
+from pipeline.gateway.auth import Caller, caller
 from pipeline.gateway.errors import ErrorBody
-from pipeline.gateway.models import Health, ModelsView, Readiness
+from pipeline.gateway.models import Health, ModelsView, Readiness, UsageView
+from pipeline.gateway.views import usage_view
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -33,6 +35,17 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; media-src 'self'
             summary="The model presets a request may name, and the request limits")
 def models(request: Request) -> Any:
     return request.app.state.gateway.models
+
+
+@router.get("/v1/usage", response_model=UsageView, tags=["service"],
+            summary="The key's quota: used and left per window, and its request rate",
+            responses={401: {"model": ErrorBody, "description": "no API key, or an unknown or "
+                                                               "revoked one"},
+                       429: {"model": ErrorBody, "description": "past the key's rate"},
+                       503: {"model": ErrorBody, "description": "the database is unavailable"}})
+def usage(request: Request, who: Annotated[Caller, Depends(caller)]) -> Any:
+    gateway = request.app.state.gateway
+    return usage_view(gateway.producer.usage(who.user_id), gateway.settings.api.rate)
 
 
 @router.get("/healthz", response_model=Health, tags=["service"], summary="The process is up")

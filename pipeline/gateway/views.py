@@ -12,6 +12,8 @@ from pipeline.gateway.models import RESULT_EXCLUDED
 from pipeline.handle import JobHandle, progress_of
 from pipeline.jobs import JobStatus
 from pipeline.output_format import FORMATS
+from pipeline.quota.store import UsageSummary
+from pipeline.quota.windows import UNLIMITED, SecondsUsage, WindowUsage
 from pipeline.records import JobRecord
 
 # The Content-Type of each output format, from the format table (pipeline/output_format.py).
@@ -130,3 +132,21 @@ def models_view(settings: Settings) -> dict[str, Any]:
                         for name, info in FORMATS.items()},
         },
     }
+
+
+def _window(usage: WindowUsage | SecondsUsage | None) -> dict[str, Any] | None:
+    if usage is None:
+        return None
+    unlimited = usage.limit == UNLIMITED
+    return {"used": usage.used, "limit": None if unlimited else usage.limit,
+            "remaining": usage.remaining, "resets_at": usage.resets_at}
+
+
+def usage_view(usage: UsageSummary, rate: str | None) -> dict[str, Any]:
+    """``UsageView`` of the quota store's summary."""
+    return {"user_id": usage.user_id, "tier": usage.tier,
+            "jobs": {"day": _window(usage.daily), "month": _window(usage.monthly)},
+            "audio_seconds": {name: window for name, window in (
+                ("day", _window(usage.daily_seconds)),
+                ("month", _window(usage.monthly_seconds))) if window is not None},
+            "gpu_seconds_this_month": usage.monthly_gpu_seconds, "rate": rate}

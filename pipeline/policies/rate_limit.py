@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import limits
@@ -42,6 +43,16 @@ def redact_uri(uri: str) -> str:
     user = parts.username or ""
     host = parts.netloc.rsplit("@", 1)[1]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+@dataclass(frozen=True)
+class RateWindow:
+    """One key's window: its limit, the requests left in it, and seconds until a slot frees
+    (the moving window's oldest hit leaves it)."""
+
+    limit: int
+    remaining: int
+    reset_s: float
 
 
 class GlobalRateLimit:
@@ -79,14 +90,25 @@ class GlobalRateLimit:
         try:
             if self._limiter.hit(self.item, key):
                 return 0.0
+        except StorageError as e:
+            raise self._unreachable(key) from e
+        left = self.window(key)
+        if left.remaining > 0:
+            return _RETRY_SOON  # a slot freed between the hit and the stats read
+        return max(left.reset_s, _RETRY_SOON)
+
+    def window(self, key: str) -> RateWindow:
+        """Where ``key`` stands in its window now (for ``RateLimit-*`` headers); takes no slot."""
+        try:
             stats = self._limiter.get_window_stats(self.item, key)
         except StorageError as e:
-            raise ServiceUnavailable(
-                f"rate-limit storage {self.storage_display} is unreachable",
-                details={"key": key, "rate": self.rate}) from e
-        if stats.remaining > 0:
-            return _RETRY_SOON  # a slot freed between the hit and the stats read
-        return max(stats.reset_time - time.time(), _RETRY_SOON)
+            raise self._unreachable(key) from e
+        return RateWindow(self.item.amount, stats.remaining,
+                          max(stats.reset_time - time.time(), 0.0))
+
+    def _unreachable(self, key: str) -> ServiceUnavailable:
+        return ServiceUnavailable(f"rate-limit storage {self.storage_display} is unreachable",
+                                  details={"key": key, "rate": self.rate})
 
     def acquire(self, key: str, *, timeout: float,
                 sleep: Callable[[float], None] = time.sleep) -> None:

@@ -340,3 +340,28 @@ def test_prefer_wait_answers_with_the_finished_job_or_202(gateway: Gateway) -> N
     ignored = client.post("/v1/jobs", json={"prompt": "no wait"},
                           headers={**key, "Prefer": "wait=soon"})
     assert ignored.status_code == 202 and "Preference-Applied" not in ignored.headers
+
+
+def test_ratelimit_headers_and_the_keys_usage(make_gateway: Any) -> None:
+    gateway = make_gateway(rate="3/minute")
+    gateway.producer.quota.set_quota("hal", tier="free", daily=5)
+    hal = gateway.key("hal")
+    made = gateway.client.post("/v1/jobs", json={"prompt": "one", "duration": 4}, headers=hal)
+    assert made.status_code == 202
+    assert (made.headers["RateLimit-Limit"], made.headers["RateLimit-Remaining"]) == ("3", "2")
+    assert 0 < int(made.headers["RateLimit-Reset"]) <= 60
+    usage = gateway.client.get("/v1/usage", headers=hal)
+    assert usage.status_code == 200, usage.text
+    assert usage.headers["RateLimit-Remaining"] == "1"
+    body = usage.json()
+    assert (body["user_id"], body["tier"], body["rate"]) == ("hal", "free", "3/minute")
+    day = body["jobs"]["day"]
+    assert (day["used"], day["limit"], day["remaining"]) == (1, 5, 4)
+    assert body["jobs"]["month"]["used"] == 1 and day["resets_at"]
+    assert body["audio_seconds"]["day"]["used"] == 4.0  # reserved while the job is open
+    # Past the rate: a 429 that says so in the same headers (a stream's answer gets them too).
+    gateway.client.get("/v1/jobs", headers=hal)
+    over = gateway.client.get("/v1/usage", headers=hal)
+    _error(over, 429, "rate_limited")
+    assert over.headers["RateLimit-Remaining"] == "0" and over.headers["RateLimit-Limit"] == "3"
+    assert gateway.client.get("/v1/usage").status_code == 401
