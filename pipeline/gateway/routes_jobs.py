@@ -5,7 +5,7 @@ maps it). A key only ever reaches its own jobs: lookups pass its user to ``get_j
 from __future__ import annotations
 
 from pathlib import Path as FilePath
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import RedirectResponse
@@ -16,13 +16,11 @@ from pipeline.errors import JobNotFinished, JobNotFound, UnsupportedMediaType
 from pipeline.gateway.auth import Caller, caller
 from pipeline.gateway.errors import ErrorBody, http_error
 from pipeline.gateway.models import CancelView, JobView
+from pipeline.gateway.service import Gateway
 from pipeline.gateway.sse import EventStream, event_stream
 from pipeline.gateway.uploads import discard, read_json, read_multipart
 from pipeline.gateway.views import MEDIA_TYPES, job_view
 from pipeline.jobs import JOB_ID_PATTERN
-
-if TYPE_CHECKING:
-    from pipeline.gateway.app import Gateway
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
