@@ -364,9 +364,9 @@ class QuotaSettings(_Section):
     # with unsupported_option. Not enforced with quotas off, like the limits.
     priority_over_max: Literal["clamp", "refuse"] = "clamp"
     tiers: dict[str, TierSettings] = Field(default_factory=lambda: {
-        "free": TierSettings(daily=10, monthly=100),
-        "premium": TierSettings(daily=100, monthly=1000),
-        "enterprise": TierSettings(daily=-1, monthly=-1),
+        "free": TierSettings(daily=10, monthly=100, max_priority=5),
+        "premium": TierSettings(daily=100, monthly=1000, max_priority=7),
+        "enterprise": TierSettings(daily=-1, monthly=-1, max_priority=9),
     })
 
 
