@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.reference_render import render as reference_render
 from workers.audio import OutputSpec, RenderResult, render
-from workers.audio.reference_render import render as reference_render
 
 SOURCE_RATE = 32000
 CASES: dict[str, OutputSpec] = {

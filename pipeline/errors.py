@@ -19,6 +19,9 @@ class PipelineError(Exception):
 
     code = "pipeline_error"
     retryable = False
+    # The HTTP status the gateway answers with (pipeline/gateway/errors.py); subclasses inherit
+    # their family's: a bad request 422, an outage or a transient failure 503, else 500.
+    http_status = 500
 
     # Positional-or-keyword on purpose: pickle and Celery's JSON exception transport both
     # rebuild an exception as ``cls(*args)``, so every argument must be in ``args``.
@@ -67,6 +70,7 @@ class InvalidRequest(PipelineError):
     """
 
     code = "invalid_request"
+    http_status = 422
 
 
 class JobIdConflict(InvalidRequest):
@@ -74,24 +78,28 @@ class JobIdConflict(InvalidRequest):
     ``job_id``); nothing is changed, and the other job is neither returned nor revealed."""
 
     code = "job_id_conflict"
+    http_status = 409
 
 
 class UnsupportedOption(PipelineError):
     """Raised when a request asks for something this deployment cannot do (format, duration)."""
 
     code = "unsupported_option"
+    http_status = 422
 
 
 class ModelNotFound(PipelineError):
     """Raised when a model preset, hub id or local checkpoint path does not exist."""
 
     code = "model_not_found"
+    http_status = 422
 
 
 class JobNotFound(PipelineError):
     """Raised when a job id is unknown to the result backend."""
 
     code = "job_not_found"
+    http_status = 404
 
 
 class JobFailed(PipelineError):
@@ -101,6 +109,7 @@ class JobFailed(PipelineError):
     """
 
     code = "job_failed"
+    http_status = 409
 
     @property
     def error_code(self) -> str | None:
@@ -111,6 +120,7 @@ class JobCancelled(PipelineError):
     """Raised by ``JobHandle.result()`` when the job was cancelled."""
 
     code = "job_cancelled"
+    http_status = 409
 
 
 class JobTimeout(PipelineError, TimeoutError):
@@ -144,6 +154,7 @@ class QuotaExceeded(PipelineError):
     """
 
     code = "quota_exceeded"
+    http_status = 429
 
 
 # --- the service: fail fast ---------------------------------------------------------------
@@ -155,12 +166,14 @@ class ServiceUnavailable(PipelineError):
     """
 
     code = "service_unavailable"
+    http_status = 503
 
 
 class Backpressure(ServiceUnavailable):
     """Raised when a queue's backlog is past its threshold; enqueue later."""
 
     code = "backpressure"
+    http_status = 429
 
 
 # --- transient errors: retried with backoff -----------------------------------------------
@@ -169,6 +182,7 @@ class TransientError(PipelineError):
     """Raised when a job failed for a reason that may pass (the worker retries it)."""
 
     code = "transient"
+    http_status = 503
     retryable = True
 
 
@@ -203,6 +217,7 @@ class Unauthorized(PipelineError):
     """Raised when an HTTP request carries no API key, or one that is unknown or revoked."""
 
     code = "unauthorized"
+    http_status = 401
 
 
 class RateLimited(PipelineError):
@@ -210,6 +225,7 @@ class RateLimited(PipelineError):
     ``details["retry_after"]`` is when the next one is admitted (seconds)."""
 
     code = "rate_limited"
+    http_status = 429
 
 
 class PayloadTooLarge(PipelineError):
@@ -217,18 +233,21 @@ class PayloadTooLarge(PipelineError):
     ``api.max_upload_mb``; ``field`` names the part (``request`` or ``melody``)."""
 
     code = "payload_too_large"
+    http_status = 413
 
 
 class UnsupportedMediaType(PipelineError):
     """Raised when a request body is neither JSON nor multipart/form-data."""
 
     code = "unsupported_media_type"
+    http_status = 415
 
 
 class JobNotFinished(PipelineError):
     """Raised when a job's audio is asked for before the job has succeeded."""
 
     code = "job_not_finished"
+    http_status = 409
 
 
 # --- storage, inputs by reference, webhooks (issue 13) -------------------------------------
@@ -241,6 +260,7 @@ class InputUnavailable(PipelineError):
     """
 
     code = "input_unavailable"
+    http_status = 422
 
 
 class StorageUnavailable(TransientError):

@@ -22,53 +22,14 @@ import hashlib
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WrapValidator
-from pydantic_core import PydanticCustomError
-
+from pipeline.config.flag_value import FlagRule, FlagValue
+from pipeline.config.schema import FeatureSettings
 from pipeline.errors import SettingsError
 from pipeline.user_context import UserContext
 
-if TYPE_CHECKING:  # the schema imports this module for FlagRule
-    from pipeline.config.schema import FeatureSettings
-
 __all__ = ["FLAGS", "Decision", "FlagInfo", "FlagRule", "FlagValue", "bucket", "decide", "enabled",
            "summary"]
-
-
-class FlagRule(BaseModel):
-    """A flag rolled out to part of the users: ``[features.<name>]`` as a table."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = Field(True, description="the kill switch: false turns the flag off for everyone")
-    percentage: float = Field(100.0, ge=0.0, le=100.0, allow_inf_nan=False,
-                              description="share of users (sticky per user) who get the flag")
-    tiers: list[str] | None = Field(None, description="quota tiers that may get it; unset = every tier")
-    allow: list[str] = Field(default_factory=list, description="user ids who always get it "
-                                                               "(unless denied)")
-    deny: list[str] = Field(default_factory=list, description="user ids who never get it")
-
-
-_BOOL = TypeAdapter(bool)
-
-
-def _flag_value(value: Any, handler: Any) -> bool | FlagRule:
-    # Decided here rather than by pydantic's union: a union reports an error once per member
-    # under the member's name (``features.x.FlagRule.percentage`` beside ``features.x.bool``),
-    # where a table's mistake belongs at ``features.x.percentage`` with the rule's did-you-mean.
-    if isinstance(value, Mapping | FlagRule):
-        return FlagRule.model_validate(value)
-    try:
-        return _BOOL.validate_python(value)
-    except ValidationError:
-        raise PydanticCustomError(
-            "flag_type", "a flag is true, false or a rule table (enabled, percentage, tiers, "
-                         "allow, deny)") from None
-
-
-FlagValue = Annotated[bool | FlagRule, WrapValidator(_flag_value)]
 
 
 @dataclass(frozen=True)

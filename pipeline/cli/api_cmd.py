@@ -10,6 +10,8 @@ import logging
 
 import typer
 
+from pipeline.cli.common import EnvOption, SetsOption
+
 # SSE streams stay open until their job ends: on SIGTERM uvicorn waits this long for them,
 # then closes them (a client reconnects to another gateway process).
 GRACEFUL_SHUTDOWN_S = 10
@@ -18,8 +20,8 @@ GRACEFUL_SHUTDOWN_S = 10
 def api(
     host: str = typer.Option(None, "--host", help="address to bind; default api.host"),
     port: int = typer.Option(None, "--port", help="port; default api.port (8000)"),
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Serve the HTTP gateway: /v1/jobs, /v1/models, /healthz, /readyz, the web page at /
     and the OpenAPI schema at /openapi.json (docs at /docs)."""

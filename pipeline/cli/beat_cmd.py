@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.cli.common import EnvOption, SetsOption
 from pipeline.config import Settings
 
 
@@ -40,8 +41,8 @@ def beat_argv(settings: Settings, *, loglevel: str | None = None) -> list[str]:
 
 
 def beat(
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    env: EnvOption = None,
+    sets: SetsOption = None,
     loglevel: str = typer.Option(None, "--loglevel", "-l"),
 ) -> None:
     """Start Celery beat: it sends the maintenance sweeps to the musicgen.maintenance queue.

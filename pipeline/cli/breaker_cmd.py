@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cli.common import load_or_exit, parse_sets
+from pipeline.cli.common import EnvOption, JsonOption, SetsOption, load_or_exit, parse_sets
 from pipeline.config.layers import available
 from pipeline.errors import PipelineError
 
@@ -16,7 +16,7 @@ breaker_app = typer.Typer(help="Inspect or reset the circuit breakers shared by 
                           no_args_is_help=True)
 
 
-def _policies(env: str | None, sets: list[str]):  # type: ignore[no-untyped-def]
+def _policies(env: str | None, sets: list[str] | None):  # type: ignore[no-untyped-def]
     from pipeline.celery_app import make_celery
     from pipeline.policies.configured import Policies
 
@@ -29,9 +29,9 @@ def _policies(env: str | None, sets: list[str]):  # type: ignore[no-untyped-def]
 @breaker_app.command("status")
 def status(
     model: list[str] = typer.Option([], "--model", "-m", help="presets to show (default: all)"),
-    as_json: bool = typer.Option(False, "--json"),
-    env: str = typer.Option(None, "--env", "-e"),
-    sets: list[str] = typer.Option([], "--set"),
+    as_json: JsonOption = False,
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """State, consecutive failures and time to the next probe of each model's breaker."""
     policies = _policies(env, sets)
@@ -56,8 +56,8 @@ def status(
 @breaker_app.command("reset")
 def reset(
     model: str = typer.Argument(..., help="the preset whose breaker to close"),
-    env: str = typer.Option(None, "--env", "-e"),
-    sets: list[str] = typer.Option([], "--set"),
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Close a breaker by hand (after fixing the cause) so jobs flow again at once."""
     breaker = _policies(env, sets).breaker(model)

@@ -1,11 +1,12 @@
-"""What every command shares: loading settings or exiting with the report, parsing --set."""
+"""What every command shares: the --env/--set/--json options, loading settings or exiting
+with the report, parsing --set."""
 
 from __future__ import annotations
 
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -13,6 +14,15 @@ from pipeline.config import Settings, load_layered
 from pipeline.errors import PipelineError
 
 EXIT_FAILED = 1
+
+# The options of every command that loads settings (``settings`` has its own --env, typed by
+# the Environment enum, and --file).
+EnvOption = Annotated[str | None, typer.Option("--env", "-e", show_default=False,
+                                               help="development | staging | production")]
+SetsOption = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="SECTION.KEY=VALUE", show_default=False,
+    help="Override one key, highest precedence (repeatable); VALUE is parsed as TOML.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 
 
 def parse_sets(items: Sequence[str] | None) -> dict[str, str]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from pipeline.cli.common import fail, load_or_exit, parse_sets
+from pipeline.cli.common import EnvOption, SetsOption, fail, load_or_exit, parse_sets
 from pipeline.config.schema import Settings
 from pipeline.errors import ServiceUnavailable
 
@@ -124,8 +124,8 @@ def _revision_line(revision: str | None) -> str:
 @db_app.command("upgrade")
 def upgrade_cmd(
     revision: str = typer.Option("head", "--revision", "-r", help="target revision"),
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Create or update the quota tables (idempotent: a database at the target is left alone)."""
     from alembic.util import CommandError
@@ -153,8 +153,8 @@ def upgrade_cmd(
 
 @db_app.command("current")
 def current_cmd(
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Print the database's schema revision (``none`` when it was never migrated)."""
     from sqlalchemy.exc import SQLAlchemyError

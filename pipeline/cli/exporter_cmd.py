@@ -11,7 +11,7 @@ import threading
 
 import typer
 
-from pipeline.cli.common import load_or_exit, parse_sets
+from pipeline.cli.common import EnvOption, SetsOption, load_or_exit, parse_sets
 from pipeline.cli.stats_cmd import queue_names
 
 
@@ -20,8 +20,8 @@ def queue_exporter(
     address: str = typer.Option("0.0.0.0", "--address", help="address to listen on"),
     queues: list[str] = typer.Option([], "--queue", "-Q",
                                      help="queue to export (repeatable); default: every preset's"),
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Serve musicgen_queue_depth{queue}, musicgen_jobs_in_flight{queue} and
     musicgen_breaker_state{model,state} on /metrics."""

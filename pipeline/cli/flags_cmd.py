@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from pipeline.cli.common import EXIT_FAILED, fail, parse_sets
+from pipeline.cli.common import EXIT_FAILED, EnvOption, JsonOption, SetsOption, fail, parse_sets
 from pipeline.config.loader import LayeredSettings, load_layered
 from pipeline.config.schema import Settings
 from pipeline.errors import PipelineError
@@ -28,7 +28,7 @@ flags_app = typer.Typer(help="Per-user feature flags: list them, or decide one f
                         no_args_is_help=True)
 
 
-def _load(env: str | None, sets: list[str]) -> tuple[LayeredSettings, Settings]:
+def _load(env: str | None, sets: list[str] | None) -> tuple[LayeredSettings, Settings]:
     """The settings and their layers (for sources), or the report on stderr and exit 1."""
     try:
         layered = load_layered(env, overrides=parse_sets(sets))
@@ -52,9 +52,9 @@ def _source(layered: LayeredSettings, name: str, value: bool | FlagRule) -> str:
 
 @flags_app.command("list")
 def list_flags(
-    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    as_json: JsonOption = False,
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Each per-user flag: its value or rule, where it was set, what it does, who reads it."""
     layered, settings = _load(env, sets)
@@ -100,9 +100,9 @@ def check(
     user: str = typer.Option(..., "--user", "-u", help="the user id to decide for"),
     tier: str = typer.Option(None, "--tier", "-t",
                              help="the user's quota tier (default: read from the quota database)"),
-    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    as_json: JsonOption = False,
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Is flag NAME on for --user, and why (kill switch, deny/allow list, tier, bucket)."""
     if name not in FLAGS:  # checked before loading anything: a typo is a usage error

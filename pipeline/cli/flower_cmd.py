@@ -14,6 +14,7 @@ import sys
 
 import typer
 
+from pipeline.cli.common import EnvOption, SetsOption
 from pipeline.config import Settings
 
 AUTH_ENVVAR = "FLOWER_BASIC_AUTH"
@@ -72,8 +73,8 @@ def flower_argv(settings: Settings) -> list[str]:
 
 
 def flower(
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Start Flower, the Celery dashboard, on monitoring.flower_address:flower_port.
 

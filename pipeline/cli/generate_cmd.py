@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from pipeline.cli.common import fail, load_or_exit, parse_sets
+from pipeline.cli.common import EnvOption, JsonOption, SetsOption, fail, load_or_exit, parse_sets
 from pipeline.cli.worker_cmd import default_concurrency, override_env, spawn_worker
 from pipeline.errors import InvalidRequest, PipelineError, ServiceUnavailable
 from pipeline.handle import Progress as JobProgress
@@ -60,9 +60,9 @@ def generate(
                                     help="download the finished file(s) into this folder on "
                                          "this machine, wherever the storage is"),
     timeout: float = typer.Option(600.0, help="seconds to wait for the job"),
-    env: str = typer.Option(None, "--env", "-e"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
-    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    env: EnvOption = None,
+    sets: SetsOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Enqueue a job, show its progress, and print where the finished file is."""
     from pipeline.producer import Producer

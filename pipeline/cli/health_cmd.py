@@ -19,7 +19,14 @@ from typing import Any
 
 import typer
 
-from pipeline.cli.common import EXIT_FAILED, load_or_exit, parse_sets
+from pipeline.cli.common import (
+    EXIT_FAILED,
+    EnvOption,
+    JsonOption,
+    SetsOption,
+    load_or_exit,
+    parse_sets,
+)
 from pipeline.cli.stats_cmd import read_broker, read_ledger, window_or_exit
 from pipeline.config.schema import Settings
 from pipeline.errors import ServiceUnavailable
@@ -29,9 +36,9 @@ from pipeline.stats import Thresholds, compute_stats, health_problems
 
 def health(
     since: str = typer.Option("1h", "--since", help="window: 30m, 1h, 2d, 1w (s m h d w)"),
-    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    as_json: JsonOption = False,
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Check error rate, backlog and p95 latency against monitoring.* thresholds (exit 0/1)."""
     window = window_or_exit(since)

@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from pipeline.cli.common import EXIT_FAILED, fail, load_or_exit, parse_sets
+from pipeline.cli.common import (
+    EXIT_FAILED,
+    EnvOption,
+    JsonOption,
+    SetsOption,
+    fail,
+    load_or_exit,
+    parse_sets,
+)
 from pipeline.cli.db_cmd import open_store
 from pipeline.errors import PipelineError
 
@@ -35,9 +43,9 @@ def create(
     user: str = typer.Argument(..., help="the user the key acts for (quotas, job ownership)"),
     tier: str = typer.Option(None, "--tier", "-t", help="also put USER on this quota tier"),
     name: str = typer.Option(None, "--name", help="a label for the key, e.g. the calling app"),
-    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    as_json: JsonOption = False,
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Create a key for USER and print it: this is the only time it is shown."""
     from pipeline.gateway.keystore import ApiKeyStore
@@ -63,9 +71,9 @@ def create(
 @keys_app.command("list")
 def list_keys(
     user: str = typer.Option(None, "--user", "-u", help="only this user's keys"),
-    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    as_json: JsonOption = False,
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Every key's prefix, user, name and state, oldest first (never the key itself)."""
     from pipeline.gateway.keystore import ApiKeyStore
@@ -94,8 +102,8 @@ def list_keys(
 def revoke(
     prefix: str = typer.Argument(..., help="the key's prefix as `keys list` shows it "
                                           "(mgp_1a2b3c4d)"),
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Revoke a key: every gateway refuses it within 10 s (a gateway process admits a key it
     checked in the last 10 s without asking the database again)."""

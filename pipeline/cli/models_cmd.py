@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.cli.common import fail, load_or_exit, parse_sets
+from pipeline.cli.common import EnvOption, SetsOption, fail, load_or_exit, parse_sets
 from pipeline.errors import PipelineError
 
 models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
@@ -41,8 +41,8 @@ def make_tiny_cmd(
 @models_app.command("download")
 def download_cmd(
     presets: list[str] = typer.Argument(..., help="model presets, e.g. musicgen-small"),
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Download each preset's checkpoint from the Hugging Face Hub into model.cache_dir (the
     Hub cache offline workers read), resuming a partial download, and verify the files.
@@ -63,8 +63,8 @@ def import_cmd(
     preset: str = typer.Argument(..., help="the model preset the files are for"),
     path: str = typer.Argument(..., help="a checkpoint folder (config.json and the weights), "
                                          "local or s3://bucket/prefix (storage.* credentials)"),
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Import a checkpoint folder (local, or in the deployment's bucket) as PRESET's files, for
     nodes without Hub access: verified, then copied into model.cache_dir in the Hub's layout,

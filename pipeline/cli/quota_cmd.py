@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from pipeline.cli.common import fail, load_or_exit, parse_sets
+from pipeline.cli.common import EnvOption, JsonOption, SetsOption, fail, load_or_exit, parse_sets
 from pipeline.cli.db_cmd import open_store
 from pipeline.config.schema import Settings
 from pipeline.errors import PipelineError
@@ -70,9 +70,9 @@ def _print_usage(summary: UsageSummary, settings: Settings, as_json: bool) -> No
 @quota_app.command("show")
 def show(
     user: str = typer.Argument(..., help="the user id jobs are charged to"),
-    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    as_json: JsonOption = False,
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Tier, and jobs used of the limit today and this month, with when each resets."""
     settings = load_or_exit(env, parse_sets(sets))
@@ -92,9 +92,9 @@ def set_quota(
                                                     "unset = the tier's limit"),
     monthly: int = typer.Option(None, "--monthly", help="jobs per month; -1 = unlimited; "
                                                         "unset = the tier's limit"),
-    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    as_json: JsonOption = False,
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Put USER on a tier, optionally with their own daily/monthly limits; prints the result."""
     settings = load_or_exit(env, parse_sets(sets))

@@ -24,11 +24,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.cli.common import parse_sets
+from pipeline.cli.common import JsonOption, SetsOption, parse_sets
 from pipeline.config import layers
 from pipeline.config.export import leaves, to_env, to_k8s
 from pipeline.config.loader import LayeredSettings, load_layered
-from pipeline.config.report import MASK, SECRET_PATHS, Report
+from pipeline.config.problem import MASK
+from pipeline.config.report import SECRET_PATHS, Report
 from pipeline.config.schema import Environment, Settings
 from pipeline.errors import SettingsError
 
@@ -58,10 +59,6 @@ EnvOption = Annotated[Environment | None, typer.Option(
 FileOption = Annotated[list[Path] | None, typer.Option(
     "--file", "-f", exists=True, dir_okay=False, show_default=False, metavar="PATH",
     help="Extra settings file above the others (repeatable; last one wins).")]
-SetOption = Annotated[list[str] | None, typer.Option(
-    "--set", metavar="SECTION.KEY=VALUE", show_default=False,
-    help="Override one key, highest precedence (repeatable); VALUE is parsed as TOML.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 
 
 def _load(env: Environment | str | None, files: list[Path] | None, sets: list[str] | None) -> LayeredSettings:
@@ -139,7 +136,7 @@ def _layers_line(layered: LayeredSettings) -> str:
 # --- commands ---------------------------------------------------------------------------------
 
 @_command()
-def validate(env: EnvOption = None, file: FileOption = None, set_: SetOption = None,
+def validate(env: EnvOption = None, file: FileOption = None, set_: SetsOption = None,
              as_json: JsonOption = False) -> None:
     """Load and validate every layer; list every error (path, value, rule, fix) and warning.
 
@@ -157,7 +154,7 @@ def validate(env: EnvOption = None, file: FileOption = None, set_: SetOption = N
 
 
 @_command()
-def show(env: EnvOption = None, file: FileOption = None, set_: SetOption = None,
+def show(env: EnvOption = None, file: FileOption = None, set_: SetsOption = None,
          key: Annotated[str | None, typer.Option(
              "--key", "-k", help="One dotted key, or a section (e.g. model).")] = None,
          as_json: JsonOption = False) -> None:
@@ -255,7 +252,7 @@ def list_(as_json: JsonOption = False) -> None:
 @_command()
 def diff(env_a: Annotated[Environment, typer.Argument(metavar="ENV_A")],
          env_b: Annotated[Environment, typer.Argument(metavar="ENV_B")],
-         file: FileOption = None, set_: SetOption = None, as_json: JsonOption = False) -> None:
+         file: FileOption = None, set_: SetsOption = None, as_json: JsonOption = False) -> None:
     """The keys whose effective values differ between two environments (secrets masked).
 
     Exit 1 if either side is invalid (the differences are still printed).
@@ -287,7 +284,7 @@ class ExportFormat(str, Enum):
 
 @_command()
 def export(fmt: Annotated[ExportFormat, typer.Option("--format", help="env lines or Kubernetes YAML.")],
-           env: EnvOption = None, file: FileOption = None, set_: SetOption = None,
+           env: EnvOption = None, file: FileOption = None, set_: SetsOption = None,
            name: Annotated[str, typer.Option(help="k8s: ConfigMap name; the Secret is NAME-secrets.")]
            = "musicgen-pipeline",
            reveal_secrets: Annotated[bool, typer.Option(
@@ -323,7 +320,7 @@ _STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
 
 
 @_command()
-def check(env: EnvOption = None, file: FileOption = None, set_: SetOption = None,
+def check(env: EnvOption = None, file: FileOption = None, set_: SetsOption = None,
           as_json: JsonOption = False) -> None:
     """Health of what the settings describe: dirs, broker, database, ffmpeg, model, device.
 
@@ -348,7 +345,7 @@ def check(env: EnvOption = None, file: FileOption = None, set_: SetOption = None
 
 
 @_command()
-def reload(env: EnvOption = None, file: FileOption = None, set_: SetOption = None,
+def reload(env: EnvOption = None, file: FileOption = None, set_: SetsOption = None,
            timeout: Annotated[float, typer.Option(
                "--timeout", min=0.1, max=120, help="Seconds to wait for the workers' answers.")] = 5.0,
            as_json: JsonOption = False) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from pipeline.cli.common import fail, load_or_exit, parse_sets
+from pipeline.cli.common import EnvOption, JsonOption, SetsOption, fail, load_or_exit, parse_sets
 from pipeline.cli.db_cmd import open_store
 from pipeline.config.schema import Settings
 from pipeline.errors import ServiceUnavailable
@@ -173,13 +173,13 @@ class StatsView(str, Enum):
 
 def stats(
     since: str = typer.Option("1h", "--since", help="window: 30m, 1h, 2d, 1w (s m h d w)"),
-    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    as_json: JsonOption = False,
     by: StatsView = typer.Option(None, "--by",
                                  help="variant: compare model experiments' variants instead"),
     experiment: str = typer.Option(None, "--experiment",
                                    help="with --by variant: this experiment only"),
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Throughput, audio per GPU second, batching, errors, latency and backlog over a window.
 

@@ -7,15 +7,15 @@ import json
 
 import typer
 
-from pipeline.cli.common import fail, load_or_exit, parse_sets
+from pipeline.cli.common import EnvOption, JsonOption, SetsOption, fail, load_or_exit, parse_sets
 from pipeline.errors import PipelineError
 
 
 def webhooks(
     job_id: str = typer.Argument(..., help="the job whose webhook to show"),
-    as_json: bool = typer.Option(False, "--json"),
-    env: str = typer.Option(None, "--env", "-e"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    as_json: JsonOption = False,
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """One line per delivery: status, attempts, the receiver's last answer, the URL."""
     from pipeline.celery_app import make_celery

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.cli.common import EnvOption, SetsOption
 from pipeline.config import Settings
 from pipeline.jobs import queue_for
 
@@ -76,8 +77,8 @@ def worker(
     pool: str = typer.Option(None, help="threads (default: the batching engine) | prefork | solo"),
     concurrency: int = typer.Option(None, "--concurrency", "-c"),
     name: str = typer.Option(None, "--name", "-n", help="worker node name, e.g. gpu0@%h"),
-    env: str = typer.Option(None, "--env", "-e", help="development | staging | production"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    env: EnvOption = None,
+    sets: SetsOption = None,
     loglevel: str = typer.Option(None, "--loglevel", "-l"),
     include: list[str] = typer.Option([], "--include", "-I",
                                       help="extra modules the worker imports (signal handlers, plugins)"),

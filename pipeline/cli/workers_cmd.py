@@ -12,14 +12,15 @@ from typing import Any
 
 import typer
 
-from pipeline.cli.common import EXIT_FAILED, load_or_exit, parse_sets
+from pipeline.cli.common import EXIT_FAILED, EnvOption, JsonOption, SetsOption
 
 workers_app = typer.Typer(help="Worker heartbeats, the jobs they hold, and recovering a dead "
                                "worker's jobs (Redis brokers).", no_args_is_help=True)
 
 
-def _app(env: str | None, sets: list[str]) -> Any:
+def _app(env: str | None, sets: list[str] | None) -> Any:
     from pipeline.celery_app import make_celery
+    from pipeline.cli.common import load_or_exit, parse_sets
     from workers.recovery import enabled_for
 
     settings = load_or_exit(env, parse_sets(sets))
@@ -32,9 +33,9 @@ def _app(env: str | None, sets: list[str]) -> Any:
 
 @workers_app.command("list")
 def list_workers(
-    as_json: bool = typer.Option(False, "--json"),
-    env: str = typer.Option(None, "--env", "-e"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    as_json: JsonOption = False,
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Each worker process: its last beat, alive or dead, the jobs it holds and the engine
     serving each of its models (static, or hf where the engine failed its self-check)."""
@@ -65,8 +66,8 @@ def recover(
     worker_id: str = typer.Argument(..., help="a worker id from `workers list`"),
     force: bool = typer.Option(False, "--force",
                                help="recover even if it beat recently (you know it is dead)"),
-    env: str = typer.Option(None, "--env", "-e"),
-    sets: list[str] = typer.Option([], "--set", help="section.key=value (repeatable)"),
+    env: EnvOption = None,
+    sets: SetsOption = None,
 ) -> None:
     """Put a dead worker's unacked jobs back on their queues now."""
     from workers.recovery import dead_after, recover_worker, store_for

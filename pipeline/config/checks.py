@@ -87,7 +87,7 @@ def check_broker(settings: Settings, queues: Sequence[str] | None = None) -> lis
     """The broker answers (its kind, server version and queue depths); the result backend's
     Redis answers when it is another server; on RabbitMQ, whether its consumer timeout
     covers the longest job."""
-    from pipeline.brokers import BrokerKind, broker_state, kind_of, results_password
+    from pipeline.brokers import REDIS_SCHEMES, BrokerKind, broker_state, kind_of, results_password
 
     url = settings.broker.url
     if url is None:
@@ -109,7 +109,7 @@ def check_broker(settings: Settings, queues: Sequence[str] | None = None) -> lis
         out = [CheckResult("broker", Status.fail, f"{state.kind.value}: {state.where} unreachable: "
                                                  f"{state.error}")]
     backend = settings.broker.result_backend
-    if backend and backend != url and backend.startswith(("redis://", "rediss://", "sentinel://")):
+    if backend and backend != url and backend.startswith(tuple(f"{s}://" for s in REDIS_SCHEMES)):
         out.append(_ping_redis("result backend", backend, settings, results_password(settings.broker)))
     if kind_of(url) is BrokerKind.amqp:
         out.append(_consumer_timeout(settings))

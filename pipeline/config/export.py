@@ -20,7 +20,8 @@ import yaml
 from pydantic import SecretStr
 
 from pipeline.config.layers import ENV_SWITCHER, ENVVAR_PREFIX
-from pipeline.config.report import MASK, SECRET_PATHS
+from pipeline.config.problem import MASK
+from pipeline.config.report import SECRET_PATHS
 from pipeline.config.schema import Settings
 
 # Chosen by MUSICGEN_ENV (the environment section), never by a key of its own.

@@ -2,7 +2,8 @@
 
 This module is the one place the precedence is written down:
 
-1. ``settings/settings.toml`` ``[default]``
+0. the schema's defaults (``pipeline/config/schema.py``): the one place a default is written
+1. ``settings/settings.toml`` ``[default]``: only what every environment changes from them
 2. its environment section, chosen by ``MUSICGEN_ENV`` (development | staging | production)
 3. the model preset ``settings/models/<model.preset>.toml``
 4. the deployment profile ``settings/profiles/<app.profile>.toml``, if one is named
@@ -26,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.config.schema import Settings
 
 ENV_SWITCHER = "MUSICGEN_ENV"
 ENVVAR_PREFIX = "MUSICGEN"
@@ -75,6 +78,21 @@ def user_files(cwd: Path, environ: Mapping[str, str], extra: Sequence[Path]) -> 
     return found
 
 
+def schema_defaults() -> dict[str, Any]:
+    """Layer 0: the schema's defaults as a raw tree (unset ones left out, as a layer would)."""
+    return Settings().model_dump(mode="json", exclude_none=True)
+
+
+def _merged(below: Mapping[str, Any], above: Mapping[str, Any]) -> dict[str, Any]:
+    """``above`` over ``below``, tables merged key by key as Dynaconf merges the layers."""
+    out = dict(below)
+    for key, value in above.items():
+        under = out.get(key)
+        out[key] = _merged(under, value) if isinstance(under, Mapping) and isinstance(value, Mapping) \
+            else value
+    return out
+
+
 def _parse_override(value: Any) -> Any:
     if not isinstance(value, str):
         return value
@@ -115,7 +133,9 @@ class Loaded:
         self._file_cache: dict[Path, dict[str, Any]] = {}
         for key, value in overrides.items():
             self._dyn.set(key, _parse_override(value))
-        self.raw: dict[str, Any] = _normalise(self._dyn.as_dict())
+        # The defaults go under the layers here, not only in pydantic: the rules, the preset's
+        # name and `settings show` read this tree, and a key no layer sets is still the default.
+        self.raw: dict[str, Any] = _merged(schema_defaults(), _normalise(self._dyn.as_dict()))
         self._replace_lists(self.raw)
         # The environment section chosen is the one truth about which environment this is.
         self.raw.setdefault("app", {})["environment"] = stack.env

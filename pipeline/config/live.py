@@ -32,7 +32,7 @@ from pydantic import SecretStr
 
 from pipeline.config.export import leaves
 from pipeline.config.loader import load_layered
-from pipeline.config.report import MASK
+from pipeline.config.problem import MASK
 from pipeline.config.schema import Settings
 from pipeline.errors import SettingsError
 

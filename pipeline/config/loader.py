@@ -16,8 +16,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from pipeline.config import layers
+from pipeline.config.problem import Problem, get
 from pipeline.config.report import Report, path_warnings, problems_from
-from pipeline.config.rules import Problem, check_rules, get
+from pipeline.config.rules import check_rules
 from pipeline.config.schema import Settings
 from pipeline.config.substitution import substitute
 from pipeline.errors import SettingsError

@@ -18,10 +18,8 @@ from typing import Any
 from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic_core import ErrorDetails
 
-from pipeline.config.rules import Problem, get
+from pipeline.config.problem import MASK, Problem, get
 from pipeline.config.schema import Settings
-
-MASK = "**********"
 
 
 def _unwrap(annotation: Any) -> list[Any]:

@@ -15,38 +15,17 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipeline.brokers import REDIS_SCHEMES, kind_of
+from pipeline.config.presets import known_presets
+from pipeline.config.problem import Problem, get
+from pipeline.config.schema import QuotaSettings, WorkerSettings
+from pipeline.long_form import WINDOW_STRIDE_S
+from pipeline.time_limits import job_time_limits
+
 Raw = Mapping[str, Any]
 
 WEAK_SECRETS = {"password", "changeme", "secret", "admin", "flower", "redis", "123456", "musicgen"}
 MIN_SECRET_LENGTH = 16
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding of the report: where, what value, which rule, how to fix it."""
-
-    path: str
-    value: Any
-    rule: str
-    fix: str
-    secret: bool = False
-
-    def __repr__(self) -> str:
-        # A report may be logged or end up in a traceback: a secret value never shows.
-        from pipeline.config.report import MASK  # report imports this module: import late
-
-        value = MASK if self.secret and self.value else repr(self.value)
-        return (f"Problem(path={self.path!r}, value={value}, rule={self.rule!r}, fix={self.fix!r}, "
-                f"secret={self.secret})")
-
-
-def get(raw: Raw, dotted: str) -> Any:
-    node: Any = raw
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _num(raw: Raw, dotted: str) -> float | None:
@@ -131,8 +110,6 @@ def _production_needs_broker(raw: Raw) -> Problem | None:
 
 def _broker_kind(raw: Raw) -> str | None:
     """``redis``, ``sentinel`` or ``amqp`` for a URL we know, else None (embedded or unknown)."""
-    from pipeline.brokers import kind_of  # brokers imports the schema: import late
-
     url = get(raw, "broker.url")
     if not isinstance(url, str) or not url:
         return None
@@ -152,8 +129,6 @@ def _not_on_rabbitmq(rule: Rule) -> Rule:
 
 
 def _broker_scheme_known(raw: Raw) -> Problem | None:
-    from pipeline.brokers import kind_of
-
     url = get(raw, "broker.url")
     if not isinstance(url, str) or not url:
         return None
@@ -175,7 +150,7 @@ def _results_on_redis(raw: Raw) -> Problem | None:
     if not backend:
         return Problem("broker.result_backend", None, "a RabbitMQ broker needs a Redis result "
                        "backend (results and the shared breaker, rate-limit and cancel state)", fix)
-    if str(backend).split("://", 1)[0].lower() not in ("redis", "rediss", "sentinel"):
+    if str(backend).split("://", 1)[0].lower() not in REDIS_SCHEMES:
         return Problem("broker.result_backend", backend, "with a RabbitMQ broker the result "
                        "backend must be a Redis (the shared breaker, rate-limit and cancel state "
                        "live there too)", fix)
@@ -309,8 +284,6 @@ def _experiment_percents(raw: Raw) -> Problem | None:
 
 
 def _experiment_presets_known(raw: Raw) -> Problem | None:
-    from pipeline.config.presets import known_presets  # presets import the schema: import late
-
     known = known_presets()
     found = []
     for name, exp in _experiments(raw):
@@ -341,7 +314,6 @@ def _experiment_control(raw: Raw) -> Problem | None:
 def _experiment_tiers(raw: Raw) -> Problem | None:
     tiers = get(raw, "quotas.tiers")
     if not isinstance(tiers, Mapping):
-        from pipeline.config.schema import QuotaSettings  # no tiers set: the schema's apply
         tiers = QuotaSettings().tiers
     found = []
     for name, exp in _experiments(raw):
@@ -383,7 +355,6 @@ def _flag_tiers_exist(raw: Raw) -> Problem | None:
     # it was meant for. Flags are checked in name order; the first one with a bad tier is named.
     tiers = get(raw, "quotas.tiers")
     if not isinstance(tiers, Mapping):
-        from pipeline.config.schema import QuotaSettings  # no tiers set: the schema's apply
         tiers = QuotaSettings().tiers
     features = get(raw, "features")
     for name, rule in sorted(features.items() if isinstance(features, Mapping) else []):
@@ -443,19 +414,24 @@ def _stride_inside_window(raw: Raw) -> Problem | None:
         return None
     return Problem("generation.window_stride", get(raw, "generation.window_stride"),
                    f"generation.window_stride must be above 0 and below the model's window "
-                   f"(model.max_duration, {window:g} s)", "use audiocraft's 18 s, or any value "
-                   "under the window (a shorter stride is a longer prompt and more windows)")
+                   f"(model.max_duration, {window:g} s)",
+                   f"use audiocraft's {WINDOW_STRIDE_S:g} s, or any value under the window (a "
+                   "shorter stride is a longer prompt and more windows)")
 
 
 def _visibility_covers_long_jobs(raw: Raw) -> Problem | None:
-    # pipeline/time_limits.py on the raw tree: the hard limit of the longest job allowed.
+    # The hard limit of the longest job allowed (pipeline/time_limits.py) on the raw tree.
     names = ("broker.visibility_timeout", "worker.soft_time_limit", "worker.hard_time_limit",
              "worker.time_limit_per_second", "worker.time_limit_cap", "generation.max_duration")
     values = [_num(raw, name) for name in names]
     if any(v is None for v in values):
         return None
     visibility, soft, hard, per_second, cap, longest = (float(v or 0) for v in values)
-    longest_hard = max(soft, min(cap, soft + per_second * longest)) + hard - soft
+    # The raw values, unvalidated (pydantic reports a bad one), so model_construct.
+    limits: dict[str, Any] = {"soft_time_limit": soft, "hard_time_limit": hard,
+                              "time_limit_per_second": per_second, "time_limit_cap": cap}
+    worker = WorkerSettings.model_construct(**limits)
+    longest_hard = job_time_limits(worker, longest).hard
     if visibility > longest_hard:
         return None
     return Problem("broker.visibility_timeout", get(raw, "broker.visibility_timeout"),
@@ -472,7 +448,7 @@ def _recovery_before_visibility(raw: Raw) -> Problem | None:
     # it at most for the silence leaves a margin for the scan and a slow Redis.
     url = get(raw, "broker.url")
     if get(raw, "recovery.enabled") is False or not isinstance(url, str) \
-            or url.split("://", 1)[0].lower() not in ("redis", "rediss", "sentinel"):
+            or url.split("://", 1)[0].lower() not in REDIS_SCHEMES:
         return None
     values = [_num(raw, name) for name in ("broker.visibility_timeout",
                                            "recovery.heartbeat_interval",

@@ -23,8 +23,9 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.config.flag_value import FlagValue
 from pipeline.errors import PipelineError
-from pipeline.flags import FlagValue
+from pipeline.long_form import MODEL_WINDOW_S, WINDOW_STRIDE_S
 from pipeline.output_format import (
     DEFAULT_TARGETS,
     FORMATS,
@@ -126,7 +127,7 @@ class ModelSettings(_Section):
     description: str = ""
     melody: bool = Field(False, description="the checkpoint accepts melody conditioning")
     stereo: bool = Field(False, description="the checkpoint generates two channels")
-    max_duration: float = Field(30.0, gt=0, le=30.0, description="the model's window in seconds")
+    max_duration: float = Field(MODEL_WINDOW_S, gt=0, le=MODEL_WINDOW_S, description="the model's window in seconds")
     cache_dir: str | None = None
     cache_size: int = Field(1, ge=1, le=20)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -164,7 +165,7 @@ class GenerationSettings(_Section):
     min_duration: float = Field(0.5, ge=0.01, le=10.0)
     max_duration: float = Field(120.0, ge=0.1, le=300.0,
                                 description="past the model's window, windowed continuation")
-    window_stride: float = Field(18.0, gt=0, le=300.0,
+    window_stride: float = Field(WINDOW_STRIDE_S, gt=0, le=300.0,
                                  description="seconds between long-form windows (under the window)")
     default_temperature: float = Field(1.0, ge=0.1, le=2.0)
     default_top_k: int = Field(250, ge=0, le=2048)
@@ -369,9 +370,9 @@ class QuotaSettings(_Section):
     # with unsupported_option. Not enforced with quotas off, like the limits.
     priority_over_max: Literal["clamp", "refuse"] = "clamp"
     tiers: dict[str, TierSettings] = Field(default_factory=lambda: {
-        "free": TierSettings(daily=10, monthly=100),
-        "premium": TierSettings(daily=100, monthly=1000),
-        "enterprise": TierSettings(daily=-1, monthly=-1),
+        "free": TierSettings(daily=10, monthly=100, max_priority=5),
+        "premium": TierSettings(daily=100, monthly=1000, max_priority=7),
+        "enterprise": TierSettings(daily=-1, monthly=-1, max_priority=9),
     })
 
 

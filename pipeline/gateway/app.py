@@ -7,73 +7,29 @@ embedded development broker) and the request limits; routes find them in ``app.s
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.config.schema import Settings
-from pipeline.errors import InvalidRequest
 from pipeline.gateway import errors, routes_jobs, routes_meta
 from pipeline.gateway.auth import Authenticator, KeyRate, RateLimitHeaders
 from pipeline.gateway.keystore import ApiKeyStore
 from pipeline.gateway.metrics import HttpMetrics
 from pipeline.gateway.models import JobRequest
-from pipeline.gateway.uploads import KB, MB, Body
+from pipeline.gateway.service import Gateway
+from pipeline.gateway.uploads import KB, MB
 from pipeline.gateway.views import models_view
-from pipeline.handle import JobHandle
-from pipeline.jobs import GenerationRequest, invalid_request_from
 from pipeline.producer import Producer
 
 VERSION = "1"
 access_log = logging.getLogger("pipeline.gateway.access")
-
-
-@dataclass
-class Gateway:
-    """What the routes share: the settings, the producer and the request limits."""
-
-    settings: Settings
-    producer: Producer
-    body_limit: int
-    upload_limit: int
-    upload_dir: Path
-    models: dict[str, Any]
-
-    def enqueue(self, body: Body, user_id: str, idempotency_key: str | None = None) -> JobHandle:
-        """The body as a ``GenerationRequest`` for ``user_id``, enqueued by the producer; an
-        ``Idempotency-Key`` becomes the job's id (``idempotent_job_id``)."""
-        try:
-            payload = JobRequest.model_validate_json(body.request_json)
-        except ValidationError as exc:
-            raise invalid_request_from(exc) from exc
-        fields = payload.model_dump(exclude_unset=True)
-        if idempotency_key is not None:
-            if "job_id" in fields:
-                raise InvalidRequest("send an Idempotency-Key header or a job_id, not both",
-                                     "Idempotency-Key")
-            fields["job_id"] = idempotent_job_id(user_id, idempotency_key)
-        if body.melody is not None:
-            fields["melody"] = body.melody
-        return self.producer.enqueue(GenerationRequest(**fields, user_id=user_id))
-
-
-def idempotent_job_id(user_id: str, key: str) -> str:
-    """The job id an ``Idempotency-Key`` stands for: the key scoped to its user (two clients
-    that both pick "1" never collide), as a job id of the usual shape. 1 to 255 printable
-    ASCII characters, as the IETF draft on the header and Stripe allow."""
-    if not 1 <= len(key) <= 255 or not all(" " < ch <= "~" for ch in key):
-        raise InvalidRequest("Idempotency-Key must be 1 to 255 printable ASCII characters "
-                             "without spaces", "Idempotency-Key")
-    return "idem-" + hashlib.sha256(f"{user_id}\n{key}".encode()).hexdigest()[:40]
 
 
 class AccessLog:

@@ -1,4 +1,4 @@
-"""Typed pipeline errors as HTTP responses: one table from ``code`` to status, and the
+"""Typed pipeline errors as HTTP responses: each error class's ``http_status``, and the
 handlers that make every error body carry that stable ``code``.
 
 The body is ``PipelineError.to_dict()``: ``{code, message, field, details}``. 429 and 503 say
@@ -21,23 +21,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.errors import InvalidRequest, PipelineError, ServiceUnavailable
+from pipeline.errors import InvalidRequest, PipelineError
 
 log = logging.getLogger(__name__)
 
-STATUS_BY_CODE: dict[str, int] = {
-    "invalid_request": 422, "unsupported_option": 422, "model_not_found": 422,
-    "job_id_conflict": 409, "job_not_finished": 409, "job_failed": 409, "job_cancelled": 409,
-    "job_not_found": 404,
-    "unauthorized": 401,
-    "payload_too_large": 413,
-    "unsupported_media_type": 415,
-    "quota_exceeded": 429, "backpressure": 429, "rate_limited": 429,
-    "service_unavailable": 503,
-    # Issue 13's storage: a melody reference that cannot be used is the request's; a store that
-    # cannot take the melody now is the service's.
-    "input_unavailable": 422, "storage_unavailable": 503,
-}
 # When nothing says better: a broken breaker or a full queue is worth a retry this much later.
 DEFAULT_RETRY_AFTER_S = 5
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
@@ -56,15 +43,8 @@ class ErrorBody(BaseModel):
 
 
 def status_of(exc: PipelineError) -> int:
-    """The HTTP status for a pipeline error: by its code, else by its family (a bad request,
-    an outage, a transient failure), else 500."""
-    if exc.code in STATUS_BY_CODE:
-        return STATUS_BY_CODE[exc.code]
-    if isinstance(exc, InvalidRequest):
-        return 422
-    if isinstance(exc, ServiceUnavailable) or exc.retryable:  # may pass: come back later
-        return 503
-    return 500
+    """The HTTP status for a pipeline error: its class's ``http_status`` (pipeline/errors.py)."""
+    return exc.http_status
 
 
 def retry_after(exc: PipelineError, now: datetime | None = None) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path as FilePath
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse
@@ -25,15 +25,13 @@ from pipeline.errors import (
 from pipeline.gateway.auth import Caller, caller
 from pipeline.gateway.errors import ErrorBody, http_error
 from pipeline.gateway.models import CancelView, JobPageView, JobView
+from pipeline.gateway.service import Gateway
 from pipeline.gateway.sse import EventStream, event_stream
 from pipeline.gateway.uploads import discard, read_json, read_multipart
 from pipeline.gateway.views import MEDIA_TYPES, job_view, record_view
 from pipeline.handle import JobHandle
 from pipeline.jobs import JOB_ID_PATTERN, JobStatus
 from pipeline.records import MAX_PAGE
-
-if TYPE_CHECKING:
-    from pipeline.gateway.app import Gateway
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

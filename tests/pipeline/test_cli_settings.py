@@ -240,7 +240,7 @@ def test_diff_two_environments() -> None:
     data = json.loads(invoke("diff", "development", "staging", "--json").stdout)
     assert data["differences"]["model.preset"] == {
         "a": "musicgen-small", "b": "musicgen-medium",
-        "source_a": "settings.toml", "source_b": "settings.toml [staging]"}
+        "source_a": "default (schema)", "source_b": "settings.toml [staging]"}
     assert set(data["differences"]) == set(rows) - {"KEY"}
 
 

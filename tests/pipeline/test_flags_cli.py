@@ -34,7 +34,7 @@ def test_list_shows_each_flag_its_value_and_the_layer_it_came_from() -> None:
     lines = result.stdout.splitlines()
     melody = next(line for line in lines if line.startswith("melody_conditioning"))
     boost = next(line for line in lines if line.startswith("priority_boost"))
-    assert melody.split() == ["melody_conditioning", "true", "(from", "settings.toml)"]
+    assert melody.split() == ["melody_conditioning", "true", "(from", "default", "(schema))"]
     assert "100 %, tiers [premium], deny 1" in boost and "(from override)" in boost
     assert "read by pipeline/resolve.py _spec" in result.stdout
 

@@ -146,6 +146,25 @@ def test_every_error_a_request_can_meet_has_its_status_and_retry_after() -> None
     assert retry_after(errors.Backpressure("m", None, {"queue": "q"})) == 5
 
 
+
+def test_the_response_status_is_the_error_class_s_own_after_the_broker() -> None:
+    """A job's error reaches the gateway rebuilt from its dict (``PipelineError.from_dict``):
+    the response still has the status its class declares, and a request's own mistake is a
+    4xx while a failure that may pass is a 429 or a 5xx."""
+    from pipeline.errors import InvalidRequest, PipelineError, _all_subclasses
+    from pipeline.gateway.errors import error_response
+
+    for cls in _all_subclasses(PipelineError):
+        if not cls.__module__.startswith("pipeline"):
+            continue
+        rebuilt = PipelineError.from_dict(cls("m", "field", {"queue": "q"}).to_dict())
+        assert type(rebuilt) is cls, cls.code  # one class per code
+        assert error_response(rebuilt).status_code == cls.http_status, cls.code
+        if issubclass(cls, InvalidRequest):
+            assert 400 <= cls.http_status < 500, cls.code
+        if cls.retryable:
+            assert cls.http_status == 429 or cls.http_status >= 500, cls.code
+
 def test_metrics_count_each_request_by_route_template_and_status(gateway: Gateway) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 

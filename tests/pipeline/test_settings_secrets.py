@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import load_layered, load_settings
 from pipeline.config.export import to_env, to_k8s
-from pipeline.config.report import MASK, SECRET_PATHS
+from pipeline.config.problem import MASK
+from pipeline.config.report import SECRET_PATHS
 from pipeline.errors import SettingsError
 
 runner = CliRunner()

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from benchmarks.reference_render import render as reference_render
 from pipeline.errors import PostProcessFailed
 from workers.audio import OutputSpec, render
 from workers.audio.dsp import remove_dc
 from workers.audio.limiter import limit
 from workers.audio.loudness import integrated_lufs, to_db, true_peak
-from workers.audio.reference_render import render as reference_render
 
 RATE = 32000
 

@@ -1,6 +1,6 @@
 """Measuring audio with ffmpeg: sample peak and RMS (astats), EBU R128 loudness (loudnorm).
 
-The meters of the multi-pass reference render (``reference_render``), and an ffmpeg-side
+The meters of the multi-pass reference render (``benchmarks/reference_render.py``), and an ffmpeg-side
 measurement of a finished file that is independent of the in-process meters in ``loudness``
 (tests use it to check what ``render`` promises). In the reference render one meter is used
 everywhere, for the first loudnorm pass and for the finished file, so that

@@ -8,7 +8,7 @@ has, and ``encoder_args``, which refuses a format whose encoder this ffmpeg lack
 The render asks for ``encoder_args`` only for the formats ffmpeg encodes there (mp3, opus:
 ``encode.encoder_for`` decides); wav, flac and ogg are written in process by libsndfile, so an
 ffmpeg without libvorbis no longer limits ogg there. Every branch stays for the multi-pass
-reference render (``reference_render``), which encodes every format with ffmpeg.
+reference render (``benchmarks/reference_render.py``), which encodes every format with ffmpeg.
 """
 
 from __future__ import annotations

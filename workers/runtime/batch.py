@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InvalidRequest, UnsupportedOption
+from pipeline.long_form import WINDOW_STRIDE_S as DEFAULT_WINDOW_STRIDE_S
 
 # Where generate() reports a long clip's finished windows when its caller passed no hook: the
 # batching engine sets it around each call (workers/batcher.py), so the generate function
 # keeps its three-argument contract (tests and fault injection wrap it as it is).
 window_sink: ContextVar[Callable[[Any], None] | None] = ContextVar("window_sink", default=None)
 
-DEFAULT_WINDOW_STRIDE_S = 18.0  # audiocraft's default extend_stride: a 12 s prompt per window
 MAX_TOTAL_DURATION_S = 300.0  # the longest clip any deployment may configure
 
 

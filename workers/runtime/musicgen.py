@@ -33,8 +33,9 @@ from pipeline.errors import (
     PipelineError,
     UnsupportedOption,
 )
+from pipeline.long_form import MODEL_WINDOW_S as DEFAULT_MAX_DURATION_S
+from pipeline.long_form import WINDOW_STRIDE_S as DEFAULT_WINDOW_STRIDE_S
 from workers.runtime.batch import (
-    DEFAULT_WINDOW_STRIDE_S,
     GeneratedAudio,
     GenerationItem,
     batch_key,
@@ -50,8 +51,6 @@ from workers.runtime.progress import ProgressCallback, ProgressReporter, StepCou
 from workers.runtime.sampling import JobSampler, JobSampling
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_DURATION_S = 30.0  # what MusicGen was trained on: a 1500-token window at 50 Hz
 
 # Sampling no longer touches torch's process-global generator (each item draws from its own, see
 # workers.runtime.sampling), so this lock is not about reproducibility. It keeps one generate call
