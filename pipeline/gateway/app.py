@@ -26,6 +26,7 @@ from pipeline.gateway.models import JobRequest
 from pipeline.gateway.service import Gateway
 from pipeline.gateway.uploads import KB, MB
 from pipeline.gateway.views import models_view
+from pipeline.gateway.webhook_docs import document_webhooks
 from pipeline.producer import Producer
 
 VERSION = "1"
@@ -64,7 +65,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema plus ``JobRequest``, which the enqueue route reads by hand."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                             routes=app.routes)
+                             routes=app.routes, webhooks=app.webhooks.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         request = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(request.pop("$defs", {}))
@@ -105,6 +106,7 @@ def create_app(settings: Settings, *, producer: Producer | None = None) -> FastA
     errors.install(app)
     app.include_router(routes_jobs.router)
     app.include_router(routes_meta.router)
+    document_webhooks(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     if api.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=api.cors_origins,

@@ -42,6 +42,63 @@ class ErrorBody(BaseModel):
     details: Any = None
 
 
+# --- the error responses as the OpenAPI schema documents them ----------------------------------
+
+_REASONS = {401: "no API key, or an unknown or revoked one", 404: "no such job for this key",
+            409: "a conflict with the job's state or id", 413: "the body or upload is too large",
+            415: "the body is neither JSON nor multipart", 416: "the range is outside the file",
+            422: "the request is invalid (`field` names what)",
+            429: "over a quota, a rate or the queue's backlog (see Retry-After)",
+            503: "the broker, the database or the model is unavailable (see Retry-After)"}
+# One body a client may see for each status (the codes are the error classes' own).
+_EXAMPLES: dict[int, dict[str, Any]] = {
+    401: {"code": "unauthorized", "message": "an API key is required: send `Authorization: "
+          "Bearer <key>`", "field": "Authorization", "details": None},
+    404: {"code": "job_not_found", "message": "no job with id 'a1b2c3'", "field": "job_id",
+          "details": None},
+    409: {"code": "job_id_conflict", "message": "job id 'order-7' was already used for "
+          "another request", "field": "job_id", "details": None},
+    413: {"code": "payload_too_large", "message": "the melody is larger than 10 MB",
+          "field": "melody", "details": None},
+    415: {"code": "unsupported_media_type", "message": "send application/json, or "
+          "multipart/form-data with a melody file; not text/plain", "field": "Content-Type",
+          "details": None},
+    416: {"code": "range_not_satisfiable", "message": "bytes=9999- is outside the file",
+          "field": "Range", "details": None},
+    422: {"code": "invalid_request", "message": "duration must be at most 30",
+          "field": "duration", "details": None},
+    429: {"code": "quota_exceeded", "message": "daily quota of 10 jobs used; resets at "
+          "2026-12-06T00:00:00Z", "field": None, "details": {"limit": "daily",
+                                                              "retry_after": 3600}},
+    503: {"code": "service_unavailable", "message": "the broker is unreachable", "field": None,
+          "details": {"retry_after": 5}},
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again",
+                                "schema": {"type": "integer", "minimum": 0}}}
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    429: _RETRY_AFTER, 503: _RETRY_AFTER}
+
+
+def error_responses(*statuses: int, json_only: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of a route's errors: each status's reason, its ``ErrorBody``
+    with an example, and its headers (``Retry-After``, ``WWW-Authenticate``). ``json_only``: a
+    route whose own response is not JSON (its errors still are)."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        content: dict[str, Any] = {"example": _EXAMPLES[status]}
+        response: dict[str, Any] = {"description": _REASONS[status],
+                                    "content": {"application/json": content}}
+        if json_only:
+            content["schema"] = {"$ref": "#/components/schemas/ErrorBody"}
+        else:
+            response["model"] = ErrorBody
+        if status in _HEADERS:
+            response["headers"] = _HEADERS[status]
+        responses[status] = response
+    return responses
+
+
 def status_of(exc: PipelineError) -> int:
     """The HTTP status for a pipeline error: its class's ``http_status`` (pipeline/errors.py)."""
     return exc.http_status

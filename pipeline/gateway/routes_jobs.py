@@ -23,7 +23,7 @@ from pipeline.errors import (
     UnsupportedMediaType,
 )
 from pipeline.gateway.auth import Caller, caller
-from pipeline.gateway.errors import ErrorBody, http_error
+from pipeline.gateway.errors import error_responses, http_error
 from pipeline.gateway.models import CancelView, JobPageView, JobView
 from pipeline.gateway.service import Gateway
 from pipeline.gateway.sse import EventStream, event_stream
@@ -42,25 +42,18 @@ MAX_WAIT_S = 60
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the job's id")]
 Who = Annotated[Caller, Depends(caller)]
 
-_REASONS = {401: "no API key, or an unknown or revoked one", 404: "no such job for this key",
-            409: "a conflict with the job's state or id", 413: "the body or upload is too large",
-            415: "the body is neither JSON nor multipart", 416: "the range is outside the file",
-            422: "the request is invalid (`field` names what)",
-            429: "over a quota, a rate or the queue's backlog (see Retry-After)",
-            503: "the broker, the database or the model is unavailable (see Retry-After)"}
-
-
-def _errors(*statuses: int, json_only: bool = False) -> dict[int | str, dict[str, Any]]:
-    if json_only:  # a route whose own response is not JSON: its errors still are
-        return {status: {"description": _REASONS[status], "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/ErrorBody"}}}} for status in statuses}
-    return {status: {"model": ErrorBody, "description": _REASONS[status]} for status in statuses}
+_errors = error_responses
 
 
 # The body is read by hand (streamed, within its limits), so its schema is declared here: the
 # JSON form is JobRequest; the multipart form carries it as the `request` part beside a file.
 _REQUEST_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}},
+    "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}, "examples": {
+        "text": {"summary": "a text prompt", "value": {
+            "prompt": "warm lo-fi piano with vinyl crackle", "duration": 8, "format": "mp3"}},
+        "seeded": {"summary": "the same clip again: a fixed seed and model", "value": {
+            "prompt": "80s synthwave, driving bass", "duration": 12, "seed": 42,
+            "model": "musicgen-small", "format": "wav", "sample_rate": 44100}}}},
     "multipart/form-data": {
         "schema": {"type": "object", "required": ["request"], "properties": {
             "request": {"$ref": "#/components/schemas/JobRequest"},
@@ -74,12 +67,18 @@ def _gateway(request: Request) -> Gateway:
     return gateway
 
 
-_REPLAYED: dict[int | str, dict[str, Any]] = {200: {"model": JobView, "description": "a replay: the same request again with the "
-                   "same Idempotency-Key or job_id gives the first job "
-                   "(`Idempotent-Replayed: true`)"}}
-_FINISHED: dict[int | str, dict[str, Any]] = {201: {"model": JobView, "description": "with "
-                   "`Prefer: wait=N`: the job, finished within N seconds "
-                   "(`Preference-Applied: wait=N`)"}}
+_LOCATION = {"Location": {"description": "the job's URL", "schema": {"type": "string"}}}
+_ACCEPTED: dict[int | str, dict[str, Any]] = {
+    200: {"model": JobView, "headers": {**_LOCATION, "Idempotent-Replayed": {
+              "description": "`true`", "schema": {"type": "string"}}},
+          "description": "a replay: the same request again with the same Idempotency-Key or "
+                         "job_id gives the first job (`Idempotent-Replayed: true`)"},
+    201: {"model": JobView, "headers": {**_LOCATION, "Preference-Applied": {
+              "description": "`wait=N`", "schema": {"type": "string"}}},
+          "description": "with `Prefer: wait=N`: the job, finished within N seconds"},
+    202: {"headers": _LOCATION, "description": "queued: follow `urls.events` or poll "
+                                               "`urls.get`"},
+}
 _HEADERS = {"parameters": [{
     "name": "Idempotency-Key", "in": "header", "required": False,
     "schema": {"type": "string", "minLength": 1, "maxLength": 255},
@@ -93,7 +92,7 @@ _HEADERS = {"parameters": [{
 
 
 @router.post("", status_code=202, response_model=JobView, summary="Enqueue a job",
-             responses={**_REPLAYED, **_FINISHED, **_errors(401, 409, 413, 415, 422, 429, 503)},
+             responses={**_ACCEPTED, **_errors(401, 409, 413, 415, 422, 429, 503)},
              openapi_extra={**_REQUEST_BODY, **_HEADERS})
 async def create_job(request: Request, response: Response, who: Who) -> Any:
     """Validate, admit (quota, rate, breaker, backlog) and queue one job; 202 with the job.
@@ -183,10 +182,18 @@ def get_job(job_id: JobId, request: Request, who: Who) -> Any:
 
 
 @router.get("/{job_id}/events", response_class=EventStream, summary="Server-Sent Events",
-            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                             "description": "`retry:`, `progress` events (each with an "
-                                            "`id:`), then one `state` event with the final "
-                                            "job; the stream then ends"},
+            responses={200: {"content": {"text/event-stream": {
+                "schema": {"type": "string"},
+                "example": 'retry: 2000\n\nid: 5c1f0e2a9b7d4e13\nevent: progress\ndata: '
+                           '{"id": "a1b2c3", "status": "progress", "progress": {"fraction": '
+                           '0.4, "message": "generating"}}\n\nid: final\nevent: state\n'
+                           'data: {"id": "a1b2c3", "status": "succeeded", ...}\n\n'}},
+                "description": "The event types: `progress` (data: `{id, status, progress: "
+                               "{fraction, message}}`, on each change, with an `id:`); `state` "
+                               "(data: the final `JobView`, `id: final`), after which the "
+                               "stream ends; `error` (data: an `ErrorBody`: the result backend "
+                               "could not be read; reconnect). The stream starts with "
+                               "`retry:` and sends a `: keepalive` comment every 15 s"},
                        **_errors(401, 404, 422, 429, 503, json_only=True)})
 async def job_events(job_id: JobId, request: Request, who: Who,
                      last_event_id: Annotated[str | None, Header(

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pipeline.config.checks import Status, check_broker, check_database
 from pipeline.errors import ServiceUnavailable
 from pipeline.gateway.auth import Caller, caller
-from pipeline.gateway.errors import ErrorBody
+from pipeline.gateway.errors import error_responses
 from pipeline.gateway.models import Health, ModelsView, Readiness, UsageView
 from pipeline.gateway.views import usage_view
 
@@ -39,10 +39,7 @@ def models(request: Request) -> Any:
 
 @router.get("/v1/usage", response_model=UsageView, tags=["service"],
             summary="The key's quota: used and left per window, and its request rate",
-            responses={401: {"model": ErrorBody, "description": "no API key, or an unknown or "
-                                                               "revoked one"},
-                       429: {"model": ErrorBody, "description": "past the key's rate"},
-                       503: {"model": ErrorBody, "description": "the database is unavailable"}})
+            responses=error_responses(401, 429, 503))
 def usage(request: Request, who: Annotated[Caller, Depends(caller)]) -> Any:
     gateway = request.app.state.gateway
     return usage_view(gateway.producer.usage(who.user_id), gateway.settings.api.rate)
@@ -55,7 +52,7 @@ def healthz() -> Any:
 
 @router.get("/readyz", response_model=Readiness, tags=["service"],
             summary="The broker and the database answer",
-            responses={503: {"model": ErrorBody, "description": "not ready (see Retry-After)"}})
+            responses=error_responses(503))
 def readyz(request: Request) -> Any:
     settings = request.app.state.gateway.settings
     results = [*check_broker(settings), *check_database(settings, timeout=READY_TIMEOUT_S)]

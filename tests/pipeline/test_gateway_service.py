@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from pipeline import webhooks
 from pipeline.config.presets import known_presets
 from pipeline.gateway.app import create_app
 from pipeline.jobs import GenerationRequest
@@ -91,6 +92,33 @@ def test_openapi_comes_from_the_job_contract(gateway: Gateway) -> None:
     assert list(events) == ["text/event-stream"]
     result = schema["components"]["schemas"]["JobResultView"]["properties"]
     assert "output_path" not in result and "seed" in result
+
+
+def test_openapi_documents_examples_errors_headers_and_webhooks(gateway: Gateway) -> None:
+    schema = gateway.client.get("/openapi.json").json()
+    post = schema["paths"]["/v1/jobs"]["post"]
+    examples = post["requestBody"]["content"]["application/json"]["examples"]
+    for example in examples.values():  # each example is a request the gateway accepts
+        made = gateway.client.post("/v1/jobs", json=example["value"], headers=gateway.key("ex"))
+        assert made.status_code == 202, made.text
+    for status in ("200", "201", "202"):
+        assert "Location" in post["responses"][status]["headers"]
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if not status.startswith(("4", "5")) or status == "500":
+                    continue
+                body = response["content"]["application/json"]
+                assert body["example"]["code"], (method, path, status)
+                if status in ("429", "503"):
+                    assert "Retry-After" in response["headers"], (method, path, status)
+    assert "event: progress" in schema["paths"]["/v1/jobs/{job_id}/events"]["get"][
+        "responses"]["200"]["content"]["text/event-stream"]["example"]
+    hook = schema["webhooks"]["job-ended"]["post"]
+    assert {p["name"] for p in hook["parameters"]} == {"webhook-id", "webhook-timestamp",
+                                                       "webhook-signature"}
+    event = schema["components"]["schemas"]["WebhookEvent"]
+    assert set(event["properties"]) == set(webhooks.event("j", "failed"))
 
 
 def test_the_access_log_names_a_key_by_its_prefix_only(gateway: Gateway,

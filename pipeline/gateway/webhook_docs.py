@@ -1,0 +1,55 @@
+"""The ``webhooks`` section of the OpenAPI schema: what a receiver of ``webhook_url`` gets.
+
+Documentation only: the POST itself is made by a worker (workers/webhook_task.py) with the body
+``pipeline.webhooks.event`` builds, signed in the Standard Webhooks style.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Header
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class WebhookEventData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    status: Literal["succeeded", "failed", "timeout", "cancelled"]
+    result: dict[str, Any] | None = Field(description="the job's result, when it succeeded")
+    error_code: str | None = Field(description="the stable error code, when it did not")
+
+
+class WebhookEvent(BaseModel):
+    """One job's end, POSTed once per job to its ``webhook_url`` (retried with the same
+    ``webhook-id`` on a 5xx, 408, 429 or a connection error)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "type": "job.succeeded", "timestamp": "2026-12-05T21:14:03.512Z",
+        "data": {"job_id": "a1b2c3", "status": "succeeded", "error_code": None,
+                 "result": {"job_id": "a1b2c3", "format": "mp3", "duration": 8.0}}}]})
+
+    type: Literal["job.succeeded", "job.failed", "job.timeout", "job.cancelled"]
+    timestamp: datetime
+    data: WebhookEventData
+
+
+def document_webhooks(app: FastAPI) -> None:
+    """Add the job-end webhook to ``app.webhooks`` (shown under ``webhooks`` in the schema)."""
+
+    @app.webhooks.post("job-ended", summary="A job ended", response_model=None,
+                       responses={200: {"description": "any 2xx: delivered"},
+                                  500: {"description": "any 5xx, 408 or 429: retried later"}})
+    def job_ended(
+        body: WebhookEvent,
+        webhook_id: Annotated[str, Header(description="the message id, the same on every "
+                                                      "attempt: deduplicate on it")],
+        webhook_timestamp: Annotated[int, Header(description="Unix seconds of this attempt")],
+        webhook_signature: Annotated[str, Header(description="`v1,<base64 HMAC-SHA256 of "
+                                                             "'id.timestamp.body'>`; check it "
+                                                             "with pipeline.webhooks.verify")],
+    ) -> None:
+        """The job's end, signed with ``webhooks.secret``. Verify the signature over the raw
+        body, refuse timestamps more than five minutes off, and answer 2xx quickly."""
