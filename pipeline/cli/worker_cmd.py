@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 
 from pipeline.config import Settings
-from pipeline.jobs import queue_for
+from pipeline.contract.jobs import queue_for
 
 
 def override_env(overrides: Mapping[str, str]) -> dict[str, str]:

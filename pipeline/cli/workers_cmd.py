@@ -19,7 +19,7 @@ workers_app = typer.Typer(help="Worker heartbeats, the jobs they hold, and recov
 
 
 def _app(env: str | None, sets: list[str]) -> Any:
-    from pipeline.celery_app import make_celery
+    from pipeline.infra.celery_app import make_celery
     from workers.recovery import enabled_for
 
     settings = load_or_exit(env, parse_sets(sets))

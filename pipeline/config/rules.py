@@ -127,11 +127,11 @@ def _production_needs_broker(raw: Raw) -> Problem | None:
     return None
 
 
-# --- which broker (pipeline/brokers.py): some rules hold for one kind only ------------------
+# --- which broker (pipeline/infra/brokers.py): some rules hold for one kind only ------------------
 
 def _broker_kind(raw: Raw) -> str | None:
     """``redis``, ``sentinel`` or ``amqp`` for a URL we know, else None (embedded or unknown)."""
-    from pipeline.brokers import kind_of  # brokers imports the schema: import late
+    from pipeline.infra.brokers import kind_of  # brokers imports the schema: import late
 
     url = get(raw, "broker.url")
     if not isinstance(url, str) or not url:
@@ -152,7 +152,7 @@ def _not_on_rabbitmq(rule: Rule) -> Rule:
 
 
 def _broker_scheme_known(raw: Raw) -> Problem | None:
-    from pipeline.brokers import kind_of
+    from pipeline.infra.brokers import kind_of
 
     url = get(raw, "broker.url")
     if not isinstance(url, str) or not url:
@@ -265,7 +265,7 @@ def _threads_fill_a_batch(raw: Raw) -> Problem | None:
                    "unset worker.concurrency (default: 2 x generation.max_batch_size) or raise it")
 
 
-# --- experiments (pipeline/experiments.py): one rule per kind of problem --------------------
+# --- experiments (pipeline/ops/experiments.py): one rule per kind of problem --------------------
 # A rule yields one Problem, so each reports its first offending experiment (by name) and names
 # the others in its text: all kinds of problem still show at once, whichever experiment has them.
 
@@ -401,7 +401,7 @@ def _flag_tiers_exist(raw: Raw) -> Problem | None:
                        f"{'; '.join(hints)} (tiers: {', '.join(sorted(tiers))})")
     return None
 
-# --- storage and webhooks (pipeline/storage_backends.py, pipeline/webhooks.py) ---------------
+# --- storage and webhooks (pipeline/infra/storage_backends.py, pipeline/webhooks.py) ---------------
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3's bucket naming rules
 
@@ -448,7 +448,7 @@ def _stride_inside_window(raw: Raw) -> Problem | None:
 
 
 def _visibility_covers_long_jobs(raw: Raw) -> Problem | None:
-    # pipeline/time_limits.py on the raw tree: the hard limit of the longest job allowed.
+    # pipeline/contract/time_limits.py on the raw tree: the hard limit of the longest job allowed.
     names = ("broker.visibility_timeout", "worker.soft_time_limit", "worker.hard_time_limit",
              "worker.time_limit_per_second", "worker.time_limit_cap", "generation.max_duration")
     values = [_num(raw, name) for name in names]
@@ -460,7 +460,7 @@ def _visibility_covers_long_jobs(raw: Raw) -> Problem | None:
         return None
     return Problem("broker.visibility_timeout", get(raw, "broker.visibility_timeout"),
                    f"broker.visibility_timeout must exceed the hard limit of the longest job "
-                   f"({longest_hard:g} s for generation.max_duration, pipeline/time_limits.py)",
+                   f"({longest_hard:g} s for generation.max_duration, pipeline/contract/time_limits.py)",
                    "raise broker.visibility_timeout, or lower worker.time_limit_per_second or "
                    "worker.time_limit_cap")
 

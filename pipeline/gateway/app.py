@@ -20,7 +20,10 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pipeline.client.handle import JobHandle
+from pipeline.client.producer import Producer
 from pipeline.config.schema import Settings
+from pipeline.contract.jobs import GenerationRequest, invalid_request_from
 from pipeline.errors import InvalidRequest
 from pipeline.gateway import errors, routes_jobs, routes_meta
 from pipeline.gateway.auth import Authenticator, KeyRate
@@ -29,9 +32,6 @@ from pipeline.gateway.metrics import HttpMetrics
 from pipeline.gateway.models import JobRequest
 from pipeline.gateway.uploads import KB, MB, Body
 from pipeline.gateway.views import models_view
-from pipeline.handle import JobHandle
-from pipeline.jobs import GenerationRequest, invalid_request_from
-from pipeline.producer import Producer
 
 VERSION = "1"
 access_log = logging.getLogger("pipeline.gateway.access")
@@ -121,7 +121,7 @@ def _rate_storage(producer: Producer) -> str:
     # The shared Redis (password included, from its secret: the broker's, or the result
     # backend's with RabbitMQ) so that every gateway process counts the same key together; one
     # process's memory with the embedded broker.
-    from pipeline.brokers import limits_storage_uri
+    from pipeline.infra.brokers import limits_storage_uri
 
     url = producer.app.coordination_url
     return "memory://" if url is None else limits_storage_uri(url, producer.settings.broker.master_name)

@@ -18,7 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pipeline.errors import RateLimited, Unauthorized
 from pipeline.gateway.keystore import ApiKeyStore, masked
-from pipeline.keys import API_RATE_PREFIX
+from pipeline.infra.keys import API_RATE_PREFIX
 from pipeline.policies.rate_limit import GlobalRateLimit
 
 ANONYMOUS = "anonymous"

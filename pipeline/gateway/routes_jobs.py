@@ -12,6 +12,7 @@ from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
 
+from pipeline.contract.jobs import JOB_ID_PATTERN
 from pipeline.errors import JobNotFinished, JobNotFound, UnsupportedMediaType
 from pipeline.gateway.auth import Caller, caller
 from pipeline.gateway.errors import ErrorBody, http_error
@@ -19,7 +20,6 @@ from pipeline.gateway.models import CancelView, JobView
 from pipeline.gateway.sse import EventStream, event_stream
 from pipeline.gateway.uploads import discard, read_json, read_multipart
 from pipeline.gateway.views import MEDIA_TYPES, job_view
-from pipeline.jobs import JOB_ID_PATTERN
 
 if TYPE_CHECKING:
     from pipeline.gateway.app import Gateway

@@ -18,9 +18,9 @@ from fastapi.encoders import jsonable_encoder
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
+from pipeline.client.handle import JobHandle
+from pipeline.contract.jobs import JobStatus
 from pipeline.errors import PipelineError
-from pipeline.handle import JobHandle
-from pipeline.jobs import JobStatus
 
 POLL_S = 0.25
 KEEPALIVE_S = 15.0

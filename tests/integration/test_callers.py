@@ -18,7 +18,7 @@ import redis
 import pipeline
 import pipeline.aio
 from pipeline import GenerationRequest, JobStatus
-from pipeline.keys import queue_list_keys
+from pipeline.infra.keys import queue_list_keys
 
 from .conftest import Worker, held, release, settled_ledger, wait_for
 from .test_admission import producer

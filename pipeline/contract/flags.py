@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
 
+from pipeline.contract.user_context import UserContext
 from pipeline.errors import SettingsError
-from pipeline.user_context import UserContext
 
 if TYPE_CHECKING:  # the schema imports this module for FlagRule
     from pipeline.config.schema import FeatureSettings
@@ -83,13 +83,13 @@ class FlagInfo:
 # is a deployment switch (no user to decide for) and stays out.
 FLAGS: Mapping[str, FlagInfo] = {
     "melody_conditioning": FlagInfo("requests may carry a melody (melody presets only)",
-                                    "pipeline/resolve.py _melody"),
+                                    "pipeline/client/resolve.py _melody"),
     "priority_boost": FlagInfo("the user's jobs are queued one priority level higher",
-                               "pipeline/resolve.py _spec"),
+                               "pipeline/client/resolve.py _spec"),
     "webhooks": FlagInfo("requests may carry a webhook_url (webhooks.allowed_hosts still apply)",
-                         "pipeline/resolve.py _webhook"),
+                         "pipeline/client/resolve.py _webhook"),
     "long_form": FlagInfo("durations past the model's window (windowed continuation)",
-                          "pipeline/resolve.py resolve"),
+                          "pipeline/client/resolve.py resolve"),
 }
 
 
