@@ -6,7 +6,7 @@ Four cases, each called in the same loop over the same pre-built users (so the l
 is in every row, and the dict row is the floor):
 
 - dict: ``flags[name]`` on a plain dict of booleans (what a check cost before rules);
-- bool flag: ``pipeline.flags.enabled`` on a flag set to ``true``;
+- bool flag: ``pipeline.contract.flags.enabled`` on a flag set to ``true``;
 - percentage: a rule at 25 % (one blake2b of "flag:user" per check);
 - tiers+allow+deny: a rule at 50 % for two tiers with 100-id allow and deny lists, for users on
   an allowed tier and in neither list, so every check goes the whole way to the hash.
@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable
 
 from pipeline.config.schema import FeatureSettings
-from pipeline.flags import FlagRule, enabled
-from pipeline.user_context import UserContext
+from pipeline.contract.flags import FlagRule, enabled
+from pipeline.contract.user_context import UserContext
 
 TARGET_NS = 10_000.0
 USERS = 1024

@@ -30,7 +30,7 @@ import ffmpeg as ffmpeg_lib
 import numpy as np
 import soundfile as sf
 
-from pipeline.output_format import OutputSpec, check_output_spec
+from pipeline.contract.output_format import OutputSpec, check_output_spec
 from workers.audio.dsp import channels_first, input_rate
 from workers.audio.ffmpeg_meters import (
     TRUE_PEAK_CEILING_DBTP,

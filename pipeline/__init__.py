@@ -7,7 +7,18 @@
 The producer side only: importing this package never imports torch, transformers or ffmpeg.
 """
 
+from pipeline.client.handle import JobHandle, Partial, Progress
+from pipeline.client.producer import (
+    Producer,
+    enqueue,
+    enqueue_many,
+    get_job,
+    list_jobs,
+    reload_settings,
+)
+from pipeline.client.records import JobPage, JobRecord
 from pipeline.config import Settings, load_settings
+from pipeline.contract.jobs import GenerationRequest, JobResult, JobStatus
 from pipeline.errors import (
     Backpressure,
     CoordinationUnavailable,
@@ -37,17 +48,6 @@ from pipeline.errors import (
     UnsupportedOption,
     WebhookSignatureInvalid,
 )
-from pipeline.handle import JobHandle, Partial, Progress
-from pipeline.jobs import GenerationRequest, JobResult, JobStatus
-from pipeline.producer import (
-    Producer,
-    enqueue,
-    enqueue_many,
-    get_job,
-    list_jobs,
-    reload_settings,
-)
-from pipeline.records import JobPage, JobRecord
 
 __all__ = [
     # the job contract

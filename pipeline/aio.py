@@ -10,7 +10,7 @@
     await client.close()
 
 Waiting, the part that holds a coroutine for minutes, runs on ``redis.asyncio``: a handle
-subscribes to the result backend's channel for its job (``pipeline.changes``) and reads the
+subscribes to the result backend's channel for its job (``pipeline.infra.changes``) and reads the
 state when told it changed, with a slower fallback read so a missed message never hangs it.
 Enqueueing is one short SQL transaction (the quota) and one broker publish, through client
 libraries that block (SQLAlchemy's engine, kombu): it runs in a worker thread, as does the rare
@@ -27,13 +27,13 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from pipeline.brokers import BrokerKind, kind_of, results_url
-from pipeline.changes import FALLBACK_S, POLL_S, channel_of
+from pipeline.client.handle import JobHandle, Progress, progress_of
+from pipeline.client.producer import Producer, producer_for
 from pipeline.config.schema import Settings
+from pipeline.contract.jobs import GenerationRequest, JobResult, JobStatus
 from pipeline.errors import JobTimeout, ServiceUnavailable
-from pipeline.handle import JobHandle, Progress, progress_of
-from pipeline.jobs import GenerationRequest, JobResult, JobStatus
-from pipeline.producer import Producer, producer_for
+from pipeline.infra.brokers import BrokerKind, kind_of, results_url
+from pipeline.infra.changes import FALLBACK_S, POLL_S, channel_of
 
 __all__ = ["AsyncJobHandle", "AsyncProducer"]
 
@@ -48,7 +48,7 @@ def _async_redis(settings: Settings) -> Any:
         return redis.asyncio.Redis.from_url(url, socket_connect_timeout=timeout)
     from redis.asyncio.sentinel import Sentinel
 
-    from pipeline.brokers import _sentinel_parts
+    from pipeline.infra.brokers import _sentinel_parts
 
     hosts, db, password = _sentinel_parts(url)
     sentinel = Sentinel(hosts, socket_connect_timeout=timeout,

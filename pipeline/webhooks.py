@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from pipeline.contract.public_addresses import HostNotPublic, public_opener
+from pipeline.contract.remote_urls import WEBHOOK_SCHEMES, check_url, host_allowed, opener
 from pipeline.errors import WebhookSignatureInvalid
-from pipeline.keys import WEBHOOK_PREFIX
-from pipeline.public_addresses import HostNotPublic, public_opener
-from pipeline.remote_urls import WEBHOOK_SCHEMES, check_url, host_allowed, opener
+from pipeline.infra.keys import WEBHOOK_PREFIX
 
 TOLERANCE_S = 300  # a signature older (or newer) than this is a replay, not a delivery
 USER_AGENT = "musicgen-pipeline-webhooks/1"

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import keys
+from pipeline.infra import keys
 
 log = logging.getLogger(__name__)
 

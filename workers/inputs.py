@@ -3,7 +3,7 @@ host) into the job's temp folder, then held to the same limits the producer appl
 
 The size limit is enforced while the bytes arrive (and from the length header before the first
 byte), so an oversized input never fills the disk; duration, format and sample rate are then
-checked with ffprobe (pipeline/audio_probe.py) before any GPU time is spent. An input that
+checked with ffprobe (pipeline/infra/audio_probe.py) before any GPU time is spent. An input that
 cannot be fetched or is too large is ``InputUnavailable``, an unreadable or out-of-limits one
 ``InvalidRequest``: both permanent, never retried.
 """
@@ -15,12 +15,12 @@ import uuid
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pipeline.audio_probe import MB, MelodyLimits, validate_melody
 from pipeline.config.schema import Settings
+from pipeline.contract.jobs import MelodyInput
+from pipeline.contract.remote_urls import host_allowed, opener
 from pipeline.errors import InputUnavailable, StorageUnavailable
-from pipeline.jobs import MelodyInput
-from pipeline.remote_urls import host_allowed, opener
-from pipeline.storage_backends import (
+from pipeline.infra.audio_probe import MB, MelodyLimits, validate_melody
+from pipeline.infra.storage_backends import (
     ObjectMissing,
     ObjectTooLarge,
     atomic_copy,

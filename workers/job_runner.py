@@ -22,10 +22,10 @@ import numpy.typing as npt
 
 from pipeline.config.presets import model_settings_for
 from pipeline.config.schema import ModelSettings, Settings
+from pipeline.contract.jobs import JobResult, JobSpec, Timings
+from pipeline.contract.time_limits import job_time_limits
 from pipeline.errors import JobTimeout
-from pipeline.jobs import JobResult, JobSpec, Timings
-from pipeline.storage_backends import backend_for, local_root
-from pipeline.time_limits import job_time_limits
+from pipeline.infra.storage_backends import backend_for, local_root
 from workers.audio.decode import decode_mono
 from workers.audio.formats import FORMATS
 from workers.audio.postprocess import render

@@ -23,9 +23,9 @@ from typing import Any
 from celery.signals import worker_process_init, worker_ready
 from celery.worker.control import control_command
 
-from pipeline.celery_app import TASK_GENERATE, PipelineCelery
 from pipeline.config.live import RELOAD_COMMAND, FileWatcher, LiveSettings
 from pipeline.config.schema import Settings
+from pipeline.infra.celery_app import TASK_GENERATE, PipelineCelery
 from workers import tasks
 from workers.metrics import observe_settings_reload
 from workers.typed_celery import receiver

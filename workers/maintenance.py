@@ -28,22 +28,22 @@ from typing import Any
 
 from celery.signals import celeryd_after_setup
 
-from pipeline.celery_app import PipelineCelery
 from pipeline.config import Settings
 from pipeline.config.schema import StorageSettings
+from pipeline.contract.output_format import OUTPUT_SUFFIXES  # what JobRunner writes
 from pipeline.errors import PipelineError
-from pipeline.monitor_app import (
+from pipeline.infra.celery_app import PipelineCelery
+from pipeline.infra.storage_backends import StorageBackend, StoredObject, backend_for, local_root
+from pipeline.ops.monitor_app import (
     MAINTENANCE_QUEUE,
     TASK_ROLLUP_LEDGER,
     TASK_SWEEP_OUTPUTS,
     TASK_SWEEP_TEMP,
     maintenance_schedule,
 )
-from pipeline.output_format import OUTPUT_SUFFIXES  # what JobRunner writes
 from pipeline.quota import roll_up
 from pipeline.quota.configured import store_for
 from pipeline.quota.windows import resolve_zone
-from pipeline.storage_backends import StorageBackend, StoredObject, backend_for, local_root
 from workers.storage import PART_SUFFIX
 from workers.typed_celery import receiver, task
 

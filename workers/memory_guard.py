@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from celery.signals import task_postrun, worker_process_init
 
-from pipeline.celery_app import TASK_GENERATE
+from pipeline.infra.celery_app import TASK_GENERATE
 from workers.typed_celery import receiver
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.jobs import JobSpec
-from pipeline.storage_backends import StorageBackend
+from pipeline.contract.jobs import JobSpec
+from pipeline.infra.storage_backends import StorageBackend
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.brokers import BrokerKind, kind_of
 from pipeline.config.schema import Settings
+from pipeline.infra.brokers import BrokerKind, kind_of
 from workers.heartbeat import Heartbeat, HeartbeatStore, WorkerRecord, new_worker_id
 from workers.metrics import observe_recovered
 

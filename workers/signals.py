@@ -111,8 +111,8 @@ def _connect_recovery(app: Any) -> None:
 
 
 def _connect_job_logs(app: Any) -> None:
-    """Each record a job's thread logs carries its fields (pipeline/log_format.py)."""
-    from pipeline import log_format
+    """Each record a job's thread logs carries its fields (pipeline/infra/log_format.py)."""
+    from pipeline.infra import log_format
 
     log_format.connect_celery(app)
     tokens: dict[str, Any] = {}

@@ -5,7 +5,7 @@ Everything is written to a hidden temp file in the destination's own directory (
 destination. A crash, an exception or a cancelled job leaves at most a ``.part`` file, never a
 truncated output under the real name; ``remove_partial`` sweeps those up. On object storage
 the pair is rendered in the job's temp folder and uploaded (``upload_pair``), each object
-whole or not at all (pipeline/storage_backends.py).
+whole or not at all (pipeline/infra/storage_backends.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.storage_backends import StorageBackend
+    from pipeline.infra.storage_backends import StorageBackend
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,10 @@ from celery import Task, states
 from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from pydantic import ValidationError
 
-from pipeline.celery_app import TASK_GENERATE, PipelineCelery
+from pipeline.client.handle import error_of
+from pipeline.client.registry import JobRegistry, registry_for
+from pipeline.contract.jobs import JobSpec, invalid_request_from, queue_for
+from pipeline.contract.time_limits import job_time_limits
 from pipeline.errors import (
     GpuOutOfMemory,
     JobNotFound,
@@ -26,14 +29,11 @@ from pipeline.errors import (
     PoisonJob,
     TransientError,
 )
-from pipeline.handle import error_of
-from pipeline.jobs import JobSpec, invalid_request_from, queue_for
+from pipeline.infra.celery_app import TASK_GENERATE, PipelineCelery
 from pipeline.policies.breaker import Admission, CircuitBreaker
 from pipeline.policies.configured import Policies
 from pipeline.quota import QuotaStore
 from pipeline.quota.configured import store_for
-from pipeline.registry import JobRegistry, registry_for
-from pipeline.time_limits import job_time_limits
 from workers import typed_celery
 from workers.job_runner import JobCancelledByUser, JobRunner, discard_job_files, job_outputs
 from workers.metrics import (

@@ -19,9 +19,9 @@ from celery import Task
 from celery.signals import celeryd_after_setup, task_revoked
 
 from pipeline import webhooks
-from pipeline.celery_app import TASK_GENERATE, PipelineCelery
-from pipeline.inputs import discard as discard_input
-from pipeline.jobs import MelodyInput
+from pipeline.client.inputs import discard as discard_input
+from pipeline.contract.jobs import MelodyInput
+from pipeline.infra.celery_app import TASK_GENERATE, PipelineCelery
 from workers.typed_celery import receiver, task
 
 log = logging.getLogger(__name__)

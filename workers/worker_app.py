@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.celery_app import PipelineCelery, make_celery
 from pipeline.config import Settings, load_settings
+from pipeline.infra.celery_app import PipelineCelery, make_celery
 
 
 def build_app(settings: Settings | None = None) -> PipelineCelery:

@@ -46,7 +46,7 @@ def api(
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     json_logs = settings.logging.format == "json"
     if json_logs:
-        from pipeline.log_format import use_json
+        from pipeline.infra.log_format import use_json
 
         use_json([logging.getLogger()])
     try:

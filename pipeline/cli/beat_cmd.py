@@ -1,6 +1,6 @@
 """`musicgen-pipeline beat`: Celery beat sending the periodic maintenance sweeps.
 
-The command execs ``celery -A pipeline.monitor_app beat`` (the light app: beat sends by name
+The command execs ``celery -A pipeline.ops.monitor_app beat`` (the light app: beat sends by name
 and never imports torch) with its schedule file under ``app.data_dir``. Run exactly one beat
 per deployment: two would send every sweep twice.
 """
@@ -32,7 +32,7 @@ def beat_argv(settings: Settings, *, loglevel: str | None = None) -> list[str]:
     when its scheduler stalls): that is its health check.
     """
     quiet = ["--quiet"] if settings.logging.format == "json" else []  # no banner: JSON lines only
-    argv = [sys.executable, "-m", "celery", *quiet, "-A", "pipeline.monitor_app", "beat",
+    argv = [sys.executable, "-m", "celery", *quiet, "-A", "pipeline.ops.monitor_app", "beat",
             "--schedule", str(schedule_path(settings)),
             "--loglevel", (loglevel or settings.app.log_level).upper()]
     if settings.broker.url is not None:  # the embedded broker has no control fanout

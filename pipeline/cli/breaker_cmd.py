@@ -17,7 +17,7 @@ breaker_app = typer.Typer(help="Inspect or reset the circuit breakers shared by 
 
 
 def _policies(env: str | None, sets: list[str] | None):  # type: ignore[no-untyped-def]
-    from pipeline.celery_app import make_celery
+    from pipeline.infra.celery_app import make_celery
     from pipeline.policies.configured import Policies
 
     settings = load_or_exit(env, parse_sets(sets))

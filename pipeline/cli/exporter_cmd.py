@@ -1,7 +1,7 @@
 """`musicgen-pipeline queue-exporter`: serve the queues' depth and in-flight jobs to Prometheus.
 
 Run exactly one per broker (deploy/kubernetes runs it beside beat): KEDA scales each worker
-Deployment on these series, from zero, through its Prometheus trigger (pipeline/queue_metrics.py
+Deployment on these series, from zero, through its Prometheus trigger (pipeline/ops/queue_metrics.py
 says why a list length alone would undercount).
 """
 
@@ -27,8 +27,8 @@ def queue_exporter(
     musicgen_breaker_state{model,state} on /metrics."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from pipeline.jobs import QUEUE_PREFIX
-    from pipeline.queue_metrics import QueueCollector, breaker_reader
+    from pipeline.contract.jobs import QUEUE_PREFIX
+    from pipeline.ops.queue_metrics import QueueCollector, breaker_reader
 
     settings = load_or_exit(env, parse_sets(sets))
     names = queues or queue_names(settings)

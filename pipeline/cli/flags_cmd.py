@@ -1,6 +1,6 @@
 """`musicgen-pipeline flags list|check`: the per-user feature flags and one user's decision.
 
-``list`` shows each flag of ``pipeline.flags.FLAGS`` with its value (a boolean or a rule's
+``list`` shows each flag of ``pipeline.contract.flags.FLAGS`` with its value (a boolean or a rule's
 summary), the settings layer it came from, what it switches and who reads it. ``check`` decides
 one flag for one user with the reason; the user's tier is ``--tier``, else the quota database's
 (the default tier, with a note, when that database cannot be read). Exit codes: 0 ok, 1 invalid
@@ -18,9 +18,9 @@ import typer
 from pipeline.cli.common import EXIT_FAILED, EnvOption, JsonOption, SetsOption, fail, parse_sets
 from pipeline.config.loader import LayeredSettings, load_layered
 from pipeline.config.schema import Settings
+from pipeline.contract.flags import FLAGS, FlagRule, decide, summary
+from pipeline.contract.user_context import UserContext
 from pipeline.errors import PipelineError
-from pipeline.flags import FLAGS, FlagRule, decide, summary
-from pipeline.user_context import UserContext
 
 EXIT_USAGE = 2  # Click's code for a usage error
 

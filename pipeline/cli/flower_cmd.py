@@ -1,6 +1,6 @@
 """`musicgen-pipeline flower`: Flower on the pipeline's broker, with basic auth from settings.
 
-The command execs ``celery -A pipeline.monitor_app flower`` (the light app: Flower needs no
+The command execs ``celery -A pipeline.ops.monitor_app flower`` (the light app: Flower needs no
 task code and so never imports torch). The credentials go to Flower in the environment
 variable it reads, ``FLOWER_BASIC_AUTH``, never on the command line, where ``ps`` shows them.
 """
@@ -68,7 +68,7 @@ def flower_auth(settings: Settings) -> str | None:
 def flower_argv(settings: Settings) -> list[str]:
     """The ``celery flower`` command line (no secret in it)."""
     m = settings.monitoring
-    return [sys.executable, "-m", "celery", "-A", "pipeline.monitor_app", "flower",
+    return [sys.executable, "-m", "celery", "-A", "pipeline.ops.monitor_app", "flower",
             f"--address={m.flower_address}", f"--port={m.flower_port}"]
 
 

@@ -21,9 +21,9 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 
 from pipeline.cli.common import EnvOption, JsonOption, SetsOption, fail, load_or_exit, parse_sets
 from pipeline.cli.worker_cmd import default_concurrency, override_env, spawn_worker
+from pipeline.client.handle import Progress as JobProgress
+from pipeline.contract.jobs import MAX_SEED, GenerationRequest, queue_for
 from pipeline.errors import InvalidRequest, PipelineError, ServiceUnavailable
-from pipeline.handle import Progress as JobProgress
-from pipeline.jobs import MAX_SEED, GenerationRequest, queue_for
 
 MAX_COUNT = 32  # the largest batch a worker takes (generation.max_batch_size's upper bound)
 
@@ -65,7 +65,7 @@ def generate(
     as_json: JsonOption = False,
 ) -> None:
     """Enqueue a job, show its progress, and print where the finished file is."""
-    from pipeline.producer import Producer
+    from pipeline.client.producer import Producer
 
     overrides = parse_sets(sets)
     settings = load_or_exit(env, overrides)

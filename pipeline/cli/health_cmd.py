@@ -30,8 +30,8 @@ from pipeline.cli.common import (
 from pipeline.cli.stats_cmd import read_broker, read_ledger, window_or_exit
 from pipeline.config.schema import Settings
 from pipeline.errors import ServiceUnavailable
+from pipeline.ops.stats import Thresholds, compute_stats, health_problems
 from pipeline.quota.tables import LedgerRow
-from pipeline.stats import Thresholds, compute_stats, health_problems
 
 
 def health(
@@ -53,7 +53,7 @@ def health(
         rows = read_ledger(settings, until - window)
     except ServiceUnavailable as exc:
         problems.append(exc.message)
-    # The broker's kind, version and queue depths, for both brokers (pipeline/brokers.py).
+    # The broker's kind, version and queue depths, for both brokers (pipeline/infra/brokers.py).
     broker = read_broker(settings)
     if not broker.reachable:
         problems.append(f"broker unreachable at {broker.where}: {broker.error}")
@@ -94,7 +94,7 @@ def read_engines(settings: Settings) -> list[dict[str, Any]] | None:
     """Each live worker process's engine per model, from its heartbeat (``workers list``'s
     records); None where there are no heartbeats (RabbitMQ, recovery off) or Redis could not be
     read (the broker check says so)."""
-    from pipeline.celery_app import make_celery
+    from pipeline.infra.celery_app import make_celery
     from workers.recovery import dead_after, enabled_for, store_for
 
     if not enabled_for(settings):

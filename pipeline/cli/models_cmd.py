@@ -47,7 +47,7 @@ def download_cmd(
     """Download each preset's checkpoint from the Hugging Face Hub into model.cache_dir (the
     Hub cache offline workers read), resuming a partial download, and verify the files.
     HF_ENDPOINT selects a mirror; model.hub_token (or HF_TOKEN) opens gated repos."""
-    from pipeline.model_files import download
+    from pipeline.infra.model_files import download
 
     settings = load_or_exit(env, parse_sets(sets))
     for preset in presets:
@@ -69,7 +69,7 @@ def import_cmd(
     """Import a checkpoint folder (local, or in the deployment's bucket) as PRESET's files, for
     nodes without Hub access: verified, then copied into model.cache_dir in the Hub's layout,
     where offline workers look."""
-    from pipeline.model_files import import_from
+    from pipeline.infra.model_files import import_from
 
     settings = load_or_exit(env, parse_sets(sets))
     try:

@@ -357,8 +357,8 @@ def reload(env: EnvOption = None, file: FileOption = None, set_: SetsOption = No
     has. These options only say where the broker is. Exit 1 when a worker refused or failed,
     or when no worker answered.
     """
-    from pipeline.celery_app import make_celery
     from pipeline.config.live import RELOAD_COMMAND
+    from pipeline.infra.celery_app import make_celery
 
     layered = _load(env, file, set_)
     if layered.settings is None:

@@ -1,7 +1,7 @@
 """`musicgen-pipeline stats`: throughput, efficiency, errors, latency and backlog over a window.
 
 The numbers come from the usage ledger (every job has a row there, quotas on or off) and the
-broker's queues; the arithmetic and its definitions live in ``pipeline.stats``. ``health``
+broker's queues; the arithmetic and its definitions live in ``pipeline.ops.stats``. ``health``
 reads through the same two functions, so the probe and the operator see the same numbers.
 """
 
@@ -18,7 +18,7 @@ from pipeline.cli.common import EnvOption, JsonOption, SetsOption, fail, load_or
 from pipeline.cli.db_cmd import open_store
 from pipeline.config.schema import Settings
 from pipeline.errors import ServiceUnavailable
-from pipeline.stats import (
+from pipeline.ops.stats import (
     GroupStats,
     Percentiles,
     StatsReport,
@@ -29,14 +29,14 @@ from pipeline.stats import (
 )
 
 if TYPE_CHECKING:
-    from pipeline.brokers import BrokerState
+    from pipeline.infra.brokers import BrokerState
     from pipeline.quota import LedgerRow
 
 
 def queue_names(settings: Settings) -> list[str]:
     """The queue of every model preset this install knows (and the settings' own)."""
     from pipeline.config.layers import available
-    from pipeline.jobs import queue_for
+    from pipeline.contract.jobs import queue_for
 
     return sorted({queue_for(p) for p in available("models")} | {queue_for(settings.model.preset)})
 
@@ -51,7 +51,7 @@ def read_backlog(settings: Settings) -> dict[str, int | None]:
     """Jobs waiting in each queue; ``None`` where the broker cannot tell.
 
     Redis: kombu's lists (``queue_depth``); RabbitMQ: each queue's ready message count
-    (pipeline/brokers.py). The embedded file-system broker keeps one file per waiting message,
+    (pipeline/infra/brokers.py). The embedded file-system broker keeps one file per waiting message,
     named ``<ms>_<uuid>.<queue>.msg``, so its folder is counted. Raises ``ServiceUnavailable``
     when the broker cannot be reached.
     """
@@ -63,8 +63,8 @@ def read_backlog(settings: Settings) -> dict[str, int | None]:
 
 def read_broker(settings: Settings) -> BrokerState:
     """The broker's kind, server version, reachability and queue depths (one connection)."""
-    from pipeline.brokers import broker_state
-    from pipeline.celery_app import embedded_dirs
+    from pipeline.infra.brokers import broker_state
+    from pipeline.infra.celery_app import embedded_dirs
 
     queues = queue_names(settings)
     state = broker_state(settings, queues)
@@ -126,7 +126,7 @@ def render_text(report: StatsReport, window: str) -> str:
          f"{report.finished_per_minute:.3f} finished"),
         (f"audio per GPU s:  {_ratio(o.audio_per_gpu_second)} ({o.audio_seconds:.2f} s of audio "
          f"in {o.gpu_seconds:.2f} s of generation, succeeded jobs)"),
-        # Weighted by job (see pipeline.stats): what the average job shared its call with.
+        # Weighted by job (see pipeline.ops.stats): what the average job shared its call with.
         (f"mean batch size:  {_ratio(o.mean_batch_size)} ({o.batch_size_jobs} succeeded jobs "
          "that recorded one, weighted by job)"),
         (f"error rate:       {_pct(o.error_rate_percent)} "

@@ -18,9 +18,9 @@ def webhooks(
     sets: SetsOption = None,
 ) -> None:
     """One line per delivery: status, attempts, the receiver's last answer, the URL."""
-    from pipeline.celery_app import make_celery
-    from pipeline.handle import JobHandle
-    from pipeline.registry import registry_for
+    from pipeline.client.handle import JobHandle
+    from pipeline.client.registry import registry_for
+    from pipeline.infra.celery_app import make_celery
 
     settings = load_or_exit(env, parse_sets(sets))
     app = make_celery(settings)

@@ -16,7 +16,7 @@ import typer
 
 from pipeline.cli.common import EnvOption, SetsOption
 from pipeline.config import Settings
-from pipeline.jobs import queue_for
+from pipeline.contract.jobs import queue_for
 
 
 def override_env(overrides: Mapping[str, str]) -> dict[str, str]:

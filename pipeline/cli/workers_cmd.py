@@ -19,8 +19,8 @@ workers_app = typer.Typer(help="Worker heartbeats, the jobs they hold, and recov
 
 
 def _app(env: str | None, sets: list[str] | None) -> Any:
-    from pipeline.celery_app import make_celery
     from pipeline.cli.common import load_or_exit, parse_sets
+    from pipeline.infra.celery_app import make_celery
     from workers.recovery import enabled_for
 
     settings = load_or_exit(env, parse_sets(sets))

@@ -71,7 +71,7 @@ def _ping_redis(name: str, url: str, settings: Settings,
                 password: SecretStr | None = None) -> CheckResult:
     import redis
 
-    from pipeline.brokers import redis_client, shown_url, url_with_password
+    from pipeline.infra.brokers import redis_client, shown_url, url_with_password
 
     client = redis_client(url_with_password(url, password), settings)
     try:
@@ -87,7 +87,13 @@ def check_broker(settings: Settings, queues: Sequence[str] | None = None) -> lis
     """The broker answers (its kind, server version and queue depths); the result backend's
     Redis answers when it is another server; on RabbitMQ, whether its consumer timeout
     covers the longest job."""
-    from pipeline.brokers import REDIS_SCHEMES, BrokerKind, broker_state, kind_of, results_password
+    from pipeline.infra.brokers import (
+        REDIS_SCHEMES,
+        BrokerKind,
+        broker_state,
+        kind_of,
+        results_password,
+    )
 
     url = settings.broker.url
     if url is None:
@@ -121,7 +127,7 @@ def _consumer_timeout(settings: Settings) -> CheckResult:
     # its consumer_timeout, and requeues what it held: a job running past it would start again
     # elsewhere. RabbitMQ 3.x does not tell a client its value, so broker.consumer_timeout says
     # what rabbitmq.conf was given and this compares it with the longest job's hard limit.
-    from pipeline.time_limits import job_time_limits
+    from pipeline.contract.time_limits import job_time_limits
 
     declared = settings.broker.consumer_timeout
     longest = job_time_limits(settings.worker, settings.generation.max_duration).hard
@@ -268,7 +274,7 @@ def check_experiments(settings: Settings, *, timeout: float = 1.0) -> list[Check
         return []
     from datetime import UTC, datetime
 
-    from pipeline.experiments import unserved_variants
+    from pipeline.ops.experiments import unserved_variants
 
     if settings.broker.url is None:
         return [CheckResult("experiments", Status.warn, "the embedded broker cannot ask workers "
@@ -276,7 +282,7 @@ def check_experiments(settings: Settings, *, timeout: float = 1.0) -> list[Check
     from kombu.exceptions import OperationalError
     from redis import RedisError
 
-    from pipeline.celery_app import make_celery
+    from pipeline.infra.celery_app import make_celery
 
     app = make_celery(settings)
     try:

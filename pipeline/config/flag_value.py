@@ -1,7 +1,7 @@
 """The value of a per-user flag in the settings: a boolean or a rollout rule (:class:`FlagRule`).
 
 The schema's ``FeatureSettings`` is typed with :data:`FlagValue`; how a rule is decided for a
-user is pipeline/flags.py, which reads those settings. Kept apart so that the schema does not
+user is pipeline/contract/flags.py, which reads those settings. Kept apart so that the schema does not
 import the flags that import the schema.
 """
 

@@ -15,12 +15,12 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.brokers import REDIS_SCHEMES, kind_of
 from pipeline.config.presets import known_presets
 from pipeline.config.problem import Problem, get
 from pipeline.config.schema import QuotaSettings, WorkerSettings
-from pipeline.long_form import WINDOW_STRIDE_S
-from pipeline.time_limits import job_time_limits
+from pipeline.contract.long_form import WINDOW_STRIDE_S
+from pipeline.contract.time_limits import job_time_limits
+from pipeline.infra.brokers import REDIS_SCHEMES, kind_of
 
 Raw = Mapping[str, Any]
 
@@ -106,7 +106,7 @@ def _production_needs_broker(raw: Raw) -> Problem | None:
     return None
 
 
-# --- which broker (pipeline/brokers.py): some rules hold for one kind only ------------------
+# --- which broker (pipeline/infra/brokers.py): some rules hold for one kind only ------------------
 
 def _broker_kind(raw: Raw) -> str | None:
     """``redis``, ``sentinel`` or ``amqp`` for a URL we know, else None (embedded or unknown)."""
@@ -240,7 +240,7 @@ def _threads_fill_a_batch(raw: Raw) -> Problem | None:
                    "unset worker.concurrency (default: 2 x generation.max_batch_size) or raise it")
 
 
-# --- experiments (pipeline/experiments.py): one rule per kind of problem --------------------
+# --- experiments (pipeline/ops/experiments.py): one rule per kind of problem --------------------
 # A rule yields one Problem, so each reports its first offending experiment (by name) and names
 # the others in its text: all kinds of problem still show at once, whichever experiment has them.
 
@@ -372,7 +372,7 @@ def _flag_tiers_exist(raw: Raw) -> Problem | None:
                        f"{'; '.join(hints)} (tiers: {', '.join(sorted(tiers))})")
     return None
 
-# --- storage and webhooks (pipeline/storage_backends.py, pipeline/webhooks.py) ---------------
+# --- storage and webhooks (pipeline/infra/storage_backends.py, pipeline/webhooks.py) ---------------
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3's bucket naming rules
 
@@ -420,7 +420,7 @@ def _stride_inside_window(raw: Raw) -> Problem | None:
 
 
 def _visibility_covers_long_jobs(raw: Raw) -> Problem | None:
-    # The hard limit of the longest job allowed (pipeline/time_limits.py) on the raw tree.
+    # The hard limit of the longest job allowed (pipeline/contract/time_limits.py) on the raw tree.
     names = ("broker.visibility_timeout", "worker.soft_time_limit", "worker.hard_time_limit",
              "worker.time_limit_per_second", "worker.time_limit_cap", "generation.max_duration")
     values = [_num(raw, name) for name in names]
@@ -436,7 +436,7 @@ def _visibility_covers_long_jobs(raw: Raw) -> Problem | None:
         return None
     return Problem("broker.visibility_timeout", get(raw, "broker.visibility_timeout"),
                    f"broker.visibility_timeout must exceed the hard limit of the longest job "
-                   f"({longest_hard:g} s for generation.max_duration, pipeline/time_limits.py)",
+                   f"({longest_hard:g} s for generation.max_duration, pipeline/contract/time_limits.py)",
                    "raise broker.visibility_timeout, or lower worker.time_limit_per_second or "
                    "worker.time_limit_cap")
 

@@ -24,9 +24,8 @@ from pydantic import (
 )
 
 from pipeline.config.flag_value import FlagValue
-from pipeline.errors import PipelineError
-from pipeline.long_form import MODEL_WINDOW_S, WINDOW_STRIDE_S
-from pipeline.output_format import (
+from pipeline.contract.long_form import MODEL_WINDOW_S, WINDOW_STRIDE_S
+from pipeline.contract.output_format import (
     DEFAULT_TARGETS,
     FORMATS,
     TARGET_RANGES,
@@ -39,9 +38,10 @@ from pipeline.output_format import (
     check_mp3_bitrate,
     check_output_spec,
 )
-from pipeline.remote_urls import check_host_pattern
+from pipeline.contract.remote_urls import check_host_pattern
+from pipeline.errors import PipelineError
 
-# A host allowlist entry: example.com, *.example.com or an IP address (pipeline/remote_urls.py).
+# A host allowlist entry: example.com, *.example.com or an IP address (pipeline/contract/remote_urls.py).
 HostPattern = Annotated[str, AfterValidator(check_host_pattern)]
 
 
@@ -55,7 +55,7 @@ class Environment(str, Enum):
     production = "production"
 
 
-# The audio literals are the output-format table's (pipeline/output_format.py), shared with the
+# The audio literals are the output-format table's (pipeline/contract/output_format.py), shared with the
 # request and the worker, so a default can only name what a worker can write.
 AudioFormat = FormatName
 
@@ -229,7 +229,7 @@ class StorageSettings(_Section):
     output_dir: str = Field(".musicgen/outputs", min_length=1)
     temp_dir: str = Field(".musicgen/tmp", min_length=1)
     retention_days: int = Field(7, ge=1, le=365)
-    # Results and melody inputs (pipeline/storage_backends.py); the URL's shape is a rule.
+    # Results and melody inputs (pipeline/infra/storage_backends.py); the URL's shape is a rule.
     url: str | None = Field(None, description="unset = output_dir on the worker's disk; "
                                              "file:///shared/path = a shared folder; "
                                              "s3://bucket/prefix = S3-compatible object storage "
@@ -409,14 +409,14 @@ class LoggingSettings(_Section):
 
     format: Literal["text", "json"] = Field("text", description="json: one JSON object a line, "
                                             "job records with job_id, user (hashed), queue, "
-                                            "attempt (pipeline/log_format.py)")
+                                            "attempt (pipeline/infra/log_format.py)")
 
 
 class FeatureSettings(_Section):
     """Switches for optional behaviour.
 
-    Per-user flags are ``bool | FlagRule`` (pipeline/flags.py: percentage, tiers, allow, deny),
-    each with one line in ``pipeline.flags.FLAGS`` naming its reader.
+    Per-user flags are ``bool | FlagRule`` (pipeline/contract/flags.py: percentage, tiers, allow, deny),
+    each with one line in ``pipeline.contract.flags.FLAGS`` naming its reader.
     """
 
     melody_conditioning: FlagValue = Field(True, description="requests may carry a melody")
@@ -434,7 +434,7 @@ Percent = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
 
 
 class ExperimentSettings(_Section):
-    """An A/B split of the requests that pin no model, over model presets (pipeline/experiments.py).
+    """An A/B split of the requests that pin no model, over model presets (pipeline/ops/experiments.py).
 
     Rules across fields (percents sum to 100, known presets, the control among the variants,
     tiers that exist, end after start) live in rules.py, so they are reported with every other

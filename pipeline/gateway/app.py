@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pipeline.client.producer import Producer
 from pipeline.config.schema import Settings
 from pipeline.gateway import errors, routes_jobs, routes_meta
 from pipeline.gateway.auth import Authenticator, KeyRate, RateLimitHeaders
@@ -27,7 +28,6 @@ from pipeline.gateway.service import Gateway
 from pipeline.gateway.uploads import KB, MB
 from pipeline.gateway.views import models_view
 from pipeline.gateway.webhook_docs import document_webhooks
-from pipeline.producer import Producer
 
 VERSION = "1"
 access_log = logging.getLogger("pipeline.gateway.access")
@@ -78,7 +78,7 @@ def _rate_storage(producer: Producer) -> str:
     # The shared Redis (password included, from its secret: the broker's, or the result
     # backend's with RabbitMQ) so that every gateway process counts the same key together; one
     # process's memory with the embedded broker.
-    from pipeline.brokers import limits_storage_uri
+    from pipeline.infra.brokers import limits_storage_uri
 
     url = producer.app.coordination_url
     return "memory://" if url is None else limits_storage_uri(url, producer.settings.broker.master_name)

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.errors import RateLimited, Unauthorized
 from pipeline.gateway.keystore import ApiKeyStore, masked
-from pipeline.keys import API_RATE_PREFIX
+from pipeline.infra.keys import API_RATE_PREFIX
 from pipeline.policies.rate_limit import GlobalRateLimit, RateWindow
 
 ANONYMOUS = "anonymous"

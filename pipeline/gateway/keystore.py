@@ -29,8 +29,8 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
+from pipeline.contract.jobs import UserId
 from pipeline.errors import InvalidRequest, ServiceUnavailable, Unauthorized
-from pipeline.jobs import UserId
 from pipeline.quota.tables import ApiKey
 
 SCHEME = "mgp"

@@ -1,5 +1,5 @@
 """The gateway's request and response bodies, derived from the job contract's own models so
-the OpenAPI schema and ``pipeline.jobs`` cannot drift apart.
+the OpenAPI schema and ``pipeline.contract.jobs`` cannot drift apart.
 
 ``JobRequest`` is ``GenerationRequest`` without ``user_id`` (the API key names the user) and
 without ``melody`` (over HTTP a melody is an uploaded file, never a path on the gateway's disk).
@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from pipeline.jobs import GenerationRequest, JobResult, JobStatus
+from pipeline.contract.jobs import GenerationRequest, JobResult, JobStatus
 
 REQUEST_EXCLUDED = frozenset({"user_id", "melody"})
 # Where the server keeps the file (paths, a file:// or s3:// URI) is not the caller's business:

@@ -14,6 +14,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
 
 from pipeline.aio import AsyncProducer
+from pipeline.client.handle import JobHandle
+from pipeline.client.records import MAX_PAGE
+from pipeline.contract.jobs import JOB_ID_PATTERN, JobStatus
 from pipeline.errors import (
     JobCancelled,
     JobFailed,
@@ -29,9 +32,6 @@ from pipeline.gateway.service import Gateway
 from pipeline.gateway.sse import EventStream, event_stream
 from pipeline.gateway.uploads import discard, read_json, read_multipart
 from pipeline.gateway.views import MEDIA_TYPES, job_view, record_view
-from pipeline.handle import JobHandle
-from pipeline.jobs import JOB_ID_PATTERN, JobStatus
-from pipeline.records import MAX_PAGE
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -13,13 +13,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from pipeline.client.handle import JobHandle
+from pipeline.client.producer import Producer
 from pipeline.config.schema import Settings
+from pipeline.contract.jobs import GenerationRequest, invalid_request_from
 from pipeline.errors import InvalidRequest
 from pipeline.gateway.models import JobRequest
 from pipeline.gateway.uploads import Body
-from pipeline.handle import JobHandle
-from pipeline.jobs import GenerationRequest, invalid_request_from
-from pipeline.producer import Producer
 
 
 @dataclass

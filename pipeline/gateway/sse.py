@@ -25,11 +25,11 @@ from fastapi.encoders import jsonable_encoder
 from starlette.responses import StreamingResponse
 
 from pipeline.aio import AsyncJobHandle, AsyncProducer
+from pipeline.client.handle import JobHandle
+from pipeline.client.producer import Producer
+from pipeline.contract.jobs import JobStatus
 from pipeline.errors import PipelineError
 from pipeline.gateway.views import view_of_state, with_record
-from pipeline.handle import JobHandle
-from pipeline.jobs import JobStatus
-from pipeline.producer import Producer
 
 KEEPALIVE_S = 15.0
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.client.handle import JobHandle, progress_of
+from pipeline.client.records import JobRecord
 from pipeline.config.presets import known_presets, model_settings_for
 from pipeline.config.schema import Settings
+from pipeline.contract.jobs import JobStatus
+from pipeline.contract.output_format import FORMATS
 from pipeline.errors import JobCancelled, JobFailed, JobNotFound, SettingsError
 from pipeline.gateway.models import RESULT_EXCLUDED
-from pipeline.handle import JobHandle, progress_of
-from pipeline.jobs import JobStatus
-from pipeline.output_format import FORMATS
 from pipeline.quota.store import UsageSummary
 from pipeline.quota.windows import UNLIMITED, SecondsUsage, WindowUsage
-from pipeline.records import JobRecord
 
-# The Content-Type of each output format, from the format table (pipeline/output_format.py).
+# The Content-Type of each output format, from the format table (pipeline/contract/output_format.py).
 MEDIA_TYPES: dict[str, str] = {name: info.media_type for name, info in FORMATS.items()}
 
 

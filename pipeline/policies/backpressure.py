@@ -4,7 +4,7 @@ A job queued behind a long backlog would only time out (or be abandoned by its c
 GPU reaches it; failing fast with :class:`Backpressure` lets the caller back off or shed load.
 
 The backlog is what kombu's Redis transport holds for the queue: one LIST per priority step
-(names in :func:`pipeline.keys.queue_list_keys`). Jobs a worker has already reserved (prefetched,
+(names in :func:`pipeline.infra.keys.queue_list_keys`). Jobs a worker has already reserved (prefetched,
 kept in kombu's ``unacked`` hash) are not counted: they are being worked on, not waiting.
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import redis
 
-from pipeline import keys
 from pipeline.errors import Backpressure
+from pipeline.infra import keys
 
 
 def queue_depth(redis_client: redis.Redis, queue: str, *,
@@ -23,7 +23,7 @@ def queue_depth(redis_client: redis.Redis, queue: str, *,
     """Jobs waiting in Celery queue ``queue``: the sum of LLEN over its priority lists.
 
     One pipelined round trip. ``priority_steps`` must match the broker's transport option of the
-    same name (ours is every level, 0-9: pipeline/keys.py). A deployment that sets kombu's
+    same name (ours is every level, 0-9: pipeline/infra/keys.py). A deployment that sets kombu's
     ``global_keyprefix`` must pass the prefixed queue name.
     """
     pipe = redis_client.pipeline(transaction=False)

@@ -45,8 +45,8 @@ from typing import Any, TypeVar, cast
 
 import redis
 
-from pipeline import keys
 from pipeline.errors import ServiceUnavailable
+from pipeline.infra import keys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -170,7 +170,7 @@ class MemoryBreakerBackend(BreakerBackend):
 
 
 class RedisBreakerBackend(BreakerBackend):
-    """Records as one Redis HASH per breaker (see :mod:`pipeline.keys`), shared by all hosts.
+    """Records as one Redis HASH per breaker (see :mod:`pipeline.infra.keys`), shared by all hosts.
 
     ``load`` is one HMGET; ``update`` is WATCH + HMGET + MULTI/EXEC, retried if another process
     wrote the key in between (so concurrent probe claims serialise and exactly one wins).

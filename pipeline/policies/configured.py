@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.brokers import limits_storage_uri
 from pipeline.config.schema import Settings
+from pipeline.infra.brokers import limits_storage_uri
 from pipeline.policies.backpressure import BackpressurePolicy, queue_depth
 from pipeline.policies.breaker import (
     BreakerBackend,
@@ -58,7 +58,7 @@ class Policies:
 
     @classmethod
     def for_app(cls, app: Any, settings: Settings | None = None) -> Policies:
-        """Policies on the app's Redis (the app from ``pipeline.celery_app``): the broker's, or
+        """Policies on the app's Redis (the app from ``pipeline.infra.celery_app``): the broker's, or
         the result backend's with RabbitMQ; ``settings`` default to the app's."""
         return cls(settings or app.settings, redis_client=app.redis, redis_url=app.coordination_url,
                    depth=None if app.embedded else app.queue_depth)

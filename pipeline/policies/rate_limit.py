@@ -26,8 +26,8 @@ from limits.errors import ConfigurationError, StorageError
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-from pipeline import keys
 from pipeline.errors import ServiceUnavailable
+from pipeline.infra import keys
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class GlobalRateLimit:
 
     ``storage_uri`` is ``redis://[:password@]host:port/db`` (the caller builds it from the broker
     URL) or ``memory://`` (one process: tests, a solo development worker). Keys are stored under
-    ``key_prefix`` (default :data:`pipeline.keys.RATE_LIMIT_PREFIX`). The password is kept only
+    ``key_prefix`` (default :data:`pipeline.infra.keys.RATE_LIMIT_PREFIX`). The password is kept only
     inside the Redis connection pool: it never appears in this object's repr or in a log line.
     """
 

@@ -176,7 +176,7 @@ class QuotaStore:
 
         ``experiment`` and ``variant`` record the model experiment that chose the job's preset
         (``stats --by variant`` compares its variants); None for a job no experiment touched.
-        ``request_hash`` and ``request`` are the job's record (``pipeline.records``).
+        ``request_hash`` and ``request`` are the job's record (``pipeline.client.records``).
         """
         [reservation] = self.reserve_many([Charge(job_id, user_id, model, requested_seconds,
                                                   experiment, variant, request_hash, request)])
@@ -249,7 +249,7 @@ class QuotaStore:
         ``gpu_seconds`` is the job's own share of the generate call, and ``batch_size`` how many
         jobs shared that call (None: not known, as on rows from before batching). Call it once
         per job, on the final outcome (not before a retry). ``result`` (the job's JSON result)
-        and ``error_message`` complete its record (``pipeline.records``). The first final outcome wins:
+        and ``error_message`` complete its record (``pipeline.client.records``). The first final outcome wins:
         returns False, changing nothing, when the job had already ended.
         """
         final = LedgerStatus(status)

@@ -220,10 +220,10 @@ class UsageLedger(Base):
     # succeed: the worker records it with a success only.
     batch_size: Mapped[int | None] = mapped_column(Integer)
     # The model experiment that chose this job's preset and the variant it got (revision 0004;
-    # pipeline/experiments.py). NULL for jobs no experiment touched and for older rows.
+    # pipeline/ops/experiments.py). NULL for jobs no experiment touched and for older rows.
     experiment: Mapped[str | None] = mapped_column(String(64))
     variant: Mapped[str | None] = mapped_column(String(64))
-    # The job's own record (revision 0006; pipeline/records.py): a SHA-256 of the request (a
+    # The job's own record (revision 0006; pipeline/client/records.py): a SHA-256 of the request (a
     # repeated job_id with another request is a conflict), the request as resolved, the result
     # or the error message. Deferred: stats scan the whole ledger and never need them.
     request_hash: Mapped[str | None] = mapped_column(String(64))

@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.config import load_settings
 from pipeline.config.layers import available
-from pipeline.time_limits import job_time_limits
+from pipeline.contract.time_limits import job_time_limits
 
 REPO = Path(__file__).resolve().parents[2]
 KUBE = REPO / "deploy" / "kubernetes"

@@ -49,7 +49,7 @@ class SentinelTopology:
 
     @property
     def url(self) -> str:
-        """The ``sentinel://`` broker URL (pipeline/brokers.py's format), database 0."""
+        """The ``sentinel://`` broker URL (pipeline/infra/brokers.py's format), database 0."""
         return ";".join(f"sentinel://127.0.0.1:{p}/0" for p in self.sentinel_ports)
 
     def _spawn(self, port: int, args: list[str]) -> None:

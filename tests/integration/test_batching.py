@@ -21,7 +21,7 @@ import soundfile
 
 import pipeline
 from pipeline import GenerationRequest, JobStatus
-from pipeline.jobs import queue_for
+from pipeline.contract.jobs import queue_for
 from pipeline.policies.backpressure import queue_depth
 
 from .conftest import WorkerFactory, held, on_rabbitmq, record_recovery, release, settled_ledger

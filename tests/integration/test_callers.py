@@ -23,7 +23,7 @@ import pipeline.aio
 from pipeline import GenerationRequest, JobStatus
 from pipeline.gateway.app import create_app
 from pipeline.gateway.keystore import ApiKeyStore
-from pipeline.keys import queue_list_keys
+from pipeline.infra.keys import queue_list_keys
 
 from .conftest import Worker, held, release, settled_ledger, sse_events, wait_for
 from .test_admission import producer

@@ -21,8 +21,8 @@ import pipeline
 from pipeline import GenerationRequest
 from pipeline.cli import app as cli
 from pipeline.config.checks import Status, check_experiments
-from pipeline.experiments import assign
-from pipeline.user_context import UserContext
+from pipeline.contract.user_context import UserContext
+from pipeline.ops.experiments import assign
 
 from .conftest import Worker, base_env, wait_for
 

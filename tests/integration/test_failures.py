@@ -22,8 +22,8 @@ import redis
 
 import pipeline
 from pipeline import GenerationRequest, JobStatus
-from pipeline.celery_app import TASK_GENERATE
-from pipeline.jobs import queue_for
+from pipeline.contract.jobs import queue_for
+from pipeline.infra.celery_app import TASK_GENERATE
 from pipeline.policies.configured import Policies
 
 from .conftest import (

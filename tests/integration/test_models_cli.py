@@ -14,8 +14,8 @@ import pytest
 
 from pipeline.config.schema import Settings, StorageSettings
 from pipeline.errors import ModelNotFound
-from pipeline.model_files import download, import_folder
-from pipeline.storage_backends import s3_client
+from pipeline.infra.model_files import download, import_folder
+from pipeline.infra.storage_backends import s3_client
 
 from .conftest import base_env
 from .fakehub import FakeHub

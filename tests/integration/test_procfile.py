@@ -202,7 +202,7 @@ def program_pid(proc: Proc, marker: str) -> int:
 
 def health_ping(node: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """docker/compose.yaml's health check: the light app (no torch) pings one node."""
-    argv = [sys.executable, "-m", "celery", "-A", "pipeline.monitor_app", "inspect", "ping",
+    argv = [sys.executable, "-m", "celery", "-A", "pipeline.ops.monitor_app", "inspect", "ping",
             "-d", node, "--timeout", "10"]
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False)
 

@@ -15,7 +15,7 @@ import pytest
 
 import pipeline
 from pipeline import GenerationRequest
-from pipeline.jobs import queue_for
+from pipeline.contract.jobs import queue_for
 
 from .conftest import (
     RESULTS_FOR,

@@ -19,9 +19,15 @@ from hypothesis import strategies as st
 import pipeline
 from pipeline import GenerationRequest
 from pipeline.config.presets import known_presets
+from pipeline.contract.output_format import (
+    BIT_DEPTHS,
+    CHANNELS,
+    FORMATS,
+    NORMALIZATIONS,
+    SAMPLE_RATES,
+)
 from pipeline.errors import InvalidRequest, ModelNotFound, PipelineError, UnsupportedOption
-from pipeline.keys import queue_list_keys
-from pipeline.output_format import BIT_DEPTHS, CHANNELS, FORMATS, NORMALIZATIONS, SAMPLE_RATES
+from pipeline.infra.keys import queue_list_keys
 from pipeline.quota.configured import prepare_database
 
 from .conftest import REPO, base_env

@@ -183,7 +183,7 @@ def test_health_fails_on_the_error_rate_and_passes_under_a_higher_threshold(run:
     assert as_json.returncode == 1
     data = json.loads(as_json.stdout)
     assert data["healthy"] is False and data["checks"]["finished_jobs"] == 4
-    broker = data["checks"]["broker"]  # kind, version, depths (pipeline/brokers.py)
+    broker = data["checks"]["broker"]  # kind, version, depths (pipeline/infra/brokers.py)
     assert broker["kind"] == "redis" and broker["reachable"] and broker["version"].startswith("Redis ")
     assert "musicgen.tiny" in broker["depths"]
     assert data["problems"][0] == "error rate 25.0% > 10.0% over the last 2d"
@@ -213,9 +213,9 @@ def test_backlog_of_the_embedded_broker_counts_its_queue_files(
         isolated_settings_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from pipeline.celery_app import TASK_GENERATE, make_celery
     from pipeline.cli import app
     from pipeline.config import load_settings
+    from pipeline.infra.celery_app import TASK_GENERATE, make_celery
 
     monkeypatch.setenv("MUSICGEN_APP__DATA_DIR", str(isolated_settings_env / "data"))
     monkeypatch.setenv("MUSICGEN_DATABASE__URL", f"sqlite:///{isolated_settings_env}/q.db")

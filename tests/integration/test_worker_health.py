@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.config import Settings
-from pipeline.queue_metrics import QueueCollector, breaker_reader
+from pipeline.ops.queue_metrics import QueueCollector, breaker_reader
 
 from .conftest import (
     Worker,

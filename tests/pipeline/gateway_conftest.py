@@ -17,6 +17,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from pipeline.client.producer import Producer
 from pipeline.config.schema import (
     ApiSettings,
     AppSettings,
@@ -27,7 +28,6 @@ from pipeline.config.schema import (
 )
 from pipeline.gateway.app import create_app
 from pipeline.gateway.keystore import ApiKeyStore
-from pipeline.producer import Producer
 from pipeline.quota.configured import prepare_database
 
 

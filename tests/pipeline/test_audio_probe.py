@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.audio_probe import MelodyLimits, probe, validate_melody
 from pipeline.errors import InvalidRequest, PipelineError, ServiceUnavailable
+from pipeline.infra.audio_probe import MelodyLimits, probe, validate_melody
 
 LIMITS = MelodyLimits(max_size_mb=5, min_duration_s=1.0, max_duration_s=30.0,
                       allowed_formats=("wav", "mp3", "flac", "ogg", "m4a", "aac"),
@@ -163,7 +163,7 @@ def test_nonsense_limits_are_rejected() -> None:
 
 def test_probe_module_stays_stdlib_only() -> None:
     # The producer installs no numpy/ffmpeg-python/torch: importing the probe must not need them.
-    code = ("import sys, pipeline.audio_probe\n"
+    code = ("import sys, pipeline.infra.audio_probe\n"
             "heavy = {'numpy', 'ffmpeg', 'soundfile', 'torch'} & set(sys.modules)\n"
             "print(sorted(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

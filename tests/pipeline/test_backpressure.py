@@ -8,8 +8,8 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Queue
 
-from pipeline import keys
 from pipeline.errors import Backpressure, ServiceUnavailable
+from pipeline.infra import keys
 from pipeline.policies import BackpressurePolicy, queue_depth
 
 
@@ -32,8 +32,8 @@ def test_depth_of_a_missing_queue_is_zero(redis_client: redis.Redis, key_prefix:
 def test_key_names_match_kombu_transport() -> None:
     from kombu.transport import redis as kombu_redis
 
-    from pipeline.celery_app import make_celery
     from pipeline.config import Settings
+    from pipeline.infra.celery_app import make_celery
 
     assert keys.KOMBU_PRIORITY_SEP == kombu_redis.Channel.sep
     assert keys.queue_list_keys("q", kombu_redis.PRIORITY_STEPS) == [

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import redis
 
-from pipeline import keys
 from pipeline.errors import PipelineError, ServiceUnavailable
+from pipeline.infra import keys
 from pipeline.policies import (
     BreakerState,
     CircuitBreaker,

@@ -1,4 +1,4 @@
-"""What differs per broker (pipeline/brokers.py): schemes, Celery's settings, priorities, the Redis
+"""What differs per broker (pipeline/infra/brokers.py): schemes, Celery's settings, priorities, the Redis
 of our own keys, secrets; then the real RabbitMQ (a vhost of our own): queues declared with
 priorities, served most urgent first, and the state ``settings check`` and ``health`` report."""
 
@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import pytest
 from kombu.connection import Connection
 
-from pipeline import brokers, keys
-from pipeline.brokers import BrokerKind, celery_priority, kind_of
-from pipeline.celery_app import make_celery
 from pipeline.config.checks import Status, check_broker
 from pipeline.config.schema import Settings
+from pipeline.infra import brokers, keys
+from pipeline.infra.brokers import BrokerKind, celery_priority, kind_of
+from pipeline.infra.celery_app import make_celery
 from tests.integration import rabbitmq
 
 RESULTS = "redis://127.0.0.1:6379/0"

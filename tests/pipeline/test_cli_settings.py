@@ -340,7 +340,7 @@ def test_check_against_real_redis_and_sqlite(redis_url: str, isolated_settings_e
     rows = _check_rows(result.stdout)
     status, detail = rows["broker"]
     assert status == "ok" and detail.startswith(f"{redis_url} answers (redis: Redis "), detail
-    assert "musicgen.tiny 0" in detail  # the queue depths (pipeline/brokers.py)
+    assert "musicgen.tiny 0" in detail  # the queue depths (pipeline/infra/brokers.py)
     assert rows["database"][0] == "ok" and "sqlite" in rows["database"][1]
     for name in ("settings", "app.data_dir", "storage.output_dir", "storage.temp_dir", "ffmpeg",
                  "ffprobe", "device"):

@@ -11,8 +11,8 @@ from pathlib import Path
 from celery import Celery
 
 import pipeline
+from pipeline.contract.jobs import GenerationRequest, request_fingerprint
 from pipeline.errors import JobTimeout, PipelineError, _all_subclasses
-from pipeline.jobs import GenerationRequest, request_fingerprint
 
 
 def test_every_error_class_is_importable_from_pipeline() -> None:

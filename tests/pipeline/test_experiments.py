@@ -23,29 +23,29 @@ from sqlalchemy import insert, inspect
 from typer.testing import CliRunner
 
 import pipeline
-from pipeline import keys
 from pipeline.cli import app as cli
+from pipeline.client.resolve import resolve
 from pipeline.config import load_layered
 from pipeline.config.checks import Status, check_experiments
 from pipeline.config.export import to_env
 from pipeline.config.rules import RULES
 from pipeline.config.schema import ExperimentSettings, Settings
+from pipeline.contract.jobs import GenerationRequest, JobSpec, queue_for
+from pipeline.contract.user_context import UserContext
 from pipeline.errors import InvalidRequest, ServiceUnavailable
-from pipeline.experiments import (
+from pipeline.infra import keys
+from pipeline.ops.experiments import (
     assign,
     bucket,
     control_fallback,
     pick_variant,
     unserved_variants,
 )
-from pipeline.jobs import GenerationRequest, JobSpec, queue_for
+from pipeline.ops.stats import compute_variant_stats
 from pipeline.quota import DEFAULT_TIERS, QuotaStore, current, make_engine, upgrade
 from pipeline.quota.configured import prepare_database
 from pipeline.quota.migrate import alembic_config
 from pipeline.quota.tables import UsageLedger
-from pipeline.resolve import resolve
-from pipeline.stats import compute_variant_stats
-from pipeline.user_context import UserContext
 from tests.pipeline.test_migrations import HEAD
 
 if TYPE_CHECKING:
@@ -329,7 +329,7 @@ def test_an_open_variant_breaker_falls_back_to_the_control(
     user = user_on(producer.settings, MEDIUM, tier="enterprise").user_id
     _open_breaker(producer, MEDIUM)
     job_id = f"exp-{uuid.uuid4().hex}"
-    with caplog.at_level(logging.WARNING, logger="pipeline.producer"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.client.producer"):
         handle = producer.enqueue(GenerationRequest(prompt="x", duration=1.0, user_id=user,
                                                     job_id=job_id))
     assert handle.status() is pipeline.JobStatus.queued  # accepted, not refused

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import PostProcessFailed, ServiceUnavailable
-from pipeline.ffmpeg_runner import STDERR_TAIL_CHARS, exec_ffmpeg, run_ffmpeg
+from pipeline.infra.ffmpeg_runner import STDERR_TAIL_CHARS, exec_ffmpeg, run_ffmpeg
 
 
 def script(tmp_path: Path, body: str) -> str:
@@ -59,7 +59,7 @@ def test_missing_binary_is_service_unavailable(tmp_path: Path) -> None:
 
 
 def test_runner_module_is_stdlib_only() -> None:
-    code = ("import sys, pipeline.ffmpeg_runner\n"
+    code = ("import sys, pipeline.infra.ffmpeg_runner\n"
             "print(sorted({'numpy', 'ffmpeg', 'torch', 'soundfile'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2], timeout=60, check=True)

@@ -1,4 +1,4 @@
-"""Per-user feature flags (pipeline/flags.py): rollout, stickiness, independence, the decision
+"""Per-user feature flags (pipeline/contract/flags.py): rollout, stickiness, independence, the decision
 order, the settings errors, and the two readers in resolve() (issue 14)."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import pytest
 import soundfile as sf
 from pydantic import ValidationError
 
+from pipeline.client.resolve import resolve
 from pipeline.config import load_layered, load_settings
 from pipeline.config.schema import FeatureSettings, Settings
+from pipeline.contract.flags import FLAGS, FlagRule, bucket, decide, enabled
+from pipeline.contract.jobs import GenerationRequest
+from pipeline.contract.user_context import UserContext
 from pipeline.errors import InvalidRequest, SettingsError, UnsupportedOption
-from pipeline.flags import FLAGS, FlagRule, bucket, decide, enabled
-from pipeline.jobs import GenerationRequest
-from pipeline.resolve import resolve
-from pipeline.user_context import UserContext
 
 USERS = [UserContext(f"user-{i}", "free") for i in range(10_000)]
 

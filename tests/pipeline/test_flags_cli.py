@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import load_settings
-from pipeline.flags import decide
-from pipeline.user_context import UserContext
+from pipeline.contract.flags import decide
+from pipeline.contract.user_context import UserContext
 
 pytest_plugins = ["tests.pipeline.quota_conftest"]
 pytestmark = pytest.mark.usefixtures("isolated_settings_env")
@@ -36,7 +36,7 @@ def test_list_shows_each_flag_its_value_and_the_layer_it_came_from() -> None:
     boost = next(line for line in lines if line.startswith("priority_boost"))
     assert melody.split() == ["melody_conditioning", "true", "(from", "default", "(schema))"]
     assert "100 %, tiers [premium], deny 1" in boost and "(from override)" in boost
-    assert "read by pipeline/resolve.py _spec" in result.stdout
+    assert "read by pipeline/client/resolve.py _spec" in result.stdout
 
 
 def test_list_as_json() -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pipeline.jobs import JobResult
+from pipeline.contract.jobs import JobResult
 
 if TYPE_CHECKING:  # a plugin (below), not an import: pytest must rewrite its asserts first
     from .gateway_conftest import Gateway

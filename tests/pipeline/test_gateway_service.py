@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pipeline import webhooks
+from pipeline.client.producer import Producer
 from pipeline.config.presets import known_presets
+from pipeline.contract.jobs import GenerationRequest
+from pipeline.contract.output_format import FORMATS
 from pipeline.gateway.app import create_app
-from pipeline.jobs import GenerationRequest
-from pipeline.output_format import FORMATS
-from pipeline.producer import Producer
 
 if TYPE_CHECKING:
     from pipeline.config.schema import Settings

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.celery_app import make_celery
+from pipeline.client.handle import JobHandle
+from pipeline.client.registry import RedisJobRegistry
 from pipeline.config import load_settings
 from pipeline.errors import ServiceUnavailable
-from pipeline.handle import JobHandle
-from pipeline.registry import RedisJobRegistry
+from pipeline.infra.celery_app import make_celery
 
 
 def _closed_port() -> int:

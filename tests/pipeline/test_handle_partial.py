@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.celery_app import make_celery
+from pipeline.client.handle import JobHandle, Partial
+from pipeline.client.registry import RedisJobRegistry
 from pipeline.config import load_settings
-from pipeline.handle import JobHandle, Partial
-from pipeline.registry import RedisJobRegistry
+from pipeline.infra.celery_app import make_celery
 
 
 @pytest.fixture

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
+from pipeline.client.resolve import resolve
 from pipeline.config import load_settings
 from pipeline.config.presets import known_presets, model_settings_for
 from pipeline.config.schema import Settings
+from pipeline.contract.jobs import GenerationRequest, JobSpec, queue_for
 from pipeline.errors import InvalidRequest, ModelNotFound, PipelineError
-from pipeline.jobs import GenerationRequest, JobSpec, queue_for
-from pipeline.resolve import resolve
 
 
 @pytest.fixture(scope="module")

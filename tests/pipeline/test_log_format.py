@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pipeline import log_format
+from pipeline.infra import log_format
 
 
 def test_a_jobs_records_carry_its_fields_and_others_do_not() -> None:

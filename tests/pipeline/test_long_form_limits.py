@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.client.resolve import resolve
 from pipeline.config.loader import load_settings
 from pipeline.config.schema import Settings, WorkerSettings
+from pipeline.contract.flags import bucket
+from pipeline.contract.jobs import GenerationRequest
+from pipeline.contract.time_limits import job_time_limits
+from pipeline.contract.user_context import UserContext
 from pipeline.errors import InvalidRequest, UnsupportedOption
-from pipeline.flags import bucket
-from pipeline.jobs import GenerationRequest
-from pipeline.resolve import resolve
-from pipeline.time_limits import job_time_limits
-from pipeline.user_context import UserContext
 
 
 def _settings(tmp_path: Path, **overrides: object) -> Settings:

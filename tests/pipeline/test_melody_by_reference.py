@@ -18,13 +18,13 @@ import pytest
 import redis
 
 import pipeline
+from pipeline.client.resolve import resolve
 from pipeline.config.schema import Settings, StorageSettings
+from pipeline.contract.jobs import GenerationRequest, JobResult, MelodyInput, queue_for
 from pipeline.errors import InvalidRequest
-from pipeline.jobs import GenerationRequest, JobResult, MelodyInput, queue_for
-from pipeline.keys import CLAIM_PREFIX, queue_list_keys
+from pipeline.infra.keys import CLAIM_PREFIX, queue_list_keys
+from pipeline.infra.storage_backends import backend_for
 from pipeline.quota.configured import store_for
-from pipeline.resolve import resolve
-from pipeline.storage_backends import backend_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -2,7 +2,7 @@
 
 ``resolve()`` used to accept requests the worker's check refused only after generating (mp3 at
 96 kHz, a peak target of -65 dBFS): GPU time spent, then a failed job. Now both sides build the
-same ``OutputSpec`` from ``pipeline.output_format``; these tests hold the producer to refusing,
+same ``OutputSpec`` from ``pipeline.contract.output_format``; these tests hold the producer to refusing,
 with the request's field named, everything the worker would refuse.
 """
 
@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from pipeline.client.resolve import resolve
 from pipeline.config import load_settings
 from pipeline.config.schema import Settings
-from pipeline.errors import InvalidRequest, PipelineError, SettingsError, UnsupportedOption
-from pipeline.jobs import GenerationRequest, JobSpec, invalid_request_from
-from pipeline.output_format import (
+from pipeline.contract.jobs import GenerationRequest, JobSpec, invalid_request_from
+from pipeline.contract.output_format import (
     BIT_DEPTHS,
     FORMATS,
     MP3_BITRATES,
@@ -31,7 +31,7 @@ from pipeline.output_format import (
     OutputSpec,
     check_output_spec,
 )
-from pipeline.resolve import resolve
+from pipeline.errors import InvalidRequest, PipelineError, SettingsError, UnsupportedOption
 
 OUTPUT_FIELDS = {"format", "sample_rate", "channels", "bit_depth", "normalization",
                  "loudness_target"}

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.keys import CLAIM_PREFIX
-from pipeline.registry import Claim, FileJobRegistry, JobRegistry, RedisJobRegistry
+from pipeline.client.registry import Claim, FileJobRegistry, JobRegistry, RedisJobRegistry
+from pipeline.infra.keys import CLAIM_PREFIX
 
 
 @pytest.fixture(params=["file", "redis"])

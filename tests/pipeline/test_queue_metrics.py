@@ -14,11 +14,11 @@ import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import keys
-from pipeline.celery_app import make_celery
 from pipeline.config import Settings
+from pipeline.infra import keys
+from pipeline.infra.celery_app import make_celery
+from pipeline.ops.queue_metrics import QueueCollector, breaker_reader
 from pipeline.policies.breaker import CircuitBreaker, RedisBreakerBackend
-from pipeline.queue_metrics import QueueCollector, breaker_reader
 
 PRIORITIES = [0, 2, 5, 5, 9]
 

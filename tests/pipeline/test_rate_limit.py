@@ -14,8 +14,8 @@ import pytest
 import redis
 
 import pipeline.policies.rate_limit
-from pipeline import keys
 from pipeline.errors import ServiceUnavailable
+from pipeline.infra import keys
 from pipeline.policies import GlobalRateLimit
 from pipeline.policies.rate_limit import redact_uri
 

@@ -16,9 +16,10 @@ import pytest
 import redis
 
 import pipeline
-from pipeline import GenerationRequest, brokers, keys
+from pipeline import GenerationRequest
 from pipeline.config.rules import RULES
 from pipeline.config.schema import Settings
+from pipeline.infra import brokers, keys
 from pipeline.policies.backpressure import queue_depth
 from pipeline.quota.configured import prepare_database
 

@@ -82,7 +82,7 @@ CASES = [
     Case("broker URL without password", "development",
          {"broker.url": "redis://:hunter2hunter2@127.0.0.1:6379/0"},
          {"broker.url": "redis://127.0.0.1:6379/0"}, "broker.url"),
-    # The broker rules (pipeline/brokers.py): which URL schemes, what RabbitMQ needs.
+    # The broker rules (pipeline/infra/brokers.py): which URL schemes, what RabbitMQ needs.
     Case("broker: a scheme we support", "development", {"broker.url": "kafka://127.0.0.1:9092"},
          {"broker.url": "sentinel://127.0.0.1:26379;sentinel://127.0.0.2:26379"}, "broker.url"),
     Case("RabbitMQ: results (and shared state) on Redis", "development",

@@ -1,4 +1,4 @@
-"""pipeline.stats: the arithmetic of `stats` and `health` on hand-built ledger rows, and the
+"""pipeline.ops.stats: the arithmetic of `stats` and `health` on hand-built ledger rows, and the
 batching figures on a real ledger (SQLite and PostgreSQL), through the `stats` command too."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.cli.stats_cmd import render_text
-from pipeline.quota import LedgerRow, QuotaStore
-from pipeline.stats import (
+from pipeline.ops.stats import (
     NO_WORKER,
     Thresholds,
     compute_stats,
@@ -22,6 +21,7 @@ from pipeline.stats import (
     percentile,
     summarise,
 )
+from pipeline.quota import LedgerRow, QuotaStore
 
 if TYPE_CHECKING:  # only the types: the module itself is loaded as a plugin, below
     from tests.pipeline.quota_conftest import FakeClock

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.client.resolve import resolve
 from pipeline.config.loader import load_settings
 from pipeline.config.presets import known_presets, model_settings_for
-from pipeline.jobs import GenerationRequest
-from pipeline.resolve import resolve
+from pipeline.contract.jobs import GenerationRequest
 
 STEREO = ("musicgen-stereo-small", "musicgen-stereo-medium", "musicgen-stereo-large",
           "musicgen-stereo-melody", "musicgen-stereo-melody-large", "tiny-stereo")

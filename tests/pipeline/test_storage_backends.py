@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config.schema import StorageSettings
 from pipeline.errors import StorageUnavailable
-from pipeline.storage_backends import (
+from pipeline.infra.storage_backends import (
     CHUNK,
     ObjectMissing,
     ObjectTooLarge,
@@ -133,9 +133,9 @@ def test_a_key_never_leaves_the_folder(tmp_path: Path) -> None:
 
 
 def test_an_expired_download_url_is_signed_again(s3_storage: StorageSettings) -> None:
+    from pipeline.client.handle import _fresh
     from pipeline.config.schema import Settings
-    from pipeline.handle import _fresh
-    from pipeline.jobs import JobResult, Timings
+    from pipeline.contract.jobs import JobResult, Timings
 
     backend = backend_for(s3_storage)
     uri = backend.put_stream(io.BytesIO(b"old result"), "job-4.wav")

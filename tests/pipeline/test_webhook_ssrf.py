@@ -1,4 +1,4 @@
-"""The SSRF guard of ``webhooks.public_hosts`` (pipeline/public_addresses.py): every class of
+"""The SSRF guard of ``webhooks.public_hosts`` (pipeline/contract/public_addresses.py): every class of
 address a worker must not call is refused, after DNS, when the job is enqueued and again when
 the worker connects; a name that turns private between the two (DNS rebinding) reaches
 nothing; hosts the operator listed in ``allowed_hosts`` are still allowed as they are."""
@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from pipeline import webhooks
+from pipeline.client.resolve import resolve
 from pipeline.config.schema import Settings, WebhookSettings
+from pipeline.contract.jobs import GenerationRequest
+from pipeline.contract.public_addresses import HostNotPublic, public_addresses, refusal
 from pipeline.errors import InvalidRequest, UnsupportedOption
-from pipeline.jobs import GenerationRequest
-from pipeline.public_addresses import HostNotPublic, public_addresses, refusal
-from pipeline.resolve import resolve
 from tests.webhook_receiver import receiver
 
 pytestmark = pytest.mark.timeout(30)

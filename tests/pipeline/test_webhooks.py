@@ -10,11 +10,11 @@ import time
 import pytest
 
 from pipeline import webhooks
+from pipeline.client.resolve import resolve
 from pipeline.config.schema import Settings, WebhookSettings
+from pipeline.contract.jobs import GenerationRequest
+from pipeline.contract.user_context import UserContext
 from pipeline.errors import InvalidRequest, UnsupportedOption, WebhookSignatureInvalid
-from pipeline.jobs import GenerationRequest
-from pipeline.resolve import resolve
-from pipeline.user_context import UserContext
 from tests.webhook_receiver import receiver
 
 pytestmark = pytest.mark.timeout(30)

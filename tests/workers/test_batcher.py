@@ -244,7 +244,7 @@ def test_new_limits_from_a_settings_reload_release_a_waiting_batch() -> None:
 
 
 def test_a_call_runs_under_the_longest_hard_limit_of_its_jobs(tiny_model: LoadedModel) -> None:
-    # A long clip's call takes longer: its job's scaled limit (pipeline/time_limits.py) applies,
+    # A long clip's call takes longer: its job's scaled limit (pipeline/contract/time_limits.py) applies,
     # not the batcher's base one; the loop's message ("window 2 of 3") reaches every ticket.
     seen: list[float | None] = []
 

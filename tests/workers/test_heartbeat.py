@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from pipeline import keys
+from pipeline.infra import keys
 from tests.integration.conftest import redis_url, wait_for  # noqa: F401 (the fixture)
 from workers.heartbeat import Heartbeat, HeartbeatStore, new_worker_id
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
+from pipeline.client.resolve import resolve
 from pipeline.config.loader import load_settings
 from pipeline.config.schema import Settings
+from pipeline.contract.jobs import GenerationRequest
 from pipeline.errors import GpuOutOfMemory
-from pipeline.jobs import GenerationRequest
-from pipeline.resolve import resolve
 from workers.continuous import ContinuousBatcher
 from workers.job_runner import JobRunner, clear_leftovers, discard_job_files, job_temp_dir
 

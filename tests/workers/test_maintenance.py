@@ -11,7 +11,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from pipeline.celery_app import make_celery
 from pipeline.config.schema import (
     AppSettings,
     DatabaseSettings,
@@ -20,7 +19,8 @@ from pipeline.config.schema import (
     StorageSettings,
     WorkerSettings,
 )
-from pipeline.monitor_app import (
+from pipeline.infra.celery_app import make_celery
+from pipeline.ops.monitor_app import (
     MAINTENANCE_QUEUE,
     TASK_ROLLUP_LEDGER,
     TASK_SWEEP_OUTPUTS,
@@ -267,7 +267,7 @@ def test_rollup_uses_the_zone_to_pick_the_two_days(tmp_path: Path) -> None:
 
 
 def test_beat_sends_the_roll_up_hourly_and_at_once_on_a_fresh_schedule(tmp_path: Path) -> None:
-    # Beat loads pipeline.monitor_app, not the workers: its schedule must name the task itself.
+    # Beat loads pipeline.ops.monitor_app, not the workers: its schedule must name the task itself.
     app = make_monitor_app(_settings(tmp_path))
     entry = app.conf.beat_schedule[TASK_ROLLUP_LEDGER]
     assert entry["task"] == TASK_ROLLUP_LEDGER == "musicgen.maintenance.rollup_ledger"

@@ -19,8 +19,8 @@ from celery.exceptions import WorkerShutdown
 from celery.signals import task_postrun
 from celery.worker import state
 
-from pipeline.celery_app import TASK_GENERATE, make_celery
 from pipeline.config.schema import Settings, WorkerSettings
+from pipeline.infra.celery_app import TASK_GENERATE, make_celery
 from workers import memory_guard, tasks
 from workers.memory_guard import SWITCH, Action, MemoryGuard, host_memory_percent
 from workers.runtime.model_cache import ModelCache

@@ -14,6 +14,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from pipeline.client.registry import RedisJobRegistry
 from pipeline.errors import (
     Backpressure,
     CoordinationUnavailable,
@@ -23,7 +24,6 @@ from pipeline.errors import (
 )
 from pipeline.policies.breaker import Admission, CircuitBreaker, RedisBreakerBackend
 from pipeline.policies.rate_limit import GlobalRateLimit
-from pipeline.registry import RedisJobRegistry
 from workers.outage import through_outage
 from workers.tasks import settle_breaker
 
@@ -146,9 +146,9 @@ def test_a_finished_job_whose_state_a_failover_lost_gets_it_back_from_its_sideca
     """The old master took the SUCCESS and resynced it away; the redelivery restores it."""
     import uuid
 
-    from pipeline.celery_app import make_celery
     from pipeline.config.schema import Settings
-    from pipeline.jobs import JobResult
+    from pipeline.contract.jobs import JobResult
+    from pipeline.infra.celery_app import make_celery
     from workers.outage import restore_lost_result
     from workers.storage import write_sidecar
 

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import soundfile as sf
 
+from pipeline.client.resolve import resolve
 from pipeline.config.loader import load_settings
 from pipeline.config.schema import Settings
-from pipeline.jobs import GenerationRequest
-from pipeline.resolve import resolve
+from pipeline.contract.jobs import GenerationRequest
 from workers.job_runner import JobRunner
 from workers.runtime.batch import window_sink
 from workers.runtime.longform import WindowCodes

@@ -23,7 +23,6 @@ import pytest
 import soundfile as sf
 from pydantic import ValidationError
 
-from pipeline.audio_probe import probe
 from pipeline.errors import (
     InvalidRequest,
     PipelineError,
@@ -31,6 +30,7 @@ from pipeline.errors import (
     ServiceUnavailable,
     UnsupportedOption,
 )
+from pipeline.infra.audio_probe import probe
 from workers.audio import FORMATS, OutputSpec, check_output_spec, render
 from workers.audio.ffmpeg_meters import analyse
 from workers.audio.formats import FfmpegCaps, encoder_args

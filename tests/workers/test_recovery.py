@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import redis
 
-from pipeline import keys
-from pipeline.celery_app import PipelineCelery, make_celery
 from pipeline.config import load_layered
 from pipeline.config.schema import BrokerSettings, RecoverySettings, Settings
+from pipeline.infra import keys
+from pipeline.infra.celery_app import PipelineCelery, make_celery
 from tests.integration.conftest import redis_url, wait_for  # noqa: F401 (the fixture)
 from workers.heartbeat import Heartbeat, new_worker_id
 from workers.recovery import (

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.celery_app import make_celery
+from pipeline.client.inputs import discard
 from pipeline.config.schema import (
     BrokerSettings,
     Settings,
@@ -23,11 +23,11 @@ from pipeline.config.schema import (
     ValidationSettings,
     WebhookSettings,
 )
+from pipeline.contract.jobs import MelodyInput
 from pipeline.errors import InputUnavailable
-from pipeline.inputs import discard
-from pipeline.jobs import MelodyInput
-from pipeline.keys import WEBHOOK_PREFIX
-from pipeline.storage_backends import backend_for
+from pipeline.infra.celery_app import make_celery
+from pipeline.infra.keys import WEBHOOK_PREFIX
+from pipeline.infra.storage_backends import backend_for
 from pipeline.webhooks import DeliveryLog, event, verify
 from tests.pipeline.test_melody_by_reference import wav_bytes
 from tests.webhook_receiver import receiver

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from pipeline.jobs import OutputSpec
+from pipeline.contract.jobs import OutputSpec
 from workers.audio.postprocess import render
 from workers.runtime.batch import GenerationItem
 from workers.runtime.longform import WindowCodes, decode_codes

@@ -1,6 +1,6 @@
 """Audio post-processing on the worker: levels measured and set in process, one encoder run."""
 
-from pipeline.output_format import FORMATS, OutputSpec, check_output_spec
+from pipeline.contract.output_format import FORMATS, OutputSpec, check_output_spec
 from workers.audio.postprocess import RenderResult, render
 
 __all__ = [

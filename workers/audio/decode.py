@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.errors import InvalidRequest
-from pipeline.ffmpeg_runner import exec_ffmpeg, failure, stderr_tail
+from pipeline.infra.ffmpeg_runner import exec_ffmpeg, failure, stderr_tail
 
 
 def decode_mono(path: Path, sample_rate: int, *, ffmpeg: str = "ffmpeg",

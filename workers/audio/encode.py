@@ -24,7 +24,7 @@ on a 2-core host under some load; the ratios held across runs, the absolute figu
 
 Errors: a libsndfile write that fails is the retryable ``PostProcessFailed`` (the disk's or
 the encoder's trouble, never the request's). ffmpeg runs are mapped by
-``pipeline.ffmpeg_runner``, the project's one runner: a missing or unexecutable binary is
+``pipeline.infra.ffmpeg_runner``, the project's one runner: a missing or unexecutable binary is
 ``ServiceUnavailable``, a timeout, a non-zero exit or a signal the retryable
 ``PostProcessFailed`` with the tail of stderr in ``details``.
 """
@@ -40,9 +40,9 @@ import ffmpeg as ffmpeg_lib
 import numpy as np
 import soundfile as sf
 
+from pipeline.contract.output_format import MP3_BITRATES, OutputSpec
 from pipeline.errors import PostProcessFailed
-from pipeline.ffmpeg_runner import run_checked
-from pipeline.output_format import MP3_BITRATES, OutputSpec
+from pipeline.infra.ffmpeg_runner import run_checked
 
 Encoder = Literal["libsndfile", "ffmpeg"]
 

@@ -1,6 +1,6 @@
 """What this node's ffmpeg can write: its encoders, and the encoder arguments for a spec.
 
-The format table, ``OutputSpec`` and ``check_output_spec`` live in ``pipeline.output_format``,
+The format table, ``OutputSpec`` and ``check_output_spec`` live in ``pipeline.contract.output_format``,
 shared with the producer so that it refuses a bad combination before it is queued; they are
 re-exported here for worker code. What stays here needs the ffmpeg binary: which encoders it
 has, and ``encoder_args``, which refuses a format whose encoder this ffmpeg lacks.
@@ -18,15 +18,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.contract.output_format import DEFAULT_BIT_DEPTH
+from pipeline.contract.output_format import FORMATS as FORMATS  # noqa: PLC0414 (re-export)
+from pipeline.contract.output_format import FormatInfo as FormatInfo  # noqa: PLC0414 (re-export)
+from pipeline.contract.output_format import OutputSpec as OutputSpec  # noqa: PLC0414 (re-export)
+from pipeline.contract.output_format import check_output_spec as check_output_spec  # noqa: PLC0414
+from pipeline.contract.output_format import refuse as _refuse
 from pipeline.errors import PostProcessFailed
-from pipeline.ffmpeg_runner import exec_ffmpeg as _exec
-from pipeline.ffmpeg_runner import run_ffmpeg as run_ffmpeg  # noqa: PLC0414 (re-export)
-from pipeline.output_format import DEFAULT_BIT_DEPTH
-from pipeline.output_format import FORMATS as FORMATS  # noqa: PLC0414 (re-export)
-from pipeline.output_format import FormatInfo as FormatInfo  # noqa: PLC0414 (re-export)
-from pipeline.output_format import OutputSpec as OutputSpec  # noqa: PLC0414 (re-export)
-from pipeline.output_format import check_output_spec as check_output_spec  # noqa: PLC0414
-from pipeline.output_format import refuse as _refuse
+from pipeline.infra.ffmpeg_runner import exec_ffmpeg as _exec
+from pipeline.infra.ffmpeg_runner import run_ffmpeg as run_ffmpeg  # noqa: PLC0414 (re-export)
 
 STDERR_TAIL_CHARS = 2000
 WAV_CODECS: Mapping[int, str] = {8: "pcm_u8", 16: "pcm_s16le", 24: "pcm_s24le", 32: "pcm_s32le"}
@@ -42,7 +42,7 @@ class FfmpegCaps:
     has_soxr: bool
 
 
-# The one ffmpeg runner lives in pipeline/ffmpeg_runner.py (shared with decode and the
+# The one ffmpeg runner lives in pipeline/infra/ffmpeg_runner.py (shared with decode and the
 # producer's melody probe); ``_exec`` and ``run_ffmpeg`` are imported from there above.
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.output_format import OutputSpec, check_output_spec
+from pipeline.contract.output_format import OutputSpec, check_output_spec
 from workers.audio.dsp import channels_first, input_rate, map_channels, remove_dc, resample
 from workers.audio.encode import (
     decode,

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.contract.long_form import WINDOW_STRIDE_S as DEFAULT_WINDOW_STRIDE_S
 from pipeline.errors import InvalidRequest, UnsupportedOption
-from pipeline.long_form import WINDOW_STRIDE_S as DEFAULT_WINDOW_STRIDE_S
 
 # Where generate() reports a long clip's finished windows when its caller passed no hook: the
 # batching engine sets it around each call (workers/batcher.py), so the generate function

@@ -26,6 +26,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from pipeline.contract.long_form import MODEL_WINDOW_S as DEFAULT_MAX_DURATION_S
+from pipeline.contract.long_form import WINDOW_STRIDE_S as DEFAULT_WINDOW_STRIDE_S
 from pipeline.errors import (
     GpuOutOfMemory,
     ModelNotFound,
@@ -33,8 +35,6 @@ from pipeline.errors import (
     PipelineError,
     UnsupportedOption,
 )
-from pipeline.long_form import MODEL_WINDOW_S as DEFAULT_MAX_DURATION_S
-from pipeline.long_form import WINDOW_STRIDE_S as DEFAULT_WINDOW_STRIDE_S
 from workers.runtime.batch import (
     GeneratedAudio,
     GenerationItem,

@@ -149,7 +149,7 @@ def import_folder(settings: Settings, preset: str, folder: Path) -> Snapshot:
 def _fetch_s3(uri: str, settings: Settings, dest: Path) -> None:
     """Every object under the ``s3://bucket/prefix`` folder ``uri`` into ``dest``, with the
     deployment's storage credentials and endpoint (``storage.*``)."""
-    from pipeline.storage_backends import s3_client
+    from pipeline.infra.storage_backends import s3_client
 
     parts = urlsplit(uri)
     bucket, prefix = parts.netloc, parts.path.strip("/")

@@ -20,23 +20,16 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.brokers import BrokerKind, wait_for_replicas
-from pipeline.celery_app import TASK_GENERATE, PipelineCelery, celery_priority, make_celery
+from pipeline.client.handle import JobHandle
+from pipeline.client.inputs import by_reference
+from pipeline.client.inputs import discard as discard_input
+from pipeline.client.records import JobPage, job_record, request_echo
+from pipeline.client.records import list_jobs as _list_jobs
+from pipeline.client.registry import JobRegistry, registry_for
+from pipeline.client.resolve import resolve
 from pipeline.config.live import FileWatcher, LiveSettings, ReloadResult
 from pipeline.config.schema import Settings
-from pipeline.errors import (
-    InvalidRequest,
-    JobIdConflict,
-    JobNotFound,
-    PipelineError,
-    ServiceUnavailable,
-    UnsupportedOption,
-)
-from pipeline.experiments import control_fallback
-from pipeline.handle import JobHandle
-from pipeline.inputs import by_reference
-from pipeline.inputs import discard as discard_input
-from pipeline.jobs import (
+from pipeline.contract.jobs import (
     GenerationRequest,
     JobSpec,
     JobStatus,
@@ -45,15 +38,22 @@ from pipeline.jobs import (
     queue_for,
     request_fingerprint,
 )
+from pipeline.contract.time_limits import job_time_limits
+from pipeline.contract.user_context import UserContext
+from pipeline.errors import (
+    InvalidRequest,
+    JobIdConflict,
+    JobNotFound,
+    PipelineError,
+    ServiceUnavailable,
+    UnsupportedOption,
+)
+from pipeline.infra.brokers import BrokerKind, wait_for_replicas
+from pipeline.infra.celery_app import TASK_GENERATE, PipelineCelery, celery_priority, make_celery
+from pipeline.ops.experiments import control_fallback
 from pipeline.policies.configured import Policies
 from pipeline.quota import Charge, QuotaStore, UsageSummary
 from pipeline.quota.configured import database_failure, store_for
-from pipeline.records import JobPage, job_record, request_echo
-from pipeline.records import list_jobs as _list_jobs
-from pipeline.registry import JobRegistry, registry_for
-from pipeline.resolve import resolve
-from pipeline.time_limits import job_time_limits
-from pipeline.user_context import UserContext
 
 log = logging.getLogger(__name__)
 

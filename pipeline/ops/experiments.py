@@ -22,9 +22,9 @@ from pydantic import ValidationError
 
 from pipeline.config.presets import model_settings_for
 from pipeline.config.schema import ExperimentSettings, Settings
+from pipeline.contract.jobs import JobSpec, queue_for
+from pipeline.contract.user_context import UserContext
 from pipeline.errors import PipelineError
-from pipeline.jobs import JobSpec, queue_for
-from pipeline.user_context import UserContext
 
 __all__ = ["Assignment", "UnservedVariant", "assign", "bucket", "control_fallback", "is_active",
            "pick_variant", "unserved_variants"]

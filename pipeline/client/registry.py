@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from pipeline.keys import CANCEL_PREFIX, CLAIM_PREFIX, DELIVERY_PREFIX
+from pipeline.infra.keys import CANCEL_PREFIX, CLAIM_PREFIX, DELIVERY_PREFIX
 
 # A claim that vanishes between a refused SET NX and the GET (released by a failed enqueue, or
 # expired) is simply claimed again; more than a few such races in a row means something is off.
@@ -172,6 +172,6 @@ class FileJobRegistry:
 def registry_for(app: Any) -> JobRegistry:
     """The registry that matches the app's broker."""
     if app.embedded:
-        from pipeline.celery_app import embedded_dirs
+        from pipeline.infra.celery_app import embedded_dirs
         return FileJobRegistry(embedded_dirs(app.settings)["results"].parent / "registry")
     return RedisJobRegistry(app.redis)

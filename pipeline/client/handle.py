@@ -14,7 +14,8 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.changes import FALLBACK_S, changes_of
+from pipeline.client.records import JobRecord, job_record
+from pipeline.contract.jobs import JobResult, JobStatus
 from pipeline.errors import (
     JobCancelled,
     JobFailed,
@@ -24,13 +25,12 @@ from pipeline.errors import (
     PipelineError,
     ServiceUnavailable,
 )
-from pipeline.jobs import JobResult, JobStatus
-from pipeline.records import JobRecord, job_record
+from pipeline.infra.changes import FALLBACK_S, changes_of
 
 if TYPE_CHECKING:
-    from pipeline.celery_app import PipelineCelery
+    from pipeline.client.registry import JobRegistry
+    from pipeline.infra.celery_app import PipelineCelery
     from pipeline.quota import QuotaStore
-    from pipeline.registry import JobRegistry
     from pipeline.webhooks import WebhookDelivery
 
 # Celery's states (and ours: QUEUED is written at enqueue, PROGRESS by the worker).
@@ -96,7 +96,7 @@ def _fresh(result: JobResult, settings: Any) -> JobResult:
     if result.download_url is None or (result.download_expires_at or 0) > time.time() + 60:
         return result
     try:
-        from pipeline.storage_backends import presign_uri
+        from pipeline.infra.storage_backends import presign_uri
 
         url, expires_at = presign_uri(result.uri, settings.storage)
     except Exception:  # no boto3 or no keys here: the caller still gets the stored result
@@ -133,7 +133,7 @@ class _Now(Enum):
 
 class JobHandle:
     """A job accepted by the queue. Cheap to create; every call reads the result backend, and
-    the ledger once the result backend has forgotten the job (``pipeline.records``).
+    the ledger once the result backend has forgotten the job (``pipeline.client.records``).
 
     ``replayed`` is True when ``enqueue`` found this job already queued for the same
     ``job_id`` and request (an idempotent retry), instead of queueing it. ``priority_clamped``
@@ -278,7 +278,7 @@ class JobHandle:
         folder: the file keeps its name) and return where it is. Works from any machine with
         the same storage settings (a shared folder, or object storage with the ``storage``
         extra); ``StorageUnavailable`` if the file is gone or the storage is unreachable."""
-        from pipeline.storage_backends import download
+        from pipeline.infra.storage_backends import download
 
         return download(self._finished().uri, Path(dest), self._app.settings.storage)
 
@@ -289,7 +289,7 @@ class JobHandle:
             with handle.open() as audio:
                 data = audio.read()
         """
-        from pipeline.storage_backends import open_uri
+        from pipeline.infra.storage_backends import open_uri
 
         with open_uri(self._finished().uri, self._app.settings.storage) as stream:
             yield stream

@@ -5,7 +5,7 @@ rather than by every worker: the figures belong to the queue, not to a process, 
 while no worker runs at all (scaling from zero).
 
 On Redis a plain list length undercounts twice over: kombu keeps one LIST per priority step
-(``queue``, ``queue\\x06\\x161``, ... see pipeline/keys.py), and a message a worker has taken
+(``queue``, ``queue\\x06\\x161``, ... see pipeline/infra/keys.py), and a message a worker has taken
 leaves the lists for kombu's ``unacked`` HASH until it is acked (``task_acks_late``: when the
 job ends). So the depth is the sum over the priority lists, and the jobs in flight are the
 ``unacked`` entries routed to the queue: a queue with nothing waiting but a job running still
@@ -23,8 +23,8 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from pipeline.brokers import BrokerKind, kind_of, redis_client, url_with_password
 from pipeline.config.schema import Settings
+from pipeline.infra.brokers import BrokerKind, kind_of, redis_client, url_with_password
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def redis_in_flight(client: Any, queues: Sequence[str]) -> dict[str, int]:
 def breaker_reader(settings: Settings, presets: Sequence[str]) -> Callable[[], dict[str, str]]:
     """A function returning each preset's circuit-breaker state, as the producers see it (the
     breakers live in the coordination Redis; none where circuit_breaker.enabled is off)."""
-    from pipeline.celery_app import make_celery
+    from pipeline.infra.celery_app import make_celery
     from pipeline.policies.configured import Policies
 
     built: list[Policies] = []  # on the first read: the app connects, and the broker may be away
@@ -88,7 +88,7 @@ class QueueCollector:
     def read(self) -> tuple[dict[str, int], dict[str, int] | None]:
         """(waiting per queue, in flight per queue or None where the broker cannot tell)."""
         if self.kind is BrokerKind.amqp:
-            from pipeline.brokers import broker_state
+            from pipeline.infra.brokers import broker_state
 
             state = broker_state(self.settings, self.queues)
             if not state.reachable:

@@ -22,8 +22,8 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, undefer
 
+from pipeline.contract.jobs import JobResult, JobSpec, JobStatus
 from pipeline.errors import InvalidRequest
-from pipeline.jobs import JobResult, JobSpec, JobStatus
 from pipeline.quota.tables import LedgerStatus, UsageLedger
 
 if TYPE_CHECKING:

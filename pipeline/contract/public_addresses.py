@@ -94,7 +94,7 @@ def public_opener() -> urllib.request.OpenerDirector:
     import http.client
     import urllib.request
 
-    from pipeline.remote_urls import opener_with
+    from pipeline.contract.remote_urls import opener_with
 
     class PublicHTTP(http.client.HTTPConnection):
         def __init__(self, *args: Any, **kwargs: Any) -> None:

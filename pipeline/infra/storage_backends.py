@@ -22,8 +22,8 @@ from typing import IO, Any, NamedTuple, Protocol
 from urllib.parse import unquote, urlsplit
 
 from pipeline.config.schema import StorageSettings
+from pipeline.contract.output_format import MEDIA_TYPES_BY_SUFFIX
 from pipeline.errors import StorageUnavailable
-from pipeline.output_format import MEDIA_TYPES_BY_SUFFIX
 
 PART_SUFFIX = ".part"  # what workers/storage.py names its temp files too: one sweep for both
 CHUNK = 1024 * 1024

@@ -86,7 +86,7 @@ def opener() -> urllib.request.OpenerDirector:
 
 def opener_with(*handlers: Any) -> urllib.request.OpenerDirector:
     """An opener that follows no redirect, with ``handlers`` in place of urllib's defaults of
-    the same kind (the SSRF guard's HTTP and HTTPS handlers: pipeline/public_addresses.py)."""
+    the same kind (the SSRF guard's HTTP and HTTPS handlers: pipeline/contract/public_addresses.py)."""
     import urllib.request
 
     class NoRedirects(urllib.request.HTTPRedirectHandler):

@@ -26,9 +26,9 @@ from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
-from pipeline import keys
 from pipeline.config.schema import BrokerSettings, Settings
 from pipeline.config.urls import with_password
+from pipeline.infra import keys
 
 
 class BrokerKind(str, Enum):

@@ -12,8 +12,8 @@ from typing import Any
 
 from celery import Celery
 
-from pipeline import brokers
 from pipeline.config.schema import Settings
+from pipeline.infra import brokers
 
 TASK_GENERATE = "musicgen.generate"
 
@@ -40,7 +40,7 @@ class PipelineCelery(Celery):  # type: ignore[misc]
     @cached_property
     def coordination_url(self) -> str | None:
         """The Redis URL (password included) of our own keys: the broker's, or with RabbitMQ
-        the result backend's (pipeline/brokers.py). None with the embedded broker."""
+        the result backend's (pipeline/infra/brokers.py). None with the embedded broker."""
         return brokers.coordination_url(self.settings)
 
     @cached_property
@@ -124,7 +124,7 @@ def make_celery(settings: Settings, *, name: str = "musicgen-pipeline") -> Pipel
                                       "store_processed": False},
             result_backend=f"file://{dirs['results']}",
         )
-    else:  # Redis, Sentinel or RabbitMQ: what differs lives in pipeline/brokers.py
+    else:  # Redis, Sentinel or RabbitMQ: what differs lives in pipeline/infra/brokers.py
         conf.update(brokers.transport_conf(settings))
     app.conf.update(conf)
     return app

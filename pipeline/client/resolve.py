@@ -16,13 +16,10 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from pipeline.audio_probe import MelodyLimits, validate_melody
 from pipeline.config.presets import check_preset, model_settings_for
 from pipeline.config.schema import Settings
-from pipeline.errors import InvalidRequest, UnsupportedOption
-from pipeline.experiments import Assignment, assign
-from pipeline.flags import FlagRule, enabled
-from pipeline.jobs import (
+from pipeline.contract.flags import FlagRule, enabled
+from pipeline.contract.jobs import (
     GenerationRequest,
     JobSpec,
     MelodyInput,
@@ -30,10 +27,13 @@ from pipeline.jobs import (
     draw_seed,
     invalid_request_from,
 )
-from pipeline.output_format import FORMATS, check_output_spec
-from pipeline.public_addresses import HostNotPublic, public_addresses
-from pipeline.remote_urls import host_allowed
-from pipeline.user_context import UserContext
+from pipeline.contract.output_format import FORMATS, check_output_spec
+from pipeline.contract.public_addresses import HostNotPublic, public_addresses
+from pipeline.contract.remote_urls import host_allowed
+from pipeline.contract.user_context import UserContext
+from pipeline.errors import InvalidRequest, UnsupportedOption
+from pipeline.infra.audio_probe import MelodyLimits, validate_melody
+from pipeline.ops.experiments import Assignment, assign
 
 _SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,10}$")  # MelodyInput.suffix's own pattern
 
@@ -219,10 +219,10 @@ def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset
         seed=request.seed if request.seed is not None else draw_seed(),
         output=_output(request, settings, stereo_model), melody=_melody(request, settings, melody_model, user),
         user_id=request.user_id, enqueued_at=time.time(),
-        # priority_boost raises the job one level of Priority (pipeline/jobs.py: 0-9, 9 first; 9
-        # stays 9). A level is one of the ten values celery_priority (pipeline/celery_app.py)
+        # priority_boost raises the job one level of Priority (pipeline/contract/jobs.py: 0-9, 9 first; 9
+        # stays 9). A level is one of the ten values celery_priority (pipeline/infra/celery_app.py)
         # maps to the broker's 9 - level, served lowest first; the Redis transport keeps one
-        # list per level (priority_steps, pipeline/keys.py), so one level is a real step ahead.
+        # list per level (priority_steps, pipeline/infra/keys.py), so one level is a real step ahead.
         priority=(min(request.priority + 1, 9) if enabled(settings.features, "priority_boost", user)
                   else request.priority),
         experiment=assigned.experiment if assigned else None,

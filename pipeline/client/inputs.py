@@ -13,8 +13,8 @@ import uuid
 from pathlib import Path
 
 from pipeline.config.schema import StorageSettings
-from pipeline.jobs import JobSpec, MelodyInput
-from pipeline.storage_backends import backend_for
+from pipeline.contract.jobs import JobSpec, MelodyInput
+from pipeline.infra.storage_backends import backend_for
 
 log = logging.getLogger(__name__)
 _SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,10}$")

@@ -2,7 +2,7 @@
 
 ``celery -A workers ...`` builds the worker app, which imports the model runtime (torch,
 transformers) to register the generation task. Flower only reads events and beat only sends
-messages by name, so both load this module instead (``celery -A pipeline.monitor_app``) and
+messages by name, so both load this module instead (``celery -A pipeline.ops.monitor_app``) and
 never import torch. The maintenance task names and beat's schedule live here so that beat and
 the workers (``workers/maintenance.py`` registers the tasks) agree without beat importing
 worker code.
@@ -13,8 +13,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pipeline.celery_app import PipelineCelery, make_celery
 from pipeline.config import Settings, load_settings
+from pipeline.infra.celery_app import PipelineCelery, make_celery
 
 MAINTENANCE_QUEUE = "musicgen.maintenance"
 TASK_SWEEP_TEMP = "musicgen.maintenance.sweep_temp"
@@ -52,13 +52,13 @@ def make_monitor_app(settings: Settings) -> PipelineCelery:
     """The factory's app with beat's schedule; it registers no task (it sends by name)."""
     app = make_celery(settings, name="musicgen-monitor")
     app.conf.beat_schedule = maintenance_schedule()
-    from pipeline.log_format import connect_celery
+    from pipeline.infra.log_format import connect_celery
 
     connect_celery(app)
     return app
 
 
-app: PipelineCelery  # built on first access (below); ``celery -A pipeline.monitor_app`` finds it
+app: PipelineCelery  # built on first access (below); ``celery -A pipeline.ops.monitor_app`` finds it
 
 
 def __getattr__(name: str) -> Any:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from pipeline.config.flag_value import FlagRule, FlagValue
 from pipeline.config.schema import FeatureSettings
+from pipeline.contract.user_context import UserContext
 from pipeline.errors import SettingsError
-from pipeline.user_context import UserContext
 
 __all__ = ["FLAGS", "Decision", "FlagInfo", "FlagRule", "FlagValue", "bucket", "decide", "enabled",
            "summary"]
@@ -44,13 +44,13 @@ class FlagInfo:
 # is a deployment switch (no user to decide for) and stays out.
 FLAGS: Mapping[str, FlagInfo] = {
     "melody_conditioning": FlagInfo("requests may carry a melody (melody presets only)",
-                                    "pipeline/resolve.py _melody"),
+                                    "pipeline/client/resolve.py _melody"),
     "priority_boost": FlagInfo("the user's jobs are queued one priority level higher",
-                               "pipeline/resolve.py _spec"),
+                               "pipeline/client/resolve.py _spec"),
     "webhooks": FlagInfo("requests may carry a webhook_url (webhooks.allowed_hosts still apply)",
-                         "pipeline/resolve.py _webhook"),
+                         "pipeline/client/resolve.py _webhook"),
     "long_form": FlagInfo("durations past the model's window (windowed continuation)",
-                          "pipeline/resolve.py resolve"),
+                          "pipeline/client/resolve.py resolve"),
 }
 
 

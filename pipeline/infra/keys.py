@@ -24,7 +24,7 @@ RATE_LIMIT_PREFIX = ROOT_PREFIX + "ratelimit"
 #: The HTTP gateway's per-API-key request rate (pipeline/gateway/auth.py), the same layout.
 API_RATE_PREFIX = ROOT_PREFIX + "apirate"
 
-# --- per-job facts (pipeline/registry.py) ---------------------------------------------------
+# --- per-job facts (pipeline/client/registry.py) ---------------------------------------------------
 #: ``musicgen:job:{id}``: set NX at enqueue; makes a client job id idempotent.
 CLAIM_PREFIX = ROOT_PREFIX + "job:"
 #: ``musicgen:cancel:{id}``: a cancelled job; workers check it before and during a job.
@@ -57,13 +57,13 @@ WORKER_PREFIX = ROOT_PREFIX + "worker:"
 #: kombu.transport.redis.Channel.sep: a queue ``Q`` with priority step ``p > 0`` is the LIST
 #: ``Q + sep + str(p)``; step 0 is the LIST ``Q`` itself. kombu does not let this be configured.
 KOMBU_PRIORITY_SEP = "\x06\x16"
-#: The broker's ``priority_steps`` transport option (pipeline/celery_app.py): one list per
+#: The broker's ``priority_steps`` transport option (pipeline/infra/celery_app.py): one list per
 #: priority, so each of the ten request priorities is its own place in the queue. kombu's
 #: default, (0, 3, 6, 9), folds 4, 5 and 6 into one list: the default priority and a boosted
 #: one would wait side by side.
 KOMBU_PRIORITY_STEPS: tuple[int, ...] = tuple(range(10))
 
-# --- RabbitMQ (pipeline/brokers.py) ---------------------------------------------------------
+# --- RabbitMQ (pipeline/infra/brokers.py) ---------------------------------------------------------
 #: ``x-max-priority`` of every queue Celery declares on RabbitMQ: priorities 0-9, one per
 #: request priority (RabbitMQ serves the higher number first). Not 10: an eleventh level would
 #: never be used, and each level of a classic queue costs the broker memory and CPU.

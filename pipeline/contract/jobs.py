@@ -31,10 +31,10 @@ from pydantic import (
 )
 
 from pipeline.config.presets import known_presets
+from pipeline.contract.output_format import BitDepth, FormatName, Normalization, SampleRate
+from pipeline.contract.output_format import OutputSpec as OutputSpec  # noqa: PLC0414 (re-export)
+from pipeline.contract.remote_urls import MELODY_SCHEMES, WEBHOOK_SCHEMES, check_url
 from pipeline.errors import InvalidRequest
-from pipeline.output_format import BitDepth, FormatName, Normalization, SampleRate
-from pipeline.output_format import OutputSpec as OutputSpec  # noqa: PLC0414 (re-export)
-from pipeline.remote_urls import MELODY_SCHEMES, WEBHOOK_SCHEMES, check_url
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 QUEUE_PREFIX = "musicgen."
@@ -284,7 +284,7 @@ class JobSpec(BaseModel):
     priority: Priority
     enqueued_at: float = Field(ge=0, allow_inf_nan=False)
     # The experiment that chose this job's model and the variant (a preset) it was given, both
-    # recorded in the ledger; unset for a job no experiment touched (pipeline/experiments.py).
+    # recorded in the ledger; unset for a job no experiment touched (pipeline/ops/experiments.py).
     experiment: ExperimentName | None = None
     variant: PresetName | None = None
     # Checked against webhooks.allowed_hosts by resolve() and again before each delivery.

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InvalidRequest, PostProcessFailed, ServiceUnavailable
-from pipeline.ffmpeg_runner import exec_ffmpeg, stderr_tail
+from pipeline.infra.ffmpeg_runner import exec_ffmpeg, stderr_tail
 
 MB = 1024 * 1024  # sizes are binary megabytes, like most upload limits (nginx's "10m")
 
