@@ -25,6 +25,7 @@ from pipeline.errors import (
     ServiceUnavailable,
 )
 from pipeline.jobs import JobResult, JobStatus
+from pipeline.outcome import Outcome, record
 from pipeline.records import JobRecord, job_record
 
 if TYPE_CHECKING:
@@ -315,7 +316,7 @@ class JobHandle:
             if status is JobStatus.queued:
                 self._app.backend.mark_as_revoked(self.id, "cancelled before start")
                 if self._quota is not None:  # it will never run: give the slot back now
-                    self._quota.mark_finished(self.id, status="cancelled", error_code="cancelled")
+                    record(self._quota, Outcome.cancelled(self.id))
             if not self._app.embedded:
                 # Let workers that hold it in their prefetch drop it too; the flag is the guarantee.
                 self._app.control.revoke(self.id)
