@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from pipeline.contract.outcome import FinalStatus
 from pipeline.contract.public_addresses import HostNotPublic, public_opener
 from pipeline.contract.remote_urls import WEBHOOK_SCHEMES, check_url, host_allowed, opener
 from pipeline.errors import WebhookSignatureInvalid
@@ -34,8 +35,8 @@ from pipeline.infra.keys import WEBHOOK_PREFIX
 
 TOLERANCE_S = 300  # a signature older (or newer) than this is a replay, not a delivery
 USER_AGENT = "musicgen-pipeline-webhooks/1"
-EVENT_TYPES = {"succeeded": "job.succeeded", "failed": "job.failed", "timeout": "job.timeout",
-               "cancelled": "job.cancelled"}
+# One event type per final status: job.succeeded, job.failed, job.timeout, job.cancelled.
+EVENT_TYPES = {final: f"job.{final.value}" for final in FinalStatus}
 
 
 def _key(secret: str | bytes) -> bytes:
@@ -53,12 +54,13 @@ def signature(secret: str | bytes, message_id: str, timestamp: int, body: bytes)
     return "v1," + base64.b64encode(digest).decode("ascii")
 
 
-def event(job_id: str, status: str, *, result: Mapping[str, Any] | None = None,
+def event(job_id: str, status: FinalStatus | str, *, result: Mapping[str, Any] | None = None,
           error_code: str | None = None, at: float | None = None) -> dict[str, Any]:
     """The JSON event of a job's end (``status``: succeeded, failed, timeout or cancelled)."""
+    final = FinalStatus(status)
     when = datetime.fromtimestamp(time.time() if at is None else at, UTC)
-    return {"type": EVENT_TYPES[status], "timestamp": when.isoformat().replace("+00:00", "Z"),
-            "data": {"job_id": job_id, "status": status,
+    return {"type": EVENT_TYPES[final], "timestamp": when.isoformat().replace("+00:00", "Z"),
+            "data": {"job_id": job_id, "status": final.value,
                      "result": dict(result) if result is not None else None,
                      "error_code": error_code}}
 
@@ -233,6 +235,6 @@ class DeliveryLog:
             updated_at=float(row.get("updated_at") or 0))]
 
 
-def message_id_for(job_id: str, status: str) -> str:
+def message_id_for(job_id: str, status: FinalStatus | str) -> str:
     """One id per job end, the same on every attempt (receivers dedupe on it)."""
-    return f"msg_{job_id}_{status}"
+    return f"msg_{job_id}_{FinalStatus(status).value}"

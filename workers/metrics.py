@@ -8,8 +8,9 @@ inherited by the children, hence ``worker_init`` (in the parent, before the pool
 directory is per worker node (``<app.data_dir>/metrics/<node name>``) and emptied at start:
 files left by a previous run would otherwise be added to this run's counters.
 
-The task calls the ``observe_*`` functions; they never raise (a metrics bug must not fail a job
-that has made its file) and do nothing useful outside a worker (no server reads them).
+The outcome settler (``workers/outcome.py``) and the task call the ``observe_*`` functions;
+they never raise (a metrics bug must not fail a job that has made its file) and do nothing
+useful outside a worker (no server reads them).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready
 
+from pipeline.contract.outcome import FinalStatus
 from workers.typed_celery import receiver
 
 if TYPE_CHECKING:
@@ -44,7 +46,6 @@ PORT_TRIES = 8
 # A cache hit costs a dict lookup under a lock (microseconds); any real load reads a checkpoint
 # from disk (tens of milliseconds at least). Below this, a job's model_load timing was a hit.
 MODEL_LOAD_MIN_S = 0.001
-SUCCEEDED = "succeeded"
 ENGINES = ("static", "hf")  # the values of the musicgen_engine gauge's engine label
 
 _GENERATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -141,7 +142,7 @@ def observe_success(model: str, result: Mapping[str, Any]) -> None:
         timings = result.get("timings") or {}
         generate = float(timings.get("generate") or 0.0)
         audio = float(result.get("duration") or 0.0)
-        m.jobs.labels(model, SUCCEEDED, "").inc()
+        m.jobs.labels(model, FinalStatus.SUCCEEDED.value, "").inc()
         m.queue_wait.labels(model).observe(max(0.0, float(timings.get("queue_wait") or 0.0)))
         if audio > 0:
             m.audio.labels(model).inc(audio)
@@ -162,7 +163,7 @@ def observe_success(model: str, result: Mapping[str, Any]) -> None:
 def observe_failure(model: str, code: str) -> None:
     """Count a job that ended in error ``code`` (``timeout`` counts as outcome ``timeout``)."""
     try:
-        _get().jobs.labels(model, "timeout" if code == "timeout" else "failed", code).inc()
+        _get().jobs.labels(model, FinalStatus.of_error(code).value, code).inc()
     except Exception:
         log.warning("could not record metrics of a failed %s job", model, exc_info=True)
 

@@ -11,21 +11,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Literal
+from typing import Any
 
 from celery import Task, states
-from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from pydantic import ValidationError
 
-from pipeline.client.handle import error_of
 from pipeline.client.registry import JobRegistry, registry_for
 from pipeline.contract.jobs import JobSpec, invalid_request_from, queue_for
 from pipeline.contract.time_limits import job_time_limits
 from pipeline.errors import (
-    GpuOutOfMemory,
-    JobNotFound,
     JobTimeout,
-    ModelRuntimeError,
     PoisonJob,
     TransientError,
 )
@@ -35,26 +31,14 @@ from pipeline.policies.configured import Policies
 from pipeline.quota import QuotaStore
 from pipeline.quota.configured import store_for
 from workers import typed_celery
-from workers.job_runner import JobCancelledByUser, JobRunner, discard_job_files, job_outputs
-from workers.metrics import (
-    model_of,
-    observe_batch,
-    observe_engine,
-    observe_failure,
-    observe_success,
-)
+from workers.job_runner import JobCancelledByUser, JobRunner, job_outputs
+from workers.metrics import observe_batch, observe_engine
 from workers.outage import PUBLISH_THROUGH_FAILOVER, restore_lost_result, through_outage
-from workers.webhook_task import job_ended
+from workers.outcome import Settler, ledger_call, settle_breaker, verdict_of
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.25  # throttles result-backend writes and cancel-flag reads
-# Failures that say the model or the GPU is unwell: they count towards opening the breaker.
-# Bad input, unsupported options and cancellations say nothing about the model.
-BREAKER_FAILURES = (GpuOutOfMemory, ModelRuntimeError, JobTimeout)
-# Also a verdict on the model: a job that kills its worker, and a soft limit caught anywhere.
-_FAILURE_VERDICTS = (*BREAKER_FAILURES, PoisonJob, SoftTimeLimitExceeded)
-Verdict = Literal["success", "failure", "release"]
 
 
 class WorkerState:
@@ -101,15 +85,9 @@ def _quota(app: PipelineCelery) -> QuotaStore:
         return STATE.quota
 
 
-def _ledger(app: PipelineCelery, action: str, job_id: str, **values: Any) -> bool | None:
-    """Record in the ledger; a database hiccup must not fail a job that has produced its file."""
-    try:
-        return getattr(_quota(app), action)(job_id, **values)  # type: ignore[no-any-return]
-    except JobNotFound:
-        log.warning("job %s has no ledger row (enqueued with quotas off?)", job_id)
-    except Exception:
-        log.exception("could not record %s for job %s in the ledger", action, job_id)
-    return None
+def _settler(app: PipelineCelery) -> Settler:
+    """The settler of this process's job outcomes (``workers/outcome.py``)."""
+    return Settler(app, lambda: _quota(app), lambda: _policies(app))
 
 
 class _JobProgress:
@@ -214,33 +192,6 @@ def _check_poison(task: Task, spec: JobSpec, reg: JobRegistry) -> None:
                         {"deliveries": starts})
 
 
-def verdict_of(exc: BaseException | None) -> Verdict:
-    """What a job's end says about its model: nothing (release) unless the model or GPU failed."""
-    if exc is None:
-        return "success"
-    return "failure" if isinstance(exc, _FAILURE_VERDICTS) else "release"
-
-
-def settle_breaker(breaker: CircuitBreaker | None, admission: Admission | None,
-                   verdict: Verdict) -> None:
-    """Settle a job's breaker pass exactly once: record the verdict, or give the probe back.
-
-    Called from ``finally``, so it never raises: a Redis blip here must not replace the job's
-    own outcome (a claim that cannot be released still expires after ``probe_timeout``).
-    """
-    if breaker is None or admission is None:
-        return
-    try:
-        if verdict == "success":
-            breaker.record_success()
-        elif verdict == "failure":
-            breaker.record_failure()
-        else:
-            breaker.release_probe(admission)
-    except Exception:
-        log.exception("could not settle the circuit breaker of %s (%s)", breaker.name, verdict)
-
-
 def run_generate(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
     app: PipelineCelery = task.app
     started_at = time.time()
@@ -249,9 +200,7 @@ def run_generate(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
     # Every Redis touch before the job runs rides out a failover, then is a transient error
     # (workers/outage.py); the ones after it are best effort.
     if through_outage("the cancel flag", lambda: reg.is_cancelled(spec.job_id)):
-        task.backend.mark_as_revoked(spec.job_id, "cancelled before start", request=task.request)
-        _ledger(app, "mark_finished", spec.job_id, status="cancelled", error_code="cancelled")
-        job_ended(app, payload, "cancelled", error_code="cancelled")
+        _settler(app).cancelled(task, payload, spec.job_id, ran=False)
         raise Ignore()
     if _already_ended(task, spec.job_id):
         # A late redelivery of a job that has its final state (a worker thought dead finished it,
@@ -277,8 +226,9 @@ def run_generate(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
 def _run(task: Task, spec: JobSpec, reg: JobRegistry, started_at: float) -> dict[str, Any]:
     app: PipelineCelery = task.app
     runner = runner_for(app)
-    if _ledger(app, "mark_started", spec.job_id, worker=task.request.hostname or "worker",
-               queue_wait_seconds=max(0.0, started_at - spec.enqueued_at)) is False:
+    if ledger_call(lambda: _quota(app), spec.job_id, "the start", lambda quota: quota.mark_started(
+            spec.job_id, worker=task.request.hostname or "worker",
+            queue_wait_seconds=max(0.0, started_at - spec.enqueued_at))) is False:
         # The job already ended (a late redelivery of a finished job): do not make it twice.
         log.warning("job %s already finished; dropping this delivery", spec.job_id)
         restore_lost_result(task.backend, job_outputs(app.settings, spec.job_id), spec.job_id)
@@ -288,10 +238,7 @@ def _run(task: Task, spec: JobSpec, reg: JobRegistry, started_at: float) -> dict
         outcome = runner.run(spec, worker=task.request.hostname or "worker",
                              progress=progress, started_at=started_at, on_partial=progress.partial)
     except JobCancelledByUser:
-        runner.remove_outputs(spec.job_id)
-        task.backend.mark_as_revoked(spec.job_id, "cancelled while running", request=task.request)
-        _ledger(app, "mark_finished", spec.job_id, status="cancelled", error_code="cancelled")
-        job_ended(app, spec.model_dump(mode="json"), "cancelled", error_code="cancelled")
+        _settler(app).cancelled(task, spec.model_dump(mode="json"), spec.job_id, ran=True)
         raise Ignore() from None
     except SoftTimeLimitExceeded as exc:
         runner.remove_outputs(spec.job_id)
@@ -301,36 +248,18 @@ def _run(task: Task, spec: JobSpec, reg: JobRegistry, started_at: float) -> dict
 
 
 class GenerationTask(Task):  # type: ignore[misc]
-    """Settles the ledger on every final outcome. Celery calls these hooks once per job, after
-    the last retry, and calls on_failure even for a hard time-limit kill (from the parent)."""
+    """Hands every final outcome to the settler (``workers/outcome.py``). Celery calls these
+    hooks once per job, after the last retry, and calls on_failure even for a hard time-limit
+    kill (from the parent)."""
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        # timings.generate is the wall time of the call the job shared with batch_size - 1
-        # others: the job's own GPU time is its share.
-        batch_size = int(retval.get("batch_size") or 1)
-        _ledger(self.app, "mark_finished", task_id, status="succeeded",
-                produced_seconds=retval["duration"],
-                gpu_seconds=retval["timings"]["generate"] / batch_size, batch_size=batch_size,
-                result=retval)  # the job's record outlives the result backend's copy
-        observe_success(str(retval.get("model")), retval)
-        job_ended(self.app, args[0] if args else None, "succeeded", result=retval)
+        _settler(self.app).succeeded(args[0] if args else None, task_id, retval)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
-        code, message = error_of(exc)
         # Any final failure (poison, a hard time limit that killed the child, a last retry)
         # leaves none of the job's files; this runs in the parent after a hard kill.
-        discard_job_files(self.app.settings, task_id)
-        _ledger(self.app, "mark_finished", task_id,
-                status="timeout" if code == "timeout" else "failed", error_code=code,
-                error_message=message)
-        observe_failure(model_of(args), code)
-        job_ended(self.app, args[0] if args else None,
-                  "timeout" if code == "timeout" else "failed", error_code=code)
-        if isinstance(exc, TimeLimitExceeded) and args:  # killed by the hard limit: sick model too
-            breaker = _policies(self.app).breaker(str(args[0].get("model")))
-            if breaker is not None:
-                settle_breaker(breaker, Admission(), "failure")  # never raises: Redis may be away
+        _settler(self.app).failed(args[0] if args else None, task_id, exc)
 
 
 def register_tasks(app: PipelineCelery) -> None:

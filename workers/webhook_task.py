@@ -21,6 +21,7 @@ from celery.signals import celeryd_after_setup, task_revoked
 from pipeline import webhooks
 from pipeline.client.inputs import discard as discard_input
 from pipeline.contract.jobs import MelodyInput
+from pipeline.contract.outcome import FinalStatus
 from pipeline.infra.celery_app import TASK_GENERATE, PipelineCelery
 from workers.typed_celery import receiver, task
 
@@ -35,10 +36,10 @@ def _log(app: PipelineCelery) -> webhooks.DeliveryLog:
     return webhooks.DeliveryLog(app.redis, app.settings.broker.result_expires)
 
 
-def job_ended(app: PipelineCelery, payload: Any, status: str, *,
+def job_ended(app: PipelineCelery, payload: Any, status: FinalStatus, *,
               result: Mapping[str, Any] | None = None, error_code: str | None = None) -> None:
-    """A job ended for good (``status``: succeeded, failed, timeout, cancelled): delete its
-    uploaded melody and queue its webhook. Never raises: the job's own outcome stands."""
+    """A job ended for good: delete its uploaded melody and queue its webhook (the webhook
+    step of ``workers/outcome.py``). Never raises: the job's own outcome stands."""
     if not isinstance(payload, Mapping):
         return
     job_id = str(payload.get("job_id") or "")
@@ -109,9 +110,10 @@ def register(app: PipelineCelery) -> None:
     @receiver(task_revoked)
     def _revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         # Celery drops a job revoked while queued without running it (no on_failure): its end
-        # is announced here. A job cancelled by our own flag ends in workers/tasks.py instead.
+        # is announced here (its ledger row was settled by the cancelling handle). A job cancelled
+        # by our own flag is settled in workers/outcome.py instead.
         if getattr(sender, "name", None) != TASK_GENERATE or getattr(sender, "app", None) is not app:
             return
         args = getattr(request, "args", None) or ()
         if args:
-            job_ended(app, args[0], "cancelled", error_code="cancelled")
+            job_ended(app, args[0], FinalStatus.CANCELLED, error_code="cancelled")

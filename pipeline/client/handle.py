@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.client.records import JobRecord, job_record
 from pipeline.contract.jobs import JobResult, JobStatus
+from pipeline.contract.outcome import Outcome
 from pipeline.errors import (
     JobCancelled,
     JobFailed,
@@ -26,6 +27,7 @@ from pipeline.errors import (
     ServiceUnavailable,
 )
 from pipeline.infra.changes import FALLBACK_S, changes_of
+from pipeline.quota.outcomes import record
 
 if TYPE_CHECKING:
     from pipeline.client.registry import JobRegistry
@@ -315,7 +317,7 @@ class JobHandle:
             if status is JobStatus.queued:
                 self._app.backend.mark_as_revoked(self.id, "cancelled before start")
                 if self._quota is not None:  # it will never run: give the slot back now
-                    self._quota.mark_finished(self.id, status="cancelled", error_code="cancelled")
+                    record(self._quota, Outcome.cancelled(self.id))
             if not self._app.embedded:
                 # Let workers that hold it in their prefetch drop it too; the flag is the guarantee.
                 self._app.control.revoke(self.id)

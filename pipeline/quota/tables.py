@@ -35,6 +35,8 @@ from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from pipeline.contract.outcome import FinalStatus
+
 __all__ = ["Base", "DailyUsageRow", "LedgerRow", "LedgerStatus", "UTCDateTime", "UsageDaily",
            "UsageLedger", "UserQuota", "CHARGED_STATUSES", "TERMINAL_STATUSES", "make_engine"]
 
@@ -94,8 +96,8 @@ class LedgerStatus(str, Enum):
 
 # Rows in these states count against the quota; the others were refunded.
 CHARGED_STATUSES = frozenset({LedgerStatus.RESERVED, LedgerStatus.STARTED, LedgerStatus.SUCCEEDED})
-TERMINAL_STATUSES = frozenset({LedgerStatus.SUCCEEDED, LedgerStatus.FAILED,
-                               LedgerStatus.CANCELLED, LedgerStatus.TIMEOUT})
+# A job's final statuses are pipeline.contract.outcome's, which the webhooks and metrics speak too.
+TERMINAL_STATUSES = frozenset(LedgerStatus(final.value) for final in FinalStatus)
 
 
 class UTCDateTime(TypeDecorator[datetime]):

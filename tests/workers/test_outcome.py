@@ -1,0 +1,194 @@
+"""``workers.outcome.Settler``: each final outcome of a job, settled through every step, on a
+real SQLite ledger and real Redis (the webhook's record and message, the breaker, the result
+backend), with real files in a temporary storage folder and the in-process metric registry."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+import redis
+from celery import Task
+from celery.exceptions import TimeLimitExceeded
+from prometheus_client import REGISTRY
+
+from pipeline.config.schema import BrokerSettings, Settings, StorageSettings, WebhookSettings
+from pipeline.errors import InvalidRequest, ModelRuntimeError
+from pipeline.infra.celery_app import PipelineCelery, make_celery
+from pipeline.infra.keys import WEBHOOK_PREFIX, breaker_key
+from pipeline.policies.configured import Policies
+from pipeline.quota import DEFAULT_TIERS, QuotaStore, make_engine, upgrade
+from pipeline.webhooks import DeliveryLog
+from workers.job_runner import job_outputs, job_temp_dir
+from workers.outcome import Settler
+from workers.webhook_task import WEBHOOK_QUEUE
+
+pytestmark = pytest.mark.timeout(60)
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+@dataclass
+class World:
+    app: PipelineCelery
+    ledger: QuotaStore
+    settler: Settler
+    job_id: str
+    model: str  # a preset of this test's own: its breaker key is nobody else's
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "model": self.model,
+                "webhook_url": "http://127.0.0.1:9/hook"}
+
+    def make_files(self) -> list[Path]:
+        """What a running job leaves: its scratch folder and a finished output."""
+        temp = job_temp_dir(self.app.settings, self.job_id)
+        temp.mkdir(parents=True)
+        output = job_outputs(self.app.settings, self.job_id)[0]
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_bytes(b"RIFF")
+        return [temp, output]
+
+    def row(self) -> dict[str, Any]:
+        [row] = self.ledger.ledger()
+        return dict(row)
+
+    def webhook(self) -> tuple[str, str] | None:
+        """The recorded delivery's (event, status), or None when none was queued."""
+        rows = DeliveryLog(self.app.redis, 60).read(self.job_id)
+        return (rows[0].event, rows[0].status) if rows else None
+
+    def queued_messages(self) -> int:
+        return len(_webhook_messages(self.app.redis, self.job_id))
+
+    def jobs_counted(self, outcome: str, code: str) -> float:
+        return REGISTRY.get_sample_value("musicgen_jobs_total", {
+            "model": self.model, "outcome": outcome, "error_code": code}) or 0.0
+
+    def breaker_failures(self) -> int:
+        breaker = Policies.for_app(self.app).breaker(self.model)
+        assert breaker is not None
+        return int(breaker.status()["failures"])
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    settings = Settings(broker=BrokerSettings(url=REDIS),
+                        storage=StorageSettings(output_dir=str(tmp_path / "out"),
+                                                temp_dir=str(tmp_path / "tmp")),
+                        webhooks=WebhookSettings(allowed_hosts=["127.0.0.1"],
+                                                 secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"))  # type: ignore[arg-type]
+    app = make_celery(settings)
+    url = f"sqlite:///{tmp_path / 'quota.db'}"
+    upgrade(url)
+    ledger = QuotaStore(make_engine(url), tiers=DEFAULT_TIERS, default_tier="free",
+                        timezone="UTC")
+    tag = uuid.uuid4().hex[:12]
+    w = World(app, ledger, Settler(app, lambda: ledger, lambda: Policies.for_app(app)),
+              f"settle-{tag}", f"settle-model-{tag}")
+    ledger.reserve(job_id=w.job_id, user_id="u1", model=w.model, requested_seconds=4.0)
+    client = redis.Redis.from_url(REDIS)
+    try:
+        yield w
+    finally:
+        # Our own keys only: the delivery record, the breaker, the job's state and the message.
+        client.delete(WEBHOOK_PREFIX + w.job_id, breaker_key(w.model))
+        app.backend.forget(w.job_id)
+        for key, raw in _webhook_messages(client, w.job_id):
+            client.lrem(key, 0, raw)
+        client.close()
+        ledger.close()
+        app.close()
+
+
+def _webhook_messages(client: Any, job_id: str) -> list[tuple[str, str]]:
+    """(list key, message) of each message for ``job_id`` on the webhook queue (every priority
+    list of it)."""
+    return [(key.decode(), raw.decode()) for key in client.scan_iter(match=f"{WEBHOOK_QUEUE}*")
+            if client.type(key) == b"list"
+            for raw in client.lrange(key, 0, -1) if job_id.encode() in raw]
+
+
+def _task(app: PipelineCelery) -> Task:
+    """What the settler needs of the running task to revoke its job: the result backend."""
+    return cast(Task, SimpleNamespace(backend=app.backend, request=None))
+
+
+def test_a_success_keeps_its_file_and_records_usage(world: World) -> None:
+    files = world.make_files()
+    before = world.jobs_counted("succeeded", "")
+    result = {"model": world.model, "duration": 4.0, "batch_size": 2,
+              "timings": {"generate": 1.0, "queue_wait": 0.5}}
+    world.settler.succeeded(world.payload, world.job_id, result)
+    assert all(path.exists() for path in files)
+    row = world.row()
+    assert (row["status"], row["gpu_seconds"], row["batch_size"]) == ("succeeded", 0.5, 2)
+    assert world.jobs_counted("succeeded", "") == before + 1
+    assert world.webhook() == ("job.succeeded", "pending")
+    assert world.queued_messages() == 1
+    assert world.breaker_failures() == 0  # the admitted pass is settled in run_generate
+
+
+@pytest.mark.parametrize(("exc", "code"), [
+    (ModelRuntimeError("the model failed", None), "model_runtime_error"),
+    (InvalidRequest("no such option", "format"), "invalid_request"),
+])
+def test_a_failure_discards_files_and_refunds(world: World, exc: BaseException,
+                                              code: str) -> None:
+    files = world.make_files()
+    before = world.jobs_counted("failed", code)
+    world.settler.failed(world.payload, world.job_id, exc)
+    assert not any(path.exists() for path in files)
+    row = world.row()
+    assert (row["status"], row["error_code"]) == ("failed", code)
+    assert world.jobs_counted("failed", code) == before + 1
+    assert world.webhook() == ("job.failed", "pending")
+    assert world.breaker_failures() == 0
+
+
+def test_a_hard_time_limit_is_a_timeout_and_a_verdict_on_the_model(world: World) -> None:
+    files = world.make_files()
+    before = world.jobs_counted("timeout", "timeout")
+    world.settler.failed(world.payload, world.job_id, TimeLimitExceeded(60.0))
+    assert not any(path.exists() for path in files)
+    assert (world.row()["status"], world.row()["error_code"]) == ("timeout", "timeout")
+    assert world.jobs_counted("timeout", "timeout") == before + 1
+    assert world.webhook() == ("job.timeout", "pending")
+    assert world.breaker_failures() == 1  # the child died: its finally never ran
+
+
+@pytest.mark.parametrize("ran", [True, False])
+def test_a_cancel_is_revoked_refunded_and_announced_but_not_counted(world: World,
+                                                                     ran: bool) -> None:
+    files = world.make_files()
+    counted = {o: world.jobs_counted(o, "cancelled") for o in ("failed", "cancelled")}
+    world.settler.cancelled(_task(world.app), world.payload, world.job_id, ran=ran)
+    # A job cancelled before it started made no files: whatever is there is not its own run's.
+    assert [path.exists() for path in files] == [not ran, not ran]
+    assert world.app.backend.get_state(world.job_id) == "REVOKED"
+    assert (world.row()["status"], world.row()["error_code"]) == ("cancelled", "cancelled")
+    assert {o: world.jobs_counted(o, "cancelled") for o in counted} == counted
+    assert world.webhook() == ("job.cancelled", "pending")
+
+
+def test_the_first_end_wins_and_is_announced_once(world: World) -> None:
+    world.settler.failed(world.payload, world.job_id, ModelRuntimeError("failed", None))
+    world.settler.cancelled(_task(world.app), world.payload, world.job_id, ran=True)
+    assert world.row()["status"] == "failed"
+    assert world.webhook() == ("job.failed", "pending")
+    assert world.queued_messages() == 1
+
+
+def test_a_job_without_a_ledger_row_is_still_announced(world: World) -> None:
+    other = World(world.app, world.ledger, world.settler, world.job_id + "-norow", world.model)
+    try:
+        other.settler.failed(other.payload, other.job_id, ModelRuntimeError("failed", None))
+        assert other.webhook() == ("job.failed", "pending")
+        assert world.row()["status"] == "reserved"  # the other job's end touched no row
+    finally:
+        redis.Redis.from_url(REDIS).delete(WEBHOOK_PREFIX + other.job_id)
