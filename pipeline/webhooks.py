@@ -22,7 +22,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -70,12 +70,15 @@ def body_of(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def headers(secret: str | bytes, message_id: str, body: bytes,
+def headers(secret: str | bytes | Sequence[str], message_id: str, body: bytes,
             now: float | None = None) -> dict[str, str]:
+    """The headers of one delivery, signed with ``secret``, or with each of several secrets
+    (space-separated signatures: a secret being rotated and its successor)."""
     stamp = int(time.time() if now is None else now)
+    keys = [secret] if isinstance(secret, str | bytes) else list(secret)
     return {"Content-Type": "application/json", "User-Agent": USER_AGENT,
             "webhook-id": message_id, "webhook-timestamp": str(stamp),
-            "webhook-signature": signature(secret, message_id, stamp, body)}
+            "webhook-signature": " ".join(signature(k, message_id, stamp, body) for k in keys)}
 
 
 def verify(body: bytes, headers: Mapping[str, str], secret: str | bytes, *,
@@ -148,7 +151,8 @@ def check_target(url: str, allowed_hosts: list[str], *,
     return f"host {parts.hostname!r} is not in webhooks.allowed_hosts"
 
 
-def post(url: str, message_id: str, payload: Mapping[str, Any], secret: str | bytes, *,
+def post(url: str, message_id: str, payload: Mapping[str, Any],
+         secret: str | bytes | Sequence[str], *,
          timeout_s: float, public: bool = False) -> Attempt:
     """POST the signed event once. 2xx is delivered; a 5xx, 408, 429, a connection error or a
     timeout may pass (retryable); any other answer (4xx, a redirect) will not. ``public``: the

@@ -17,12 +17,16 @@ from typing import Any
 
 from celery import Task
 from celery.signals import celeryd_after_setup, task_revoked
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import webhooks
 from pipeline.client.inputs import discard as discard_input
 from pipeline.contract.jobs import MelodyInput
 from pipeline.contract.outcome import FinalStatus
+from pipeline.errors import PipelineError
 from pipeline.infra.celery_app import TASK_GENERATE, PipelineCelery
+from pipeline.quota.configured import store_for
+from pipeline.quota.webhook_secrets import WebhookSecrets
 from workers.typed_celery import receiver, task
 
 log = logging.getLogger(__name__)
@@ -56,26 +60,51 @@ def job_ended(app: PipelineCelery, payload: Any, status: FinalStatus, *,
         message_id = webhooks.message_id_for(job_id, status)
         if not _log(app).open(job_id, url, webhooks.EVENT_TYPES[status], message_id):
             return  # this job's end was already announced (a redelivered job ending twice)
+        user_id = payload.get("user_id")
         app.send_task(TASK_DELIVER_WEBHOOK, queue=WEBHOOK_QUEUE, args=[
             job_id, url, message_id,
-            webhooks.event(job_id, status, result=result, error_code=error_code)])
+            webhooks.event(job_id, status, result=result, error_code=error_code),
+            user_id if isinstance(user_id, str) else None])
     except Exception:
         log.exception("job %s: could not queue its webhook", job_id)
 
 
+_SECRETS: dict[int, WebhookSecrets] = {}  # per app, made in the process that delivers
+
+
+def _signing(app: PipelineCelery, user_id: str | None) -> list[str]:
+    """The secrets this delivery is signed with: the user's own (pipeline/quota/
+    webhook_secrets.py), else the deployment's ``webhooks.secret``; empty: none is set."""
+    if user_id is not None:
+        store = _SECRETS.get(id(app))
+        if store is None:  # its own engine per process: connections must not cross a fork
+            store = _SECRETS[id(app)] = WebhookSecrets(store_for(app.settings).engine)
+        own = store.signing(user_id)
+        if own:
+            return own
+    secret = app.settings.webhooks.secret
+    return [] if secret is None else [secret.get_secret_value()]
+
+
 def deliver(app: PipelineCelery, request_retries: int, job_id: str, url: str, message_id: str,
-            payload: Mapping[str, Any]) -> tuple[webhooks.Attempt, float | None]:
+            payload: Mapping[str, Any],
+            user_id: str | None = None) -> tuple[webhooks.Attempt, float | None]:
     """One attempt; returns its outcome and the countdown to the next (None: no more)."""
     hooks = app.settings.webhooks
     attempt_no = request_retries + 1
     target = webhooks.check_target(url, hooks.allowed_hosts, public_hosts=hooks.public_hosts)
-    if isinstance(target, str) or hooks.secret is None:
-        why = target if isinstance(target, str) else "webhooks.secret is unset"
-        outcome = webhooks.Attempt(False, False, None, why)
+    if isinstance(target, str):
+        outcome = webhooks.Attempt(False, False, None, target)
     else:
-        outcome = webhooks.post(target.url, message_id, payload,
-                                hooks.secret.get_secret_value(), timeout_s=hooks.timeout_s,
-                                public=target.public)
+        try:
+            secrets = _signing(app, user_id)
+        except (PipelineError, SQLAlchemyError) as exc:  # the database is away: try again
+            outcome = webhooks.Attempt(False, True, None, "cannot read the user's webhook "
+                                                          f"secret ({type(exc).__name__})")
+        else:
+            outcome = (webhooks.post(target.url, message_id, payload, secrets,
+                                     timeout_s=hooks.timeout_s, public=target.public) if secrets
+                       else webhooks.Attempt(False, False, None, "webhooks.secret is unset"))
     again = outcome.retryable and attempt_no < hooks.max_attempts
     _log(app).attempt(job_id, outcome, final=not again)
     if outcome.ok:
@@ -95,8 +124,10 @@ def register(app: PipelineCelery) -> None:
     @task(app, name=TASK_DELIVER_WEBHOOK, queue=WEBHOOK_QUEUE, bind=True, shared=False,
           ignore_result=True, max_retries=None, acks_late=True)
     def deliver_task(self: Task, job_id: str, url: str, message_id: str,
-                     payload: dict[str, Any]) -> dict[str, Any]:
-        outcome, countdown = deliver(app, self.request.retries, job_id, url, message_id, payload)
+                     payload: dict[str, Any], user_id: str | None = None) -> dict[str, Any]:
+        # user_id: absent from deliveries queued before per-user secrets (the default signs).
+        outcome, countdown = deliver(app, self.request.retries, job_id, url, message_id, payload,
+                                     user_id)
         if countdown is not None:
             raise self.retry(countdown=countdown)
         return {"delivered": outcome.ok, "status": outcome.status, "error": outcome.error}

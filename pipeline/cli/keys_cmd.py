@@ -23,6 +23,7 @@ from pipeline.cli.common import (
 )
 from pipeline.cli.db_cmd import open_store
 from pipeline.errors import PipelineError
+from pipeline.quota.webhook_secrets import WebhookSecrets
 
 if TYPE_CHECKING:
     from pipeline.gateway.keystore import KeyInfo
@@ -56,16 +57,44 @@ def create(
             if tier is not None:  # first: an unknown tier creates no key
                 store.set_quota(user, tier=tier)
             new = ApiKeyStore(store.engine).create(user, name=name)
+            # The user's own webhook signing secret, made with its first key (shown once).
+            hook_secret = WebhookSecrets(store.engine).ensure(new.info.user_id)
             tier_now = store.tier_of(user)
     except PipelineError as exc:
         fail(exc)
     if as_json:
-        typer.echo(json.dumps({"key": new.key, **key_dict(new.info), "tier": tier_now}, indent=2))
+        typer.echo(json.dumps({"key": new.key, **key_dict(new.info), "tier": tier_now,
+                               "webhook_secret": hook_secret}, indent=2))
         return
     typer.echo(f"key:     {new.key}")
     typer.echo(f"prefix:  {new.info.label}")
     typer.echo(f"user:    {new.info.user_id} (tier {tier_now})")
+    if hook_secret is not None:
+        typer.echo(f"webhook secret: {hook_secret}  (verifies this user's webhook deliveries)")
     typer.echo("Store the key now: it is not shown again (only its hash is kept).", err=True)
+
+
+@keys_app.command("rotate-webhook-secret")
+def rotate_webhook_secret(
+    user: str = typer.Argument(..., help="the user whose webhook signing secret is replaced"),
+    as_json: JsonOption = False,
+    env: EnvOption = None,
+    sets: SetsOption = None,
+) -> None:
+    """A new webhook signing secret for USER, printed once; deliveries carry signatures by
+    the old one too for 24 hours, so its receiver can switch without refusing any."""
+    settings = load_or_exit(env, parse_sets(sets))
+    try:
+        with open_store(settings, must_exist=False) as store:
+            secret = WebhookSecrets(store.engine).rotate(user)
+    except PipelineError as exc:
+        fail(exc)
+    if as_json:
+        typer.echo(json.dumps({"user_id": user, "webhook_secret": secret}, indent=2))
+        return
+    typer.echo(f"webhook secret: {secret}")
+    typer.echo("Store it now: it is not shown again. The previous secret still signs for 24 h.",
+               err=True)
 
 
 @keys_app.command("list")

@@ -38,7 +38,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from pipeline.contract.outcome import FinalStatus
 
 __all__ = ["Base", "DailyUsageRow", "LedgerRow", "LedgerStatus", "UTCDateTime", "UsageDaily",
-           "UsageLedger", "UserQuota", "CHARGED_STATUSES", "TERMINAL_STATUSES", "make_engine"]
+           "UsageLedger", "WebhookSecret", "UserQuota", "CHARGED_STATUSES", "TERMINAL_STATUSES", "make_engine"]
 
 # How long a SQLite writer waits for the file lock before "database is locked" (seconds).
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -282,3 +282,19 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     # Set once by `keys revoke`; a revoked row stays, so `keys list` shows what it was.
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class WebhookSecret(Base):
+    """A user's own webhook signing secret (pipeline/quota/webhook_secrets.py), for receivers
+    that belong to the deployment's customers: their deliveries are signed with it instead of
+    the deployment's ``webhooks.secret``. Kept as it is, not hashed: signing needs the secret
+    itself (as every webhook sender does). ``previous`` still signs until ``previous_until``,
+    so a receiver has time to switch after a rotation."""
+
+    __tablename__ = "webhook_secrets"
+
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(128))
+    previous: Mapped[str | None] = mapped_column(String(128))
+    previous_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    rotated_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -29,7 +29,7 @@ from pipeline.quota import (
 from pipeline.quota.migrate import MIGRATIONS_DIR, alembic_config
 from pipeline.quota.tables import Base, UsageLedger, UserQuota
 
-HEAD = "0006"
+HEAD = "0007"
 REPO_ROOT = Path(__file__).resolve().parents[2]  # where ``import pipeline`` finds this tree
 
 # quota_empty_db_url: an empty SQLite file, and an empty PostgreSQL database of its own.
