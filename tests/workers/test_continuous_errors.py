@@ -14,9 +14,11 @@ import threading
 import pytest
 
 from pipeline.errors import GpuOutOfMemory, ModelRuntimeError, PipelineError
-from workers.continuous import device_lost, typed
+from workers.generation.engine_loop import typed
+from workers.generation.offline import generate_on
 from workers.runtime import GenerationItem, LoadedModel
 from workers.runtime.engine import StaticEngine
+from workers.watchdog import device_lost
 
 from .test_continuous import WAIT, Rig, wait_until
 
@@ -165,4 +167,4 @@ def test_the_engine_turns_any_step_exception_into_a_typed_error(
     monkeypatch.undo()
     engine.release(row)  # what the loop does with the rows of a failed step
     assert engine.active() == 0
-    assert engine.generate([GenerationItem("calm", 0.2, seed=1)])[0].seed == 1
+    assert generate_on(engine, [GenerationItem("calm", 0.2, seed=1)])[0].seed == 1

@@ -26,8 +26,8 @@ from pipeline.errors import (
 from workers.runtime import GenerationItem, LoadedModel, ModelCache, generate, load_model
 from workers.runtime.batch import batch_groups
 from workers.runtime.device import resolve_device, resolve_dtype
+from workers.runtime.frames import bucket_for, frames_for, max_new_tokens_for
 from workers.runtime.melody import ChromaExtractor, resample
-from workers.runtime.musicgen import bucket_for, frames_for, max_new_tokens_for
 from workers.runtime.progress import ProgressReporter
 
 
