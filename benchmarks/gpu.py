@@ -5,10 +5,10 @@
 
 For every model, dtype, compile mode and batch size, the same N equal jobs (prompts differ, seeds
 fixed, the serving defaults: temperature 1, top-k 250, guidance 3) run through HF generate
-(``workers.runtime.musicgen.generate``, one padded call) and through the static engine (``workers.generation.offline.generate_on``),
-each warmed up once first (allocations, compilation). Printed beside each other: decode
-tokens/s (steps the clip needs, its frames plus the delay pattern's codebooks - 1, times rows,
-over wall time: HF's padding to its bucket is its cost, not its output), audio seconds per
+(``workers.runtime.musicgen.generate``, one padded call) and through the static engine
+(``workers.generation.offline.generate_on``), each warmed up once first (allocations,
+compilation). Printed beside each other: decode tokens/s (steps the clip needs, its frames
+plus the delay pattern's codebooks - 1, times rows, over wall time: HF's padding to its bucket is its cost, not its output), audio seconds per
 second (at batch 1: the real-time factor) and peak memory, with the engine/HF ratio.
 
 Then the roofline at batch 1: the bytes of decoder weights a step reads, the rate this host

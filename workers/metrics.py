@@ -27,7 +27,7 @@ from celery.signals import worker_init, worker_process_init, worker_process_shut
 from workers.typed_celery import receiver
 
 if TYPE_CHECKING:
-    # Only for the annotation: importing workers.batcher loads workers.runtime, hence torch,
+    # Only for the annotation: importing workers.generation loads workers.runtime, hence torch,
     # which this module (imported by every task module) must not pay for.
     from workers.generation import BatchStats
 

@@ -107,7 +107,7 @@ def test_preload_builds_the_static_engine_of_the_preset(tmp_path: Path, tiny_pat
         "model.preset": "tiny", "model.source": str(tiny_path), "model.preload": True})
     assert settings.model.engine == "static"
     runner = JobRunner(settings)
-    caplog.set_level("INFO", logger="workers.continuous")
+    caplog.set_level("INFO", logger="workers.generation.engine_loop")
     assert runner.preload() is not None
     assert "built a static engine of" in caplog.text
     loaded, _ = runner.model("tiny")

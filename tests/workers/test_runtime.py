@@ -98,7 +98,7 @@ def test_a_failing_compile_falls_back_to_the_eager_decoder(
         return fail
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    with caplog.at_level(logging.WARNING, logger="workers.runtime.musicgen"):
+    with caplog.at_level(logging.WARNING, logger="workers.runtime.loading"):
         loaded = load_model(str(tiny_path), device="cpu", offline=True, compile=True)
     assert "running uncompiled" in caplog.text
     assert "forward" not in vars(loaded.model.decoder)  # the class's own forward is back

@@ -3,7 +3,7 @@
 Any exception from a step fails the rows of that step with a typed ``PipelineError``, whatever
 its class (an IndexError from a bad index is not a RuntimeError); an unrecoverable device error
 ends the process through the hard limit's way out, so that no job is served on a dead CUDA
-context. The scripted engine of ``test_continuous`` stands in where the loop is under test; the
+context. The scripted engine of ``test_engine_loop`` stands in where the loop is under test; the
 real engine on the tiny model where the engine's own conversion is.
 """
 
@@ -20,7 +20,7 @@ from workers.runtime import GenerationItem, LoadedModel
 from workers.runtime.engine import StaticEngine
 from workers.watchdog import device_lost
 
-from .test_continuous import WAIT, Rig, wait_until
+from .test_engine_loop import WAIT, Rig, wait_until
 
 DEVICE_ASSERT = RuntimeError(
     "CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously "

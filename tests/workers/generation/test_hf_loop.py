@@ -84,17 +84,6 @@ def test_a_job_alone_waits_for_company_at_most_the_batch_wait(tiny_model: Loaded
     assert audio.batch_size == 1
 
 
-def test_jobs_that_cannot_share_a_call_run_in_separate_batches(tiny_model: LoadedModel) -> None:
-    recorder = Recorder()
-    batcher = HfLoop(recorder, max_batch_size=2, batch_wait_s=FOREVER)
-    short = [_item(f"short {i}", seed=i, duration=0.5) for i in range(2)]
-    guided = [_item(f"guided {i}", seed=i, duration=0.5, guidance_scale=5.0) for i in range(2)]
-    tickets = _submit(batcher, tiny_model, [short[0], guided[0], short[1], guided[1]])
-    for ticket in tickets:
-        ticket.future.result(WAIT)
-    assert recorder.calls == [["short 0", "short 1"], ["guided 0", "guided 1"]]
-
-
 def test_out_of_memory_splits_the_batch_and_only_a_lone_job_sees_it(tiny_model: LoadedModel) -> None:
     def oom_above_one(items: list[GenerationItem], _: Any) -> None:
         if len(items) > 1 or items[0].prompt == "too big alone":
@@ -201,28 +190,6 @@ def test_a_lost_device_ends_the_process_and_a_plain_model_error_does_not(
     with pytest.raises(RuntimeError, match="device-side assert"):
         lost.future.result(WAIT)
     assert ended.is_set()  # set before the job was answered: the context is dead, end it
-
-
-def test_the_oldest_job_leads_the_next_batch_and_takes_only_its_mates(tiny_model: LoadedModel) -> None:
-    entered, gate = threading.Event(), threading.Event()
-
-    def block_first(items: list[GenerationItem], _: Any) -> None:
-        if items[0].prompt == "first":
-            entered.set()
-            assert gate.wait(WAIT)
-
-    recorder = Recorder(block_first)
-    batcher = HfLoop(recorder, max_batch_size=2, batch_wait_s=0.0)
-    first = _submit(batcher, tiny_model, [_item("first", seed=1)])
-    assert entered.wait(WAIT)  # the loop is busy: everything below queues behind "first"
-    rest = _submit(batcher, tiny_model, [_item("long", seed=2, duration=2.0), _item("short a", seed=3),
-                                         _item("short b", seed=4), _item("long b", seed=5, duration=2.0)])
-    gate.set()
-    for ticket in first + rest:
-        ticket.future.result(WAIT)
-    # 2 s and 0.5 s jobs are in different duration buckets: the oldest ("long") leads and takes
-    # its mate from the back of the queue; the short ones follow together.
-    assert recorder.calls == [["first"], ["long", "long b"], ["short a", "short b"]]
 
 
 def test_batch_size_below_one_is_refused() -> None:
