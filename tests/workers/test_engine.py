@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from pipeline.errors import InvalidRequest
+from pipeline.jobs import MAX_SEED
 from workers.generation.offline import generate_on
 from workers.runtime import GenerationItem, LoadedModel, generate
 from workers.runtime.conditioning import model_inputs
@@ -175,7 +176,7 @@ def test_generate_keeps_the_hf_paths_contract(engine: StaticEngine,
     assert reports == sorted(reports) and reports[-1] == 1.0
     assert engine.active() == 0 and engine.free_rows() == engine.max_rows
     drawn = generate_on(engine, [GenerationItem("calm", 0.1)])[0]  # no seed: one is drawn, reported
-    assert 0 <= drawn.seed < 2**31
+    assert 0 <= drawn.seed <= MAX_SEED  # the producer's range (pipeline.jobs.draw_seed)
 
 
 # --- the delay pattern at its edges -----------------------------------------------------------

@@ -67,6 +67,7 @@ from workers.watchdog import device_lost
 
 log = logging.getLogger(__name__)
 
+
 def typed(error: Exception, during: str) -> PipelineError:
     """``error`` as the job's typed error: a ``PipelineError`` as it is, anything else (an
     IndexError, a RuntimeError the engine did not convert) a ``ModelRuntimeError`` caused by it."""

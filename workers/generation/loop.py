@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -44,7 +45,7 @@ class GenerationLoop(Protocol):
     def release_idle_engines(self) -> int: ...
 
 
-class LoopThread:
+class LoopThread(ABC):
     """The thread of one loop (started on the first submission) and what it keeps up."""
 
     thread_name = "generation-loop"
@@ -75,8 +76,9 @@ class LoopThread:
         self._thread.start()
         self.watchdog.start()
 
+    @abstractmethod
     def _loop(self) -> None:
-        raise NotImplementedError
+        """The loop thread's body: form or admit, run, record; it never returns."""
 
     def _busy(self, seconds: float) -> None:
         """Count ``seconds`` of the loop's time as generating."""

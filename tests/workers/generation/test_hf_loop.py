@@ -21,7 +21,7 @@ from workers.runtime.frames import batch_key_for
 from workers.runtime.loaded import LoadedModel
 from workers.runtime.musicgen import generate
 
-from .test_sampling import ALONE_VS_BATCHED_MAX_DIFF
+from ..test_sampling import ALONE_VS_BATCHED_MAX_DIFF
 
 WAIT = 60.0  # generous bounds on waits for states; none of them is a measured duration
 FOREVER = 3600.0  # a batch wait no test reaches: batches run because they are full
