@@ -37,7 +37,9 @@ def generate_on(engine: StaticEngine, items: list[GenerationItem],
     loaded = engine.loaded
     validate_items(items, max_duration_s=loaded.max_duration_s,
                    sampling_rate=loaded.sampling_rate, melody_supported=loaded.is_melody)
-    seeded = [replace(item, seed=seed_of(item)) for item in items]
+    # An item keeps its identity when it has a seed; one without gets a copy with its drawn seed.
+    seeded = [item if item.seed is not None else replace(item, seed=seed_of(item))
+              for item in items]
     here = [i for i, item in enumerate(seeded) if engine.supports(item)]
     elsewhere = [i for i in range(len(seeded)) if i not in set(here)]
     results: list[GeneratedAudio | None] = [None] * len(items)
