@@ -5,10 +5,10 @@
 
 For every model, dtype, compile mode and batch size, the same N equal jobs (prompts differ, seeds
 fixed, the serving defaults: temperature 1, top-k 250, guidance 3) run through HF generate
-(``workers.runtime.musicgen.generate``, one padded call) and through ``StaticEngine.generate``,
-each warmed up once first (allocations, compilation). Printed beside each other: decode
-tokens/s (steps the clip needs, its frames plus the delay pattern's codebooks - 1, times rows,
-over wall time: HF's padding to its bucket is its cost, not its output), audio seconds per
+(``workers.runtime.musicgen.generate``, one padded call) and through the static engine
+(``workers.generation.offline.generate_on``), each warmed up once first (allocations,
+compilation). Printed beside each other: decode tokens/s (steps the clip needs, its frames
+plus the delay pattern's codebooks - 1, times rows, over wall time: HF's padding to its bucket is its cost, not its output), audio seconds per
 second (at batch 1: the real-time factor) and peak memory, with the engine/HF ratio.
 
 Then the roofline at batch 1: the bytes of decoder weights a step reads, the rate this host
@@ -51,10 +51,15 @@ import transformers
 from torch.nn import functional as F
 
 from pipeline.errors import GpuOutOfMemory
+from workers.generation.offline import generate_on
+from workers.generation.scheduler import next_hf_batch
+from workers.generation.ticket import Ticket
 from workers.runtime import GenerationItem, generate, load_model
 from workers.runtime.engine import StaticEngine
 from workers.runtime.engine.compile import row_buckets
-from workers.runtime.musicgen import LoadedModel, _compile_decoder, batch_key_for, frames_for
+from workers.runtime.frames import batch_key_for, frames_for
+from workers.runtime.loaded import LoadedModel
+from workers.runtime.loading import compile_decoder
 from workers.runtime.shapes import random_loaded
 from workers.runtime.tiny import make_tiny
 
@@ -248,7 +253,7 @@ class Paths:
 
         def run(chunk: list[GenerationItem]) -> None:
             assert self.engine is not None
-            self.engine.generate(chunk)
+            generate_on(self.engine, chunk)
 
         try:
             return timed(self.loaded, run, items, self.memory, setup)
@@ -259,15 +264,15 @@ class Paths:
 
 def batcher_batches(loaded: LoadedModel, items: list[GenerationItem],
                     batch: int) -> list[list[GenerationItem]]:
-    """``items``, all queued at once, in the batches the batching worker would form: the oldest
-    waiting job and up to ``batch - 1`` later ones with its batch key (workers/batcher.py)."""
-    waiting = list(items)
+    """``items``, all queued at once, in the batches the HF loop would form
+    (``workers.generation.scheduler.next_hf_batch`` with every batch due)."""
+    waiting = [Ticket(loaded=loaded, item=item, key=batch_key_for(loaded, item), submitted=0.0)
+               for item in items]
     batches = []
     while waiting:
-        key = batch_key_for(loaded, waiting[0])
-        mates = [item for item in waiting if batch_key_for(loaded, item) == key][:batch]
-        batches.append(mates)
-        waiting = [item for item in waiting if not any(item is m for m in mates)]
+        decision = next_hf_batch(waiting, max_batch_size=batch, batch_wait_s=0.0, now=0.0)
+        batches.append([ticket.item for ticket in decision.batch])
+        waiting = decision.pending
     return batches
 
 
@@ -277,7 +282,7 @@ def hf_compiled(loaded: LoadedModel, on: bool) -> Iterator[bool]:
     after); yields whether the compiled forward is in use (a failure falls back to eager)."""
     decoder = loaded.model.decoder
     if on:
-        _compile_decoder(loaded)
+        compile_decoder(loaded)
     try:
         yield "forward" in vars(decoder)
     finally:

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from workers.runtime import GenerationItem, generate, load_model
-from workers.runtime.musicgen import LoadedModel, windows_of
+from workers.runtime.frames import windows_of
+from workers.runtime.loaded import LoadedModel
 from workers.runtime.tiny import make_tiny
 
 PROMPTS = ["calm piano", "loud rock drums with distorted guitars", "jazz trio", "ambient pads",

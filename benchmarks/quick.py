@@ -33,10 +33,11 @@ from benchmarks.gpu import (
     jobs,
     timed,
 )
+from workers.generation.offline import generate_on
 from workers.runtime import GenerationItem, generate
 from workers.runtime.engine import StaticEngine
 from workers.runtime.engine.selfcheck import self_check
-from workers.runtime.musicgen import LoadedModel
+from workers.runtime.loaded import LoadedModel
 
 QUICK_CPU_MODEL = "tiny"
 CPU_TARGETS_MODEL = "small@2"
@@ -153,7 +154,7 @@ def _engine_row(loaded: LoadedModel, items: list[GenerationItem], batch: int, co
         compile_s[0] = time.perf_counter() - started
 
     def run(chunk: list[GenerationItem]) -> None:
-        built[-1].generate(chunk)
+        generate_on(built[-1], chunk)
 
     result = timed(loaded, run, items, memory, setup)
     engine = built[-1]

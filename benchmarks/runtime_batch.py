@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from workers.runtime import GenerationItem, generate, load_model
-from workers.runtime.musicgen import padding_waste_for
+from workers.runtime.frames import padding_waste_for
 from workers.runtime.tiny import make_tiny
 
 PROMPTS = ["calm piano", "loud rock drums with distorted guitars", "jazz trio", "ambient pads",

@@ -20,7 +20,8 @@ import torch
 
 from workers.runtime.engine import StaticEngine
 from workers.runtime.engine.selfcheck import self_check
-from workers.runtime.musicgen import LoadedModel, load_model
+from workers.runtime.loaded import LoadedModel
+from workers.runtime.loading import load_model
 from workers.runtime.shapes import random_loaded
 from workers.runtime.tiny import make_tiny
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.gpu import Report, batcher_batches, jobs, main
-from workers.runtime.musicgen import load_model
+from workers.runtime.loading import load_model
 from workers.runtime.shapes import CODEBOOK_SIZE, NUM_CODEBOOKS, SHAPES, decoder_parameters
 from workers.runtime.tiny import make_tiny
 

@@ -1,8 +1,8 @@
 """One worker process's job runner: cached models, generate, post-process, write the file.
 
 decode (JobSpec) -> predict (MusicGen on the device, batched with other jobs by
-``workers.batcher``, or by ``workers.continuous`` over the static engine when
-``model.engine = "static"``) -> encode (in the calling task thread, while the engine generates
+``workers.generation.HfLoop``, or by ``workers.generation.EngineLoop`` over the static engine
+when ``model.engine = "static"``) -> encode (in the calling task thread, while the engine generates
 the next batch). Celery stays out of this module: the task passes in callbacks for progress and
 cancellation.
 """
@@ -29,13 +29,16 @@ from pipeline.infra.storage_backends import backend_for, local_root
 from workers.audio.decode import decode_mono
 from workers.audio.formats import FORMATS
 from workers.audio.postprocess import render
-from workers.batcher import Batcher, BatchStats, Ticket
-from workers.continuous import ContinuousBatcher, Engine
+from workers.generation import BatchStats, Engine, EngineLoop, GenerationLoop, HfLoop, Ticket
 from workers.inputs import fetch_melody
 from workers.partials import PartialPublisher, PartialSink, partial_name
 from workers.runtime.batch import GeneratedAudio, GenerationItem, validate_items
+from workers.runtime.frames import batch_key_for
+from workers.runtime.loaded import LoadedModel
+from workers.runtime.loading import load_model
+from workers.runtime.longform import WindowHook
 from workers.runtime.model_cache import ModelCache
-from workers.runtime.musicgen import LoadedModel, batch_key_for, generate, load_model
+from workers.runtime.musicgen import generate
 from workers.storage import remove_partial, upload_pair, write_sidecar
 
 if TYPE_CHECKING:  # the engine's modules import it lazily: an hf worker never loads them
@@ -142,8 +145,8 @@ class JobRunner:
         self.engines: EngineBuilder | None = None
         # The HF path; with the static engine it still runs what that engine cannot (melody,
         # past the window), so ``batcher`` always exists and ``loop`` is what jobs go to.
-        self.batcher = Batcher(_generate, on_batch=on_batch, **_batcher_limits(settings))
-        self.loop: Batcher | ContinuousBatcher = self.batcher
+        self.batcher = HfLoop(_generate, on_batch=on_batch, **_batcher_limits(settings))
+        self.loop: GenerationLoop = self.batcher
         if settings.model.engine == "static":
             from workers.runtime.engine import EngineUnsupported
             from workers.runtime.engine.selfcheck import self_check
@@ -154,7 +157,7 @@ class JobRunner:
                 memory_fraction=settings.model.engine_memory_fraction, on_verdict=on_engine,
                 check=self_check if settings.model.engine_self_check else None)
             limits = _batcher_limits(settings)
-            self.loop = ContinuousBatcher(
+            self.loop = EngineLoop(
                 self._engine, self.batcher, max_batch_size=limits["max_batch_size"],
                 hard_limit_s=limits["hard_limit_s"], unsupported=(EngineUnsupported,),
                 on_batch=on_batch)
@@ -197,7 +200,7 @@ class JobRunner:
     def model(self, preset: str) -> tuple[LoadedModel, float]:
         """The loaded model for a preset and the seconds spent loading it (0 when cached)."""
         self._model_settings.setdefault(preset, model_settings_for(self.settings, preset))
-        if isinstance(self.loop, ContinuousBatcher) and preset not in self.cache:
+        if preset not in self.cache:
             # A load evicts a model from the cache; an idle engine would keep it in memory.
             self.loop.release_idle_engines()
         started = time.perf_counter()
@@ -211,8 +214,7 @@ class JobRunner:
         if not self.settings.model.preload:
             return None
         loaded, seconds = self.model(self.settings.model.preset)
-        if isinstance(self.loop, ContinuousBatcher):
-            self.loop.prepare(loaded)  # a refusal is logged once: HF serves the model
+        self.loop.prepare(loaded)  # an engine's refusal is logged once: HF serves the model
         return seconds
 
     def run(self, spec: JobSpec, *, worker: str, progress: Progress, started_at: float,
@@ -327,9 +329,9 @@ class JobRunner:
         discard_job_files(self.settings, job_id)
 
 
-
 def _generate(loaded: LoadedModel, items: list[GenerationItem],
-              progress: Callable[[float, str], None]) -> list[GeneratedAudio]:
+              progress: Callable[[float, str], None],
+              on_window: WindowHook | None) -> list[GeneratedAudio]:
     # Looked up at call time, so a wrapper installed on this module (tests/integration/faults.py)
     # sees every batch the engine runs.
-    return generate(loaded, items, progress)
+    return generate(loaded, items, progress, on_window)

@@ -29,9 +29,9 @@ from pipeline.contract.outcome import FinalStatus
 from workers.typed_celery import receiver
 
 if TYPE_CHECKING:
-    # Only for the annotation: importing workers.batcher loads workers.runtime, hence torch,
+    # Only for the annotation: importing workers.generation loads workers.runtime, hence torch,
     # which this module (imported by every task module) must not pay for.
-    from workers.batcher import BatchStats
+    from workers.generation import BatchStats
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,8 @@ def observe_model_load(model: str, seconds: float) -> None:
 
 
 def observe_batch(stats: BatchStats) -> None:
-    """Record one generate call of the batching engine (``Batcher``'s ``on_batch``), or one
-    decode step of the continuous loop (``ContinuousBatcher``'s): its size is the rows active in
+    """Record one generate call of the batching engine (``HfLoop``'s ``on_batch``), or one
+    decode step of the continuous loop (``EngineLoop``'s): its size is the rows active in
     that step, its wait the admission wait of the oldest job that joined just before it."""
     try:
         m = _get()

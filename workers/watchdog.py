@@ -5,8 +5,8 @@ A hung CUDA kernel or a stuck driver cannot be interrupted from Python, so a loo
 inside one cannot notice its own hang: a second thread looks at the running call's start every
 ``WATCHDOG_INTERVAL_S`` and ends the process once it has run past its limit. The unacked
 messages are then redelivered (and counted by the poison cap) and the process manager restarts
-the worker. Both loops use it: ``workers.batcher`` times each ``model.generate`` call,
-``workers.continuous`` each engine step and admission.
+the worker. Both loops use it: ``workers.generation.hf_loop`` times each ``model.generate`` call,
+``workers.generation.engine_loop`` each engine step and admission.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ def build_app(settings: Settings | None = None) -> PipelineCelery:
     settings = settings if settings is not None else load_settings()
     app = make_celery(settings, name="musicgen-worker")
     from workers import live_reload, maintenance, memory_guard, signals, tasks, webhook_task
-    from workers.runtime.musicgen import apply_hub_timeouts
+    from workers.runtime.loading import apply_hub_timeouts
 
     tasks.register_tasks(app)
     maintenance.register(app)

@@ -78,7 +78,8 @@ def _holding_progress(progress: Callable[[float, str], None], name: str) -> Call
     return report
 
 
-def generate(loaded: Any, items: list[Any], progress: Any = None) -> list[Any]:
+def generate(loaded: Any, items: list[Any], progress: Any = None,
+             on_window: Any = None) -> list[Any]:
     """One generate call of the engine: a batch of one job or more.
 
     Every job's prompt is logged; a marker in any prompt of the batch acts on the whole call,
@@ -117,7 +118,7 @@ def generate(loaded: Any, items: list[Any], progress: Any = None) -> list[Any]:
         time.sleep(3600)  # long enough that only a shutdown ends it
     if "FAULT:crash" in everything:
         os.kill(os.getpid(), signal.SIGKILL)  # the worker process dies mid-job
-    return _real_generate(loaded, items, progress)
+    return _real_generate(loaded, items, progress, on_window)
 
 
 job_runner.generate = generate
@@ -166,9 +167,10 @@ _generate_before_encoding_hold = job_runner.generate
 _real_encode = postprocess._encode
 
 
-def _generate_noting_prompt(loaded: Any, items: list[Any], progress: Any = None) -> list[Any]:
+def _generate_noting_prompt(loaded: Any, items: list[Any], progress: Any = None,
+                            on_window: Any = None) -> list[Any]:
     _job_prompt[0] = items[0].prompt  # the encoder is not told which job it encodes
-    return _generate_before_encoding_hold(loaded, items, progress)
+    return _generate_before_encoding_hold(loaded, items, progress, on_window)
 
 
 def _encode_then_hold(*args: Any, **kwargs: Any) -> str:

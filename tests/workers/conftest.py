@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.runtime.musicgen import LoadedModel, load_model
+from workers.runtime.loaded import LoadedModel
+from workers.runtime.loading import load_model
 from workers.runtime.tiny import make_tiny
 
 

@@ -18,17 +18,15 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.contract.jobs import MAX_SEED
 from pipeline.errors import InvalidRequest
+from workers.generation.offline import generate_on
 from workers.runtime import GenerationItem, LoadedModel, generate
+from workers.runtime.conditioning import model_inputs
 from workers.runtime.engine import EngineUnsupported, StaticEngine
 from workers.runtime.engine.delay import codebook_delays, frames_of, keep_generated
-from workers.runtime.musicgen import (
-    bucket_for,
-    load_model,
-    max_new_tokens_for,
-    model_inputs,
-    padding_waste_for,
-)
+from workers.runtime.frames import bucket_for, max_new_tokens_for, padding_waste_for
+from workers.runtime.loading import load_model
 from workers.runtime.shapes import random_loaded
 from workers.runtime.tiny import make_tiny
 
@@ -163,7 +161,7 @@ def test_sampled_codes_equal_the_hf_path_with_mixed_guidance_in_one_step(
 def test_generate_keeps_the_hf_paths_contract(engine: StaticEngine,
                                                tiny_model: LoadedModel) -> None:
     reports: list[float] = []
-    got = engine.generate(SAMPLED, progress=lambda fraction, _: reports.append(fraction))
+    got = generate_on(engine, SAMPLED, progress=lambda fraction, _: reports.append(fraction))
     want = generate(tiny_model, SAMPLED)
     for mine, theirs, item in zip(got, want, SAMPLED, strict=True):
         assert mine.seed == theirs.seed == item.seed
@@ -177,8 +175,8 @@ def test_generate_keeps_the_hf_paths_contract(engine: StaticEngine,
         assert 1 <= mine.batch_size <= engine.max_rows
     assert reports == sorted(reports) and reports[-1] == 1.0
     assert engine.active() == 0 and engine.free_rows() == engine.max_rows
-    drawn = engine.generate([GenerationItem("calm", 0.1)])[0]  # no seed: one is drawn, reported
-    assert 0 <= drawn.seed < 2**31
+    drawn = generate_on(engine, [GenerationItem("calm", 0.1)])[0]  # no seed: one is drawn, reported
+    assert 0 <= drawn.seed <= MAX_SEED  # the producer's range (pipeline.contract.jobs.draw_seed)
 
 
 # --- the delay pattern at its edges -----------------------------------------------------------
@@ -213,7 +211,7 @@ def test_a_job_filling_the_whole_window_and_the_shortest_job_match_transformers(
     assert got[0].shape == (4, 60)
     for item, codes in zip([full, shortest], got, strict=True):
         assert_same_codes(codes, hf_greedy_codes(short_window, item))
-    audio = engine.generate([shortest])[0]
+    audio = generate_on(engine, [shortest])[0]
     assert audio.samples.shape == (1, 1)
 
 
@@ -242,7 +240,7 @@ def test_a_prompt_past_the_cross_attention_cache_runs_on_the_hf_path(
     engine = StaticEngine(tiny_model, max_rows=2, max_prompt_tokens=8)
     long_prompt = GenerationItem(PROMPTS[1], 0.3, seed=5)
     assert not engine.supports(long_prompt)
-    got = engine.generate([long_prompt, GenerationItem("jazz", 0.3, seed=6)])
+    got = generate_on(engine, [long_prompt, GenerationItem("jazz", 0.3, seed=6)])
     want = generate(tiny_model, [long_prompt])[0]
     assert np.array_equal(got[0].samples, want.samples)
     assert got[1].seed == 6 and got[1].samples.shape == (1, 9600)

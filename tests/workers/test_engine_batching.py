@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from pipeline.errors import GpuOutOfMemory, ModelRuntimeError, PipelineError
+from workers.generation.offline import generate_on
 from workers.runtime import GenerationItem, LoadedModel
 from workers.runtime.engine import StaticEngine
 from workers.runtime.engine.slots import Row
-from workers.runtime.musicgen import bucket_for, max_new_tokens_for
+from workers.runtime.frames import bucket_for, max_new_tokens_for
 
 from .test_engine import assert_same_codes, decoded_rows, engine_codes, recorded_codes
 
@@ -115,7 +116,7 @@ def test_generate_admits_waiting_items_as_rows_free_up(tiny_model: LoadedModel,
 
     monkeypatch.setattr(engine, "_decode_rows", decode)
     items = [LONG, SHORT, LATE, GenerationItem("x", 0.1, seed=4)]
-    results = engine.generate(items)
+    results = generate_on(engine, items)
     assert [r.seed for r in results] == [11, 5, 8, 4]
     # The first two started together; the others took the rows the short ones left.
     assert [r.batch_size for r in results] == [1, 2, 2, 2]
@@ -177,8 +178,8 @@ def test_generate_raises_a_failed_rows_error_and_frees_every_row(
     items = [GenerationItem("x", 0.1, seed=4), GenerationItem("y", 0.1, seed=6), LONG]
     fail_decode(engine, monkeypatch, items[0], error)  # the second finishes in the same step
     with pytest.raises(ModelRuntimeError) as failed:
-        engine.generate(items)
+        generate_on(engine, items)
     assert failed.value is error
     assert engine.active() == 0 and engine.free_rows() == 3
     monkeypatch.undo()
-    assert [r.seed for r in engine.generate(items)] == [4, 6, 11]  # the engine runs on
+    assert [r.seed for r in generate_on(engine, items)] == [4, 6, 11]  # the engine runs on

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from workers.generation.offline import generate_on
 from workers.runtime import GenerationItem, LoadedModel, generate
 from workers.runtime.engine import StaticEngine
-from workers.runtime.musicgen import loaded_model
+from workers.runtime.loaded import loaded_model
 
 from .test_engine import engine_codes, hf_path_codes
 
@@ -42,7 +43,7 @@ def db(samples: np.ndarray) -> float:
 
 def test_low_precision_audio_is_finite_unclipped_and_as_loud_as_hfs(low: LoadedModel) -> None:
     engine = StaticEngine(low, max_rows=len(ITEMS))
-    mine, theirs = engine.generate(ITEMS), generate(low, ITEMS)
+    mine, theirs = generate_on(engine, ITEMS), generate(low, ITEMS)
     for item, got, want in zip(ITEMS, mine, theirs, strict=True):
         assert got.samples.shape == want.samples.shape == (1, round(item.duration_s * 32000))
         assert got.samples.dtype == np.float32 and np.isfinite(got.samples).all()

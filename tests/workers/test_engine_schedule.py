@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from workers.runtime import GeneratedAudio, GenerationItem, LoadedModel
 from workers.runtime.engine import StaticEngine
-from workers.runtime.musicgen import bucket_for, max_new_tokens_for, window_frames
+from workers.runtime.frames import bucket_for, max_new_tokens_for, window_frames
 
 from .test_engine import assert_same_codes, decoded_rows, recorded_codes
 

@@ -24,7 +24,8 @@ from workers.runtime.engine import EngineUnsupported, StaticEngine
 from workers.runtime.engine.selfcheck import self_check
 from workers.runtime.engine.serving import EngineBuilder
 from workers.runtime.engine.sizing import shape_of
-from workers.runtime.musicgen import load_model, max_new_tokens_for, window_frames
+from workers.runtime.frames import max_new_tokens_for, window_frames
+from workers.runtime.loading import load_model
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from pipeline.config.loader import load_settings
 from pipeline.config.schema import Settings
 from pipeline.contract.jobs import GenerationRequest
 from pipeline.errors import GpuOutOfMemory
-from workers.continuous import ContinuousBatcher
+from workers.generation import EngineLoop
 from workers.job_runner import JobRunner, clear_leftovers, discard_job_files, job_temp_dir
 
 HEX = "0a1b2c3d4e5f"
@@ -107,10 +107,10 @@ def test_preload_builds_the_static_engine_of_the_preset(tmp_path: Path, tiny_pat
         "model.preset": "tiny", "model.source": str(tiny_path), "model.preload": True})
     assert settings.model.engine == "static"
     runner = JobRunner(settings)
-    caplog.set_level("INFO", logger="workers.continuous")
+    caplog.set_level("INFO", logger="workers.generation.engine_loop")
     assert runner.preload() is not None
     assert "built a static engine of" in caplog.text
     loaded, _ = runner.model("tiny")
     caplog.clear()
-    assert isinstance(runner.loop, ContinuousBatcher) and runner.loop.prepare(loaded)
+    assert isinstance(runner.loop, EngineLoop) and runner.loop.prepare(loaded)
     assert "built a static engine" not in caplog.text  # the preloaded one is used

@@ -17,15 +17,11 @@ import torch
 
 from pipeline.errors import InvalidRequest
 from workers.runtime.batch import GenerationItem
-from workers.runtime.longform import (
-    Window,
-    WindowCodes,
-    decode_codes,
-    long_frames,
-    melody_segment,
-    plan_windows,
-)
-from workers.runtime.musicgen import LoadedModel, batch_key_for, generate, windows_of
+from workers.runtime.frames import batch_key_for, windows_of
+from workers.runtime.loaded import LoadedModel
+from workers.runtime.longform import WindowCodes, decode_codes, melody_segment
+from workers.runtime.musicgen import generate
+from workers.runtime.windows import Window, long_frames, plan_windows
 
 RATE = 32_000
 

@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # Calls observe_batch with each BatchStats given as JSON fields, then prints its pid.
 _OBSERVE = """
 import json, os, sys
-from workers.batcher import BatchStats
+from workers.generation import BatchStats
 from workers.metrics import observe_batch
 for fields in json.loads(sys.argv[1]):
     observe_batch(BatchStats(**fields))

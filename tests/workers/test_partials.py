@@ -18,7 +18,6 @@ from pipeline.config.loader import load_settings
 from pipeline.config.schema import Settings
 from pipeline.contract.jobs import GenerationRequest
 from workers.job_runner import JobRunner
-from workers.runtime.batch import window_sink
 from workers.runtime.longform import WindowCodes
 from workers.runtime.musicgen import generate
 from workers.runtime.tiny import make_tiny
@@ -55,10 +54,9 @@ def test_a_long_job_publishes_each_window_and_keeps_only_the_final_file(
         published.append({**info, "frames": audio.shape[0], "rate": rate})
         seen[info["window"]].set()
 
-    def paced(loaded: Any, items: list[Any], progress: Any) -> Any:
-        # The engine never waits for a partial (a newer one replaces an unpublished one); the
+    def paced(loaded: Any, items: list[Any], progress: Any, engine_sink: Any) -> Any:
+        # The loop never waits for a partial (a newer one replaces an unpublished one); the
         # test makes it wait for each, so that every window's partial is seen.
-        engine_sink = window_sink.get()
         assert engine_sink is not None
 
         def hook(window: WindowCodes) -> None:

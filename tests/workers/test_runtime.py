@@ -26,8 +26,8 @@ from pipeline.errors import (
 from workers.runtime import GenerationItem, LoadedModel, ModelCache, generate, load_model
 from workers.runtime.batch import batch_groups
 from workers.runtime.device import resolve_device, resolve_dtype
+from workers.runtime.frames import bucket_for, frames_for, max_new_tokens_for
 from workers.runtime.melody import ChromaExtractor, resample
-from workers.runtime.musicgen import bucket_for, frames_for, max_new_tokens_for
 from workers.runtime.progress import ProgressReporter
 
 
@@ -98,7 +98,7 @@ def test_a_failing_compile_falls_back_to_the_eager_decoder(
         return fail
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    with caplog.at_level(logging.WARNING, logger="workers.runtime.musicgen"):
+    with caplog.at_level(logging.WARNING, logger="workers.runtime.loading"):
         loaded = load_model(str(tiny_path), device="cpu", offline=True, compile=True)
     assert "running uncompiled" in caplog.text
     assert "forward" not in vars(loaded.model.decoder)  # the class's own forward is back

@@ -9,7 +9,7 @@ from transformers import ClassifierFreeGuidanceLogitsProcessor, LogitsProcessorL
 
 from workers.runtime import GenerationItem, LoadedModel, generate
 from workers.runtime.batch import batch_groups, bucket_frames, padding_waste
-from workers.runtime.musicgen import bucket_for, frames_for, max_new_tokens_for, padding_waste_for
+from workers.runtime.frames import bucket_for, frames_for, max_new_tokens_for, padding_waste_for
 from workers.runtime.sampling import JobSampler, JobSampling
 
 # Measured on this CPU (float32, one thread): a seeded item alone and inside a batch of different

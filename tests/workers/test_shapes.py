@@ -12,7 +12,7 @@ from transformers import MusicgenForCausalLM, MusicgenForConditionalGeneration
 
 from pipeline.errors import UnsupportedOption
 from workers.runtime import GenerationItem, generate
-from workers.runtime.musicgen import LoadedModel
+from workers.runtime.loaded import LoadedModel
 from workers.runtime.shapes import SHAPES, decoder_parameters, musicgen_config, random_loaded
 
 

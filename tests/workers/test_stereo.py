@@ -15,8 +15,10 @@ import torch
 from pipeline.contract.jobs import OutputSpec
 from workers.audio.postprocess import render
 from workers.runtime.batch import GenerationItem
+from workers.runtime.loaded import LoadedModel
+from workers.runtime.loading import load_model
 from workers.runtime.longform import WindowCodes, decode_codes
-from workers.runtime.musicgen import LoadedModel, generate, load_model
+from workers.runtime.musicgen import generate
 from workers.runtime.tiny import make_tiny
 
 RATE = 32_000

@@ -23,19 +23,13 @@ and its own random stream.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from pipeline.contract.jobs import draw_seed
 from pipeline.contract.long_form import WINDOW_STRIDE_S as DEFAULT_WINDOW_STRIDE_S
 from pipeline.errors import InvalidRequest, UnsupportedOption
-
-# Where generate() reports a long clip's finished windows when its caller passed no hook: the
-# batching engine sets it around each call (workers/batcher.py), so the generate function
-# keeps its three-argument contract (tests and fault injection wrap it as it is).
-window_sink: ContextVar[Callable[[Any], None] | None] = ContextVar("window_sink", default=None)
 
 MAX_TOTAL_DURATION_S = 300.0  # the longest clip any deployment may configure
 
@@ -79,6 +73,12 @@ class GeneratedAudio:
     generate_seconds: float
     batch_size: int = 1
     padding_waste: float = 0.0
+
+
+def seed_of(item: GenerationItem) -> int:
+    """The seed ``item`` runs under: its own, or one drawn as the producer draws a job's
+    (``pipeline.contract.jobs.draw_seed``, the whole request range), whichever path generates it."""
+    return int(item.seed) if item.seed is not None else draw_seed()
 
 
 def validate_items(items: list[GenerationItem], *, max_duration_s: float, sampling_rate: int,

@@ -29,23 +29,13 @@ import torch
 
 from pipeline.errors import PipelineError
 from workers.runtime.batch import GenerationItem
+from workers.runtime.conditioning import GENERATE_LOCK, model_inputs
+from workers.runtime.errors import raise_runtime
+from workers.runtime.frames import max_new_tokens_for
+from workers.runtime.loaded import LoadedModel
 from workers.runtime.progress import ProgressReporter, StepCounter
-from workers.runtime.sampling import JobSampler, JobSampling
-
-# A long item's total frames are rounded up to a multiple of this (then trimmed), so clips a
-# few seconds apart share a call; a fixed step rather than the in-window buckets' quarter
-# octave, which would generate up to a quarter more of a five-minute clip for nothing.
-LONG_BUCKET_FRAMES = 128
-
-
-@dataclass(frozen=True)
-class Window:
-    """One model call of a long clip, in codec frames."""
-
-    index: int
-    start: int  # the clip's frame this window's prompt starts at
-    prompt: int  # frames of the previous window's codes fed in as the prompt
-    new: int  # frames this window adds to the clip
+from workers.runtime.sampling import JobSampler, sampling_of
+from workers.runtime.windows import Window
 
 
 @dataclass(frozen=True)
@@ -62,36 +52,6 @@ class WindowCodes:
 
 
 WindowHook = Callable[[WindowCodes], None]
-
-
-def plan_windows(total: int, window: int, stride: int) -> list[Window]:
-    """The windows that cover ``total`` frames, audiocraft's loop: window ``i`` starts at
-    ``i * stride``, is prompted with what the previous one generated past that point and
-    generates up to ``window`` frames in all (prompt included). One window when it fits."""
-    if total < 1 or window < 1:
-        raise ValueError(f"total and window must be positive, got {total} and {window}")
-    if total <= window:
-        return [Window(0, 0, 0, total)]
-    if not 0 < stride < window:
-        raise ValueError(f"stride must be in (0, {window}) frames, got {stride}")
-    windows: list[Window] = []
-    start = prompt = 0
-    while start + prompt < total:
-        length = min(total - start, window)
-        windows.append(Window(len(windows), start, prompt, length - prompt))
-        prompt, start = length - stride, start + stride
-    return windows
-
-
-def long_frames(frames: int, window: int, stride: int) -> int:
-    """Frames generated for a long item needing ``frames`` (bucketed, trimmed afterwards).
-
-    Rounded up to ``LONG_BUCKET_FRAMES``, but never past what the item's last window holds:
-    rounding must not add a window (a prompt and a few frames) that nobody asked for. Changing
-    the step changes the audio of a seed: keep it fixed.
-    """
-    last = plan_windows(frames, window, stride)[-1]
-    return min(-(-frames // LONG_BUCKET_FRAMES) * LONG_BUCKET_FRAMES, last.start + window)
 
 
 def melody_segment(samples: np.ndarray, rate: int, start_s: float, length_s: float) -> np.ndarray:
@@ -149,32 +109,28 @@ def decode_codes(model: Any, codes: torch.Tensor) -> torch.Tensor:
     return torch.cat([left, right], dim=1)
 
 
-def generate_long(loaded: Any, items: list[GenerationItem], seeds: list[int],
+def generate_long(loaded: LoadedModel, items: list[GenerationItem], seeds: list[int],
                   reporter: ProgressReporter, windows: list[Window], *,
                   on_window: WindowHook | None = None) -> np.ndarray:
     """Generate ``items`` window by window, in lockstep; the decoded ``(batch, channels, n)``.
 
-    ``loaded`` is a ``workers.runtime.musicgen.LoadedModel``; the caller holds no lock.
+    The caller holds no lock.
     """
-    from workers.runtime import musicgen  # musicgen dispatches here: imported at call time
-
     guidance_scale = items[0].guidance_scale
-    sampler = JobSampler(
-        [JobSampling(seed=seed, temperature=item.temperature, top_k=item.top_k, top_p=item.top_p)
-         for item, seed in zip(items, seeds, strict=True)],
-        guidance_scale=guidance_scale, device=loaded.device)
+    sampler = JobSampler([sampling_of(item, seed) for item, seed in zip(items, seeds, strict=True)],
+                         guidance_scale=guidance_scale, device=loaded.device)
     counter = StepCounter(reporter)
     parts: list[torch.Tensor] = []
     prompt: torch.Tensor | None = None
     window_s = loaded.max_duration_s
-    with musicgen.GENERATE_LOCK:
+    with GENERATE_LOCK:
         for window in windows:
             reporter.stage = f"window {window.index + 1} of {len(windows)}"
             start_s = window.start / loaded.frame_rate
-            inputs = musicgen.model_inputs(loaded, _windowed(items, start_s, window_s))
+            inputs = model_inputs(loaded, _windowed(items, start_s, window_s))
             kwargs: dict[str, Any] = {
                 **inputs, "do_sample": False, "guidance_scale": guidance_scale,
-                "max_new_tokens": musicgen.max_new_tokens_for(window.new, loaded.delay_codebooks),
+                "max_new_tokens": max_new_tokens_for(window.new, loaded.delay_codebooks),
                 "logits_processor": [counter, sampler]}
             if prompt is not None:
                 batch, codebooks, frames = prompt.shape
@@ -185,7 +141,7 @@ def generate_long(loaded: Any, items: list[GenerationItem], seeds: list[int],
             except PipelineError:
                 raise
             except RuntimeError as e:
-                musicgen.raise_runtime(e, f"window {window.index + 1} of {len(windows)}")
+                raise_runtime(e, f"window {window.index + 1} of {len(windows)}")
             codes = _joined(captured)
             parts.append(codes[:, :, window.prompt:window.prompt + window.new])
             if on_window is not None:
@@ -199,7 +155,7 @@ def generate_long(loaded: Any, items: list[GenerationItem], seeds: list[int],
             with torch.inference_mode():
                 audio = decode_codes(loaded.model, torch.cat(parts, dim=-1))
         except RuntimeError as e:
-            musicgen.raise_runtime(e, "decoding the windows")
+            raise_runtime(e, "decoding the windows")
     return np.asarray(audio.to(torch.float32).cpu().numpy())
 
 

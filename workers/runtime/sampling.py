@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
+from workers.runtime.batch import GenerationItem
+
 
 @dataclass(frozen=True)
 class JobSampling:
@@ -48,6 +50,11 @@ class JobSampling:
     def greedy(self) -> bool:
         """Whether this job takes the most likely token at every step."""
         return self.temperature <= 0
+
+
+def sampling_of(item: GenerationItem, seed: int) -> JobSampling:
+    """``item``'s sampling parameters with the seed it runs under (``batch.seed_of``)."""
+    return JobSampling(seed=seed, temperature=item.temperature, top_k=item.top_k, top_p=item.top_p)
 
 
 class JobSampler(LogitsProcessor):

@@ -28,7 +28,7 @@ from transformers import (
 
 from pipeline.errors import UnsupportedOption
 from workers.runtime.device import resolve_device, resolve_dtype
-from workers.runtime.musicgen import LoadedModel, loaded_model
+from workers.runtime.loaded import LoadedModel, loaded_model
 from workers.runtime.tiny import fill_codebooks, generation_config, make_processor
 
 

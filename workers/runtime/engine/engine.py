@@ -13,11 +13,8 @@ One engine belongs to one thread (the worker's GPU loop); nothing in it is locke
 from __future__ import annotations
 
 import logging
-import secrets
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -25,6 +22,8 @@ import torch
 
 from pipeline.errors import ModelRuntimeError, PipelineError, UnsupportedOption
 from workers.runtime.batch import GeneratedAudio, GenerationItem, validate_items
+from workers.runtime.clips import trimmed_clip
+from workers.runtime.conditioning import model_inputs
 from workers.runtime.engine.cache import StaticCache
 from workers.runtime.engine.compile import (
     StepFunction,
@@ -36,20 +35,10 @@ from workers.runtime.engine.compile import (
 from workers.runtime.engine.decoder import DecoderStep
 from workers.runtime.engine.delay import codebook_delays, codes_of, frames_of, keep_generated
 from workers.runtime.engine.slots import Row, Slots
-from workers.runtime.musicgen import (
-    GENERATE_LOCK,
-    LoadedModel,
-    bucket_for,
-    max_new_tokens_for,
-    model_inputs,
-    padding_waste_for,
-    raise_runtime,
-    runtime_error,
-    window_frames,
-)
-from workers.runtime.musicgen import generate as hf_generate
-from workers.runtime.progress import ProgressCallback, ProgressReporter
-from workers.runtime.sampling import JobSampling, RowSampling, choose_tokens
+from workers.runtime.errors import raise_runtime, runtime_error
+from workers.runtime.frames import bucket_for, max_new_tokens_for, padding_waste_for, window_frames
+from workers.runtime.loaded import LoadedModel
+from workers.runtime.sampling import RowSampling, choose_tokens, sampling_of
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +173,11 @@ class StaticEngine:
             raise RuntimeError(f"no free row: all {self.max_rows} are generating")
         steps = max_new_tokens_for(bucket_for(item.duration_s, loaded, item.window_stride_s),
                                    loaded.delay_codebooks)
-        sampling = JobSampling(seed=seed, temperature=item.temperature, top_k=item.top_k,
-                               top_p=item.top_p)
+        sampling = sampling_of(item, seed)
         generator = (None if sampling.greedy
                      else torch.Generator(device=self._device).manual_seed(seed))
         job = Row(item=item, seed=seed, steps=steps,
                   frames=frames_of(steps, loaded.delay_codebooks),
-                  target_samples=round(item.duration_s * loaded.sampling_rate),
                   batch_size=self.active() + 1, sampling=sampling, generator=generator)
         row = self._slots.take(job)
         try:
@@ -284,66 +271,6 @@ class StaticEngine:
         finally:  # also past an unexpected error: a finished row must not step on
             for row, _ in leaving:
                 self.release(row)
-
-    def generate(self, items: list[GenerationItem],
-                 progress: ProgressCallback | None = None) -> list[GeneratedAudio]:
-        """``workers.runtime.musicgen.generate``'s contract, with continuous batching.
-
-        Items are admitted in order as rows free up; seeds are the items' own or drawn at random,
-        as the HF path draws them. Items ``supports`` refuses run on the HF path afterwards.
-        Results come back in the items' order.
-        """
-        loaded = self.loaded
-        validate_items(items, max_duration_s=loaded.max_duration_s,
-                       sampling_rate=loaded.sampling_rate, melody_supported=loaded.is_melody)
-        seeds = [int(item.seed) if item.seed is not None else secrets.randbelow(2**31)
-                 for item in items]
-        here = [i for i, item in enumerate(items) if self.supports(item)]
-        elsewhere = sorted(set(range(len(items))) - set(here))
-        results: list[GeneratedAudio | None] = [None] * len(items)
-
-        def steps_of(indices: list[int]) -> int:
-            return sum(max_new_tokens_for(bucket_for(items[i].duration_s, loaded,
-                                                     items[i].window_stride_s),
-                                          loaded.delay_codebooks) for i in indices)
-
-        # One monotone progress over both parts: HF's items first, in its share of the steps.
-        share = steps_of(elsewhere) / max(steps_of(elsewhere) + steps_of(here), 1)
-        if elsewhere:
-            log.info("%d item(s) the static engine does not run go to HF generate",
-                     len(elsewhere))
-            hf_progress = None if progress is None else _scaled(progress, 0.0, share)
-            fallback = hf_generate(loaded, [replace(items[i], seed=seeds[i]) for i in elsewhere],
-                                   hf_progress)
-            for index, audio in zip(elsewhere, fallback, strict=True):
-                results[index] = audio
-        reporter = ProgressReporter(
-            None if progress is None else _scaled(progress, share, 1.0 - share), steps_of(here))
-        waiting, mine = deque(here), dict[int, int]()
-        with GENERATE_LOCK:
-            try:
-                while waiting or mine:
-                    while waiting and self._slots.free():
-                        index = waiting.popleft()
-                        mine[self.admit(items[index], seeds[index])] = index
-                    advancing = len(mine)  # each active row takes one step
-                    failed: list[PipelineError] = []
-                    for row, outcome in self.step():
-                        # Off ``mine`` first, failed or not: the step released it already.
-                        index = mine.pop(row)
-                        if isinstance(outcome, PipelineError):
-                            failed.append(outcome)
-                        else:
-                            results[index] = outcome
-                    if failed:  # the batch contract: one failed item fails the call
-                        raise failed[0]
-                    for _ in range(advancing):
-                        reporter.step()
-            finally:
-                for row in mine:
-                    self.release(row)
-        reporter.finish(f"generated {len(items)} item(s)")
-        return [r for r in results if r is not None]
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -465,17 +392,13 @@ class StaticEngine:
     def _trimmed(self, job: Row, samples: np.ndarray) -> GeneratedAudio | PipelineError:
         """A finished row's ``(channels, samples)`` trimmed to its item's duration, or the error
         of a decode that came back short."""
-        loaded = self.loaded
-        if samples.shape[-1] < job.target_samples:
-            return ModelRuntimeError(
-                f"model returned {samples.shape[-1]} samples, {job.target_samples} were needed",
-                details={"source": loaded.source})
-        target = job.target_samples
-        return GeneratedAudio(
-            samples=np.ascontiguousarray(samples[:, :target]), sample_rate=loaded.sampling_rate,
-            duration_s=target / loaded.sampling_rate, seed=job.seed,
-            generate_seconds=time.perf_counter() - job.admitted_at, batch_size=job.batch_size,
-            padding_waste=padding_waste_for(loaded, [job.item]))
+        try:
+            return trimmed_clip(self.loaded, samples, job.item.duration_s, seed=job.seed,
+                                generate_seconds=time.perf_counter() - job.admitted_at,
+                                batch_size=job.batch_size,
+                                padding_waste=padding_waste_for(self.loaded, [job.item]))
+        except ModelRuntimeError as e:
+            return e
 
     def _warm_up(self, step: StepFunction, bucket: int, length: int) -> None:
         """Run ``step`` over ``bucket`` idle rows reading ``length`` positions (what compiles
@@ -501,10 +424,3 @@ def _row_error(error: Exception) -> PipelineError:
         f"model failed during decoding a finished row: {type(error).__name__}: {error}")
     converted.__cause__ = error
     return converted
-
-
-def _scaled(progress: ProgressCallback, start: float, span: float) -> ProgressCallback:
-    def report(fraction: float, message: str) -> None:
-        progress(start + span * fraction, message)
-
-    return report

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from workers.generation.offline import generate_on
 from workers.runtime.batch import GeneratedAudio, GenerationItem
 from workers.runtime.engine.engine import StaticEngine
-from workers.runtime.musicgen import LoadedModel
+from workers.runtime.loaded import LoadedModel
 from workers.runtime.musicgen import generate as hf_generate
 
 # Two rows of different lengths (32 and 16 frames: a few dozen steps), one guided and one not,
@@ -65,7 +66,7 @@ def self_check(engine: StaticEngine, hf: HfGenerate = hf_generate,
 def _compare(engine: StaticEngine, hf: HfGenerate,
              items: tuple[GenerationItem, ...]) -> str | None:
     """Why the engine's canary audio is wrong, or None."""
-    mine = engine.generate(list(items))
+    mine = generate_on(engine, list(items))
     exact = engine.loaded.dtype in EXACT_DTYPES
     for index, (item, got) in enumerate(zip(items, mine, strict=True)):
         want_samples = round(item.duration_s * engine.loaded.sampling_rate)

@@ -24,7 +24,8 @@ from workers.runtime.engine.engine import (
 )
 from workers.runtime.engine.selfcheck import SelfCheck, one_line, self_check
 from workers.runtime.engine.sizing import free_device_bytes, rows_for, shape_of
-from workers.runtime.musicgen import LoadedModel, max_new_tokens_for, window_frames
+from workers.runtime.frames import max_new_tokens_for, window_frames
+from workers.runtime.loaded import LoadedModel
 
 log = logging.getLogger(__name__)
 

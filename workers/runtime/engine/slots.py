@@ -25,7 +25,6 @@ class Row:
     seed: int
     steps: int
     frames: int
-    target_samples: int
     batch_size: int
     sampling: JobSampling
     generator: torch.Generator | None

@@ -3,7 +3,7 @@
 Any exception from a step fails the rows of that step with a typed ``PipelineError``, whatever
 its class (an IndexError from a bad index is not a RuntimeError); an unrecoverable device error
 ends the process through the hard limit's way out, so that no job is served on a dead CUDA
-context. The scripted engine of ``test_continuous`` stands in where the loop is under test; the
+context. The scripted engine of ``test_engine_loop`` stands in where the loop is under test; the
 real engine on the tiny model where the engine's own conversion is.
 """
 
@@ -14,11 +14,13 @@ import threading
 import pytest
 
 from pipeline.errors import GpuOutOfMemory, ModelRuntimeError, PipelineError
-from workers.continuous import device_lost, typed
+from workers.generation.engine_loop import typed
+from workers.generation.offline import generate_on
 from workers.runtime import GenerationItem, LoadedModel
 from workers.runtime.engine import StaticEngine
+from workers.watchdog import device_lost
 
-from .test_continuous import WAIT, Rig, wait_until
+from .test_engine_loop import WAIT, Rig, wait_until
 
 DEVICE_ASSERT = RuntimeError(
     "CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously "
@@ -165,4 +167,4 @@ def test_the_engine_turns_any_step_exception_into_a_typed_error(
     monkeypatch.undo()
     engine.release(row)  # what the loop does with the rows of a failed step
     assert engine.active() == 0
-    assert engine.generate([GenerationItem("calm", 0.2, seed=1)])[0].seed == 1
+    assert generate_on(engine, [GenerationItem("calm", 0.2, seed=1)])[0].seed == 1

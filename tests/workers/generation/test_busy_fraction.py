@@ -9,11 +9,11 @@ import time
 from concurrent.futures import Future
 
 from benchmarks.throughput import union_seconds
-from workers.batcher import Batcher, BatchStats
-from workers.continuous import ContinuousBatcher
+from workers.generation import BatchStats, EngineLoop, HfLoop
 from workers.runtime.batch import GeneratedAudio, GenerationItem
 from workers.runtime.engine import StaticEngine
-from workers.runtime.musicgen import LoadedModel, generate
+from workers.runtime.loaded import LoadedModel
+from workers.runtime.musicgen import generate
 
 WAIT = 120.0  # a bound on waiting for the jobs, not a measured duration
 # Uneven lengths: rows free at different steps and waiting jobs join the running ones.
@@ -23,8 +23,8 @@ DURATIONS = [1.6, 0.4, 0.8, 0.3, 1.2, 0.5, 0.7, 0.3, 0.9, 0.4]
 def test_busy_fraction_stays_within_0_and_1_under_a_full_queue(tiny_model: LoadedModel) -> None:
     stats: list[BatchStats] = []
     finished: dict[int, float] = {}
-    loop = ContinuousBatcher(lambda model, rows: StaticEngine(model, max_rows=rows),
-                             Batcher(generate, max_batch_size=4, batch_wait_s=0.0),
+    loop = EngineLoop(lambda model, rows: StaticEngine(model, max_rows=rows),
+                             HfLoop(generate, max_batch_size=4, batch_wait_s=0.0),
                              max_batch_size=4, on_batch=stats.append)
     assert loop.prepare(tiny_model)
     started = time.monotonic()

@@ -1,7 +1,8 @@
-"""Continuous batching: one loop per worker process steps a decode engine whose rows come and go.
+"""The engine loop: continuous batching, one decode step at a time of an engine whose rows come
+and go.
 
-The task threads see the same contract as with ``workers.batcher``: ``submit`` returns a
-:class:`~workers.batcher.Ticket`, the thread waits on its future, reports its ``fraction`` and
+The task threads see the same contract as with ``hf_loop`` (``loop.GenerationLoop``): ``submit``
+returns a :class:`~workers.generation.ticket.Ticket`, the thread waits on its future, reports its ``fraction`` and
 ``message``, and drops it on cancel or soft limit. What differs is the loop. Instead of one
 ``model.generate`` call per batch, it drives an engine (``workers.runtime.engine.StaticEngine``)
 one decode step at a time, and between two steps it:
@@ -16,7 +17,7 @@ A job that arrives alone starts at once: later jobs join the running batch, so w
 company buys nothing (``generation.batch_wait_ms`` applies to the HF path only).
 
 What the engine cannot generate (melody, past the window, any model it cannot drive) goes to
-the HF batcher given as ``fallback``, which runs it exactly as ``Batcher`` always has (batch key,
+the HF loop given as ``fallback``, which runs it exactly as ``HfLoop`` always has (batch key,
 OOM split, partial windows) in its own loop thread; both loops share the device.
 
 Fairness between models: one engine steps at a time (one per ``LoadedModel``, by identity). The
@@ -41,7 +42,6 @@ drain (no new admissions) and builds a larger one for the next jobs.
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -49,12 +49,24 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pipeline.errors import GpuOutOfMemory, ModelRuntimeError, PipelineError
-from workers.batcher import Batcher, BatchStats, Ticket, _settle
+from workers.generation.hf_loop import HfLoop
+from workers.generation.loop import BatchStats, LoopThread
+from workers.generation.scheduler import (
+    admissions,
+    check_batch_size,
+    dropped_rows,
+    engine_room,
+    live,
+    longest_limit,
+    without,
+)
+from workers.generation.ticket import Ticket, fail_all, settle
 from workers.health import IDLE_TICK_S, loop_tick
-from workers.runtime.batch import GeneratedAudio, GenerationItem
-from workers.watchdog import HardLimitWatchdog, device_lost, exit_process
+from workers.runtime.batch import GeneratedAudio, GenerationItem, seed_of
+from workers.watchdog import device_lost
 
 log = logging.getLogger(__name__)
+
 
 def typed(error: Exception, during: str) -> PipelineError:
     """``error`` as the job's typed error: a ``PipelineError`` as it is, anything else (an
@@ -96,42 +108,33 @@ class _ModelEngine:
     oom_cap: int | None = None  # after an out-of-memory: the rows that fit, until it drains
 
 
-class ContinuousBatcher:
+class EngineLoop(LoopThread):
     """The continuous-batching loop of one worker process (started on the first submission)."""
 
-    def __init__(self, make_engine: EngineFactory, fallback: Batcher, *, max_batch_size: int,
+    thread_name = "continuous-loop"
+
+    def __init__(self, make_engine: EngineFactory, fallback: HfLoop, *, max_batch_size: int,
                  hard_limit_s: float | None = None,
                  unsupported: tuple[type[BaseException], ...] = (),
                  on_batch: Callable[[BatchStats], None] | None = None,
                  on_hard_limit: Callable[[], None] | None = None) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        super().__init__(max_batch_size=max_batch_size, hard_limit_s=hard_limit_s,
+                         on_batch=on_batch, on_hard_limit=on_hard_limit, what="an engine step")
         self._make_engine = make_engine
         self.fallback = fallback
-        self.max_batch_size = max_batch_size
         self._unsupported = unsupported  # EngineUnsupported: passed in, this module stays torch-free
-        self._on_batch = on_batch
-        self.watchdog = HardLimitWatchdog(hard_limit_s, on_hard_limit, what="an engine step")
-        # The hard limit's way out serves a dead device too: the process ends, its unacked
-        # messages are redelivered and the process manager starts a fresh one.
-        self._end_process = on_hard_limit or exit_process
-        self._cond = threading.Condition()
         self._incoming: list[Ticket] = []  # submitted, not yet routed (engine or fallback)
         self._waiting: list[Ticket] = []  # routed to an engine, waiting for a row, oldest first
         self._engines: dict[int, _ModelEngine] = {}  # by id(loaded); the entry holds loaded
         self._current: _ModelEngine | None = None  # the engine stepping now
-        self._thread: threading.Thread | None = None
-        self._loop_started = 0.0
-        self._busy_s = 0.0
         self._build = threading.Lock()  # held while an engine is built
 
-    # --- the task threads' side (the Batcher contract) -------------------------------------------
+    # --- the task threads' side (the GenerationLoop contract) ------------------------------------
     def configure(self, *, max_batch_size: int, batch_wait_s: float,
                   hard_limit_s: float | None) -> None:
         """New limits from a settings reload: the next admissions use them; the batch wait and
         the rest go to the HF fallback (see the module's docstring for a larger size)."""
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        check_batch_size(max_batch_size)
         self.fallback.configure(max_batch_size=max_batch_size, batch_wait_s=batch_wait_s,
                                 hard_limit_s=hard_limit_s)
         with self._cond:
@@ -152,7 +155,7 @@ class ContinuousBatcher:
     def pending(self) -> int:
         """Tickets waiting for a row or a batch (not counting running rows and calls)."""
         with self._cond:
-            mine = sum(1 for t in (*self._incoming, *self._waiting) if not t.dropped)
+            mine = len(live((*self._incoming, *self._waiting)))
         return mine + self.fallback.pending()
 
     def active(self) -> int:
@@ -175,16 +178,6 @@ class ContinuousBatcher:
                 del self._engines[key]
             return len(idle)
 
-    def _start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        # A restarted loop's fraction covers its own life only: busy time of a dead thread's
-        # over a new thread's wall time could read above 1.
-        self._loop_started, self._busy_s = time.monotonic(), 0.0
-        self._thread = threading.Thread(target=self._loop, name="continuous-loop", daemon=True)
-        self._thread.start()
-        self.watchdog.start()
-
     # --- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -198,18 +191,13 @@ class ContinuousBatcher:
             started = time.monotonic()
             wait_s = self._admit(current)
             if not current.rows:
-                self._busy_s += time.monotonic() - started
+                self._busy(time.monotonic() - started)
                 continue  # every admission failed or went elsewhere
             size, model = len(current.rows), next(iter(current.rows.values())).model
             self._step(current)
             elapsed = time.monotonic() - started
-            self._busy_s += elapsed
-            if self._on_batch is not None:
-                wall = max(time.monotonic() - self._loop_started, 1e-9)
-                try:
-                    self._on_batch(BatchStats(model, size, wait_s, elapsed, self._busy_s / wall))
-                except Exception:  # metrics must never stop the loop
-                    log.exception("could not record step metrics")
+            self._busy(elapsed)
+            self._record(model, size, wait_s, elapsed)
 
     def _route(self) -> None:
         """Send each new ticket to an engine's waiting line or to the HF fallback, and make sure
@@ -226,7 +214,7 @@ class ContinuousBatcher:
             with self._cond:
                 self._waiting.append(ticket)
         with self._cond:
-            head = next((t for t in self._waiting if not t.dropped), None)
+            head = next(iter(live(self._waiting)), None)
             if head is None or (self._current is not None and self._current.rows):
                 return
         me = self._engine_for(head.loaded)
@@ -285,7 +273,7 @@ class ContinuousBatcher:
         waiting ticket; blocks while there is nothing to do."""
         with self._cond:
             while True:
-                self._waiting = [t for t in self._waiting if not t.dropped]
+                self._waiting = live(self._waiting)
                 current = self._current
                 if current is not None and current.rows:
                     return current
@@ -307,25 +295,16 @@ class ContinuousBatcher:
         """Admit waiting tickets into ``me``'s free rows; the wait of the oldest admitted."""
         assert me.engine is not None
         with self._cond:
-            cap = min(self.max_batch_size, me.engine.max_rows, me.oom_cap or me.engine.max_rows)
-            if me.engine.max_rows < self.max_batch_size:
-                cap = 0  # too small for the new size: it drains, a larger one is built
-            room = min(cap - len(me.rows), me.engine.free_rows())
-            taken: list[Ticket] = []
-            for ticket in self._waiting:
-                if len(taken) >= room:
-                    break
-                if ticket.loaded is not me.loaded:
-                    break  # an older job of another model waits: drain for it (fairness)
-                taken.append(ticket)
-            ids = set(map(id, taken))
-            self._waiting = [t for t in self._waiting if id(t) not in ids]
+            room = engine_room(max_batch_size=self.max_batch_size, max_rows=me.engine.max_rows,
+                               oom_cap=me.oom_cap, in_use=len(me.rows),
+                               free_rows=me.engine.free_rows())
+            taken = admissions(self._waiting, me.loaded, room)
+            self._waiting = without(self._waiting, taken)
         waits: list[float] = []
         for position, ticket in enumerate(taken):
-            seed = int(ticket.item.seed) if ticket.item.seed is not None else secrets.randbelow(2**31)
             try:
                 with self.watchdog.timing(ticket.hard_limit_s):
-                    row = me.engine.admit(ticket.item, seed)
+                    row = me.engine.admit(ticket.item, seed_of(ticket.item))
             except self._unsupported:
                 self.fallback.enqueue(ticket)
                 continue
@@ -334,7 +313,7 @@ class ContinuousBatcher:
                     self._device_lost(me, exc, taken[position:])
                     break
                 log.warning("could not admit a job into the engine: %s", exc)
-                _settle(ticket.future, error=typed(exc, "admitting a job"))
+                settle(ticket, error=typed(exc, "admitting a job"))
                 continue
             if ticket.dropped:  # dropped while it was being admitted
                 self._release_quietly(me, row)
@@ -346,16 +325,14 @@ class ContinuousBatcher:
 
     def _release_dropped(self, me: _ModelEngine) -> None:
         assert me.engine is not None
-        for row, ticket in list(me.rows.items()):
-            if ticket.dropped:  # cancelled or past its soft limit: its slot is free at once
-                del me.rows[row]
-                self._release_quietly(me, row)
+        for row in dropped_rows(me.rows):  # cancelled or past its soft limit: free at once
+            del me.rows[row]
+            self._release_quietly(me, row)
 
     def _step(self, me: _ModelEngine) -> None:
         assert me.engine is not None
-        limits = [t.hard_limit_s for t in me.rows.values() if t.hard_limit_s is not None]
         try:
-            with self.watchdog.timing(max(limits) if limits else None):
+            with self.watchdog.timing(longest_limit(me.rows.values())):
                 finished = me.engine.step()
         except GpuOutOfMemory as exc:
             # Release the newest row and fail only its job (retryable); the others step on.
@@ -365,7 +342,7 @@ class ContinuousBatcher:
             me.oom_cap = max(1, len(me.rows))
             log.warning("out of GPU memory with %d rows; released the newest, %d step on",
                         len(me.rows) + 1, len(me.rows))
-            _settle(ticket.future, error=exc)
+            settle(ticket, error=exc)
             return
         except Exception as exc:  # the model failed for every row of this step
             if device_lost(exc):
@@ -390,10 +367,9 @@ class ContinuousBatcher:
                 continue
             if isinstance(outcome, PipelineError):  # its decode failed: its job, no other
                 log.warning("a finished job failed in its decode: %s", outcome)
-                _settle(done.future, error=outcome)
+                settle(done, error=outcome)
             else:
-                done.fraction = 1.0
-                _settle(done.future, audio=outcome)
+                done.finish(outcome)
         message = f"generating ({len(me.rows) + len(finished)} jobs in the batch)"
         for row, ticket in me.rows.items():
             ticket.fraction = me.engine.progress(row)
@@ -401,8 +377,8 @@ class ContinuousBatcher:
 
     def _fail_rows(self, me: _ModelEngine, error: BaseException) -> None:
         """Every row of ``me`` fails with ``error`` and is released."""
-        for row, ticket in list(me.rows.items()):
-            _settle(ticket.future, error=error)
+        fail_all(me.rows.values(), error)
+        for row in list(me.rows):
             self._release_quietly(me, row)
         me.rows.clear()
 
@@ -417,8 +393,7 @@ class ContinuousBatcher:
                      type(exc).__name__, exc)
         self._end_process()
         error = typed(exc, "an engine step")
-        for ticket in others:
-            _settle(ticket.future, error=error)
+        fail_all(others, error)
         self._fail_rows(me, error)
         with self._cond:
             if self._engines.get(id(me.loaded)) is me:

@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 
 from pipeline.errors import GpuOutOfMemory, JobTimeout, ModelRuntimeError
-from workers.batcher import Batcher, BatchStats, Ticket
+from workers.generation import BatchStats, HfLoop, Ticket
 from workers.runtime.batch import GeneratedAudio, GenerationItem
-from workers.runtime.musicgen import LoadedModel, batch_key_for, generate
+from workers.runtime.frames import batch_key_for
+from workers.runtime.loaded import LoadedModel
+from workers.runtime.musicgen import generate
 
-from .test_sampling import ALONE_VS_BATCHED_MAX_DIFF
+from ..test_sampling import ALONE_VS_BATCHED_MAX_DIFF
 
 WAIT = 60.0  # generous bounds on waits for states; none of them is a measured duration
 FOREVER = 3600.0  # a batch wait no test reaches: batches run because they are full
@@ -29,7 +31,7 @@ def _item(prompt: str, seed: int, duration: float = 0.5, **kw: Any) -> Generatio
     return GenerationItem(prompt=prompt, duration_s=duration, seed=seed, **kw)
 
 
-def _submit(batcher: Batcher, loaded: LoadedModel, items: list[GenerationItem]) -> list[Ticket]:
+def _submit(batcher: HfLoop, loaded: LoadedModel, items: list[GenerationItem]) -> list[Ticket]:
     return [batcher.submit(loaded, item, batch_key_for(loaded, item), model="tiny") for item in items]
 
 
@@ -40,7 +42,8 @@ class Recorder:
         self.calls: list[list[str]] = []
         self.behaviour = behaviour
 
-    def __call__(self, loaded: Any, items: list[GenerationItem], progress: Any) -> list[GeneratedAudio]:
+    def __call__(self, loaded: Any, items: list[GenerationItem], progress: Any,
+                 on_window: Any = None) -> list[GeneratedAudio]:
         self.calls.append([i.prompt for i in items])
         if self.behaviour is not None:
             self.behaviour(items, progress)
@@ -51,7 +54,7 @@ class Recorder:
 
 def test_a_full_batch_runs_in_one_call_and_records_its_size(tiny_model: LoadedModel) -> None:
     stats: list[BatchStats] = []
-    batcher = Batcher(generate, max_batch_size=4, batch_wait_s=FOREVER, on_batch=stats.append)
+    batcher = HfLoop(generate, max_batch_size=4, batch_wait_s=FOREVER, on_batch=stats.append)
     tickets = _submit(batcher, tiny_model, [_item(f"job {i}", seed=i, temperature=0.5 + i / 10)
                                             for i in range(4)])
     audio = [t.future.result(WAIT) for t in tickets]
@@ -63,9 +66,9 @@ def test_a_full_batch_runs_in_one_call_and_records_its_size(tiny_model: LoadedMo
 
 def test_a_job_keeps_its_audio_whatever_its_batch_neighbours(tiny_model: LoadedModel) -> None:
     job = _item("the job", seed=1234, temperature=0.9, top_k=50)
-    alone = Batcher(generate, max_batch_size=1, batch_wait_s=0.0)
+    alone = HfLoop(generate, max_batch_size=1, batch_wait_s=0.0)
     solo = _submit(alone, tiny_model, [job])[0].future.result(WAIT)
-    crowd = Batcher(generate, max_batch_size=4, batch_wait_s=FOREVER)
+    crowd = HfLoop(generate, max_batch_size=4, batch_wait_s=FOREVER)
     neighbours = [_item("a much longer prompt about strings and brass", seed=7, top_p=0.9),
                   _item("drums", seed=8, temperature=1.3), _item("x", seed=9, top_k=0)]
     tickets = _submit(crowd, tiny_model, [neighbours[0], job, *neighbours[1:]])
@@ -76,20 +79,9 @@ def test_a_job_keeps_its_audio_whatever_its_batch_neighbours(tiny_model: LoadedM
 
 
 def test_a_job_alone_waits_for_company_at_most_the_batch_wait(tiny_model: LoadedModel) -> None:
-    batcher = Batcher(generate, max_batch_size=8, batch_wait_s=0.05)
+    batcher = HfLoop(generate, max_batch_size=8, batch_wait_s=0.05)
     audio = _submit(batcher, tiny_model, [_item("alone", seed=3)])[0].future.result(WAIT)
     assert audio.batch_size == 1
-
-
-def test_jobs_that_cannot_share_a_call_run_in_separate_batches(tiny_model: LoadedModel) -> None:
-    recorder = Recorder()
-    batcher = Batcher(recorder, max_batch_size=2, batch_wait_s=FOREVER)
-    short = [_item(f"short {i}", seed=i, duration=0.5) for i in range(2)]
-    guided = [_item(f"guided {i}", seed=i, duration=0.5, guidance_scale=5.0) for i in range(2)]
-    tickets = _submit(batcher, tiny_model, [short[0], guided[0], short[1], guided[1]])
-    for ticket in tickets:
-        ticket.future.result(WAIT)
-    assert recorder.calls == [["short 0", "short 1"], ["guided 0", "guided 1"]]
 
 
 def test_out_of_memory_splits_the_batch_and_only_a_lone_job_sees_it(tiny_model: LoadedModel) -> None:
@@ -98,7 +90,7 @@ def test_out_of_memory_splits_the_batch_and_only_a_lone_job_sees_it(tiny_model: 
             raise GpuOutOfMemory("CUDA out of memory (scripted)")
 
     recorder = Recorder(oom_above_one)
-    batcher = Batcher(recorder, max_batch_size=4, batch_wait_s=FOREVER)
+    batcher = HfLoop(recorder, max_batch_size=4, batch_wait_s=FOREVER)
     tickets = _submit(batcher, tiny_model, [_item(p, seed=1) for p in ("a", "b", "too big alone", "d")])
     assert [t.future.result(WAIT).batch_size for t in (tickets[0], tickets[1], tickets[3])] == [1, 1, 1]
     with pytest.raises(GpuOutOfMemory):
@@ -112,7 +104,7 @@ def test_a_model_failure_fails_every_job_of_its_call_and_the_loop_goes_on(tiny_m
         if items[0].prompt.startswith("sick"):
             raise ModelRuntimeError("NaNs (scripted)")
 
-    batcher = Batcher(Recorder(fail_first), max_batch_size=2, batch_wait_s=FOREVER)
+    batcher = HfLoop(Recorder(fail_first), max_batch_size=2, batch_wait_s=FOREVER)
     sick = _submit(batcher, tiny_model, [_item("sick 1", seed=1), _item("sick 2", seed=2)])
     for ticket in sick:
         with pytest.raises(ModelRuntimeError):
@@ -130,7 +122,7 @@ def test_a_dropped_job_leaves_its_batch_and_its_neighbours_go_on(tiny_model: Loa
         assert go_on.wait(WAIT)
         progress(0.2, "step")
 
-    batcher = Batcher(Recorder(step_until_told), max_batch_size=2, batch_wait_s=FOREVER)
+    batcher = HfLoop(Recorder(step_until_told), max_batch_size=2, batch_wait_s=FOREVER)
     cancelled, neighbour = _submit(batcher, tiny_model, [_item("cancel me", seed=1), _item("keep", seed=2)])
     assert stepping.wait(WAIT)
     assert neighbour.fraction == 0.1  # the loop reports each ticket's progress
@@ -154,7 +146,7 @@ def test_a_call_whose_every_job_was_dropped_is_abandoned_at_the_next_step(tiny_m
             threading.Event().wait(0.01)
 
     recorder = Recorder(step_forever)
-    batcher = Batcher(recorder, max_batch_size=2, batch_wait_s=FOREVER)
+    batcher = HfLoop(recorder, max_batch_size=2, batch_wait_s=FOREVER)
     tickets = _submit(batcher, tiny_model, [_item("a", seed=1), _item("b", seed=2)])
     assert stepping.wait(WAIT)
     for ticket in tickets:
@@ -173,7 +165,7 @@ def test_a_call_past_the_hard_limit_ends_the_process(tiny_model: LoadedModel) ->
         hung.set()
         ended.wait(WAIT)  # a kernel that never returns (until the test is over)
 
-    batcher = Batcher(Recorder(hang), max_batch_size=1, batch_wait_s=0.0, hard_limit_s=0.2,
+    batcher = HfLoop(Recorder(hang), max_batch_size=1, batch_wait_s=0.0, hard_limit_s=0.2,
                       on_hard_limit=ended.set)
     _submit(batcher, tiny_model, [_item("hangs", seed=1)])
     assert hung.wait(WAIT)
@@ -189,7 +181,7 @@ def test_a_lost_device_ends_the_process_and_a_plain_model_error_does_not(
             raise RuntimeError("CUDA error: device-side assert triggered")
         raise ModelRuntimeError("NaNs (scripted)")
 
-    batcher = Batcher(Recorder(fail), max_batch_size=1, batch_wait_s=0.0, on_hard_limit=ended.set)
+    batcher = HfLoop(Recorder(fail), max_batch_size=1, batch_wait_s=0.0, on_hard_limit=ended.set)
     [plain] = _submit(batcher, tiny_model, [_item("plain", seed=1)])
     with pytest.raises(ModelRuntimeError):
         plain.future.result(WAIT)
@@ -200,38 +192,16 @@ def test_a_lost_device_ends_the_process_and_a_plain_model_error_does_not(
     assert ended.is_set()  # set before the job was answered: the context is dead, end it
 
 
-def test_the_oldest_job_leads_the_next_batch_and_takes_only_its_mates(tiny_model: LoadedModel) -> None:
-    entered, gate = threading.Event(), threading.Event()
-
-    def block_first(items: list[GenerationItem], _: Any) -> None:
-        if items[0].prompt == "first":
-            entered.set()
-            assert gate.wait(WAIT)
-
-    recorder = Recorder(block_first)
-    batcher = Batcher(recorder, max_batch_size=2, batch_wait_s=0.0)
-    first = _submit(batcher, tiny_model, [_item("first", seed=1)])
-    assert entered.wait(WAIT)  # the loop is busy: everything below queues behind "first"
-    rest = _submit(batcher, tiny_model, [_item("long", seed=2, duration=2.0), _item("short a", seed=3),
-                                         _item("short b", seed=4), _item("long b", seed=5, duration=2.0)])
-    gate.set()
-    for ticket in first + rest:
-        ticket.future.result(WAIT)
-    # 2 s and 0.5 s jobs are in different duration buckets: the oldest ("long") leads and takes
-    # its mate from the back of the queue; the short ones follow together.
-    assert recorder.calls == [["first"], ["long", "long b"], ["short a", "short b"]]
-
-
 def test_batch_size_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="max_batch_size"):
-        Batcher(generate, max_batch_size=0, batch_wait_s=0.0)
+        HfLoop(generate, max_batch_size=0, batch_wait_s=0.0)
 
 
 def test_new_limits_from_a_settings_reload_release_a_waiting_batch() -> None:
     """Lowering the batch size live: two jobs waiting for company that will not come (size 4,
     an endless wait) run at once, and the next batch forms at the new size."""
     recorder = Recorder()
-    batcher = Batcher(recorder, max_batch_size=4, batch_wait_s=FOREVER)
+    batcher = HfLoop(recorder, max_batch_size=4, batch_wait_s=FOREVER)
     loaded = object()
     first = [batcher.submit(loaded, _item(f"job {i}", seed=i), "k", model="m") for i in range(2)]
     with pytest.raises(ValueError, match="at least 1"):
@@ -252,7 +222,7 @@ def test_a_call_runs_under_the_longest_hard_limit_of_its_jobs(tiny_model: Loaded
         seen.append(batcher.watchdog.call_limit)
         progress(0.5, "window 2 of 3: generating")
 
-    batcher = Batcher(Recorder(record), max_batch_size=2, batch_wait_s=FOREVER, hard_limit_s=360.0)
+    batcher = HfLoop(Recorder(record), max_batch_size=2, batch_wait_s=FOREVER, hard_limit_s=360.0)
     items = [_item("long", seed=1), _item("longer", seed=2)]
     tickets = [batcher.submit(tiny_model, item, batch_key_for(tiny_model, item), hard_limit_s=limit)
                for item, limit in zip(items, (500.0, 620.0), strict=True)]

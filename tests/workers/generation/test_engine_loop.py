@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 
 from pipeline.errors import GpuOutOfMemory, JobTimeout, ModelRuntimeError, PipelineError
-from workers.batcher import Batcher, BatchStats, Ticket
-from workers.continuous import ContinuousBatcher
+from workers.generation import BatchStats, EngineLoop, HfLoop, Ticket
 from workers.job_runner import JobCancelledByUser
 from workers.runtime.batch import GeneratedAudio, GenerationItem
 from workers.runtime.engine import StaticEngine
-from workers.runtime.musicgen import LoadedModel, generate
+from workers.runtime.loaded import LoadedModel
+from workers.runtime.musicgen import generate
 
-from .test_sampling import ALONE_VS_BATCHED_MAX_DIFF
+from ..test_sampling import ALONE_VS_BATCHED_MAX_DIFF
 
 WAIT = 60.0  # generous bounds on waits for states; none of them is a measured duration
 FOREVER = 3600.0
@@ -127,7 +127,7 @@ class ScriptedEngine:
 
 
 class Rig:
-    """A ContinuousBatcher over scripted engines and an HF fallback that records its calls."""
+    """A EngineLoop over scripted engines and an HF fallback that records its calls."""
 
     def __init__(self, *, max_batch_size: int = 4, gated: bool = True,
                  make: Callable[[Any, int], Any] | None = None, **kw: Any) -> None:
@@ -135,8 +135,8 @@ class Rig:
         self.journal: list[str] = []
         self.hf_calls: list[list[str]] = []
         self.stats: list[BatchStats] = []
-        self.fallback = Batcher(self._hf, max_batch_size=max_batch_size, batch_wait_s=0.0)
-        self.loop = ContinuousBatcher(make or self._make, self.fallback, max_batch_size=max_batch_size,
+        self.fallback = HfLoop(self._hf, max_batch_size=max_batch_size, batch_wait_s=0.0)
+        self.loop = EngineLoop(make or self._make, self.fallback, max_batch_size=max_batch_size,
                                       unsupported=(EngineUnsupported,), on_batch=self.stats.append,
                                       **kw)
         self.gated = gated
@@ -147,13 +147,15 @@ class Rig:
         return engine
 
     def hf_recording(self, real: Callable[..., list[GeneratedAudio]]) -> Callable[..., list[GeneratedAudio]]:
-        def call(loaded: Any, items: list[GenerationItem], progress: Any) -> list[GeneratedAudio]:
+        def call(loaded: Any, items: list[GenerationItem], progress: Any,
+                 on_window: Any = None) -> list[GeneratedAudio]:
             self.hf_calls.append([i.prompt for i in items])
-            return real(loaded, items, progress)
+            return real(loaded, items, progress, on_window)
 
         return call
 
-    def _hf(self, loaded: Any, items: list[GenerationItem], progress: Any) -> list[GeneratedAudio]:
+    def _hf(self, loaded: Any, items: list[GenerationItem], progress: Any,
+            on_window: Any = None) -> list[GeneratedAudio]:
         self.hf_calls.append([i.prompt for i in items])
         return [GeneratedAudio(samples=np.zeros((1, 4), np.float32), sample_rate=STEPS_PER_SECOND,
                                duration_s=i.duration_s, seed=i.seed or 0, generate_seconds=0.01,
@@ -425,8 +427,8 @@ def real_rig(loaded: LoadedModel, *, at: int | None, max_batch_size: int = 4) ->
 
 
 def alone(loaded: LoadedModel, item: GenerationItem) -> GeneratedAudio:
-    loop = ContinuousBatcher(lambda model, rows: StaticEngine(model, max_rows=rows),
-                             Batcher(generate, max_batch_size=1, batch_wait_s=0.0), max_batch_size=1)
+    loop = EngineLoop(lambda model, rows: StaticEngine(model, max_rows=rows),
+                             HfLoop(generate, max_batch_size=1, batch_wait_s=0.0), max_batch_size=1)
     return loop.submit(loaded, item, "key").future.result(WAIT)
 
 

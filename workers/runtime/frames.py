@@ -1,0 +1,82 @@
+"""Length arithmetic of a loaded model: frames for a duration, the bucket an item is generated
+for, its windows past the model's window, the ``max_new_tokens`` HF needs, and the batch key."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+
+from pipeline.contract.long_form import WINDOW_STRIDE_S as DEFAULT_WINDOW_STRIDE_S
+from workers.runtime.batch import GenerationItem, batch_key, bucket_frames, padding_waste
+from workers.runtime.loaded import LoadedModel
+from workers.runtime.windows import Window, long_frames, plan_windows
+
+
+def frames_for(duration_s: float, loaded: LoadedModel) -> int:
+    """Audio frames (codec steps) needed to cover ``duration_s`` seconds."""
+    return max(1, math.ceil(round(duration_s * loaded.sampling_rate) / loaded.samples_per_frame))
+
+
+def max_new_tokens_for(frames: int, num_codebooks: int) -> int:
+    """``max_new_tokens`` that makes HF's MusicGen return ``frames`` codec frames (or more).
+
+    HF's generate builds the codebook delay pattern over ``1 + max_new_tokens`` positions and
+    strips the ``num_codebooks`` padding positions per codebook, leaving
+    ``max_new_tokens + 1 - num_codebooks`` frames (a stereo model delays each channel's
+    codebooks alike: pass ``LoadedModel.delay_codebooks``, its codebooks per channel). Below ``2*num_codebooks - 1`` positions it skips
+    the pattern altogether, so short requests are lifted to that floor (and trimmed afterwards).
+    """
+    return max(frames + num_codebooks - 1, 2 * num_codebooks - 2)
+
+
+def bucket_for(duration_s: float, loaded: LoadedModel,
+               stride_s: float = DEFAULT_WINDOW_STRIDE_S) -> int:
+    """Frames generated for an item of ``duration_s`` seconds, alone or in any batch.
+
+    Past the window it is the long clip's total for windows ``stride_s`` apart
+    (``workers.runtime.longform.long_frames``), always more than any in-window bucket, so long
+    and short items never share a call.
+    """
+    frames, window = frames_for(duration_s, loaded), window_frames(loaded)
+    if frames <= window:
+        return bucket_frames(frames, window)
+    return long_frames(frames, window, _stride_frames(stride_s, loaded))
+
+
+def _stride_frames(stride_s: float, loaded: LoadedModel) -> int:
+    return max(1, round(stride_s * loaded.frame_rate))
+
+
+def window_frames(loaded: LoadedModel) -> int:
+    """The frames one ``model.generate`` call may produce: the checkpoint's window."""
+    return frames_for(loaded.max_duration_s, loaded)
+
+
+def windows_of(item: GenerationItem, loaded: LoadedModel) -> list[Window]:
+    """The model calls ``item`` takes: one within the window, more past it."""
+    total = bucket_for(item.duration_s, loaded, item.window_stride_s)
+    if total <= window_frames(loaded):
+        return [Window(0, 0, 0, total)]
+    return plan_windows(total, window_frames(loaded), _stride_frames(item.window_stride_s, loaded))
+
+
+def padding_waste_for(loaded: LoadedModel, items: list[GenerationItem]) -> float:
+    """The fraction of frames ``generate`` would produce for ``items`` that no item needs."""
+    return padding_waste([frames_for(item.duration_s, loaded) for item in items],
+                         [bucket_for(item.duration_s, loaded, item.window_stride_s)
+                          for item in items])
+
+
+def batch_key_for(loaded: LoadedModel, item: GenerationItem) -> Hashable:
+    """The key under which ``item`` may share a ``generate`` call with others on ``loaded``."""
+    return batch_key(item, lambda d: bucket_for(d, loaded, item.window_stride_s),
+                     _prompt_tokens(loaded) if loaded.is_melody else None)
+
+
+def _prompt_tokens(loaded: LoadedModel) -> Callable[[str], int]:
+    tokenizer = loaded.processor.tokenizer
+
+    def count(prompt: str) -> int:
+        return len(tokenizer(prompt)["input_ids"])
+
+    return count
