@@ -27,7 +27,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from pipeline.client.handle import JobHandle, Progress, progress_of
+from pipeline.client.handle import JobHandle, Progress, progress_of, report_change
 from pipeline.client.producer import Producer, producer_for
 from pipeline.config.schema import Settings
 from pipeline.contract.jobs import GenerationRequest, JobResult, JobStatus
@@ -199,8 +199,5 @@ class AsyncJobHandle:
                 done = await asyncio.to_thread(self.sync._ended, state, info)
                 if done is not None:
                     return done
-                now = progress_of(state, info)
-                if on_progress is not None and now != last:
-                    on_progress(now)
-                last = now
+                last = report_change(state, info, last, on_progress)
         raise AssertionError("unreachable: _watch ends only by raising")  # pragma: no cover

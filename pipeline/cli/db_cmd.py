@@ -7,18 +7,21 @@ password: URLs are shown with ``***`` and every message is scrubbed of the secre
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 
 from pipeline.cli.common import EnvOption, SetsOption, fail, load_or_exit, parse_sets
 from pipeline.config.schema import Settings
-from pipeline.errors import ServiceUnavailable
+from pipeline.errors import PipelineError, ServiceUnavailable
 
 if TYPE_CHECKING:  # sqlalchemy and alembic load only when a command runs
     from pipeline.quota import QuotaStore
+
+T = TypeVar("T")
 
 db_app = typer.Typer(help="The quota and usage-ledger database: schema migrations.",
                      no_args_is_help=True)
@@ -64,6 +67,16 @@ def describe_error(exc: BaseException, settings: Settings) -> str:
     orig = getattr(exc, "orig", None)
     lines = str(orig if orig is not None else exc).strip().splitlines()
     return redact(lines[0] if lines else type(exc).__name__, settings)
+
+
+def with_store(settings: Settings, work: Callable[[QuotaStore], T]) -> T:
+    """``work`` on the quota store of ``settings`` (created on first use, as an operator's
+    write may), its pipeline errors printed as one line with exit 1 (``fail``)."""
+    try:
+        with open_store(settings, must_exist=False) as store:
+            return work(store)
+    except PipelineError as exc:
+        fail(exc)
 
 
 @contextmanager
@@ -121,6 +134,15 @@ def _revision_line(revision: str | None) -> str:
     return f"revision: {revision} ({'head' if revision == head else f'head is {head}'})"
 
 
+def _database(env: str | None, sets: list[str] | None) -> tuple[Settings, str, Path | None]:
+    """The settings of a ``db`` command, their database URL, and its SQLite file if it is one."""
+    from pipeline.quota.configured import database_url, sqlite_path
+
+    settings = load_or_exit(env, parse_sets(sets))
+    url = database_url(settings)
+    return settings, url, sqlite_path(url)
+
+
 @db_app.command("upgrade")
 def upgrade_cmd(
     revision: str = typer.Option("head", "--revision", "-r", help="target revision"),
@@ -132,11 +154,8 @@ def upgrade_cmd(
     from sqlalchemy.exc import SQLAlchemyError
 
     from pipeline.quota import current, upgrade
-    from pipeline.quota.configured import database_url, sqlite_path
 
-    settings = load_or_exit(env, parse_sets(sets))
-    url = database_url(settings)
-    path = sqlite_path(url)
+    settings, url, path = _database(env, sets)
     try:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,11 +179,8 @@ def current_cmd(
     from sqlalchemy.exc import SQLAlchemyError
 
     from pipeline.quota import current
-    from pipeline.quota.configured import database_url, sqlite_path
 
-    settings = load_or_exit(env, parse_sets(sets))
-    url = database_url(settings)
-    path = sqlite_path(url)
+    settings, url, path = _database(env, sets)
     if path is not None and not path.is_file():  # connecting would create an empty file
         fail(ServiceUnavailable(f"no SQLite file at {path} (database.url); "
                                 "`musicgen-pipeline db upgrade` creates it"))

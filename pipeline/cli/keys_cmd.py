@@ -21,12 +21,13 @@ from pipeline.cli.common import (
     load_or_exit,
     parse_sets,
 )
-from pipeline.cli.db_cmd import open_store
+from pipeline.cli.db_cmd import open_store, with_store
 from pipeline.errors import PipelineError
 from pipeline.quota.webhook_secrets import WebhookSecrets
 
 if TYPE_CHECKING:
-    from pipeline.gateway.keystore import KeyInfo
+    from pipeline.gateway.keystore import KeyInfo, NewKey
+    from pipeline.quota import QuotaStore
 
 keys_app = typer.Typer(help="API keys of the HTTP gateway (`musicgen-pipeline api`): create, "
                             "list, revoke.", no_args_is_help=True)
@@ -51,17 +52,14 @@ def create(
     """Create a key for USER and print it: this is the only time it is shown."""
     from pipeline.gateway.keystore import ApiKeyStore
 
-    settings = load_or_exit(env, parse_sets(sets))
-    try:
-        with open_store(settings, must_exist=False) as store:
-            if tier is not None:  # first: an unknown tier creates no key
-                store.set_quota(user, tier=tier)
-            new = ApiKeyStore(store.engine).create(user, name=name)
-            # The user's own webhook signing secret, made with its first key (shown once).
-            hook_secret = WebhookSecrets(store.engine).ensure(new.info.user_id)
-            tier_now = store.tier_of(user)
-    except PipelineError as exc:
-        fail(exc)
+    def make(store: QuotaStore) -> tuple[NewKey, str | None, str]:
+        if tier is not None:  # first: an unknown tier creates no key
+            store.set_quota(user, tier=tier)
+        new = ApiKeyStore(store.engine).create(user, name=name)
+        # The user's own webhook signing secret, made with its first key (shown once).
+        return new, WebhookSecrets(store.engine).ensure(new.info.user_id), store.tier_of(user)
+
+    new, hook_secret, tier_now = with_store(load_or_exit(env, parse_sets(sets)), make)
     if as_json:
         typer.echo(json.dumps({"key": new.key, **key_dict(new.info), "tier": tier_now,
                                "webhook_secret": hook_secret}, indent=2))
@@ -83,12 +81,8 @@ def rotate_webhook_secret(
 ) -> None:
     """A new webhook signing secret for USER, printed once; deliveries carry signatures by
     the old one too for 24 hours, so its receiver can switch without refusing any."""
-    settings = load_or_exit(env, parse_sets(sets))
-    try:
-        with open_store(settings, must_exist=False) as store:
-            secret = WebhookSecrets(store.engine).rotate(user)
-    except PipelineError as exc:
-        fail(exc)
+    secret = with_store(load_or_exit(env, parse_sets(sets)),
+                        lambda store: WebhookSecrets(store.engine).rotate(user))
     if as_json:
         typer.echo(json.dumps({"user_id": user, "webhook_secret": secret}, indent=2))
         return
@@ -107,12 +101,8 @@ def list_keys(
     """Every key's prefix, user, name and state, oldest first (never the key itself)."""
     from pipeline.gateway.keystore import ApiKeyStore
 
-    settings = load_or_exit(env, parse_sets(sets))
-    try:
-        with open_store(settings, must_exist=False) as store:
-            keys = ApiKeyStore(store.engine).list(user)
-    except PipelineError as exc:
-        fail(exc)
+    keys = with_store(load_or_exit(env, parse_sets(sets)),
+                      lambda store: ApiKeyStore(store.engine).list(user))
     rows = [key_dict(info) for info in keys]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))

@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from pipeline.cli.common import EnvOption, JsonOption, SetsOption, fail, load_or_exit, parse_sets
-from pipeline.cli.db_cmd import open_store
+from pipeline.cli.common import EnvOption, JsonOption, SetsOption, load_or_exit, parse_sets
+from pipeline.cli.db_cmd import with_store
 from pipeline.config.schema import Settings
-from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
-    from pipeline.quota import SecondsUsage, UsageSummary, WindowUsage
+    from pipeline.quota import QuotaStore, SecondsUsage, UsageSummary, WindowUsage
 
 quota_app = typer.Typer(help="Per-user job quotas: show usage, set a tier or limits.",
                         no_args_is_help=True)
@@ -76,12 +75,8 @@ def show(
 ) -> None:
     """Tier, and jobs used of the limit today and this month, with when each resets."""
     settings = load_or_exit(env, parse_sets(sets))
-    try:
-        with open_store(settings, must_exist=False) as store:
-            summary = store.usage(user)
-    except PipelineError as exc:  # unreachable, unmigrated, or a tier no longer configured
-        fail(exc)
-    _print_usage(summary, settings, as_json)
+    # Refused: unreachable, unmigrated, or a tier no longer configured.
+    _print_usage(with_store(settings, lambda store: store.usage(user)), settings, as_json)
 
 
 @quota_app.command("set")
@@ -98,10 +93,10 @@ def set_quota(
 ) -> None:
     """Put USER on a tier, optionally with their own daily/monthly limits; prints the result."""
     settings = load_or_exit(env, parse_sets(sets))
-    try:
-        with open_store(settings, must_exist=False) as store:
-            store.set_quota(user, tier=tier, daily=daily, monthly=monthly)
-            summary = store.usage(user)
-    except PipelineError as exc:  # unknown tier (the message lists the tiers), bad limit, DB down
-        fail(exc)
-    _print_usage(summary, settings, as_json)
+
+    def put(store: QuotaStore) -> UsageSummary:
+        # Refused: an unknown tier (the message lists the tiers), a bad limit, the DB down.
+        store.set_quota(user, tier=tier, daily=daily, monthly=monthly)
+        return store.usage(user)
+
+    _print_usage(with_store(settings, put), settings, as_json)

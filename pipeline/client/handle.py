@@ -115,6 +115,16 @@ def progress_of(state: str, info: Any) -> Progress:
     return Progress(0.0, _STATUS.get(state, JobStatus.queued).value)
 
 
+def report_change(state: str, info: Any, last: Progress | None,
+                  on_progress: Callable[[Progress], Any] | None) -> Progress:
+    """The progress (state, info) shows, passed to ``on_progress`` when it differs from
+    ``last`` (a waiter calls back on change only); returned as the next ``last``."""
+    now = progress_of(state, info)
+    if on_progress is not None and now != last:
+        on_progress(now)
+    return now
+
+
 def _as_state(record: JobRecord) -> tuple[str, Any]:
     """A ledger record in Celery's (state, info) shape, so every reader treats both alike."""
     if record.status is JobStatus.succeeded:
@@ -258,10 +268,7 @@ class JobHandle:
                 done = self._ended(state, info)
                 if done is not None:
                     return done
-                now = progress_of(state, info)
-                if on_progress is not None and now != last:
-                    on_progress(now)
-                last = now
+                last = report_change(state, info, last, on_progress)
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise JobTimeout(f"job {self.id} did not finish within {timeout:g} s "

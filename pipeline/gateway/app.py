@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pipeline.client.producer import Producer
 from pipeline.config.schema import Settings
 from pipeline.gateway import errors, routes_jobs, routes_meta
-from pipeline.gateway.auth import Authenticator, KeyRate, RateLimitHeaders
+from pipeline.gateway.auth import Authenticator, KeyRate, add_rate_headers
 from pipeline.gateway.keystore import ApiKeyStore
 from pipeline.gateway.metrics import HttpMetrics
 from pipeline.gateway.models import JobRequest
@@ -36,7 +36,8 @@ access_log = logging.getLogger("pipeline.gateway.access")
 class AccessLog:
     """One line per request: method, path (never the query string), status, time, and the
     key's public label. The key itself is never logged (uvicorn's own access log is off:
-    ``musicgen-pipeline api`` runs it with ``access_log=False``)."""
+    ``musicgen-pipeline api`` runs it with ``access_log=False``). The response it sees on its
+    way out also gets the key's ``RateLimit-*`` headers (``auth.add_rate_headers``)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -51,6 +52,7 @@ class AccessLog:
         async def record(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                add_rate_headers(scope, message)
             await send(message)
 
         try:
@@ -116,7 +118,6 @@ def create_app(settings: Settings, *, producer: Producer | None = None) -> FastA
                                            "Idempotent-Replayed", "Preference-Applied",
                                            "RateLimit-Limit", "RateLimit-Remaining",
                                            "RateLimit-Reset"])
-    app.add_middleware(RateLimitHeaders)
     app.add_middleware(AccessLog)
     # Outermost, so that what it times and counts is what the client saw (CORS and the access
     # log included). ``/metrics`` (routes_meta) reads app.state.metrics.

@@ -16,7 +16,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Scope
 
 from pipeline.errors import RateLimited, Unauthorized
 from pipeline.gateway.keystore import ApiKeyStore, masked
@@ -67,29 +67,15 @@ def rate_headers(window: RateWindow) -> dict[str, str]:
             "RateLimit-Reset": str(math.ceil(window.reset_s))}
 
 
-class RateLimitHeaders:
-    """Adds the ``RateLimit-*`` headers of the request's key to every response, the JSON
-    routes', the streams' and the errors' alike (``caller`` leaves the window in the request
-    state; a response that is not a route's, or a key past its rate, gets none here: the 429
-    carries ``Retry-After``)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def with_headers(message: Message) -> None:
-            window = (scope.get("state") or {}).get("rate_window")
-            if message["type"] == "http.response.start" and window is not None:
-                headers = MutableHeaders(scope=message)
-                for name, value in rate_headers(window).items():
-                    headers[name] = value
-            await send(message)
-
-        await self.app(scope, receive, with_headers)
+def add_rate_headers(scope: Scope, message: Message) -> None:
+    """Put the request's key's ``RateLimit-*`` headers on its response start ``message``: the
+    JSON routes', the streams' and the errors' alike (``caller`` leaves the window in the
+    request state; a response no key reached gets none, and a 429 says 0 left)."""
+    window = (scope.get("state") or {}).get("rate_window")
+    if message["type"] == "http.response.start" and window is not None:
+        headers = MutableHeaders(scope=message)
+        for name, value in rate_headers(window).items():
+            headers[name] = value
 
 
 @dataclass(frozen=True)
