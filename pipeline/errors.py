@@ -23,6 +23,18 @@ class PipelineError(Exception):
     # their family's: a bad request 422, an outage or a transient failure 503, else 500.
     http_status = 500
 
+    def __init_subclass__(cls, *, code: str | None = None, http_status: int | None = None,
+                          retryable: bool | None = None, **kwargs: Any) -> None:
+        """Each class states its code (and status, retryability) in its header:
+        ``class JobNotFound(PipelineError, code="job_not_found", http_status=404)``."""
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+        if http_status is not None:
+            cls.http_status = http_status
+        if retryable is not None:
+            cls.retryable = retryable
+
     # Positional-or-keyword on purpose: pickle and Celery's JSON exception transport both
     # rebuild an exception as ``cls(*args)``, so every argument must be in ``args``.
     def __init__(self, message: str, field: str | None = None, details: Any = None) -> None:
@@ -52,82 +64,57 @@ class PipelineError(Exception):
 
 # --- settings -------------------------------------------------------------------------------
 
-class SettingsError(PipelineError):
+class SettingsError(PipelineError, code="invalid_settings"):
     """Raised when the layered settings cannot be loaded or do not validate.
 
     ``details`` holds the full report: a list of ``{path, value, rule, fix}`` dicts.
     """
 
-    code = "invalid_settings"
-
 
 # --- the job contract: permanent errors -----------------------------------------------------
 
-class InvalidRequest(PipelineError):
+class InvalidRequest(PipelineError, code="invalid_request", http_status=422):
     """Raised when a generation request fails validation; ``field`` names the offending field.
 
     ``details`` lists every problem found as ``{field, message, type}`` dicts.
     """
 
-    code = "invalid_request"
-    http_status = 422
 
-
-class JobIdConflict(InvalidRequest):
+class JobIdConflict(InvalidRequest, code="job_id_conflict", http_status=409):
     """Raised when a client ``job_id`` is already taken by another user's job (``field``:
     ``job_id``); nothing is changed, and the other job is neither returned nor revealed."""
 
-    code = "job_id_conflict"
-    http_status = 409
 
-
-class UnsupportedOption(PipelineError):
+class UnsupportedOption(PipelineError, code="unsupported_option", http_status=422):
     """Raised when a request asks for something this deployment cannot do (format, duration)."""
 
-    code = "unsupported_option"
-    http_status = 422
 
-
-class ModelNotFound(PipelineError):
+class ModelNotFound(PipelineError, code="model_not_found", http_status=422):
     """Raised when a model preset, hub id or local checkpoint path does not exist."""
 
-    code = "model_not_found"
-    http_status = 422
 
-
-class JobNotFound(PipelineError):
+class JobNotFound(PipelineError, code="job_not_found", http_status=404):
     """Raised when a job id is unknown to the result backend."""
 
-    code = "job_not_found"
-    http_status = 404
 
-
-class JobFailed(PipelineError):
+class JobFailed(PipelineError, code="job_failed", http_status=409):
     """Raised by ``JobHandle.result()`` when the job failed; carries the worker's error.
 
     ``details`` is ``{"error_code": ..., "error_message": ...}`` from the worker.
     """
-
-    code = "job_failed"
-    http_status = 409
 
     @property
     def error_code(self) -> str | None:
         return (self.details or {}).get("error_code")
 
 
-class JobCancelled(PipelineError):
+class JobCancelled(PipelineError, code="job_cancelled", http_status=409):
     """Raised by ``JobHandle.result()`` when the job was cancelled."""
 
-    code = "job_cancelled"
-    http_status = 409
 
-
-class JobTimeout(PipelineError, TimeoutError):
+class JobTimeout(PipelineError, TimeoutError, code="timeout"):
     """Raised when a job passes its time limit, or a caller's wait runs out; a ``TimeoutError``
     too, so code written for ``concurrent.futures`` (``except TimeoutError``) catches it."""
-
-    code = "timeout"
 
     def __init__(self, message: str, field: str | None = None, details: Any = None) -> None:
         super().__init__(message, field, details)
@@ -140,141 +127,96 @@ class JobTimeout(PipelineError, TimeoutError):
         return (type(self), self.args, self.__dict__)
 
 
-class PoisonJob(PipelineError):
+class PoisonJob(PipelineError, code="poison_job"):
     """Raised when a job was delivered more than ``worker.redelivery_cap`` times without
     finishing (it keeps killing its worker); it is failed instead of looping."""
 
-    code = "poison_job"
 
-
-class QuotaExceeded(PipelineError):
+class QuotaExceeded(PipelineError, code="quota_exceeded", http_status=429):
     """Raised when a user's daily or monthly quota would be exceeded.
 
     ``details`` says which limit, what was used, the limit, and when it resets (ISO 8601).
     """
 
-    code = "quota_exceeded"
-    http_status = 429
-
 
 # --- the service: fail fast ---------------------------------------------------------------
 
-class ServiceUnavailable(PipelineError):
+class ServiceUnavailable(PipelineError, code="service_unavailable", http_status=503):
     """Raised when the service cannot take jobs: circuit open, broker down, ffmpeg missing.
 
     ``details`` may hold ``retry_after`` in seconds.
     """
 
-    code = "service_unavailable"
-    http_status = 503
 
-
-class Backpressure(ServiceUnavailable):
+class Backpressure(ServiceUnavailable, code="backpressure", http_status=429):
     """Raised when a queue's backlog is past its threshold; enqueue later."""
-
-    code = "backpressure"
-    http_status = 429
 
 
 # --- transient errors: retried with backoff -----------------------------------------------
 
-class TransientError(PipelineError):
+class TransientError(PipelineError, code="transient", http_status=503, retryable=True):
     """Raised when a job failed for a reason that may pass (the worker retries it)."""
 
-    code = "transient"
-    http_status = 503
-    retryable = True
 
-
-class CoordinationUnavailable(TransientError):
+class CoordinationUnavailable(TransientError, code="coordination_unavailable"):
     """Raised in a worker when the Redis of the shared policies (breaker, rate limit, cancel
     flags, delivery counts) stays unreachable past a failover's length; the job is retried."""
 
-    code = "coordination_unavailable"
 
-
-class GpuOutOfMemory(TransientError):
+class GpuOutOfMemory(TransientError, code="gpu_oom"):
     """Raised when CUDA runs out of memory; the worker frees its cache and retries."""
 
-    code = "gpu_oom"
 
-
-class PostProcessFailed(TransientError):
+class PostProcessFailed(TransientError, code="postprocess_failed"):
     """Raised when ffmpeg crashes or returns non-zero on input it should accept."""
 
-    code = "postprocess_failed"
 
-
-class ModelRuntimeError(TransientError):
+class ModelRuntimeError(TransientError, code="model_runtime_error"):
     """Raised when the model fails during generation for a reason other than bad input."""
-
-    code = "model_runtime_error"
 
 
 # --- the HTTP gateway (pipeline/gateway): refused before the producer is asked ---------------
 
-class Unauthorized(PipelineError):
+class Unauthorized(PipelineError, code="unauthorized", http_status=401):
     """Raised when an HTTP request carries no API key, or one that is unknown or revoked."""
 
-    code = "unauthorized"
-    http_status = 401
 
-
-class RateLimited(PipelineError):
+class RateLimited(PipelineError, code="rate_limited", http_status=429):
     """Raised when an API key sends requests faster than ``api.rate``;
     ``details["retry_after"]`` is when the next one is admitted (seconds)."""
 
-    code = "rate_limited"
-    http_status = 429
 
-
-class PayloadTooLarge(PipelineError):
+class PayloadTooLarge(PipelineError, code="payload_too_large", http_status=413):
     """Raised when a request body or a melody upload passes ``api.max_body_kb`` or
     ``api.max_upload_mb``; ``field`` names the part (``request`` or ``melody``)."""
 
-    code = "payload_too_large"
-    http_status = 413
 
-
-class UnsupportedMediaType(PipelineError):
+class UnsupportedMediaType(PipelineError, code="unsupported_media_type", http_status=415):
     """Raised when a request body is neither JSON nor multipart/form-data."""
 
-    code = "unsupported_media_type"
-    http_status = 415
 
-
-class JobNotFinished(PipelineError):
+class JobNotFinished(PipelineError, code="job_not_finished", http_status=409):
     """Raised when a job's audio is asked for before the job has succeeded."""
-
-    code = "job_not_finished"
-    http_status = 409
 
 
 # --- storage, inputs by reference, webhooks (issue 13) -------------------------------------
 
-class InputUnavailable(PipelineError):
+class InputUnavailable(PipelineError, code="input_unavailable", http_status=422):
     """Raised when a melody given by reference cannot be fetched (unreachable, missing,
     refused) or is larger than ``validation.max_melody_size_mb``; permanent, never retried.
 
     ``details["rule"]`` says which: ``unreachable``, ``missing`` or ``max_size_mb``.
     """
 
-    code = "input_unavailable"
-    http_status = 422
 
-
-class StorageUnavailable(TransientError):
+class StorageUnavailable(TransientError, code="storage_unavailable"):
     """Raised when the output storage cannot store or return a file: unreachable, refused,
     or the file is gone (past ``storage.retention_days``); ``details["rule"]`` says which."""
 
-    code = "storage_unavailable"
 
-
-class WebhookSignatureInvalid(PipelineError):
+class WebhookSignatureInvalid(PipelineError, code="invalid_webhook_signature"):
     """Raised by ``pipeline.webhooks.verify`` when a webhook's signature, id or timestamp does
     not check out (``field`` names the header)."""
-
-    code = "invalid_webhook_signature"
 
 
 def _all_subclasses(cls: type[PipelineError]) -> list[type[PipelineError]]:
