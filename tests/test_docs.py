@@ -53,7 +53,7 @@ def test_every_relative_link_lands_on_a_file_and_heading(page: Path) -> None:
 def test_the_readme_gives_the_commands_ci_runs() -> None:
     readme = bash_lines(REPO / "README.md")
     ci_run = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
-    for command in ("bash .ci/install", ".venv/bin/python -m pytest"):
+    for command in ("bash .ci/install", ".venv/bin/python -m pytest -n 2 --dist loadfile"):
         assert command in readme and command in ci_run, command
 
 

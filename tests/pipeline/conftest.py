@@ -20,21 +20,31 @@ from pipeline.policies.breaker import BreakerBackend, MemoryBreakerBackend, Redi
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
 
-def _find_empty_db() -> int:
-    """The highest-numbered empty database (least likely to be picked by anyone else)."""
+OWNER_KEY = "musicgen-tests:owner"  # the integration tests' claim key: one claim rule for both
+
+
+def _claim_empty_db(token: str) -> int:
+    """The highest-numbered empty database, claimed with an owner key (``SET NX``) so that a
+    parallel test process (pytest -n) or the integration fixtures, which claim from the
+    bottom, never pick it too and delete our keys at their end."""
     with redis.Redis(host=REDIS_HOST, port=REDIS_PORT) as probe:
         count = int(probe.config_get("databases").get("databases", 16))
     for db in range(count - 1, 0, -1):
         with redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db) as client:
-            if client.dbsize() == 0:
+            if client.dbsize() == 0 and client.set(OWNER_KEY, token, nx=True):
                 return db
     return count - 1  # none empty: still safe, we only ever touch our own prefix
 
 
 @pytest.fixture(scope="session")
-def redis_db() -> int:
-    """The database index the Redis-backed tests use for the whole session."""
-    return _find_empty_db()
+def redis_db() -> Iterator[int]:
+    """The database index the Redis-backed tests use for the whole session (claim released after)."""
+    token = uuid.uuid4().hex
+    db = _claim_empty_db(token)
+    yield db
+    with redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db) as client:
+        if client.get(OWNER_KEY) == token.encode():
+            client.delete(OWNER_KEY)
 
 
 @pytest.fixture(scope="session")
