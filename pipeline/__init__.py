@@ -33,6 +33,7 @@ from pipeline.errors import (
     JobTimeout,
     ModelNotFound,
     ModelRuntimeError,
+    NoPartial,
     PayloadTooLarge,
     PipelineError,
     PoisonJob,
@@ -61,7 +62,7 @@ __all__ = [
     "PipelineError", "SettingsError", "InvalidRequest", "JobIdConflict", "UnsupportedOption",
     "ModelNotFound", "QuotaExceeded", "InputUnavailable",
     # errors: the job
-    "JobNotFound", "JobNotFinished", "JobFailed", "JobCancelled", "JobTimeout", "PoisonJob",
+    "JobNotFound", "JobNotFinished", "NoPartial", "JobFailed", "JobCancelled", "JobTimeout", "PoisonJob",
     # errors: the service (TransientError and its subclasses are retried by the worker)
     "ServiceUnavailable", "Backpressure", "StorageUnavailable", "TransientError",
     "CoordinationUnavailable", "GpuOutOfMemory", "PostProcessFailed", "ModelRuntimeError",

@@ -199,6 +199,11 @@ class JobNotFinished(PipelineError, code="job_not_finished", http_status=409):
     """Raised when a job's audio is asked for before the job has succeeded."""
 
 
+class NoPartial(PipelineError, code="no_partial", http_status=404):
+    """Raised when a job's partial audio is asked for and it has none now: a job within the
+    model's window, before a long job's first window ends, or after the job ended."""
+
+
 # --- storage, inputs by reference, webhooks (issue 13) -------------------------------------
 
 class InputUnavailable(PipelineError, code="input_unavailable", http_status=422):

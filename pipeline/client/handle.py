@@ -80,6 +80,19 @@ class Partial:
     format: str
 
 
+def partial_of(state: str, info: Any) -> Partial | None:
+    """The partial result in a state already read (``JobHandle.partial``, the gateway's view)."""
+    found = info.get("partial") if state == "PROGRESS" and isinstance(info, dict) else None
+    if not isinstance(found, dict):
+        return None
+    try:
+        return Partial(uri=str(found["uri"]), path=found.get("path"),
+                       seconds=float(found["seconds"]), window=int(found["window"]),
+                       windows=int(found["windows"]), format=str(found.get("format", "")))
+    except (KeyError, TypeError, ValueError):  # a state no worker of ours would write
+        return None
+
+
 def error_of(info: Any) -> tuple[str, str]:
     """(code, message) of a failed job's stored exception."""
     if isinstance(info, PipelineError):
@@ -228,16 +241,7 @@ class JobHandle:
         """The latest partial result of a running long job, or None: before its first window
         ends, for a job within the model's window, and once the job has ended (its partial is
         removed then; ``result()`` is what counts)."""
-        state, info = self._state()
-        found = info.get("partial") if state == "PROGRESS" and isinstance(info, dict) else None
-        if not isinstance(found, dict):
-            return None
-        try:
-            return Partial(uri=str(found["uri"]), path=found.get("path"),
-                           seconds=float(found["seconds"]), window=int(found["window"]),
-                           windows=int(found["windows"]), format=str(found.get("format", "")))
-        except (KeyError, TypeError, ValueError):  # a state no worker of ours would write
-            return None
+        return partial_of(*self._state())
 
     @overload
     def result(self) -> JobResult | None: ...

@@ -465,6 +465,13 @@ class ApiSettings(_Section):
     port: int = Field(8000, ge=1, le=65535)
     auth: bool = Field(True, description="require an API key (`musicgen-pipeline keys create`); "
                                          "false only in development (a settings rule)")
+    # Signed URLs (pipeline/gateway/url_tokens.py) let a browser's EventSource and <audio> reach
+    # one job's events, audio and partial file without the Authorization header they cannot send.
+    url_token_ttl_s: int = Field(900, ge=30, le=86400,
+                                 description="how long a job view's signed_urls work (seconds)")
+    url_token_secret: SecretStr | None = Field(
+        None, description="HMAC key of the signed URLs; unset = a random key shared by the "
+                          "gateway processes through Redis")
     # An origin is scheme://host[:port] exactly: a path or a trailing slash never matches the
     # browser's Origin header, so such an entry would silently allow nothing.
     cors_origins: list[Annotated[str, Field(pattern=r"^(\*|https?://[^/\s]+)$")]] = Field(

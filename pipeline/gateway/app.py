@@ -26,6 +26,7 @@ from pipeline.gateway.metrics import HttpMetrics
 from pipeline.gateway.models import JobRequest
 from pipeline.gateway.service import Gateway
 from pipeline.gateway.uploads import KB, MB
+from pipeline.gateway.url_tokens import UrlSigner, signing_key
 from pipeline.gateway.views import models_view
 from pipeline.gateway.webhook_docs import document_webhooks
 
@@ -86,6 +87,12 @@ def _rate_storage(producer: Producer) -> str:
     return "memory://" if url is None else limits_storage_uri(url, producer.settings.broker.master_name)
 
 
+def _url_signer(settings: Settings, producer: Producer) -> UrlSigner:
+    secret = settings.api.url_token_secret
+    return UrlSigner(lambda: signing_key(None if secret is None else secret.get_secret_value(),
+                                         producer.app.redis), settings.api.url_token_ttl_s)
+
+
 def create_app(settings: Settings, *, producer: Producer | None = None) -> FastAPI:
     """The gateway for ``settings``; ``producer`` defaults to a new one for them.
 
@@ -104,7 +111,8 @@ def create_app(settings: Settings, *, producer: Producer | None = None) -> FastA
                                 upload_dir=upload_dir, models=models_view(settings))
     app.state.authenticator = Authenticator(enabled=api.auth,
                                             keys=ApiKeyStore(producer.quota.engine),
-                                            rate=KeyRate(api.rate, _rate_storage(producer)))
+                                            rate=KeyRate(api.rate, _rate_storage(producer)),
+                                            signer=_url_signer(settings, producer))
     errors.install(app)
     app.include_router(routes_jobs.router)
     app.include_router(routes_meta.router)

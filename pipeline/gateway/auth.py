@@ -13,13 +13,14 @@ import math
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import MutableHeaders
 from starlette.types import Message, Scope
 
 from pipeline.errors import RateLimited, Unauthorized
 from pipeline.gateway.keystore import ApiKeyStore, masked
+from pipeline.gateway.url_tokens import UrlSigner
 from pipeline.infra.keys import API_RATE_PREFIX
 from pipeline.policies.rate_limit import GlobalRateLimit, RateWindow
 
@@ -85,6 +86,7 @@ class Authenticator:
     enabled: bool
     keys: ApiKeyStore
     rate: KeyRate
+    signer: UrlSigner
 
 
 def caller(request: Request,
@@ -101,6 +103,28 @@ def caller(request: Request,
         request.state.key_label = masked(credentials.credentials)
         info = auth.keys.authenticate(credentials.credentials)
         who = Caller(info.user_id, info.label)
+    return _rated(request, auth, who)
+
+
+def caller_or_token(request: Request,
+                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+                    token: Annotated[str | None, Query(
+                        max_length=512, description="a signed URL's token (the job view's "
+                                                    "`signed_urls`), instead of the API key")]
+                    = None) -> Caller:
+    """``caller`` for one job's read-only routes (events, audio, partial), which also take the
+    ``?token=`` of a signed URL (pipeline/gateway/url_tokens.py): the token acts for its user,
+    on the job in the path only. An Authorization header, when sent, wins."""
+    auth: Authenticator = request.app.state.authenticator
+    if credentials is not None or token is None or not auth.enabled:
+        return caller(request, credentials)
+    user_id = auth.signer.user_of(token, str(request.path_params.get("job_id", "")))
+    request.state.key_label = "signed-url"
+    return _rated(request, auth, Caller(user_id, None))
+
+
+def _rated(request: Request, auth: Authenticator, who: Caller) -> Caller:
+    """``who``, once one request of its key's rate is taken (a signed URL's: its user's)."""
     try:
         request.state.rate_window = auth.rate.check(who.key_label or who.user_id)
     except RateLimited as over:  # the 429 says so in the same headers

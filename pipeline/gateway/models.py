@@ -57,6 +57,29 @@ class JobUrls(BaseModel):
     cancel: str = Field(description="DELETE it to cancel the job")
     events: str = Field(description="its Server-Sent Events")
     audio: str | None = Field(None, description="its audio, once it has succeeded")
+    partial: str | None = Field(None, description="the audio so far of a running long job "
+                                                   "(replaced after each window)")
+
+
+class SignedUrls(BaseModel):
+    """``urls`` that work without the Authorization header until ``expires_at`` (a ``?token=``
+    for this job only): for a browser's ``EventSource`` and ``<audio src>``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    events: str
+    audio: str | None = None
+    partial: str | None = None
+    expires_at: datetime
+
+
+class PartialView(BaseModel):
+    """The audio a running long job has so far: ``seconds`` of it, after ``window`` of
+    ``windows``; fetch it from ``urls.partial``."""
+
+    window: int
+    windows: int
+    seconds: float
 
 
 # Built like the two above: its `result` field's type is one of them, known only at run time.
@@ -68,6 +91,9 @@ _JOB_VIEW_FIELDS: dict[str, Any] = {
     "error": (JobError | None, None),
     "audio_url": (str | None, Field(None, description="set once the job has succeeded")),
     "urls": (JobUrls, ...),
+    "signed_urls": (SignedUrls | None, Field(None, description="the events, audio and partial "
+                                                              "URLs with a short-lived token")),
+    "partial": (PartialView | None, Field(None, description="a running long job's audio so far")),
     "created_at": (datetime | None, Field(None, description="when it was enqueued (from the "
                                                             "ledger; null with quotas off)")),
     "started_at": (datetime | None, Field(None, description="when a worker first took it")),

@@ -23,15 +23,17 @@ from pipeline.errors import (
     JobNotFinished,
     JobNotFound,
     JobTimeout,
+    NoPartial,
     UnsupportedMediaType,
 )
-from pipeline.gateway.auth import Caller, caller
+from pipeline.gateway.auth import Caller, caller, caller_or_token
 from pipeline.gateway.errors import error_responses, http_error
 from pipeline.gateway.models import CancelView, JobPageView, JobView
 from pipeline.gateway.service import Gateway
 from pipeline.gateway.sse import EventStream, event_stream
 from pipeline.gateway.uploads import discard, read_json, read_multipart
 from pipeline.gateway.views import MEDIA_TYPES, job_view, record_view
+from pipeline.infra.storage_backends import presign_uri
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -41,6 +43,8 @@ MAX_WAIT_S = 60
 
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="the job's id")]
 Who = Annotated[Caller, Depends(caller)]
+# One job's read-only routes (events, audio, partial) also take a signed URL's ?token=.
+TokenWho = Annotated[Caller, Depends(caller_or_token)]
 
 _errors = error_responses
 
@@ -65,6 +69,12 @@ _REQUEST_BODY = {"requestBody": {"required": True, "content": {
 def _gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
+
+
+def _signed(request: Request, who: Caller, view: dict[str, Any]) -> dict[str, Any]:
+    """``view`` with its ``signed_urls`` for ``who`` (pipeline/gateway/url_tokens.py)."""
+    signer = request.app.state.authenticator.signer
+    return {**view, "signed_urls": signer.signed_urls(view["id"], who.user_id, view["urls"])}
 
 
 _LOCATION = {"Location": {"description": "the job's URL", "schema": {"type": "string"}}}
@@ -127,7 +137,7 @@ async def create_job(request: Request, response: Response, who: Who) -> Any:
         response.headers["Preference-Applied"] = f"wait={wait_s}"
         if await _finished_within(gateway, handle, wait_s) and not handle.replayed:
             response.status_code = 201
-    return await run_in_threadpool(job_view, handle)
+    return _signed(request, who, await run_in_threadpool(job_view, handle))
 
 
 def preferred_wait(prefer: str | None) -> int | None:
@@ -171,14 +181,15 @@ def list_jobs(request: Request, who: Who,
     progress is at ``GET /v1/jobs/{id}``."""
     page = _gateway(request).producer.list_jobs(who.user_id, status=status, since=since,
                                                 limit=limit, cursor=cursor)
-    return {"jobs": [record_view(record) for record in page.jobs],
+    return {"jobs": [_signed(request, who, record_view(record)) for record in page.jobs],
             "next_cursor": page.next_cursor}
 
 
 @router.get("/{job_id}", response_model=JobView, summary="A job's status, progress and result",
             responses=_errors(401, 404, 422, 429, 503))
 def get_job(job_id: JobId, request: Request, who: Who) -> Any:
-    return job_view(_gateway(request).producer.get_job(job_id, user_id=who.user_id))
+    return _signed(request, who,
+                   job_view(_gateway(request).producer.get_job(job_id, user_id=who.user_id)))
 
 
 @router.get("/{job_id}/events", response_class=EventStream, summary="Server-Sent Events",
@@ -195,7 +206,7 @@ def get_job(job_id: JobId, request: Request, who: Who) -> Any:
                                "could not be read; reconnect). The stream starts with "
                                "`retry:` and sends a `: keepalive` comment every 15 s"},
                        **_errors(401, 404, 422, 429, 503, json_only=True)})
-async def job_events(job_id: JobId, request: Request, who: Who,
+async def job_events(job_id: JobId, request: Request, who: TokenWho,
                      last_event_id: Annotated[str | None, Header(
                          alias="Last-Event-ID", max_length=64,
                          description="sent by a reconnecting EventSource: progress the "
@@ -229,7 +240,7 @@ _AUDIO_TYPES = {media.split(";")[0] for media in MEDIA_TYPES.values()}
                        206: {"description": "the requested byte range"},
                        307: {"description": "the file in object storage (a pre-signed URL)"},
                        **_errors(401, 404, 409, 416, 422, 429, 503, json_only=True)})
-def job_audio(job_id: JobId, request: Request, who: Who) -> Response:
+def job_audio(job_id: JobId, request: Request, who: TokenWho) -> Response:
     handle = _gateway(request).producer.get_job(job_id, user_id=who.user_id)
     result = handle.result()  # JobFailed / JobCancelled: 409 with the job's own code
     if result is None:
@@ -243,6 +254,11 @@ def job_audio(job_id: JobId, request: Request, who: Who) -> Response:
     if not result.output_path or not path.is_file():
         raise JobNotFound(f"the audio of job {job_id} is no longer stored "
                           "(storage.retention_days)", "job_id")
+    return _file(request, path, result.format, f"{job_id}{path.suffix}")
+
+
+def _file(request: Request, path: FilePath, audio_format: str, filename: str) -> Response:
+    """``path`` streamed inline with Range support; 416 for a range outside it."""
     size = path.stat().st_size
     ranges = request.headers.get("range")
     if ranges is not None:
@@ -251,8 +267,37 @@ def job_audio(job_id: JobId, request: Request, who: Who) -> Response:
         except RangeNotSatisfiable:
             return http_error(416, f"the range {ranges[:64]!r} is outside the file's {size} bytes",
                               "Range", {"Content-Range": f"bytes */{size}"})
-    return _AudioFile(path, media_type=MEDIA_TYPES.get(result.format, "application/octet-stream"),
-                      filename=f"{job_id}{path.suffix}", content_disposition_type="inline")
+    return _AudioFile(path, media_type=MEDIA_TYPES.get(audio_format, "application/octet-stream"),
+                      filename=filename, content_disposition_type="inline")
+
+
+@router.get("/{job_id}/partial", summary="A running long job's audio so far",
+            response_class=FileResponse,
+            responses={200: {"content": {t: {"schema": {"type": "string", "format": "binary"}}
+                                         for t in sorted(_AUDIO_TYPES)},
+                             "description": "a complete file of the windows generated so far "
+                                            "(replaced after each window)"},
+                       206: {"description": "the requested byte range"},
+                       307: {"description": "the file in object storage (a pre-signed URL)"},
+                       **_errors(401, 404, 416, 422, 429, 503, json_only=True)})
+def job_partial(job_id: JobId, request: Request, who: TokenWho) -> Response:
+    """A long job publishes the audio it has after each window (``partial`` in its view); once
+    the job ends the partial is gone and ``/audio`` is what counts (404 ``no_partial``)."""
+    gateway = _gateway(request)
+    partial = gateway.producer.get_job(job_id, user_id=who.user_id).partial()
+    if partial is None:
+        raise NoPartial(f"job {job_id} has no partial audio now: only a running job longer "
+                        "than the model's window has one, after its first window", "job_id")
+    if partial.path is None:  # object storage: served from there, as the final file is
+        url, _ = presign_uri(partial.uri, gateway.settings.storage)
+        if url is None:
+            raise NoPartial(f"the partial audio of job {job_id} cannot be served", "job_id")
+        return RedirectResponse(url, status_code=307)
+    path = FilePath(partial.path)
+    if not path.is_file():  # replaced or removed between the state read and now
+        raise NoPartial(f"job {job_id}'s partial audio was just replaced or removed; ask "
+                        "again", "job_id")
+    return _file(request, path, partial.format, f"{job_id}.partial{path.suffix}")
 
 
 @router.delete("/{job_id}", response_model=CancelView, summary="Cancel a job",

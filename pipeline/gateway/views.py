@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.client.handle import JobHandle, progress_of
+from pipeline.client.handle import JobHandle, partial_of, progress_of
 from pipeline.client.records import JobRecord
 from pipeline.config.presets import known_presets, model_settings_for
 from pipeline.config.schema import Settings
@@ -24,10 +24,11 @@ def audio_url(job_id: str) -> str:
     return f"/v1/jobs/{job_id}/audio"
 
 
-def job_urls(job_id: str, *, succeeded: bool) -> dict[str, str | None]:
+def job_urls(job_id: str, *, succeeded: bool, partial: bool = False) -> dict[str, str | None]:
     own = f"/v1/jobs/{job_id}"
     return {"get": own, "cancel": own, "events": f"{own}/events",
-            "audio": audio_url(job_id) if succeeded else None}
+            "audio": audio_url(job_id) if succeeded else None,
+            "partial": f"{own}/partial" if partial else None}
 
 
 def job_view(handle: JobHandle) -> dict[str, Any]:
@@ -83,6 +84,11 @@ def view_of_state(handle: JobHandle, state: str, info: Any) -> dict[str, Any]:
                             "result": None, "error": None, "audio_url": None,
                             "urls": job_urls(handle.id, succeeded=False)}
     if not status.finished:
+        partial = partial_of(state, info)
+        if partial is not None:  # a long job's audio so far (workers/partials.py)
+            view["partial"] = {"window": partial.window, "windows": partial.windows,
+                               "seconds": partial.seconds}
+            view["urls"] = job_urls(handle.id, succeeded=False, partial=True)
         return view
     try:
         result = handle._ended(state, info)

@@ -41,6 +41,10 @@ WEBHOOK_PREFIX = ROOT_PREFIX + "webhook:"
 #: set: a write on its own connection that Redis orders after the publish, for WAIT to wait on.
 REPLICATION_FENCE = ROOT_PREFIX + "replication-fence"
 
+#: The key of the gateway's signed URLs when ``api.url_token_secret`` is unset: a random STRING
+#: made with SET NX by the first gateway process, read by every other (pipeline/gateway/url_tokens.py).
+URL_TOKEN_KEY = ROOT_PREFIX + "gateway:url-token-key"
+
 # --- worker heartbeats and held jobs (workers/heartbeat.py, workers/recovery.py) ------------
 #: A ZSET of the live worker processes: member = worker id (``host/pid/random``, one per process
 #: start, so a restarted worker never overwrites the record of the one that died), score = the

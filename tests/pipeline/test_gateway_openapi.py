@@ -41,8 +41,8 @@ def test_every_operation_keeps_to_the_schema(gateway: Gateway) -> None:
         operations.append(result.ok())
     assert {f"{op.method.upper()} {op.path}" for op in operations} == {
         "POST /v1/jobs", "GET /v1/jobs", "GET /v1/jobs/{job_id}", "GET /v1/jobs/{job_id}/events",
-        "GET /v1/jobs/{job_id}/audio", "DELETE /v1/jobs/{job_id}", "GET /v1/models", "GET /v1/usage",
-        "GET /healthz", "GET /readyz"}
+        "GET /v1/jobs/{job_id}/audio", "GET /v1/jobs/{job_id}/partial", "DELETE /v1/jobs/{job_id}",
+        "GET /v1/models", "GET /v1/usage", "GET /healthz", "GET /readyz"}
     statuses: set[int] = set()
     for operation in operations:
         # Invalid requests exist only where there is something to get wrong: an id, a body.
