@@ -41,7 +41,7 @@ def _assert_hidden(text: str, secrets: list[str]) -> None:
 
 
 def test_secret_paths_are_the_secretstr_fields() -> None:
-    assert SECRET_PATHS == {"broker.password", "broker.result_backend_password", "database.password",
+    assert SECRET_PATHS == {"api.url_token_secret", "broker.password", "broker.result_backend_password", "database.password",
                             "model.hub_token", "monitoring.flower_password",
                             "storage.secret_access_key", "webhooks.secret"}
 
