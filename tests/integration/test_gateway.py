@@ -4,7 +4,8 @@ over HTTP end to end (SSE to its final state, the audio with Range), another key
 a cancel, and the web page in headless Chromium (Selenium, as test_flower_browser.py does):
 enqueue from the page, watch its progress bar move through a dropped connection, play the
 result, cancel a running job and ask for "more like this" from the history, then reload and
-find the history again.
+find the history again; and a melody preset's upload from the page, sent again for "more
+like this".
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+import soundfile as sf
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -349,3 +352,39 @@ def test_the_page_keeps_a_history_to_play_cancel_and_vary(
     assert browser.save_screenshot(str(shot))
     print(f"screenshots: {ARTIFACTS / 'gateway-page-progress.png'} {shot}")
     assert shot.stat().st_size > 10_000
+
+
+def test_the_page_sends_a_melody_and_sends_it_again_for_more_like_this(
+        api: Api, browser: webdriver.Chrome, tmp_path: Path) -> None:
+    t = np.arange(32000 * 2) / 32000
+    tune = tmp_path / "tune.wav"
+    sf.write(tune, 0.3 * np.sin(2 * np.pi * 440 * t), 32000)
+    browser.get(f"{api.base}/")
+    until(browser, "models loaded",
+          lambda: len(Select(browser.find_element(By.ID, "model")).options) > 1, 30)
+    browser.find_element(By.ID, "api-key").send_keys(api.alice["Authorization"].split()[1])
+    Select(browser.find_element(By.ID, "model")).select_by_value("tiny-melody")
+    Select(browser.find_element(By.ID, "format")).select_by_value("wav")
+    duration = browser.find_element(By.ID, "duration")
+    duration.clear()
+    duration.send_keys("1")
+    browser.find_element(By.ID, "melody").send_keys(str(tune))  # a file input takes a path
+    variations = browser.find_element(By.ID, "variations")
+    variations.clear()
+    variations.send_keys("1")
+    prompt = f"hum along {uuid.uuid4().hex[:6]}"
+    first = generate(browser, prompt)
+    until(browser, "the melody job to play", lambda: card(browser, first)["duration"] > 0)
+
+    # The gateway keeps no upload for the caller: the page resends the file it still has.
+    browser.find_element(By.CSS_SELECTOR, f'li.job[data-id="{first}"] .more').click()
+    until(browser, "the variation to play", lambda: [
+        c for c in cards(browser) if c["prompt"] == prompt and c["id"] != first
+        and c["duration"] > 0])
+    with httpx.Client(base_url=api.base, headers=api.alice, timeout=30) as client:
+        listed = client.get("/v1/jobs", params={"limit": 20}).json()["jobs"]
+    ours = [j for j in listed if j["request"] and j["request"]["prompt"] == prompt]
+    assert len(ours) == 2 and all(j["request"]["melody"] is True for j in ours), ours
+    assert all(j["result"]["model"] == "tiny-melody" for j in ours), ours
+    assert ours[0]["result"]["seed"] == ours[1]["result"]["seed"] + 1
+    assert browser.find_element(By.ID, "error").text == ""
