@@ -388,3 +388,32 @@ def test_the_page_sends_a_melody_and_sends_it_again_for_more_like_this(
     assert all(j["result"]["model"] == "tiny-melody" for j in ours), ours
     assert ours[0]["result"]["seed"] == ours[1]["result"]["seed"] + 1
     assert browser.find_element(By.ID, "error").text == ""
+
+
+def test_the_page_outlasts_the_browsers_connection_limit(api: Api, browser: webdriver.Chrome) -> None:
+    """A browser opens 6 connections to a host and an open event stream holds one: with 6 of
+    the key's jobs waiting (no worker serves musicgen-small here), the page still enqueues and
+    plays a new job, and shows the waiting ones cancelled."""
+    with httpx.Client(base_url=api.base, headers=api.bob, timeout=30) as client:
+        stuck = [client.post("/v1/jobs", json={"prompt": f"stuck {i}", "model": "musicgen-small"})
+                 .json()["id"] for i in range(6)]
+        try:
+            browser.get(f"{api.base}/")
+            until(browser, "models loaded",
+                  lambda: len(Select(browser.find_element(By.ID, "model")).options) > 1, 30)
+            browser.find_element(By.ID, "api-key").send_keys(api.bob["Authorization"].split()[1])
+            Select(browser.find_element(By.ID, "format")).select_by_value("wav")
+            duration = browser.find_element(By.ID, "duration")
+            duration.clear()
+            duration.send_keys("1")
+            until(browser, "the waiting jobs listed", lambda: set(stuck) <= {
+                c["id"] for c in cards(browser) if c["status"] == "queued"}, 30)
+            made = generate(browser, "a short one past the streams")
+            until(browser, "the new job to play", lambda: card(browser, made)["duration"] > 0)
+            for job_id in stuck:
+                assert client.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+            until(browser, "every waiting job shown cancelled", lambda: all(
+                card(browser, job_id)["status"] == "cancelled" for job_id in stuck), 60)
+        finally:
+            for job_id in stuck:  # so that no later test finds them queued
+                client.delete(f"/v1/jobs/{job_id}")

@@ -15,11 +15,19 @@ const ACTIVE = new Set(["queued", "started", "progress"]);
 // The output fields of a resolved request that a new request may name again.
 const OUTPUT_FIELDS = ["format", "sample_rate", "channels", "bit_depth", "normalization", "loudness_target"];
 const MAX_SEED = 2 ** 32 - 1;  // pipeline/contract/jobs.py
+// A browser opens at most 6 HTTP/1.1 connections to one host and each open event stream holds
+// one: a stream for every active job would leave none to enqueue or fetch audio with. So at
+// most MAX_STREAMS jobs are followed by their streams; the others share one poll of the list.
+const MAX_STREAMS = 4;
+const POLL_MS = 4000;  // one GET /v1/jobs per poll, well within the key's api.rate
 
 const cards = new Map();     // job id -> card (its element, latest view, stream state)
 const melodies = new Map();  // job id -> the melody File uploaded from this tab ("more like this" resends it)
 let modelInfo = new Map();   // preset name -> its /v1/models entry
 let nextCursor = null;
+let streams = 0;             // event streams open now
+const waiting = [];          // cards of active jobs without a stream, oldest first
+let polling = false;
 
 // For the browser test: every progress fraction shown per job, and each request sent.
 window.progressLog = {};
@@ -124,8 +132,9 @@ async function enqueue(request, melody) {
 
 async function loadHistory(more) {
   if (!more) {
-    for (const card of cards.values()) card.closed = true;  // another key: stop following its jobs
+    for (const card of cards.values()) close(card);  // another key: stop following its jobs
     cards.clear();
+    waiting.length = 0;
     $("history").replaceChildren();
     nextCursor = null;
   }
@@ -143,7 +152,8 @@ function show(view, where) {
   let card = cards.get(view.id);
   if (card) { update(card, view); return card; }
   const el = $("job-card").content.firstElementChild.cloneNode(true);
-  card = { el, view, final: false, closed: false, audioShown: false, partialChecked: false };
+  card = { el, view, final: false, closed: false, audioShown: false, partialChecked: false,
+           abort: new AbortController() };
   cards.set(view.id, card);
   el.dataset.id = view.id;
   el.querySelector(".cancel").addEventListener("click", () => cancel(card));
@@ -254,9 +264,67 @@ async function offerAudio(card) {
 // ---- following a job -----------------------------------------------------------------------
 
 function follow(card) {
+  if (streams >= MAX_STREAMS) {
+    waiting.push(card);
+    pollWaiting();
+    return;
+  }
+  streams++;
+  let freed = false;
+  const done = () => {  // once per stream, however it ended
+    if (freed) return;
+    freed = true;
+    streams--;
+    nextWaiting();
+  };
   const events = card.view.signed_urls && card.view.signed_urls.events;
-  if (events && window.EventSource) followWithEventSource(card, events);
-  else followWithFetch(card);
+  if (events && window.EventSource) followWithEventSource(card, events, done);
+  else followWithFetch(card).finally(done);
+}
+
+function close(card) {
+  card.closed = true;
+  card.abort.abort();  // ends its fetches, so its stream's connection is free at once
+}
+
+// A stream ended: the longest-waiting job still active gets it.
+function nextWaiting() {
+  while (streams < MAX_STREAMS && waiting.length) {
+    const card = waiting.shift();
+    if (!card.final && !card.closed) follow(card);
+  }
+}
+
+// The jobs without a stream, from one listing of the key's jobs since the oldest of them: the
+// list gives each one's status (a running job shows as started, without its fraction) and,
+// once it has ended, its result or error.
+async function pollWaiting() {
+  if (polling) return;
+  polling = true;
+  try {
+    for (;;) {
+      for (let i = waiting.length - 1; i >= 0; i--) {
+        if (waiting[i].final || waiting[i].closed) waiting.splice(i, 1);
+      }
+      if (!waiting.length) return;
+      await pause(POLL_MS);
+      const oldest = Math.min(...waiting.map((card) => Date.parse(card.view.created_at) || Date.now()));
+      // A second earlier: the ledger keeps microseconds, a JS date only milliseconds.
+      const since = new Date(oldest - 1000).toISOString();
+      try {
+        const page = await call("/v1/jobs?limit=100&since=" + encodeURIComponent(since));
+        for (const view of page.jobs) {
+          const card = cards.get(view.id);
+          if (!card || !waiting.includes(card)) continue;
+          // The list does not know a running job's progress: keep what the card shows.
+          if (view.status === "started" && card.view.status === "progress") continue;
+          update(card, view);
+        }
+      } catch (e) { /* the next poll tries again */ }
+    }
+  } finally {
+    polling = false;
+  }
 }
 
 function onEvent(card, event, data) {
@@ -280,17 +348,22 @@ function connected(card) {
 
 // A signed events URL: the browser's EventSource reconnects by itself and sends Last-Event-ID,
 // so the gateway does not repeat progress the page already shows.
-function followWithEventSource(card, url) {
+function followWithEventSource(card, url, done) {
   const source = new EventSource(url);
+  card.abort.signal.addEventListener("abort", () => { source.close(); done(); });
   source.addEventListener("open", () => connected(card));
   source.addEventListener("progress", (e) => onEvent(card, "progress", JSON.parse(e.data)));
-  source.addEventListener("state", (e) => { source.close(); onEvent(card, "state", JSON.parse(e.data)); });
+  source.addEventListener("state", (e) => {
+    source.close();
+    onEvent(card, "state", JSON.parse(e.data));
+    done();
+  });
   source.addEventListener("error", (e) => {
-    if (card.closed) { source.close(); return; }
+    if (card.closed) return;
     if (source.readyState === EventSource.CLOSED) {
       // Refused (an expired token, say): EventSource gives up; go on with the key instead.
       connectionLost(card);
-      followWithFetch(card);
+      followWithFetch(card).finally(done);
     } else {
       connectionLost(card);  // a drop, or the gateway's own `error` event: it reconnects
     }
@@ -333,7 +406,8 @@ async function followWithFetch(card) {
   let retry = DEFAULT_RETRY_MS;
   while (!card.final && !card.closed) {
     try {
-      const response = await fetch(card.view.urls.events, { headers: headers(lastId ? { "Last-Event-ID": lastId } : {}) });
+      const response = await fetch(card.view.urls.events, {
+        headers: headers(lastId ? { "Last-Event-ID": lastId } : {}), signal: card.abort.signal });
       if (!response.ok) {
         const error = new ApiError(await failure(response), response.status);
         // A refused key or an unknown job stays so; only a busy or failing gateway is retried.
