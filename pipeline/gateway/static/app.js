@@ -146,11 +146,11 @@ async function loadHistory(more) {
   $("older").hidden = !nextCursor;
 }
 
-// A card for a job seen for the first time (then followed or given its audio), or the
-// existing card brought up to date.
+// A card for a job seen for the first time, then followed or given its audio. A job already
+// shown (enqueued here while the list loaded) keeps its card: its stream knows more than the list.
 function show(view, where) {
   let card = cards.get(view.id);
-  if (card) { update(card, view); return card; }
+  if (card) return card;
   const el = $("job-card").content.firstElementChild.cloneNode(true);
   card = { el, view, final: false, closed: false, audioShown: false, partialChecked: false,
            abort: new AbortController() };
