@@ -72,10 +72,13 @@ def test_the_page_and_its_script_are_served(gateway: Gateway) -> None:
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "script-src" not in page.headers["content-security-policy"]  # default-src 'self'
     for element in ('id="api-key"', 'id="prompt"', 'id="duration"', 'id="model"', 'id="format"',
-                    "<progress", "<audio", 'id="download"', 'src="/app.js"'):
+                    'id="melody"', 'id="history"', 'id="variations"', "<progress", "<audio",
+                    'class="download"', 'class="cancel"', 'class="more"', 'src="/app.js"'):
         assert element in page.text, element
     script = gateway.client.get("/app.js")
-    assert script.status_code == 200 and "/v1/jobs" in script.text and "/events" in script.text
+    assert script.status_code == 200 and "/v1/jobs" in script.text
+    # The events come from each view's urls (or its signed_urls), resumed with Last-Event-ID.
+    assert "urls.events" in script.text and "Last-Event-ID" in script.text
 
 
 def test_openapi_comes_from_the_job_contract(gateway: Gateway) -> None:
