@@ -214,7 +214,8 @@ async def job_events(job_id: JobId, request: Request, who: TokenWho,
                      ) -> EventStream:
     producer = _gateway(request).producer
     handle = await run_in_threadpool(producer.get_job, job_id, who.user_id)
-    return event_stream(producer, handle, last_event_id)
+    return event_stream(producer, handle, last_event_id,
+                        finish=lambda view: _signed(request, who, view))
 
 
 class _AudioFile(FileResponse):

@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -57,9 +57,11 @@ def event_id(seen: tuple[Any, ...]) -> str:
     return hashlib.sha256(repr(seen).encode()).hexdigest()[:16]
 
 
-async def job_events(handle: AsyncJobHandle,
-                     last_event_id: str | None = None) -> AsyncIterator[bytes]:
-    """The frames of one job's stream, from now until it is final."""
+async def job_events(handle: AsyncJobHandle, last_event_id: str | None = None,
+                     finish: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                     ) -> AsyncIterator[bytes]:
+    """The frames of one job's stream, from now until it is final; ``finish`` completes the
+    final view as the caller's own ``GET`` would (its signed URLs)."""
     yield f"retry: {RETRY_MS}\n\n".encode()
     last: tuple[Any, ...] | None = None
     quiet_since = time.monotonic()
@@ -72,8 +74,8 @@ async def job_events(handle: AsyncJobHandle,
                 view = await asyncio.to_thread(view_of_state, handle.sync, state, info)
                 status = JobStatus(view["status"])
                 if status.finished:  # with the ledger's times, as GET /v1/jobs/{id} gives it
-                    yield frame("state", await asyncio.to_thread(with_record, view, handle.sync),
-                                "final")
+                    final = await asyncio.to_thread(with_record, view, handle.sync)
+                    yield frame("state", final if finish is None else finish(final), "final")
                     return
                 seen = (status, view["progress"]["fraction"], view["progress"]["message"])
                 if seen != last:
@@ -98,12 +100,13 @@ async def _closing(client: AsyncProducer, frames: AsyncIterator[bytes]) -> Async
         await client.close()
 
 
-def event_stream(producer: Producer, handle: JobHandle,
-                 last_event_id: str | None = None) -> EventStream:
+def event_stream(producer: Producer, handle: JobHandle, last_event_id: str | None = None,
+                 finish: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 ) -> EventStream:
     """The stream of ``handle``'s job, resumed after ``last_event_id`` (the header a browser
     sends when it reconnects). Each stream has its own asyncio client: its Redis connections
     belong to the event loop that serves it (a subscription holds one anyway)."""
     client = AsyncProducer(producer)
-    frames = _closing(client, job_events(client.wrap(handle), last_event_id))
+    frames = _closing(client, job_events(client.wrap(handle), last_event_id, finish))
     # no-cache and no proxy buffering: each event must reach the browser when it happens.
     return EventStream(frames, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -286,6 +286,10 @@ def test_the_page_keeps_a_history_to_play_cancel_and_vary(
     assert "model" not in browser.execute_script("return window.sentRequests")[-1]
     wait_for(lambda: held(faults, hold), 120, "the page's job to reach its first step")
     until(browser, "the progress bar to move", lambda: card(browser, first)["progress"] > 0)
+    # Followed by EventSource on the view's signed events URL (it cannot send the key).
+    followed = browser.execute_script(
+        f'return document.querySelector(\'li.job[data-id="{first}"]\').dataset.stream')
+    assert followed == "signed", followed
 
     # The stream drops (the network goes): the card says so, then resumes when it is back.
     proxy.cut()
@@ -307,7 +311,8 @@ def test_the_page_keeps_a_history_to_play_cancel_and_vary(
     assert shown["status"] == "succeeded" and 0.5 < shown["duration"] < 2.0, shown
     assert shown["seed"] == f"seed {seed}"
     assert shown["download"] == f"{slug(prompt)}-seed{seed}.wav", shown
-    assert shown["href"].startswith("blob:")  # no signed_urls on this branch: fetched with the key
+    # Played from the job view's signed URL (no key in it, no blob): what <audio src> can use.
+    assert f"/v1/jobs/{first}/audio?token=" in shown["href"], shown
     log = browser.execute_script("return window.progressLog")[first]
     assert log[-1] == 1.0 and any(0 < f < 1 for f in log), log
     assert browser.find_element(By.ID, "error").text == ""

@@ -63,6 +63,8 @@ def test_a_signed_url_opens_its_jobs_events_and_audio_without_a_header(gateway: 
     assert ranged.status_code == 206 and ranged.content == audio[:10]  # seeking works
     events = gateway.client.get(view["signed_urls"]["events"])
     assert events.status_code == 200 and '"status": "succeeded"' in events.text
+    # The stream's final view is the GET's, signed URLs included (a page plays from it).
+    assert '"audio": "/v1/jobs/sam-1/audio?token=' in events.text
     # The list carries them too (the page's history plays from them).
     listed = gateway.client.get("/v1/jobs", headers=key).json()["jobs"]
     assert listed[0]["id"] == "sam-1" and listed[0]["signed_urls"]["audio"]

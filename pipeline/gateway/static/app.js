@@ -278,8 +278,14 @@ function follow(card) {
     nextWaiting();
   };
   const events = card.view.signed_urls && card.view.signed_urls.events;
-  if (events && window.EventSource) followWithEventSource(card, events, done);
-  else followWithFetch(card).finally(done);
+  // data-stream says how the card is followed ("signed": EventSource, "key": fetch()).
+  if (events && window.EventSource) {
+    card.el.dataset.stream = "signed";
+    followWithEventSource(card, events, done);
+  } else {
+    card.el.dataset.stream = "key";
+    followWithFetch(card).finally(done);
+  }
 }
 
 function close(card) {
@@ -363,6 +369,7 @@ function followWithEventSource(card, url, done) {
     if (source.readyState === EventSource.CLOSED) {
       // Refused (an expired token, say): EventSource gives up; go on with the key instead.
       connectionLost(card);
+      card.el.dataset.stream = "key";
       followWithFetch(card).finally(done);
     } else {
       connectionLost(card);  // a drop, or the gateway's own `error` event: it reconnects
