@@ -29,6 +29,7 @@ from typing import Any
 
 from pipeline.contract.outcome import FinalStatus
 from pipeline.contract.public_addresses import HostNotPublic, public_opener
+from pipeline.contract.public_result import job_path, public_link, public_result
 from pipeline.contract.remote_urls import WEBHOOK_SCHEMES, check_url, host_allowed, opener
 from pipeline.errors import WebhookSignatureInvalid
 from pipeline.infra.keys import WEBHOOK_PREFIX
@@ -54,15 +55,32 @@ def signature(secret: str | bytes, message_id: str, timestamp: int, body: bytes)
     return "v1," + base64.b64encode(digest).decode("ascii")
 
 
-def event(job_id: str, status: FinalStatus | str, *, result: Mapping[str, Any] | None = None,
-          error_code: str | None = None, at: float | None = None) -> dict[str, Any]:
-    """The JSON event of a job's end (``status``: succeeded, failed, timeout or cancelled)."""
-    final = FinalStatus(status)
+def _envelope(event_type: str, at: float | None, data: dict[str, Any]) -> dict[str, Any]:
     when = datetime.fromtimestamp(time.time() if at is None else at, UTC)
-    return {"type": EVENT_TYPES[final], "timestamp": when.isoformat().replace("+00:00", "Z"),
-            "data": {"job_id": job_id, "status": final.value,
-                     "result": dict(result) if result is not None else None,
-                     "error_code": error_code}}
+    return {"type": event_type, "timestamp": when.isoformat().replace("+00:00", "Z"),
+            "data": data}
+
+
+def event(job_id: str, status: FinalStatus | str, *, result: Mapping[str, Any] | None = None,
+          error_code: str | None = None, error_message: str | None = None,
+          public_url: str | None = None, at: float | None = None) -> dict[str, Any]:
+    """The JSON event of a job's end (``status``: succeeded, failed, timeout or cancelled).
+
+    ``data`` is the public job view, what ``GET /v1/jobs/{id}`` shows: the result without
+    where the server keeps the file (``pipeline.contract.public_result``), the error's code and
+    message, and ``audio_url`` (absolute under ``public_url``, ``api.public_url``) once it
+    succeeded. A receiver run by a deployment's customer must learn nothing of its disks.
+    """
+    final = FinalStatus(status)
+    succeeded = final is FinalStatus.SUCCEEDED and result is not None
+    error = None if error_code is None else {
+        "code": error_code,
+        "message": error_message or ("the job was cancelled" if final is FinalStatus.CANCELLED
+                                     else error_code)}
+    return _envelope(EVENT_TYPES[final], at, {
+        "job_id": job_id, "status": final.value,
+        "result": public_result(result) if result is not None else None, "error": error,
+        "audio_url": public_link(public_url, job_path(job_id, "/audio")) if succeeded else None})
 
 
 def body_of(payload: Mapping[str, Any]) -> bytes:

@@ -41,7 +41,8 @@ def _log(app: PipelineCelery) -> webhooks.DeliveryLog:
 
 
 def job_ended(app: PipelineCelery, payload: Any, status: FinalStatus, *,
-              result: Mapping[str, Any] | None = None, error_code: str | None = None) -> None:
+              result: Mapping[str, Any] | None = None, error_code: str | None = None,
+              error_message: str | None = None) -> None:
     """A job ended for good: delete its uploaded melody and queue its webhook (the webhook
     step of ``workers/outcome.py``). Never raises: the job's own outcome stands."""
     if not isinstance(payload, Mapping):
@@ -63,7 +64,9 @@ def job_ended(app: PipelineCelery, payload: Any, status: FinalStatus, *,
         user_id = payload.get("user_id")
         app.send_task(TASK_DELIVER_WEBHOOK, queue=WEBHOOK_QUEUE, args=[
             job_id, url, message_id,
-            webhooks.event(job_id, status, result=result, error_code=error_code),
+            webhooks.event(job_id, status, result=result, error_code=error_code,
+                           error_message=error_message,
+                           public_url=app.settings.api.public_url),
             user_id if isinstance(user_id, str) else None])
     except Exception:
         log.exception("job %s: could not queue its webhook", job_id)
@@ -147,4 +150,5 @@ def register(app: PipelineCelery) -> None:
             return
         args = getattr(request, "args", None) or ()
         if args:
-            job_ended(app, args[0], FinalStatus.CANCELLED, error_code="cancelled")
+            job_ended(app, args[0], FinalStatus.CANCELLED, error_code="cancelled",
+                      error_message="the job was cancelled before it started")

@@ -12,14 +12,22 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Header
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.gateway.models import JobError
+
 
 class WebhookEventData(BaseModel):
+    """The public job view, as ``GET /v1/jobs/{id}`` shows it: never a path on the server."""
+
     model_config = ConfigDict(extra="forbid")
 
     job_id: str
     status: Literal["succeeded", "failed", "timeout", "cancelled"]
-    result: dict[str, Any] | None = Field(description="the job's result, when it succeeded")
-    error_code: str | None = Field(description="the stable error code, when it did not")
+    result: dict[str, Any] | None = Field(description="the job's result (JobResultView's "
+                                                      "fields), when it succeeded")
+    error: JobError | None = Field(description="the stable error code and its message, when "
+                                               "it did not")
+    audio_url: str | None = Field(description="its audio, once it has succeeded: absolute "
+                                              "under api.public_url when that is set")
 
 
 class WebhookEvent(BaseModel):
@@ -28,8 +36,9 @@ class WebhookEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "type": "job.succeeded", "timestamp": "2026-12-05T21:14:03.512Z",
-        "data": {"job_id": "a1b2c3", "status": "succeeded", "error_code": None,
-                 "result": {"job_id": "a1b2c3", "format": "mp3", "duration": 8.0}}}]})
+        "data": {"job_id": "a1b2c3", "status": "succeeded", "error": None,
+                 "result": {"job_id": "a1b2c3", "format": "mp3", "duration": 8.0},
+                 "audio_url": "https://music.example.com/v1/jobs/a1b2c3/audio"}}]})
 
     type: Literal["job.succeeded", "job.failed", "job.timeout", "job.cancelled"]
     timestamp: datetime

@@ -8,10 +8,11 @@ import socket
 import time
 
 import pytest
+from pydantic import ValidationError
 
 from pipeline import webhooks
 from pipeline.client.resolve import resolve
-from pipeline.config.schema import Settings, WebhookSettings
+from pipeline.config.schema import ApiSettings, Settings, WebhookSettings
 from pipeline.contract.jobs import GenerationRequest
 from pipeline.contract.user_context import UserContext
 from pipeline.errors import InvalidRequest, UnsupportedOption, WebhookSignatureInvalid
@@ -34,7 +35,8 @@ def test_verify_accepts_what_was_signed_and_nothing_else() -> None:
     body = webhooks.body_of(event)
     headers = webhooks.headers(SECRET, "msg_job-1_failed", body)
     assert webhooks.verify(body, headers, SECRET) == event
-    assert event["type"] == "job.failed" and event["data"]["error_code"] == "gpu_oom"
+    assert event["type"] == "job.failed"
+    assert event["data"]["error"] == {"code": "gpu_oom", "message": "gpu_oom"}
     upper = {k.upper(): v for k, v in headers.items()}
     assert webhooks.verify(body, upper, SECRET) == event  # header names in any case
 
@@ -54,7 +56,7 @@ def test_verify_accepts_what_was_signed_and_nothing_else() -> None:
 
 
 def test_one_post_per_outcome_against_a_real_receiver() -> None:
-    event = webhooks.event("job-2", "succeeded", result={"uri": "s3://b/job-2.wav"})
+    event = webhooks.event("job-2", "succeeded", result={"format": "wav", "duration": 1.0})
     with receiver([500, 404]) as hook:
         failed = webhooks.post(hook.url, "msg_2", event, SECRET, timeout_s=5)
         refused = webhooks.post(hook.url, "msg_2", event, SECRET, timeout_s=5)
@@ -65,6 +67,33 @@ def test_one_post_per_outcome_against_a_real_receiver() -> None:
         last = hook.received[-1]
         assert webhooks.verify(last.body, last.headers, SECRET)["data"]["job_id"] == "job-2"
         assert last.path == "/hooks/musicgen" and last.headers["content-type"] == "application/json"
+
+
+def test_the_event_is_the_public_job_view() -> None:
+    result = {"job_id": "j", "uri": "s3://bucket/j.wav", "output_path": None,
+              "sidecar_path": None, "download_url": "https://bucket.example/j.wav?sig=1",
+              "format": "wav", "duration": 2.0, "seed": 3}
+    data = webhooks.event("j", "succeeded", result=result,
+                          public_url="https://music.example.com/base")["data"]
+    assert data == {"job_id": "j", "status": "succeeded", "error": None,
+                    "result": {"job_id": "j", "download_url": "https://bucket.example/j.wav?sig=1",
+                               "format": "wav", "duration": 2.0, "seed": 3},
+                    "audio_url": "https://music.example.com/base/v1/jobs/j/audio"}
+    assert webhooks.event("j", "succeeded", result=result)["data"]["audio_url"] == \
+        "/v1/jobs/j/audio"  # no api.public_url: the path on the gateway
+    failed = webhooks.event("j", "timeout", error_code="timeout", error_message="too slow",
+                            public_url="https://music.example.com")["data"]
+    assert (failed["error"], failed["result"], failed["audio_url"]) == (
+        {"code": "timeout", "message": "too slow"}, None, None)
+
+
+@pytest.mark.parametrize("url", ["https://music.example.com/", "ftp://music.example.com",
+                                 "https://music.example.com/v1?x=1", "music.example.com",
+                                 "https://user@music.example.com", "https://music.example.com#a"])
+def test_a_public_url_of_the_wrong_shape_is_refused(url: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        ApiSettings(public_url=url)
+    assert refused.value.errors()[0]["loc"] == ("public_url",)
 
 
 def test_a_redirect_is_never_followed() -> None:

@@ -4,6 +4,8 @@ backend), with real files in a temporary storage folder and the in-process metri
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,19 +19,30 @@ from celery import Task
 from celery.exceptions import TimeLimitExceeded
 from prometheus_client import REGISTRY
 
-from pipeline.config.schema import BrokerSettings, Settings, StorageSettings, WebhookSettings
+from pipeline import webhooks
+from pipeline.config.schema import (
+    ApiSettings,
+    BrokerSettings,
+    Settings,
+    StorageSettings,
+    WebhookSettings,
+)
+from pipeline.contract.jobs import JobResult, Timings
 from pipeline.errors import InvalidRequest, ModelRuntimeError
 from pipeline.infra.celery_app import PipelineCelery, make_celery
 from pipeline.infra.keys import WEBHOOK_PREFIX, breaker_key
 from pipeline.policies.configured import Policies
 from pipeline.quota import DEFAULT_TIERS, QuotaStore, make_engine, upgrade
 from pipeline.webhooks import DeliveryLog
+from tests.webhook_receiver import receiver
 from workers.job_runner import job_outputs, job_temp_dir
 from workers.outcome import Settler
-from workers.webhook_task import WEBHOOK_QUEUE
+from workers.webhook_task import WEBHOOK_QUEUE, deliver
 
 pytestmark = pytest.mark.timeout(60)
 REDIS = "redis://127.0.0.1:6379/0"
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+PUBLIC_URL = "https://music.example.com"
 
 
 @dataclass
@@ -81,8 +94,9 @@ def world(tmp_path: Path) -> Iterator[World]:
     settings = Settings(broker=BrokerSettings(url=REDIS),
                         storage=StorageSettings(output_dir=str(tmp_path / "out"),
                                                 temp_dir=str(tmp_path / "tmp")),
+                        api=ApiSettings(public_url=PUBLIC_URL),
                         webhooks=WebhookSettings(allowed_hosts=["127.0.0.1"],
-                                                 secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"))  # type: ignore[arg-type]
+                                                 secret=SECRET))  # type: ignore[arg-type]
     app = make_celery(settings)
     url = f"sqlite:///{tmp_path / 'quota.db'}"
     upgrade(url)
@@ -112,6 +126,24 @@ def _webhook_messages(client: Any, job_id: str) -> list[tuple[str, str]]:
     return [(key.decode(), raw.decode()) for key in client.scan_iter(match=f"{WEBHOOK_QUEUE}*")
             if client.type(key) == b"list"
             for raw in client.lrange(key, 0, -1) if job_id.encode() in raw]
+
+
+def _queued_deliveries(client: Any, job_id: str) -> list[list[Any]]:
+    """The arguments of each delivery task queued for ``job_id`` (Celery's message protocol 2:
+    a base64 body of [args, kwargs, embed])."""
+    return [json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+            for _, raw in _webhook_messages(client, job_id)]
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def _task(app: PipelineCelery) -> Task:
@@ -148,6 +180,9 @@ def test_a_failure_discards_files_and_refunds(world: World, exc: BaseException,
     assert (row["status"], row["error_code"]) == ("failed", code)
     assert world.jobs_counted("failed", code) == before + 1
     assert world.webhook() == ("job.failed", "pending")
+    [args] = _queued_deliveries(world.app.redis, world.job_id)
+    assert args[3]["data"]["error"] == {"code": code, "message": str(exc.args[0])}
+    assert args[3]["data"]["result"] is None and args[3]["data"]["audio_url"] is None
     assert world.breaker_failures() == 0
 
 
@@ -192,3 +227,30 @@ def test_a_job_without_a_ledger_row_is_still_announced(world: World) -> None:
         assert world.row()["status"] == "reserved"  # the other job's end touched no row
     finally:
         redis.Redis.from_url(REDIS).delete(WEBHOOK_PREFIX + other.job_id)
+
+
+def test_a_delivered_payload_is_the_public_view_and_names_no_server_path(
+        world: World, tmp_path: Path) -> None:
+    output = job_outputs(world.app.settings, world.job_id)[0]
+    # What a job on local storage returns: its paths and a file:// URI.
+    result = JobResult(job_id=world.job_id, output_path=str(output),
+                       sidecar_path=f"{output}.json", uri=output.as_uri(), format="wav",
+                       duration=4.0, sample_rate=32000, channels=1, bit_depth=16,
+                       loudness_lufs=-14.0, peak_dbfs=-1.0, model=world.model, seed=7,
+                       worker="w1", timings=Timings(generate=1.0)).model_dump(mode="json")
+    with receiver() as hook:
+        world.settler.succeeded({**world.payload, "webhook_url": hook.url}, world.job_id, result)
+        [args] = _queued_deliveries(world.app.redis, world.job_id)
+        attempt, _ = deliver(world.app, 0, *args)
+        assert attempt.ok, attempt.error
+        [got] = hook.received
+    event = webhooks.verify(got.body, got.headers, SECRET)
+    data = event["data"]
+    assert event["type"] == "job.succeeded" and data["status"] == "succeeded"
+    leaks = [text for text in _strings(event) if str(tmp_path) in text
+             or text.startswith(("/", "file:", "s3:"))]
+    assert leaks == []
+    assert {"uri", "output_path", "sidecar_path"}.isdisjoint(data["result"])
+    assert (data["result"]["seed"], data["result"]["duration"]) == (7, 4.0)
+    assert data["audio_url"] == f"{PUBLIC_URL}/v1/jobs/{world.job_id}/audio"
+    assert data["error"] is None and data["job_id"] == world.job_id
