@@ -38,6 +38,8 @@ TOLERANCE_S = 300  # a signature older (or newer) than this is a replay, not a d
 USER_AGENT = "musicgen-pipeline-webhooks/1"
 # One event type per final status: job.succeeded, job.failed, job.timeout, job.cancelled.
 EVENT_TYPES = {final: f"job.{final.value}" for final in FinalStatus}
+# The events before the end, each asked for by its name in webhook_events_filter.
+STARTED, PROGRESS, PARTIAL = "job.started", "job.progress", "job.partial"
 
 
 def _key(secret: str | bytes) -> bytes:
@@ -81,6 +83,35 @@ def event(job_id: str, status: FinalStatus | str, *, result: Mapping[str, Any] |
         "job_id": job_id, "status": final.value,
         "result": public_result(result) if result is not None else None, "error": error,
         "audio_url": public_link(public_url, job_path(job_id, "/audio")) if succeeded else None})
+
+
+def _running(job_id: str, status: str, **more: Any) -> dict[str, Any]:
+    """``data`` of an event before the job's end: the same keys as the end's, nothing final."""
+    return {"job_id": job_id, "status": status, "result": None, "error": None,
+            "audio_url": None, **more}
+
+
+def started_event(job_id: str, *, attempt: int, at: float | None = None) -> dict[str, Any]:
+    """``job.started``: a worker began running the job (its ``attempt``-th try: a retried
+    job starts again, and says so once per attempt)."""
+    return _envelope(STARTED, at, _running(job_id, "started", attempt=attempt))
+
+
+def progress_event(job_id: str, fraction: float, message: str, *,
+                   at: float | None = None) -> dict[str, Any]:
+    """``job.progress``: how far the job is, as ``GET /v1/jobs/{id}`` shows it."""
+    return _envelope(PROGRESS, at, _running(job_id, "progress", progress={
+        "fraction": round(min(max(fraction, 0.0), 1.0), 4), "message": message}))
+
+
+def partial_event(job_id: str, *, window: int, windows: int, seconds: float,
+                  public_url: str | None = None, at: float | None = None) -> dict[str, Any]:
+    """``job.partial``: the audio of a long job's first ``window`` windows of ``windows`` is
+    ready (``seconds`` long) at ``partial_url`` (absolute under ``public_url``)."""
+    return _envelope(PARTIAL, at, _running(
+        job_id, "progress",
+        partial={"window": window, "windows": windows, "seconds": seconds},
+        partial_url=public_link(public_url, job_path(job_id, "/partial"))))
 
 
 def body_of(payload: Mapping[str, Any]) -> bytes:
@@ -211,16 +242,38 @@ class WebhookDelivery:
 
 
 class DeliveryLog:
-    """The records on the broker's Redis (None with the embedded broker: nothing recorded)."""
+    """The records on the broker's Redis (None with the embedded broker: nothing recorded).
+
+    A job's end has its record at ``musicgen:webhook:{job}`` (as before the other events); every
+    other event has its own, named by its message id, listed in the order it was queued
+    (``pipeline/infra/keys.py``). Each is created once: an event queued twice (a redelivered
+    job) is delivered once.
+    """
 
     def __init__(self, client: Any, ttl_s: int) -> None:
         self.client, self.ttl_s = client, ttl_s
 
     def open(self, job_id: str, url: str, event_type: str, message_id: str) -> bool:
-        """Record a new delivery; False if this job already has one (it ended twice)."""
+        """Record a new delivery of the job's end; False if this job already has one (it
+        ended twice)."""
+        return self._open(WEBHOOK_PREFIX + job_id, url, event_type, message_id)
+
+    def open_event(self, job_id: str, url: str, event_type: str, message_id: str) -> bool:
+        """Record a new delivery of an event before the job's end (start, progress, partial);
+        False if this message was already queued."""
+        if not self._open(_event_key(job_id, message_id), url, event_type, message_id):
+            return False
+        if self.client is not None:
+            order = _order_key(job_id)
+            pipe = self.client.pipeline()
+            pipe.rpush(order, message_id)
+            pipe.expire(order, self.ttl_s)
+            pipe.execute()
+        return True
+
+    def _open(self, key: str, url: str, event_type: str, message_id: str) -> bool:
         if self.client is None:
             return True
-        key = WEBHOOK_PREFIX + job_id
         if not self.client.hsetnx(key, "message_id", message_id):
             return False
         self.client.hset(key, mapping={"url": url, "event": event_type, "status": "pending",
@@ -228,10 +281,14 @@ class DeliveryLog:
         self.client.expire(key, self.ttl_s)
         return True
 
-    def attempt(self, job_id: str, outcome: Attempt, *, final: bool) -> None:
+    def attempt(self, job_id: str, outcome: Attempt, *, final: bool,
+                message_id: str | None = None) -> None:
+        """Record one attempt of the delivery of ``message_id`` (None: the job's end)."""
         if self.client is None:
             return
         key = WEBHOOK_PREFIX + job_id
+        if message_id is not None and _text(self.client.hget(key, "message_id")) != message_id:
+            key = _event_key(job_id, message_id)
         status = "delivered" if outcome.ok else "failed" if final else "pending"
         pipe = self.client.pipeline()
         pipe.hincrby(key, "attempts", 1)
@@ -241,22 +298,57 @@ class DeliveryLog:
         pipe.execute()
 
     def read(self, job_id: str) -> list[WebhookDelivery]:
+        """Every delivery of the job: its events in the order they were queued, its end last."""
         if self.client is None:
             return []
-        raw = self.client.hgetall(WEBHOOK_PREFIX + job_id)
+        keys = [_event_key(job_id, _text(message_id))
+                for message_id in self.client.lrange(_order_key(job_id), 0, -1)]
+        rows = [self._row(job_id, self.client.hgetall(key)) for key in
+                [*keys, WEBHOOK_PREFIX + job_id]]
+        return [row for row in rows if row is not None]
+
+    @staticmethod
+    def _row(job_id: str, raw: Mapping[Any, Any]) -> WebhookDelivery | None:
         if not raw:
-            return []
-        row = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes)
-                                                              else v) for k, v in raw.items()}
-        return [WebhookDelivery(
+            return None
+        row = {_text(k): _text(v) for k, v in raw.items()}
+        return WebhookDelivery(
             job_id=job_id, url=row.get("url", ""), event=row.get("event", ""),
             message_id=row.get("message_id", ""), status=row.get("status", "pending"),
             attempts=int(row.get("attempts") or 0),
             last_status=int(row["last_status"]) if row.get("last_status") else None,
             last_error=row.get("last_error") or None,
-            updated_at=float(row.get("updated_at") or 0))]
+            updated_at=float(row.get("updated_at") or 0))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
+def _event_key(job_id: str, message_id: str) -> str:
+    return f"{WEBHOOK_PREFIX}{job_id}:event:{message_id}"
+
+
+def _order_key(job_id: str) -> str:
+    return f"{WEBHOOK_PREFIX}{job_id}:events"
 
 
 def message_id_for(job_id: str, status: FinalStatus | str) -> str:
     """One id per job end, the same on every attempt (receivers dedupe on it)."""
     return f"msg_{job_id}_{FinalStatus(status).value}"
+
+
+def started_id(job_id: str, attempt: int) -> str:
+    """The ``job.started`` of one attempt: a redelivery of the same attempt sends it once."""
+    return f"msg_{job_id}_started_{attempt}"
+
+
+def progress_id(job_id: str, attempt: int, n: int) -> str:
+    """The ``n``-th ``job.progress`` of an attempt."""
+    return f"msg_{job_id}_progress_{attempt}_{n}"
+
+
+def partial_id(job_id: str, window: int) -> str:
+    """The ``job.partial`` of a window: announced once per job, even if a retry renders the
+    window again (the file at partial_url is then the retry's)."""
+    return f"msg_{job_id}_partial_{window}"

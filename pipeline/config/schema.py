@@ -273,6 +273,9 @@ class WebhookSettings(_Section):
     backoff: float = Field(2.0, gt=0, le=3600,
                            description="seconds before the second attempt, doubled each time "
                                        "(at most an hour)")
+    progress_interval_s: float = Field(
+        5.0, ge=1, le=3600, description="fewest seconds between two job.progress events of a "
+                                        "job (webhook_events_filter with progress)")
 
 
 class WorkerSettings(_Section):

@@ -152,3 +152,45 @@ def test_the_webhooks_flag_decides_per_user() -> None:
     with pytest.raises(UnsupportedOption) as off:
         resolve(request, settings, job_id="j", user=UserContext("someone", "free"))
     assert off.value.field == "webhook_url" and "switched off for this user" in off.value.message
+
+
+@pytest.mark.parametrize(("events", "url"), [
+    ([], "https://hooks.example.com/done"),
+    (["start", "finished"], "https://hooks.example.com/done"),
+    (["progress", 1], "https://hooks.example.com/done"),
+    (["start"], None),  # events with nowhere to send them
+])
+def test_a_webhook_events_filter_that_cannot_be_met_is_refused(events: list[object],
+                                                                url: str | None) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        GenerationRequest(prompt="x", webhook_url=url, webhook_events_filter=events)
+    assert (refused.value.code, refused.value.field) == ("invalid_request",
+                                                         "webhook_events_filter")
+
+
+def test_the_events_filter_travels_in_the_job_payload() -> None:
+    settings = Settings(webhooks=WebhookSettings(allowed_hosts=["hooks.example.com"],
+                                                 secret=SECRET))  # type: ignore[arg-type]
+    url = "https://hooks.example.com/done"
+    asked = resolve(GenerationRequest(prompt="x", webhook_url=url,
+                                      webhook_events_filter=["partial", "start", "partial"]),
+                    settings, job_id="j")
+    assert asked.model_dump(mode="json")["webhook_events_filter"] == ["partial", "start"]
+    plain = resolve(GenerationRequest(prompt="x", webhook_url=url), settings, job_id="j")
+    assert plain.webhook_events_filter == ["completed"]  # the default: the job's end only
+
+
+def test_the_events_before_the_end_carry_the_same_data_keys() -> None:
+    end = webhooks.event("j", "succeeded", result={"format": "wav"})["data"]
+    started = webhooks.started_event("j", attempt=2)
+    progress = webhooks.progress_event("j", 0.456789, "generating")
+    partial = webhooks.partial_event("j", window=1, windows=3, seconds=30.0,
+                                     public_url="https://music.example.com")
+    assert [e["type"] for e in (started, progress, partial)] == [
+        "job.started", "job.progress", "job.partial"]
+    for each in (started, progress, partial):
+        assert set(end) <= set(each["data"]) and each["data"]["audio_url"] is None
+    assert progress["data"]["progress"] == {"fraction": 0.4568, "message": "generating"}
+    assert partial["data"]["partial"] == {"window": 1, "windows": 3, "seconds": 30.0}
+    assert partial["data"]["partial_url"] == "https://music.example.com/v1/jobs/j/partial"
+    assert started["data"]["attempt"] == 2

@@ -37,7 +37,7 @@ from pipeline.webhooks import DeliveryLog
 from tests.webhook_receiver import receiver
 from workers.job_runner import job_outputs, job_temp_dir
 from workers.outcome import Settler
-from workers.webhook_task import WEBHOOK_QUEUE, deliver
+from workers.webhook_task import WEBHOOK_QUEUE, JobEvents, deliver
 
 pytestmark = pytest.mark.timeout(60)
 REDIS = "redis://127.0.0.1:6379/0"
@@ -111,7 +111,8 @@ def world(tmp_path: Path) -> Iterator[World]:
         yield w
     finally:
         # Our own keys only: the delivery record, the breaker, the job's state and the message.
-        client.delete(WEBHOOK_PREFIX + w.job_id, breaker_key(w.model))
+        client.delete(WEBHOOK_PREFIX + w.job_id, breaker_key(w.model),
+                      *client.scan_iter(match=f"{WEBHOOK_PREFIX}{w.job_id}:*"))
         app.backend.forget(w.job_id)
         for key, raw in _webhook_messages(client, w.job_id):
             client.lrem(key, 0, raw)
@@ -254,3 +255,62 @@ def test_a_delivered_payload_is_the_public_view_and_names_no_server_path(
     assert (data["result"]["seed"], data["result"]["duration"]) == (7, 4.0)
     assert data["audio_url"] == f"{PUBLIC_URL}/v1/jobs/{world.job_id}/audio"
     assert data["error"] is None and data["job_id"] == world.job_id
+
+
+def test_the_events_a_job_asks_for_are_queued_throttled_delivered_and_listed_in_order(
+        world: World) -> None:
+    now = [100.0]
+    payload = {**world.payload, "webhook_events_filter": ["start", "progress", "partial",
+                                                          "completed"]}
+    events = JobEvents(world.app, payload, attempt=1, clock=lambda: now[0])
+    events.started()
+    events.started()  # a redelivery of the same attempt: announced once
+    events.progress(0.1, "generating")
+    now[0] += 1.0
+    events.progress(0.2, "generating")  # within webhooks.progress_interval_s (5 s): not sent
+    now[0] += 5.0
+    events.progress(0.3, "generating")
+    now[0] += 5.0
+    events.progress(0.3, "generating")  # nothing new: not sent
+    # What workers/partials.py hands over: its uri and path are the server's, never sent.
+    events.partial({"uri": "file:///srv/out/x.partial.wav", "path": "/srv/out/x.partial.wav",
+                    "seconds": 30.0, "window": 1, "windows": 2, "format": "wav"})
+    events.partial({"uri": "file:///srv/out/x.partial.wav", "path": "/srv/out/x.partial.wav",
+                    "seconds": 30.0, "window": 1, "windows": 2, "format": "wav"})
+    world.settler.succeeded(payload, world.job_id, {"model": world.model, "duration": 4.0,
+                                                    "timings": {"generate": 1.0}})
+    j = world.job_id
+    ids = [f"msg_{j}_started_1", f"msg_{j}_progress_1_1", f"msg_{j}_progress_1_2",
+           f"msg_{j}_partial_1", f"msg_{j}_succeeded"]
+    log = DeliveryLog(world.app.redis, 60)
+    assert [(r.event, r.message_id, r.status) for r in log.read(j)] == list(zip(
+        ["job.started", "job.progress", "job.progress", "job.partial", "job.succeeded"], ids,
+        ["pending"] * 5, strict=True))
+    queued = _queued_deliveries(world.app.redis, j)
+    assert sorted(args[2] for args in queued) == sorted(ids)
+    with receiver() as hook:
+        for job_id, _, message_id, event, user_id in queued:  # to a receiver of this test's
+            attempt, _ = deliver(world.app, 0, job_id, hook.url, message_id, event, user_id)
+            assert attempt.ok, attempt.error
+        got = {r.headers["webhook-id"]: webhooks.verify(r.body, r.headers, SECRET)
+               for r in hook.received}
+    assert [(r.status, r.attempts) for r in log.read(j)] == [("delivered", 1)] * 5
+    assert got[ids[1]]["data"]["progress"] == {"fraction": 0.1, "message": "generating"}
+    partial = got[ids[3]]["data"]
+    assert partial["partial"] == {"window": 1, "windows": 2, "seconds": 30.0}
+    assert partial["partial_url"] == f"{PUBLIC_URL}/v1/jobs/{j}/partial"
+    assert not [text for event in got.values() for text in _strings(event)
+                if text.startswith(("/", "file:"))]
+
+
+def test_a_job_gets_only_the_events_it_asked_for(world: World) -> None:
+    plain = JobEvents(world.app, world.payload, attempt=1)  # no filter: its end only
+    plain.started()
+    plain.progress(0.5, "generating")
+    assert world.queued_messages() == 0
+    started_only = {**world.payload, "webhook_events_filter": ["start"]}
+    JobEvents(world.app, started_only, attempt=2).started()
+    world.settler.failed(started_only, world.job_id, ModelRuntimeError("failed", None))
+    assert [(r.event, r.message_id) for r in DeliveryLog(world.app.redis, 60).read(
+        world.job_id)] == [("job.started", f"msg_{world.job_id}_started_2")]
+    assert world.queued_messages() == 1
