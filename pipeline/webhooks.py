@@ -1,4 +1,4 @@
-"""Job-end webhooks in the Standard Webhooks style: the event, its signature, one delivery
+"""Job webhooks in the Standard Webhooks style: the events, their signature, one delivery
 attempt, the delivery record, and ``verify`` for receivers.
 
 A worker never POSTs from a job: it queues a delivery task (``workers/webhook_task.py``, queue
@@ -9,14 +9,17 @@ connection error or a timeout. Each attempt is signed afresh::
     webhook-timestamp: <epoch seconds of this attempt>
     webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">
 
-The key is ``webhooks.secret``: ``whsec_<base64>`` is decoded (the Standard Webhooks form),
-any other text is used as its UTF-8 bytes. Receivers check with :func:`verify`.
+The key is ``webhooks.secret`` (or the user's own, pipeline/quota/webhook_secrets.py):
+``whsec_<base64>`` is decoded (the Standard Webhooks form), any other text is used as its UTF-8
+bytes. Signatures are made by the ``standardwebhooks`` package (the specification's reference
+implementation), so a receiver may check a delivery with its ``Webhook(key).verify`` as well as
+with :func:`verify` here, which names the bad header in a typed error and takes a tolerance and
+a clock (the package's is a fixed five minutes from the wall clock).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import json
 import time
@@ -26,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+from standardwebhooks.webhooks import Webhook
 
 from pipeline.contract.outcome import FinalStatus
 from pipeline.contract.public_addresses import HostNotPublic, public_opener
@@ -51,10 +56,10 @@ def _key(secret: str | bytes) -> bytes:
 
 
 def signature(secret: str | bytes, message_id: str, timestamp: int, body: bytes) -> str:
-    """``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``."""
-    signed = f"{message_id}.{timestamp}.".encode() + body
-    digest = hmac.new(_key(secret), signed, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode("ascii")
+    """``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``, made by the Standard Webhooks
+    reference package. The key goes in as bytes: given text, the package would base64-decode
+    it, while ours is used as its UTF-8 bytes unless it is ``whsec_<base64>`` (``_key``)."""
+    return Webhook(_key(secret)).sign(message_id, datetime.fromtimestamp(timestamp, UTC), body)
 
 
 def _envelope(event_type: str, at: float | None, data: dict[str, Any]) -> dict[str, Any]:

@@ -159,7 +159,8 @@ def _signing(app: PipelineCelery, user_id: str | None) -> list[str]:
         if own:
             return own
     secret = app.settings.webhooks.secret
-    return [] if secret is None else [secret.get_secret_value()]
+    # An empty secret is none (the settings rules require one wherever webhooks are on).
+    return [secret.get_secret_value()] if secret is not None and secret.get_secret_value() else []
 
 
 def deliver(app: PipelineCelery, request_retries: int, job_id: str, url: str, message_id: str,

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from pydantic import ValidationError
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from pipeline import webhooks
 from pipeline.client.resolve import resolve
@@ -28,6 +29,22 @@ def test_the_signature_is_the_standard_webhooks_one() -> None:
     body = b'{"test": 2432232314}'
     assert webhooks.signature(SECRET, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body) == \
         "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+def test_a_text_secret_signs_as_its_utf8_bytes_for_the_reference_package_too() -> None:
+    # Any text but whsec_<base64> is its UTF-8 bytes (the package alone would base64-decode
+    # text): a receiver gives the package those bytes.
+    text = "a-plain-text-secret-of-24"
+    event = webhooks.event("j", "failed", error_code="gpu_oom")
+    body = webhooks.body_of(event)
+    with receiver() as hook:
+        assert webhooks.post(hook.url, "msg_j_failed", event, text, timeout_s=5).ok
+        [got] = hook.received
+    assert got.body == body
+    assert Webhook(text.encode()).verify(got.body, got.headers) == webhooks.verify(
+        got.body, got.headers, text)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(text.encode()).verify(got.body.replace(b"gpu_oom", b"none"), got.headers)
 
 
 def test_verify_accepts_what_was_signed_and_nothing_else() -> None:
