@@ -1,4 +1,4 @@
-"""Job-end webhooks in the Standard Webhooks style: the event, its signature, one delivery
+"""Job webhooks in the Standard Webhooks style: the events, their signature, one delivery
 attempt, the delivery record, and ``verify`` for receivers.
 
 A worker never POSTs from a job: it queues a delivery task (``workers/webhook_task.py``, queue
@@ -9,14 +9,17 @@ connection error or a timeout. Each attempt is signed afresh::
     webhook-timestamp: <epoch seconds of this attempt>
     webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">
 
-The key is ``webhooks.secret``: ``whsec_<base64>`` is decoded (the Standard Webhooks form),
-any other text is used as its UTF-8 bytes. Receivers check with :func:`verify`.
+The key is ``webhooks.secret`` (or the user's own, pipeline/quota/webhook_secrets.py):
+``whsec_<base64>`` is decoded (the Standard Webhooks form), any other text is used as its UTF-8
+bytes. Signatures are made by the ``standardwebhooks`` package (the specification's reference
+implementation), so a receiver may check a delivery with its ``Webhook(key).verify`` as well as
+with :func:`verify` here, which names the bad header in a typed error and takes a tolerance and
+a clock (the package's is a fixed five minutes from the wall clock).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import json
 import time
@@ -27,8 +30,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from standardwebhooks.webhooks import Webhook
+
 from pipeline.contract.outcome import FinalStatus
 from pipeline.contract.public_addresses import HostNotPublic, public_opener
+from pipeline.contract.public_result import job_path, public_link, public_result
 from pipeline.contract.remote_urls import WEBHOOK_SCHEMES, check_url, host_allowed, opener
 from pipeline.errors import WebhookSignatureInvalid
 from pipeline.infra.keys import WEBHOOK_PREFIX
@@ -37,6 +43,8 @@ TOLERANCE_S = 300  # a signature older (or newer) than this is a replay, not a d
 USER_AGENT = "musicgen-pipeline-webhooks/1"
 # One event type per final status: job.succeeded, job.failed, job.timeout, job.cancelled.
 EVENT_TYPES = {final: f"job.{final.value}" for final in FinalStatus}
+# The events before the end, each asked for by its name in webhook_events_filter.
+STARTED, PROGRESS, PARTIAL = "job.started", "job.progress", "job.partial"
 
 
 def _key(secret: str | bytes) -> bytes:
@@ -48,21 +56,67 @@ def _key(secret: str | bytes) -> bytes:
 
 
 def signature(secret: str | bytes, message_id: str, timestamp: int, body: bytes) -> str:
-    """``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``."""
-    signed = f"{message_id}.{timestamp}.".encode() + body
-    digest = hmac.new(_key(secret), signed, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode("ascii")
+    """``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``, made by the Standard Webhooks
+    reference package. The key goes in as bytes: given text, the package would base64-decode
+    it, while ours is used as its UTF-8 bytes unless it is ``whsec_<base64>`` (``_key``)."""
+    return Webhook(_key(secret)).sign(message_id, datetime.fromtimestamp(timestamp, UTC), body)
+
+
+def _envelope(event_type: str, at: float | None, data: dict[str, Any]) -> dict[str, Any]:
+    when = datetime.fromtimestamp(time.time() if at is None else at, UTC)
+    return {"type": event_type, "timestamp": when.isoformat().replace("+00:00", "Z"),
+            "data": data}
 
 
 def event(job_id: str, status: FinalStatus | str, *, result: Mapping[str, Any] | None = None,
-          error_code: str | None = None, at: float | None = None) -> dict[str, Any]:
-    """The JSON event of a job's end (``status``: succeeded, failed, timeout or cancelled)."""
+          error_code: str | None = None, error_message: str | None = None,
+          public_url: str | None = None, at: float | None = None) -> dict[str, Any]:
+    """The JSON event of a job's end (``status``: succeeded, failed, timeout or cancelled).
+
+    ``data`` is the public job view, what ``GET /v1/jobs/{id}`` shows: the result without
+    where the server keeps the file (``pipeline.contract.public_result``), the error's code and
+    message, and ``audio_url`` (absolute under ``public_url``, ``api.public_url``) once it
+    succeeded. A receiver run by a deployment's customer must learn nothing of its disks.
+    """
     final = FinalStatus(status)
-    when = datetime.fromtimestamp(time.time() if at is None else at, UTC)
-    return {"type": EVENT_TYPES[final], "timestamp": when.isoformat().replace("+00:00", "Z"),
-            "data": {"job_id": job_id, "status": final.value,
-                     "result": dict(result) if result is not None else None,
-                     "error_code": error_code}}
+    succeeded = final is FinalStatus.SUCCEEDED and result is not None
+    error = None if error_code is None else {
+        "code": error_code,
+        "message": error_message or ("the job was cancelled" if final is FinalStatus.CANCELLED
+                                     else error_code)}
+    return _envelope(EVENT_TYPES[final], at, {
+        "job_id": job_id, "status": final.value,
+        "result": public_result(result) if result is not None else None, "error": error,
+        "audio_url": public_link(public_url, job_path(job_id, "/audio")) if succeeded else None})
+
+
+def _running(job_id: str, status: str, **more: Any) -> dict[str, Any]:
+    """``data`` of an event before the job's end: the same keys as the end's, nothing final."""
+    return {"job_id": job_id, "status": status, "result": None, "error": None,
+            "audio_url": None, **more}
+
+
+def started_event(job_id: str, *, attempt: int, at: float | None = None) -> dict[str, Any]:
+    """``job.started``: a worker began running the job (its ``attempt``-th try: a retried
+    job starts again, and says so once per attempt)."""
+    return _envelope(STARTED, at, _running(job_id, "started", attempt=attempt))
+
+
+def progress_event(job_id: str, fraction: float, message: str, *,
+                   at: float | None = None) -> dict[str, Any]:
+    """``job.progress``: how far the job is, as ``GET /v1/jobs/{id}`` shows it."""
+    return _envelope(PROGRESS, at, _running(job_id, "progress", progress={
+        "fraction": round(min(max(fraction, 0.0), 1.0), 4), "message": message}))
+
+
+def partial_event(job_id: str, *, window: int, windows: int, seconds: float,
+                  public_url: str | None = None, at: float | None = None) -> dict[str, Any]:
+    """``job.partial``: the audio of a long job's first ``window`` windows of ``windows`` is
+    ready (``seconds`` long) at ``partial_url`` (absolute under ``public_url``)."""
+    return _envelope(PARTIAL, at, _running(
+        job_id, "progress",
+        partial={"window": window, "windows": windows, "seconds": seconds},
+        partial_url=public_link(public_url, job_path(job_id, "/partial"))))
 
 
 def body_of(payload: Mapping[str, Any]) -> bytes:
@@ -193,16 +247,38 @@ class WebhookDelivery:
 
 
 class DeliveryLog:
-    """The records on the broker's Redis (None with the embedded broker: nothing recorded)."""
+    """The records on the broker's Redis (None with the embedded broker: nothing recorded).
+
+    A job's end has its record at ``musicgen:webhook:{job}`` (as before the other events); every
+    other event has its own, named by its message id, listed in the order it was queued
+    (``pipeline/infra/keys.py``). Each is created once: an event queued twice (a redelivered
+    job) is delivered once.
+    """
 
     def __init__(self, client: Any, ttl_s: int) -> None:
         self.client, self.ttl_s = client, ttl_s
 
     def open(self, job_id: str, url: str, event_type: str, message_id: str) -> bool:
-        """Record a new delivery; False if this job already has one (it ended twice)."""
+        """Record a new delivery of the job's end; False if this job already has one (it
+        ended twice)."""
+        return self._open(WEBHOOK_PREFIX + job_id, url, event_type, message_id)
+
+    def open_event(self, job_id: str, url: str, event_type: str, message_id: str) -> bool:
+        """Record a new delivery of an event before the job's end (start, progress, partial);
+        False if this message was already queued."""
+        if not self._open(_event_key(job_id, message_id), url, event_type, message_id):
+            return False
+        if self.client is not None:
+            order = _order_key(job_id)
+            pipe = self.client.pipeline()
+            pipe.rpush(order, message_id)
+            pipe.expire(order, self.ttl_s)
+            pipe.execute()
+        return True
+
+    def _open(self, key: str, url: str, event_type: str, message_id: str) -> bool:
         if self.client is None:
             return True
-        key = WEBHOOK_PREFIX + job_id
         if not self.client.hsetnx(key, "message_id", message_id):
             return False
         self.client.hset(key, mapping={"url": url, "event": event_type, "status": "pending",
@@ -210,10 +286,14 @@ class DeliveryLog:
         self.client.expire(key, self.ttl_s)
         return True
 
-    def attempt(self, job_id: str, outcome: Attempt, *, final: bool) -> None:
+    def attempt(self, job_id: str, outcome: Attempt, *, final: bool,
+                message_id: str | None = None) -> None:
+        """Record one attempt of the delivery of ``message_id`` (None: the job's end)."""
         if self.client is None:
             return
         key = WEBHOOK_PREFIX + job_id
+        if message_id is not None and _text(self.client.hget(key, "message_id")) != message_id:
+            key = _event_key(job_id, message_id)
         status = "delivered" if outcome.ok else "failed" if final else "pending"
         pipe = self.client.pipeline()
         pipe.hincrby(key, "attempts", 1)
@@ -223,22 +303,57 @@ class DeliveryLog:
         pipe.execute()
 
     def read(self, job_id: str) -> list[WebhookDelivery]:
+        """Every delivery of the job: its events in the order they were queued, its end last."""
         if self.client is None:
             return []
-        raw = self.client.hgetall(WEBHOOK_PREFIX + job_id)
+        keys = [_event_key(job_id, _text(message_id))
+                for message_id in self.client.lrange(_order_key(job_id), 0, -1)]
+        rows = [self._row(job_id, self.client.hgetall(key)) for key in
+                [*keys, WEBHOOK_PREFIX + job_id]]
+        return [row for row in rows if row is not None]
+
+    @staticmethod
+    def _row(job_id: str, raw: Mapping[Any, Any]) -> WebhookDelivery | None:
         if not raw:
-            return []
-        row = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes)
-                                                              else v) for k, v in raw.items()}
-        return [WebhookDelivery(
+            return None
+        row = {_text(k): _text(v) for k, v in raw.items()}
+        return WebhookDelivery(
             job_id=job_id, url=row.get("url", ""), event=row.get("event", ""),
             message_id=row.get("message_id", ""), status=row.get("status", "pending"),
             attempts=int(row.get("attempts") or 0),
             last_status=int(row["last_status"]) if row.get("last_status") else None,
             last_error=row.get("last_error") or None,
-            updated_at=float(row.get("updated_at") or 0))]
+            updated_at=float(row.get("updated_at") or 0))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
+def _event_key(job_id: str, message_id: str) -> str:
+    return f"{WEBHOOK_PREFIX}{job_id}:event:{message_id}"
+
+
+def _order_key(job_id: str) -> str:
+    return f"{WEBHOOK_PREFIX}{job_id}:events"
 
 
 def message_id_for(job_id: str, status: FinalStatus | str) -> str:
     """One id per job end, the same on every attempt (receivers dedupe on it)."""
     return f"msg_{job_id}_{FinalStatus(status).value}"
+
+
+def started_id(job_id: str, attempt: int) -> str:
+    """The ``job.started`` of one attempt: a redelivery of the same attempt sends it once."""
+    return f"msg_{job_id}_started_{attempt}"
+
+
+def progress_id(job_id: str, attempt: int, n: int) -> str:
+    """The ``n``-th ``job.progress`` of an attempt."""
+    return f"msg_{job_id}_progress_{attempt}_{n}"
+
+
+def partial_id(job_id: str, window: int) -> str:
+    """The ``job.partial`` of a window: announced once per job, even if a retry renders the
+    window again (the file at partial_url is then the retry's)."""
+    return f"msg_{job_id}_partial_{window}"

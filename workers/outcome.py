@@ -151,7 +151,7 @@ class Settler:
         elif status is not FinalStatus.CANCELLED:
             observe_failure(model, outcome.error_code or "internal_error")
         job_ended(self.app, payload, status, result=outcome.result,
-                  error_code=outcome.error_code)
+                  error_code=outcome.error_code, error_message=outcome.error_message)
         if hard_killed and isinstance(payload, Mapping):
             breaker = self._policies().breaker(model)
             settle_breaker(breaker, Admission(), "failure")  # never raises: Redis may be away

@@ -35,6 +35,7 @@ from workers.job_runner import JobCancelledByUser, JobRunner, job_outputs
 from workers.metrics import observe_batch, observe_engine
 from workers.outage import PUBLISH_THROUGH_FAILOVER, restore_lost_result, through_outage
 from workers.outcome import Settler, ledger_call, settle_breaker, verdict_of
+from workers.webhook_task import JobEvents
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +95,18 @@ class _JobProgress:
     """Writes a job's PROGRESS state: fraction, message and its latest partial result (each
     write replaces the whole state, so the partial rides along with every later one)."""
 
-    def __init__(self, task: Task, reg: JobRegistry) -> None:
-        self._task, self._reg = task, reg
+    def __init__(self, task: Task, reg: JobRegistry, events: JobEvents | None = None) -> None:
+        self._task, self._reg, self._events = task, reg, events
         self._last = 0.0
         self._partial: dict[str, Any] | None = None
 
     def partial(self, info: dict[str, Any]) -> None:
-        """A newer partial file (``workers.partials``): written with the next report, at once."""
+        """A newer partial file (``workers.partials``): written with the next report, at once,
+        and announced to the job's webhook if it asked for partials."""
         self._partial = info
         self._last = 0.0
+        if self._events is not None:
+            self._events.partial(info)
 
     def __call__(self, fraction: float, message: str) -> None:
         now = time.monotonic()
@@ -120,10 +124,13 @@ class _JobProgress:
             return
         if cancelled:
             raise JobCancelledByUser(self._task.request.id)
+        if self._events is not None:  # throttled on its own (webhooks.progress_interval_s)
+            self._events.progress(fraction, message)
 
 
-def _progress_reporter(task: Task, reg: JobRegistry) -> _JobProgress:
-    return _JobProgress(task, reg)
+def _progress_reporter(task: Task, reg: JobRegistry,
+                       events: JobEvents | None = None) -> _JobProgress:
+    return _JobProgress(task, reg, events)
 
 
 def _decode(payload: dict[str, Any]) -> JobSpec:
@@ -233,8 +240,11 @@ def _run(task: Task, spec: JobSpec, reg: JobRegistry, started_at: float) -> dict
         log.warning("job %s already finished; dropping this delivery", spec.job_id)
         restore_lost_result(task.backend, job_outputs(app.settings, spec.job_id), spec.job_id)
         raise Ignore()
+    # The job's webhook events before its end (webhook_events_filter), sent from this thread.
+    events = JobEvents(app, spec.model_dump(mode="json"), attempt=task.request.retries + 1)
+    events.started()
     try:
-        progress = _progress_reporter(task, reg)
+        progress = _progress_reporter(task, reg, events)
         outcome = runner.run(spec, worker=task.request.hostname or "worker",
                              progress=progress, started_at=started_at, on_partial=progress.partial)
     except JobCancelledByUser:

@@ -1,5 +1,6 @@
 """What a job's end sets off outside the job: its uploaded melody is deleted and its webhook,
-if it has one, is queued for delivery by a task of its own.
+if it has one, is queued for delivery by a task of its own; and the events a running job sends
+before it (``JobEvents``: start, progress, partial, as its ``webhook_events_filter`` asks).
 
 Delivery never runs in the generation loop nor in a job's task thread: ``job_ended`` only
 records the delivery and sends a message to ``musicgen.webhooks``, a queue every worker also
@@ -12,7 +13,8 @@ a 5xx, a 408/429, a connection error or a timeout; each attempt is recorded in R
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery import Task
@@ -21,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import webhooks
 from pipeline.client.inputs import discard as discard_input
-from pipeline.contract.jobs import MelodyInput
+from pipeline.contract.jobs import DEFAULT_WEBHOOK_EVENTS, MelodyInput
 from pipeline.contract.outcome import FinalStatus
 from pipeline.errors import PipelineError
 from pipeline.infra.celery_app import TASK_GENERATE, PipelineCelery
@@ -41,7 +43,8 @@ def _log(app: PipelineCelery) -> webhooks.DeliveryLog:
 
 
 def job_ended(app: PipelineCelery, payload: Any, status: FinalStatus, *,
-              result: Mapping[str, Any] | None = None, error_code: str | None = None) -> None:
+              result: Mapping[str, Any] | None = None, error_code: str | None = None,
+              error_message: str | None = None) -> None:
     """A job ended for good: delete its uploaded melody and queue its webhook (the webhook
     step of ``workers/outcome.py``). Never raises: the job's own outcome stands."""
     if not isinstance(payload, Mapping):
@@ -54,19 +57,92 @@ def job_ended(app: PipelineCelery, payload: Any, status: FinalStatus, *,
     except Exception:
         log.warning("job %s: could not read its melody input to delete it", job_id, exc_info=True)
     url = payload.get("webhook_url")
-    if not isinstance(url, str) or not url or not job_id:
+    if not isinstance(url, str) or not url or not job_id or not _asked(payload, "completed"):
         return
     try:
         message_id = webhooks.message_id_for(job_id, status)
         if not _log(app).open(job_id, url, webhooks.EVENT_TYPES[status], message_id):
             return  # this job's end was already announced (a redelivered job ending twice)
-        user_id = payload.get("user_id")
-        app.send_task(TASK_DELIVER_WEBHOOK, queue=WEBHOOK_QUEUE, args=[
-            job_id, url, message_id,
-            webhooks.event(job_id, status, result=result, error_code=error_code),
-            user_id if isinstance(user_id, str) else None])
+        _queue(app, payload, url, message_id, webhooks.event(
+            job_id, status, result=result, error_code=error_code, error_message=error_message,
+            public_url=app.settings.api.public_url))
     except Exception:
         log.exception("job %s: could not queue its webhook", job_id)
+
+
+def _asked(payload: Mapping[str, Any], name: str) -> bool:
+    """Whether the job's ``webhook_events_filter`` has ``name`` (a message without the filter,
+    from an older producer, asked for its end only)."""
+    wanted = payload.get("webhook_events_filter")
+    return name in (wanted if isinstance(wanted, list) else DEFAULT_WEBHOOK_EVENTS)
+
+
+def _queue(app: PipelineCelery, payload: Mapping[str, Any], url: str, message_id: str,
+           event: dict[str, Any]) -> None:
+    """Send one recorded event to the delivery task: a publish, never the POST itself."""
+    user_id = payload.get("user_id")
+    app.send_task(TASK_DELIVER_WEBHOOK, queue=WEBHOOK_QUEUE, args=[
+        str(payload.get("job_id")), url, message_id, event,
+        user_id if isinstance(user_id, str) else None])
+
+
+class JobEvents:
+    """The events a running job sends before its end, as its ``webhook_events_filter`` asks:
+    ``job.started``, ``job.progress`` (at most one per ``webhooks.progress_interval_s``) and
+    ``job.partial``.
+
+    Called from the job's own task thread (``workers/tasks.py``), never from the generation
+    loop: each event is a Redis record and a Celery publish to ``musicgen.webhooks``, and the
+    POST is the delivery task's. Never raises: an event is a courtesy, the job goes on.
+    """
+
+    def __init__(self, app: PipelineCelery, payload: Mapping[str, Any], *, attempt: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.app, self.payload, self.attempt, self._clock = app, payload, attempt, clock
+        self.job_id = str(payload.get("job_id") or "")
+        url = payload.get("webhook_url")
+        self.url = url if isinstance(url, str) and url and self.job_id else None
+        self._interval = app.settings.webhooks.progress_interval_s
+        self._last_at: float | None = None
+        self._last: tuple[float, str] | None = None
+        self._sent = 0
+
+    def _wants(self, name: str) -> bool:
+        return self.url is not None and _asked(self.payload, name)
+
+    def started(self) -> None:
+        if self._wants("start"):
+            self._send(webhooks.started_id(self.job_id, self.attempt),
+                       webhooks.started_event(self.job_id, attempt=self.attempt))
+
+    def progress(self, fraction: float, message: str) -> None:
+        if not self._wants("progress") or self._last == (round(fraction, 4), message):
+            return  # nothing new to tell
+        now = self._clock()
+        if self._last_at is not None and now - self._last_at < self._interval:
+            return
+        self._last_at, self._last = now, (round(fraction, 4), message)
+        self._sent += 1
+        self._send(webhooks.progress_id(self.job_id, self.attempt, self._sent),
+                   webhooks.progress_event(self.job_id, fraction, message))
+
+    def partial(self, info: Mapping[str, Any]) -> None:
+        """A newer partial file (``workers.partials``: its window, windows and seconds)."""
+        if not self._wants("partial"):
+            return
+        window = int(info["window"])
+        self._send(webhooks.partial_id(self.job_id, window), webhooks.partial_event(
+            self.job_id, window=window, windows=int(info["windows"]),
+            seconds=float(info["seconds"]), public_url=self.app.settings.api.public_url))
+
+    def _send(self, message_id: str, event: dict[str, Any]) -> None:
+        assert self.url is not None
+        try:
+            if _log(self.app).open_event(self.job_id, self.url, event["type"], message_id):
+                _queue(self.app, self.payload, self.url, message_id, event)
+        except Exception:  # a Redis blip: this event is lost, the job is not
+            log.warning("job %s: could not queue its %s webhook", self.job_id, event["type"],
+                        exc_info=True)
 
 
 _SECRETS: dict[int, WebhookSecrets] = {}  # per app, made in the process that delivers
@@ -83,7 +159,8 @@ def _signing(app: PipelineCelery, user_id: str | None) -> list[str]:
         if own:
             return own
     secret = app.settings.webhooks.secret
-    return [] if secret is None else [secret.get_secret_value()]
+    # An empty secret is none (the settings rules require one wherever webhooks are on).
+    return [secret.get_secret_value()] if secret is not None and secret.get_secret_value() else []
 
 
 def deliver(app: PipelineCelery, request_retries: int, job_id: str, url: str, message_id: str,
@@ -106,7 +183,7 @@ def deliver(app: PipelineCelery, request_retries: int, job_id: str, url: str, me
                                      timeout_s=hooks.timeout_s, public=target.public) if secrets
                        else webhooks.Attempt(False, False, None, "webhooks.secret is unset"))
     again = outcome.retryable and attempt_no < hooks.max_attempts
-    _log(app).attempt(job_id, outcome, final=not again)
+    _log(app).attempt(job_id, outcome, final=not again, message_id=message_id)
     if outcome.ok:
         log.info("webhook of job %s delivered to %s (attempt %d)", job_id, url, attempt_no)
     elif not again:
@@ -147,4 +224,5 @@ def register(app: PipelineCelery) -> None:
             return
         args = getattr(request, "args", None) or ()
         if args:
-            job_ended(app, args[0], FinalStatus.CANCELLED, error_code="cancelled")
+            job_ended(app, args[0], FinalStatus.CANCELLED, error_code="cancelled",
+                      error_message="the job was cancelled before it started")

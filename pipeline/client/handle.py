@@ -308,8 +308,10 @@ class JobHandle:
             yield stream
 
     def webhook_deliveries(self) -> list[WebhookDelivery]:
-        """The job's webhook delivery (status, attempts, last error): empty if the request had
-        no ``webhook_url``, the job has not ended, or the broker is the embedded one."""
+        """The job's webhook deliveries (event, status, attempts, last error), in the order
+        they were queued: the events its ``webhook_events_filter`` asked for (start, progress,
+        partial), then its end. Empty if the request had no ``webhook_url``, nothing was sent
+        yet, or the broker is the embedded one."""
         from pipeline.webhooks import DeliveryLog
 
         with _reachable(self.id):

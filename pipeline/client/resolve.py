@@ -20,6 +20,7 @@ from pipeline.config.presets import check_preset, model_settings_for
 from pipeline.config.schema import Settings
 from pipeline.contract.flags import FlagRule, enabled
 from pipeline.contract.jobs import (
+    DEFAULT_WEBHOOK_EVENTS,
     GenerationRequest,
     JobSpec,
     MelodyInput,
@@ -228,4 +229,5 @@ def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset
         experiment=assigned.experiment if assigned else None,
         variant=assigned.variant if assigned else None,
         webhook_url=_webhook(request, settings, user),
+        webhook_events_filter=list(request.webhook_events_filter or DEFAULT_WEBHOOK_EVENTS),
     )

@@ -273,6 +273,9 @@ class WebhookSettings(_Section):
     backoff: float = Field(2.0, gt=0, le=3600,
                            description="seconds before the second attempt, doubled each time "
                                        "(at most an hour)")
+    progress_interval_s: float = Field(
+        5.0, ge=1, le=3600, description="fewest seconds between two job.progress events of a "
+                                        "job (webhook_events_filter with progress)")
 
 
 class WorkerSettings(_Section):
@@ -485,6 +488,13 @@ class ApiSettings(_Section):
     rate: str | None = Field("120/minute",
                              pattern=r"^\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day)s?$",
                              description="requests per API key per window, e.g. 120/minute")
+    # Joined as public_url + "/v1/jobs/...": a trailing slash would make "//v1", and a query or
+    # fragment would swallow the path, so the pattern admits neither.
+    public_url: str | None = Field(
+        None, pattern=r"^https?://[^/\s?#@]+(/[^\s?#]*[^/\s?#])?$",
+        description="the gateway's address as its callers reach it (https://music.example.com, "
+                    "no trailing slash): makes webhook payloads' audio_url and partial_url "
+                    "absolute; unset = paths relative to the gateway")
 
 
 class Settings(_Section):

@@ -23,9 +23,11 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -79,6 +81,29 @@ def _webhook_shape(value: str) -> str:
 
 # The shape only (http/https, no credentials); the host allowlist is the deployment's, in resolve().
 WebhookUrl = Annotated[str, AfterValidator(_webhook_shape)]
+
+# The webhook events a request may ask for (webhook_events_filter), in the order a job sends
+# them; "completed" is the job's end (succeeded, failed, timeout or cancelled).
+WEBHOOK_EVENTS: tuple[str, ...] = ("start", "progress", "partial", "completed")
+WebhookEventName = Literal["start", "progress", "partial", "completed"]
+DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEventName, ...] = ("completed",)
+
+
+def _known_events(value: Any) -> Any:
+    # Checked before the Literal items, so an empty list or an unknown name is one error on the
+    # field itself (not on "webhook_events_filter.0"), over HTTP as from Python.
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("name at least one event: " + ", ".join(WEBHOOK_EVENTS))
+        unknown = [name for name in value if name not in WEBHOOK_EVENTS]
+        if unknown:
+            raise ValueError(f"unknown event {unknown[0]!r}: the events are "
+                             + ", ".join(WEBHOOK_EVENTS))
+        return list(dict.fromkeys(value))  # a name given twice is asked for once
+    return value
+
+
+WebhookEvents = Annotated[list[WebhookEventName], BeforeValidator(_known_events)]
 
 
 def queue_for(preset: str) -> str:
@@ -162,6 +187,11 @@ class GenerationRequest(BaseModel):
     webhook_url: WebhookUrl | None = Field(
         None, description="http(s) URL the worker POSTs the job's end to, signed; its host must "
                           "be in webhooks.allowed_hosts")
+    webhook_events_filter: WebhookEvents | None = Field(
+        None, description="which events are POSTed to webhook_url: start (the job begins "
+                          "running, once per attempt), progress (at most one per "
+                          "webhooks.progress_interval_s), partial (a long-form window's audio is "
+                          "ready), completed (its end); unset = [\"completed\"]")
     user_id: UserId = "anonymous"
     priority: Priority = 5
     job_id: JobId | None = Field(None, description="client id, scoped to its user: enqueueing "
@@ -180,6 +210,15 @@ class GenerationRequest(BaseModel):
         if not cleaned:
             raise ValueError("prompt is empty once control characters and whitespace are removed")
         return cleaned
+
+    @field_validator("webhook_events_filter")
+    @classmethod
+    def _events_need_a_url(cls, value: list[WebhookEventName] | None,
+                           info: ValidationInfo) -> list[WebhookEventName] | None:
+        # Declared after webhook_url, so info.data has it (when it was valid).
+        if value is not None and info.data.get("webhook_url") is None:
+            raise ValueError("webhook_events_filter needs a webhook_url to send the events to")
+        return value
 
     @field_validator("melody", mode="before")
     @classmethod
@@ -289,6 +328,9 @@ class JobSpec(BaseModel):
     variant: PresetName | None = None
     # Checked against webhooks.allowed_hosts by resolve() and again before each delivery.
     webhook_url: WebhookUrl | None = None
+    # Absent from messages of producers before the filter: the job's end only, as then.
+    webhook_events_filter: WebhookEvents = Field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS))
 
     @model_validator(mode="after")
     def _variant_is_the_model(self) -> JobSpec:

@@ -16,11 +16,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from pipeline.contract.jobs import GenerationRequest, JobResult, JobStatus
+from pipeline.contract.public_result import RESULT_EXCLUDED
 
 REQUEST_EXCLUDED = frozenset({"user_id", "melody"})
-# Where the server keeps the file (paths, a file:// or s3:// URI) is not the caller's business:
-# the audio has its own URL (and a pre-signed download_url with object storage).
-RESULT_EXCLUDED = frozenset({"output_path", "sidecar_path", "uri"})
 
 
 def _without(model: type[BaseModel], name: str, drop: frozenset[str], doc: str) -> type[BaseModel]:

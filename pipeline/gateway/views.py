@@ -11,8 +11,8 @@ from pipeline.config.presets import known_presets, model_settings_for
 from pipeline.config.schema import Settings
 from pipeline.contract.jobs import JobStatus
 from pipeline.contract.output_format import FORMATS
+from pipeline.contract.public_result import RESULT_EXCLUDED, job_path
 from pipeline.errors import JobCancelled, JobFailed, JobNotFound, SettingsError
-from pipeline.gateway.models import RESULT_EXCLUDED
 from pipeline.quota.store import UsageSummary
 from pipeline.quota.windows import UNLIMITED, SecondsUsage, WindowUsage
 
@@ -21,11 +21,11 @@ MEDIA_TYPES: dict[str, str] = {name: info.media_type for name, info in FORMATS.i
 
 
 def audio_url(job_id: str) -> str:
-    return f"/v1/jobs/{job_id}/audio"
+    return job_path(job_id, "/audio")
 
 
 def job_urls(job_id: str, *, succeeded: bool, partial: bool = False) -> dict[str, str | None]:
-    own = f"/v1/jobs/{job_id}"
+    own = job_path(job_id)
     return {"get": own, "cancel": own, "events": f"{own}/events",
             "audio": audio_url(job_id) if succeeded else None,
             "partial": f"{own}/partial" if partial else None}

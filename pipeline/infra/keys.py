@@ -34,7 +34,10 @@ DELIVERY_PREFIX = ROOT_PREFIX + "deliveries:"
 #: ``musicgen:webhook:{id}``: a HASH recording the job-end webhook of a job (pipeline/webhooks.py):
 #: ``url``, ``event``, ``message_id``, ``status`` (pending, delivered, failed), ``attempts``,
 #: ``last_status`` (the receiver's HTTP status), ``last_error``, ``updated_at``. Created once
-#: (HSETNX), so a job that ends twice (a redelivery) notifies once.
+#: (HSETNX), so a job that ends twice (a redelivery) notifies once. The job's other events
+#: (``webhook_events_filter``: start, progress, partial) each have a HASH of the same fields at
+#: ``musicgen:webhook:{id}:event:{message id}`` (also created once), and their message ids, in
+#: the order they were queued, a LIST at ``musicgen:webhook:{id}:events``.
 WEBHOOK_PREFIX = ROOT_PREFIX + "webhook:"
 
 #: A counter every producer increments right after a publish when ``broker.wait_replicas`` is

@@ -93,7 +93,13 @@ def test_a_result_is_downloaded_on_another_machine_and_announced_by_webhook(
         assert (first.answered, second.answered) == (500, 200)
         event = verify(second.body, second.headers, SECRET)
         assert event["type"] == "job.succeeded"
-        assert event["data"]["job_id"] == job_id and event["data"]["result"]["uri"] == result["uri"]
+        data = event["data"]
+        # The public view: the pre-signed download_url, and no bucket URI or path of the server.
+        assert data["job_id"] == job_id and data["error"] is None
+        assert data["result"]["download_url"] == result["download_url"]
+        assert {"uri", "output_path", "sidecar_path"}.isdisjoint(data["result"])
+        assert s3_storage.url not in second.body.decode()
+        assert data["audio_url"] == f"/v1/jobs/{job_id}/audio"
 
     fetched = _run(DOWNLOAD, tmp_path / "elsewhere", caller_env, job_id)
     assert Path(str(fetched["path"])) == tmp_path / "elsewhere" / "fetched" / f"{job_id}.mp3"

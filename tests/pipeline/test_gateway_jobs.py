@@ -95,6 +95,14 @@ def test_a_key_sees_only_its_own_jobs_and_cancels_them(gateway: Gateway) -> None
     ({"prompt": "\x07\x08"}, 422, "invalid_request", "prompt"),
     ({"prompt": "x", "priority": 10}, 422, "invalid_request", "priority"),
     (b"{not json", 422, "invalid_request", "request"),
+    # Checked before the webhook's host: an empty filter, an unknown event, no webhook_url.
+    ({"prompt": "x", "webhook_url": "https://hooks.example.com/x", "webhook_events_filter": []},
+     422, "invalid_request", "webhook_events_filter"),
+    ({"prompt": "x", "webhook_url": "https://hooks.example.com/x",
+      "webhook_events_filter": ["completed", "done"]}, 422, "invalid_request",
+     "webhook_events_filter"),
+    ({"prompt": "x", "webhook_events_filter": ["start"]}, 422, "invalid_request",
+     "webhook_events_filter"),
 ])
 def test_a_refused_request_names_its_field(gateway: Gateway, body: Any, status: int, code: str,
                                            field: str) -> None:

@@ -4,6 +4,7 @@ status codes and content types, and bodies and headers that match the schema."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.timeout(240)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance]
 EXAMPLES = 20
+WAIT = re.compile(r"wait=\s*\d+")
 
 
 def test_every_operation_keeps_to_the_schema(gateway: Gateway) -> None:
@@ -55,6 +57,11 @@ def test_every_operation_keeps_to_the_schema(gateway: Gateway) -> None:
             @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                       suppress_health_check=list(HealthCheck))
             def run(case: Any) -> None:
+                if case.headers and "Prefer" in case.headers:
+                    # No worker here: a generated `Prefer: wait=30` (the header's example)
+                    # would hold the request past the client's 10 s read timeout; one second
+                    # still takes the wait path.
+                    case.headers["Prefer"] = WAIT.sub("wait=1", str(case.headers["Prefer"]))
                 response = case.call_and_validate(headers=auth, checks=CHECKS)
                 statuses.add(response.status_code)
 

@@ -122,6 +122,15 @@ def test_openapi_documents_examples_errors_headers_and_webhooks(gateway: Gateway
                                                        "webhook-signature"}
     event = schema["components"]["schemas"]["WebhookEvent"]
     assert set(event["properties"]) == set(webhooks.event("j", "failed"))
+    assert set(schema["webhooks"]) == {"job-started", "job-progress", "job-partial", "job-ended"}
+    documented = set(event["properties"]["type"]["enum"])
+    sent = {webhooks.started_event("j", attempt=1)["type"],
+            webhooks.progress_event("j", 0.5, "x")["type"],
+            webhooks.partial_event("j", window=1, windows=2, seconds=1.0)["type"],
+            *webhooks.EVENT_TYPES.values()}
+    assert documented == sent
+    data = schema["components"]["schemas"]["WebhookEventData"]["properties"]
+    assert set(webhooks.partial_event("j", window=1, windows=2, seconds=1.0)["data"]) <= set(data)
 
 
 def test_the_access_log_names_a_key_by_its_prefix_only(gateway: Gateway,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from typer.testing import CliRunner
 
 from pipeline.cli import app as cli
@@ -69,16 +70,23 @@ def test_a_users_delivery_is_signed_with_its_own_secret(tmp_path: Path) -> None:
             assert deliver(app, 0, job, hook.url, f"msg_{job}", payload, "cust-1")[0].ok
             mine = hook.received[-1]
             assert verify(mine.body, mine.headers, own) == payload
+            # Interop: the Standard Webhooks reference verifies a real delivery as it came.
+            assert Webhook(own).verify(mine.body, mine.headers) == payload
             with pytest.raises(WebhookSignatureInvalid):  # the deployment's does not sign it
                 verify(mine.body, mine.headers, DEPLOYMENT)
+            with pytest.raises(WebhookVerificationError):
+                Webhook(DEPLOYMENT).verify(mine.body, mine.headers)
             newer = secrets.rotate("cust-1")
             assert deliver(app, 0, job, hook.url, f"msg_{job}", payload, "cust-1")[0].ok
             both = hook.received[-1]
+            assert len(both.headers["webhook-signature"].split()) == 2
             for secret in (newer, own):  # during the overlap either one verifies
                 assert verify(both.body, both.headers, secret) == payload
+                assert Webhook(secret).verify(both.body, both.headers) == payload
             # A user without one (or a delivery queued before user ids): the deployment's.
             assert deliver(app, 0, job, hook.url, f"msg_{job}", payload, "internal")[0].ok
             assert verify(hook.received[-1].body, hook.received[-1].headers, DEPLOYMENT)
+            assert Webhook(DEPLOYMENT).verify(hook.received[-1].body, hook.received[-1].headers)
             assert deliver(app, 0, job, hook.url, f"msg_{job}", payload)[0].ok
             assert verify(hook.received[-1].body, hook.received[-1].headers, DEPLOYMENT)
     finally:

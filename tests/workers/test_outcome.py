@@ -4,6 +4,8 @@ backend), with real files in a temporary storage folder and the in-process metri
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,19 +19,30 @@ from celery import Task
 from celery.exceptions import TimeLimitExceeded
 from prometheus_client import REGISTRY
 
-from pipeline.config.schema import BrokerSettings, Settings, StorageSettings, WebhookSettings
+from pipeline import webhooks
+from pipeline.config.schema import (
+    ApiSettings,
+    BrokerSettings,
+    Settings,
+    StorageSettings,
+    WebhookSettings,
+)
+from pipeline.contract.jobs import JobResult, Timings
 from pipeline.errors import InvalidRequest, ModelRuntimeError
 from pipeline.infra.celery_app import PipelineCelery, make_celery
 from pipeline.infra.keys import WEBHOOK_PREFIX, breaker_key
 from pipeline.policies.configured import Policies
 from pipeline.quota import DEFAULT_TIERS, QuotaStore, make_engine, upgrade
 from pipeline.webhooks import DeliveryLog
+from tests.webhook_receiver import receiver
 from workers.job_runner import job_outputs, job_temp_dir
 from workers.outcome import Settler
-from workers.webhook_task import WEBHOOK_QUEUE
+from workers.webhook_task import WEBHOOK_QUEUE, JobEvents, deliver
 
 pytestmark = pytest.mark.timeout(60)
 REDIS = "redis://127.0.0.1:6379/0"
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+PUBLIC_URL = "https://music.example.com"
 
 
 @dataclass
@@ -81,8 +94,9 @@ def world(tmp_path: Path) -> Iterator[World]:
     settings = Settings(broker=BrokerSettings(url=REDIS),
                         storage=StorageSettings(output_dir=str(tmp_path / "out"),
                                                 temp_dir=str(tmp_path / "tmp")),
+                        api=ApiSettings(public_url=PUBLIC_URL),
                         webhooks=WebhookSettings(allowed_hosts=["127.0.0.1"],
-                                                 secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"))  # type: ignore[arg-type]
+                                                 secret=SECRET))  # type: ignore[arg-type]
     app = make_celery(settings)
     url = f"sqlite:///{tmp_path / 'quota.db'}"
     upgrade(url)
@@ -97,7 +111,8 @@ def world(tmp_path: Path) -> Iterator[World]:
         yield w
     finally:
         # Our own keys only: the delivery record, the breaker, the job's state and the message.
-        client.delete(WEBHOOK_PREFIX + w.job_id, breaker_key(w.model))
+        client.delete(WEBHOOK_PREFIX + w.job_id, breaker_key(w.model),
+                      *client.scan_iter(match=f"{WEBHOOK_PREFIX}{w.job_id}:*"))
         app.backend.forget(w.job_id)
         for key, raw in _webhook_messages(client, w.job_id):
             client.lrem(key, 0, raw)
@@ -112,6 +127,24 @@ def _webhook_messages(client: Any, job_id: str) -> list[tuple[str, str]]:
     return [(key.decode(), raw.decode()) for key in client.scan_iter(match=f"{WEBHOOK_QUEUE}*")
             if client.type(key) == b"list"
             for raw in client.lrange(key, 0, -1) if job_id.encode() in raw]
+
+
+def _queued_deliveries(client: Any, job_id: str) -> list[list[Any]]:
+    """The arguments of each delivery task queued for ``job_id`` (Celery's message protocol 2:
+    a base64 body of [args, kwargs, embed])."""
+    return [json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+            for _, raw in _webhook_messages(client, job_id)]
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def _task(app: PipelineCelery) -> Task:
@@ -148,6 +181,9 @@ def test_a_failure_discards_files_and_refunds(world: World, exc: BaseException,
     assert (row["status"], row["error_code"]) == ("failed", code)
     assert world.jobs_counted("failed", code) == before + 1
     assert world.webhook() == ("job.failed", "pending")
+    [args] = _queued_deliveries(world.app.redis, world.job_id)
+    assert args[3]["data"]["error"] == {"code": code, "message": str(exc.args[0])}
+    assert args[3]["data"]["result"] is None and args[3]["data"]["audio_url"] is None
     assert world.breaker_failures() == 0
 
 
@@ -192,3 +228,89 @@ def test_a_job_without_a_ledger_row_is_still_announced(world: World) -> None:
         assert world.row()["status"] == "reserved"  # the other job's end touched no row
     finally:
         redis.Redis.from_url(REDIS).delete(WEBHOOK_PREFIX + other.job_id)
+
+
+def test_a_delivered_payload_is_the_public_view_and_names_no_server_path(
+        world: World, tmp_path: Path) -> None:
+    output = job_outputs(world.app.settings, world.job_id)[0]
+    # What a job on local storage returns: its paths and a file:// URI.
+    result = JobResult(job_id=world.job_id, output_path=str(output),
+                       sidecar_path=f"{output}.json", uri=output.as_uri(), format="wav",
+                       duration=4.0, sample_rate=32000, channels=1, bit_depth=16,
+                       loudness_lufs=-14.0, peak_dbfs=-1.0, model=world.model, seed=7,
+                       worker="w1", timings=Timings(generate=1.0)).model_dump(mode="json")
+    with receiver() as hook:
+        world.settler.succeeded({**world.payload, "webhook_url": hook.url}, world.job_id, result)
+        [args] = _queued_deliveries(world.app.redis, world.job_id)
+        attempt, _ = deliver(world.app, 0, *args)
+        assert attempt.ok, attempt.error
+        [got] = hook.received
+    event = webhooks.verify(got.body, got.headers, SECRET)
+    data = event["data"]
+    assert event["type"] == "job.succeeded" and data["status"] == "succeeded"
+    leaks = [text for text in _strings(event) if str(tmp_path) in text
+             or text.startswith(("/", "file:", "s3:"))]
+    assert leaks == []
+    assert {"uri", "output_path", "sidecar_path"}.isdisjoint(data["result"])
+    assert (data["result"]["seed"], data["result"]["duration"]) == (7, 4.0)
+    assert data["audio_url"] == f"{PUBLIC_URL}/v1/jobs/{world.job_id}/audio"
+    assert data["error"] is None and data["job_id"] == world.job_id
+
+
+def test_the_events_a_job_asks_for_are_queued_throttled_delivered_and_listed_in_order(
+        world: World) -> None:
+    now = [100.0]
+    payload = {**world.payload, "webhook_events_filter": ["start", "progress", "partial",
+                                                          "completed"]}
+    events = JobEvents(world.app, payload, attempt=1, clock=lambda: now[0])
+    events.started()
+    events.started()  # a redelivery of the same attempt: announced once
+    events.progress(0.1, "generating")
+    now[0] += 1.0
+    events.progress(0.2, "generating")  # within webhooks.progress_interval_s (5 s): not sent
+    now[0] += 5.0
+    events.progress(0.3, "generating")
+    now[0] += 5.0
+    events.progress(0.3, "generating")  # nothing new: not sent
+    # What workers/partials.py hands over: its uri and path are the server's, never sent.
+    events.partial({"uri": "file:///srv/out/x.partial.wav", "path": "/srv/out/x.partial.wav",
+                    "seconds": 30.0, "window": 1, "windows": 2, "format": "wav"})
+    events.partial({"uri": "file:///srv/out/x.partial.wav", "path": "/srv/out/x.partial.wav",
+                    "seconds": 30.0, "window": 1, "windows": 2, "format": "wav"})
+    world.settler.succeeded(payload, world.job_id, {"model": world.model, "duration": 4.0,
+                                                    "timings": {"generate": 1.0}})
+    j = world.job_id
+    ids = [f"msg_{j}_started_1", f"msg_{j}_progress_1_1", f"msg_{j}_progress_1_2",
+           f"msg_{j}_partial_1", f"msg_{j}_succeeded"]
+    log = DeliveryLog(world.app.redis, 60)
+    assert [(r.event, r.message_id, r.status) for r in log.read(j)] == list(zip(
+        ["job.started", "job.progress", "job.progress", "job.partial", "job.succeeded"], ids,
+        ["pending"] * 5, strict=True))
+    queued = _queued_deliveries(world.app.redis, j)
+    assert sorted(args[2] for args in queued) == sorted(ids)
+    with receiver() as hook:
+        for job_id, _, message_id, event, user_id in queued:  # to a receiver of this test's
+            attempt, _ = deliver(world.app, 0, job_id, hook.url, message_id, event, user_id)
+            assert attempt.ok, attempt.error
+        got = {r.headers["webhook-id"]: webhooks.verify(r.body, r.headers, SECRET)
+               for r in hook.received}
+    assert [(r.status, r.attempts) for r in log.read(j)] == [("delivered", 1)] * 5
+    assert got[ids[1]]["data"]["progress"] == {"fraction": 0.1, "message": "generating"}
+    partial = got[ids[3]]["data"]
+    assert partial["partial"] == {"window": 1, "windows": 2, "seconds": 30.0}
+    assert partial["partial_url"] == f"{PUBLIC_URL}/v1/jobs/{j}/partial"
+    assert not [text for event in got.values() for text in _strings(event)
+                if text.startswith(("/", "file:"))]
+
+
+def test_a_job_gets_only_the_events_it_asked_for(world: World) -> None:
+    plain = JobEvents(world.app, world.payload, attempt=1)  # no filter: its end only
+    plain.started()
+    plain.progress(0.5, "generating")
+    assert world.queued_messages() == 0
+    started_only = {**world.payload, "webhook_events_filter": ["start"]}
+    JobEvents(world.app, started_only, attempt=2).started()
+    world.settler.failed(started_only, world.job_id, ModelRuntimeError("failed", None))
+    assert [(r.event, r.message_id) for r in DeliveryLog(world.app.redis, 60).read(
+        world.job_id)] == [("job.started", f"msg_{world.job_id}_started_2")]
+    assert world.queued_messages() == 1
