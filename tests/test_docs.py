@@ -64,3 +64,28 @@ def test_the_readme_shows_the_python_clients_first_example() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     client = (REPO / "docs" / "python-client.md").read_text(encoding="utf-8")
     assert first_python_block(readme) == first_python_block(client)
+
+
+def test_the_readmes_webhook_receiver_verifies_a_delivery_and_refuses_a_forged_one() -> None:
+    # The customer's receiver as the README prints it, fed a delivery signed as a worker signs.
+    from standardwebhooks.webhooks import WebhookVerificationError
+
+    from pipeline import webhooks
+    from pipeline.quota.webhook_secrets import new_secret
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    receiver = next(block for block in re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+                    if "def on_delivery" in block)
+    secret = new_secret()
+    scope: dict[str, object] = {"USER_WEBHOOK_SECRET": secret}
+    exec(compile(receiver, "README.md", "exec"), scope)
+    on_delivery = scope["on_delivery"]
+    payload = webhooks.event("job-1", "succeeded", public_url="https://music.example.com",
+                             result={"duration": 8.0, "format": "mp3", "uri": "file:///srv/x"})
+    body = webhooks.body_of(payload)
+    signed = webhooks.headers(secret, "msg_job-1_succeeded", body)
+    event = on_delivery(body, signed)  # type: ignore[operator]
+    assert event["data"]["audio_url"] == "https://music.example.com/v1/jobs/job-1/audio"
+    assert "uri" not in event["data"]["result"]
+    with pytest.raises(WebhookVerificationError):
+        on_delivery(body.replace(b"job-1", b"job-2"), signed)  # type: ignore[operator]
