@@ -317,6 +317,6 @@ def test_the_gateway_event_stream_is_woken_by_state_changes(
                for event, data in seen if event == "progress"]
     fractions = [fraction for _, fraction, _ in changes]
     assert fractions == sorted(fractions), changes
-    assert all(one != two for one, two in zip(changes, changes[1:])), changes
+    assert all(one != two for one, two in zip(changes, changes[1:], strict=False)), changes
     assert seen[-1][0] == "state" and seen[-1][1]["status"] == "succeeded", seen
     assert seen[-1][1]["audio_url"] == f"/v1/jobs/{handle.id}/audio"
