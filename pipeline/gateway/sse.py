@@ -77,13 +77,16 @@ async def job_events(handle: AsyncJobHandle, last_event_id: str | None = None,
                     final = await asyncio.to_thread(with_record, view, handle.sync)
                     yield frame("state", final if finish is None else finish(final), "final")
                     return
-                seen = (status, view["progress"]["fraction"], view["progress"]["message"])
+                partial = view.get("partial")  # a long job's audio so far: a new window is news
+                seen = (status, view["progress"]["fraction"], view["progress"]["message"],
+                        None if partial is None else partial["window"])
                 if seen != last:
                     last, quiet_since = seen, time.monotonic()
                     if event_id(seen) == last_event_id:
                         continue  # the client had this one before it reconnected
                     yield frame("progress", {"id": view["id"], "status": status,
-                                             "progress": view["progress"]}, event_id(seen))
+                                             "progress": view["progress"], "partial": partial},
+                                event_id(seen))
                 elif time.monotonic() - quiet_since >= KEEPALIVE_S:
                     quiet_since = time.monotonic()
                     yield b": keepalive\n\n"

@@ -125,6 +125,13 @@ def test_the_partial_of_a_running_long_job_is_served_and_signed(gateway: Gateway
     view = gateway.client.get("/v1/jobs/val-1", headers=key).json()
     assert view["partial"] == {"window": 1, "windows": 3, "seconds": 30.0}
     assert view["urls"]["partial"] == "/v1/jobs/val-1/partial"
+    # The event stream says so too: a page shows "listen" as the window ends, without polling.
+    stream = gateway.client.stream("GET", "/v1/jobs/val-1/events", headers=key)
+    with stream as events:
+        for line in events.iter_lines():
+            if line.startswith("data: ") and '"partial"' in line:
+                assert '"partial": {"window": 1, "windows": 3, "seconds": 30.0}' in line
+                break
     served = gateway.client.get(view["signed_urls"]["partial"])  # no header: an <audio src>
     assert served.status_code == 200 and served.content == so_far
     assert served.headers["content-type"] == "audio/wav"

@@ -152,7 +152,7 @@ function show(view, where) {
   let card = cards.get(view.id);
   if (card) return card;
   const el = $("job-card").content.firstElementChild.cloneNode(true);
-  card = { el, view, final: false, closed: false, audioShown: false, partialChecked: false,
+  card = { el, view, final: false, closed: false, audioShown: false,
            abort: new AbortController() };
   cards.set(view.id, card);
   el.dataset.id = view.id;
@@ -227,8 +227,12 @@ function update(card, view) {
     card.final = true;
     el.querySelector(".partial").hidden = true;
     if (view.status === "succeeded" && !card.audioShown) offerAudio(card);
-  } else if (view.status !== "queued" && !card.partialChecked) {
-    checkPartial(card);
+  } else if (view.partial) {  // a progress event or view of a long job past its first window
+    const partial = el.querySelector(".partial");
+    partial.hidden = false;
+    partial.querySelector(".listen-partial").textContent =
+      "Listen to the first " + Math.round(view.partial.seconds) + " s (window " +
+      view.partial.window + " of " + view.partial.windows + ")";
   }
 }
 
@@ -442,27 +446,22 @@ async function followWithFetch(card) {
   }
 }
 
-// Partial playback for a long clip: only where the job's view offers `urls.partial`.
-async function checkPartial(card) {
-  card.partialChecked = true;
-  try {
-    const view = await call(card.view.urls.get);
-    if (card.final) return;
-    if (view.urls && view.urls.partial) {
-      card.view = Object.assign({}, card.view, { urls: view.urls, signed_urls: view.signed_urls });
-      card.el.querySelector(".partial").hidden = false;
-    }
-  } catch (e) { /* no partial playback then; the job itself goes on */ }
-}
-
 // What has been generated so far, as a snapshot: press again to hear further.
 async function listenPartial(card) {
   const player = card.el.querySelector(".partial-player");
   try {
-    const response = await fetch(card.view.urls.partial, { headers: headers() });
-    if (!response.ok) throw new ApiError(await failure(response), response.status);
+    // A fresh view: the partial is replaced after each window, and its signed URL (played
+    // directly, streamed) is only made while one exists.
+    const view = await call(card.view.urls.get);
+    if (!view.urls.partial) throw new Error("the job has no partial audio now");
     if (player.src.startsWith("blob:")) URL.revokeObjectURL(player.src);
-    player.src = URL.createObjectURL(await response.blob());
+    if (view.signed_urls && view.signed_urls.partial) {
+      player.src = view.signed_urls.partial;
+    } else {
+      const response = await fetch(view.urls.partial, { headers: headers() });
+      if (!response.ok) throw new ApiError(await failure(response), response.status);
+      player.src = URL.createObjectURL(await response.blob());
+    }
     player.hidden = false;
     player.play().catch(() => {});
   } catch (e) {
