@@ -228,4 +228,31 @@ def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset
         experiment=assigned.experiment if assigned else None,
         variant=assigned.variant if assigned else None,
         webhook_url=_webhook(request, settings, user),
+        stream=_stream(request, settings, user, preset=preset, duration=duration),
     )
+
+
+def _stream(request: GenerationRequest, settings: Settings, user: UserContext, *, preset: str,
+            duration: float) -> bool:
+    """Whether the job streams: refused here, naming ``stream``, for anything the worker could not
+    stream. Chunks come out of the static engine's decode loop only, so a job that would run on
+    Hugging Face generate (``model.engine = hf``, a melody, past the window) cannot stream; the
+    producer reads the same ``model`` settings as the workers, so it knows the engine here. (A
+    worker whose engine failed its self-check, or a prompt longer than the engine's prompt cache,
+    still falls back to HF: that job's stream then ends with ``stream_unavailable``.)"""
+    if not request.stream:
+        return False
+    if not enabled(settings.features, "streaming_generation", user):
+        raise UnsupportedOption("stream=True: streaming generation is switched off for this user "
+                                "(features.streaming_generation)", "stream")
+    model = model_settings_for(settings, preset)
+    if model.engine != "static":
+        raise UnsupportedOption(f"stream=True needs the static engine; {preset} runs on "
+                                f"model.engine = {model.engine}", "stream")
+    if request.melody is not None:
+        raise UnsupportedOption("stream=True cannot be combined with a melody (melody jobs run "
+                                "on Hugging Face generate, which does not stream)", "stream")
+    if duration > model.max_duration:
+        raise UnsupportedOption(f"stream=True is not available past the {model.max_duration:g} s "
+                                f"window of {preset} yet (long-form jobs do not stream)", "stream")
+    return True

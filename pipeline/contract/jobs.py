@@ -166,6 +166,9 @@ class GenerationRequest(BaseModel):
     priority: Priority = 5
     job_id: JobId | None = Field(None, description="client id, scoped to its user: enqueueing "
                                                    "the same id twice gives one job")
+    stream: bool = Field(False, description="publish the audio in chunks as it is generated "
+                                            "(handle.stream()); needs features.streaming_generation "
+                                            "and the static engine")
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -289,6 +292,8 @@ class JobSpec(BaseModel):
     variant: PresetName | None = None
     # Checked against webhooks.allowed_hosts by resolve() and again before each delivery.
     webhook_url: WebhookUrl | None = None
+    # The worker publishes chunks to the job's Redis Stream (pipeline/infra/keys.py stream_key).
+    stream: bool = False
 
     @model_validator(mode="after")
     def _variant_is_the_model(self) -> JobSpec:
