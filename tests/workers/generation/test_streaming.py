@@ -17,7 +17,7 @@ import redis
 
 from pipeline.contract.streams import AudioChunk, StreamEnd, parse_entry
 from pipeline.errors import GpuOutOfMemory
-from pipeline.infra.keys import stream_key
+from pipeline.infra.keys import STREAM_MAX_ENTRIES, stream_key
 from tests.pipeline.conftest import redis_db, redis_url  # noqa: F401 (fixtures)
 from workers.generation import EngineLoop, HfLoop
 from workers.generation.streaming import JobStream, StreamPublisher, crossfade_weights
@@ -142,3 +142,26 @@ def test_crossfade_weights_rise_from_0_to_1_with_equal_gain() -> None:
     w = crossfade_weights(320)
     assert w[0] < 0.01 and w[-1] > 0.99 and np.all(np.diff(w) > 0)
     assert np.allclose(w + w[::-1], 1.0, atol=1e-6)
+
+
+def test_the_stream_stays_capped_under_a_reader_that_never_reads(
+        client: redis.Redis, job_ids: list[str]) -> None:
+    """2.5x the cap of chunks with nobody reading: Redis keeps about the cap (MAXLEN ~ trims
+    whole nodes of ~100 entries), and publishing never waits for a reader. The decode is a
+    stand-in here (zeros of each span's length): what is under test is the publishing."""
+    def zeros(loaded: Any, spans: list[Any]) -> list[np.ndarray]:
+        return [np.zeros((1, n), dtype=np.float32) for n in spans]
+
+    publisher = StreamPublisher(zeros, left_context=2, lookahead=1, crossfade_s=0.0)
+    job_ids.append(f"stream-test-{uuid.uuid4().hex}")
+    job = JobStream(client, job_ids[0], attempt=1, sample_rate=32000, channels=1, ttl_s=60)
+    row = publisher.row(job, chunk_s=4 / 32000, frame_rate=32000.0, target_samples=10**9)
+    count = int(2.5 * STREAM_MAX_ENTRIES)
+    spans = row.due(final_frames=4 * count + 1)
+    assert len(spans) == count
+    publisher.chunks(None, [(row, lo, start, end, hi - lo) for lo, start, end, hi in spans])
+    assert publisher.flush(WAIT)
+    length = client.xlen(stream_key(job_ids[0]))
+    assert STREAM_MAX_ENTRIES <= length <= STREAM_MAX_ENTRIES + 200, length
+    last = parse_entry(client.xrevrange(stream_key(job_ids[0]), count=1)[0][1])
+    assert isinstance(last, AudioChunk) and last.index == count - 1
