@@ -114,10 +114,26 @@ def main() -> None:
         loaded = load_model(path, device=args.device, dtype="float32", offline=args.model is None)
     client = redis.Redis.from_url(args.redis)
     calls: list[int] = []
+    spent = {"decode": 0.0, "schedule": 0.0}
 
     def counting(model: Any, codes: list[Any]) -> list[np.ndarray]:
         calls.append(len(codes))
-        return decode_chunks(model, codes)
+        started = time.perf_counter()
+        try:
+            return decode_chunks(model, codes)
+        finally:
+            spent["decode"] += time.perf_counter() - started
+
+    schedule = EngineLoop._stream_chunks
+
+    def timed_schedule(me: Any) -> None:  # what streaming adds to the loop thread itself
+        started = time.perf_counter()
+        try:
+            schedule(me)
+        finally:
+            spent["schedule"] += time.perf_counter() - started
+
+    EngineLoop._stream_chunks = staticmethod(timed_schedule)  # type: ignore[method-assign]
 
     publisher = StreamPublisher(counting, left_context=LEFT_CONTEXT_FRAMES,
                                 lookahead=LOOKAHEAD_FRAMES, crossfade_s=0.01)
@@ -150,6 +166,9 @@ def main() -> None:
               "after submission")
         print(f"  decode calls : {len(calls)} for {sum(calls)} chunks "
               f"({sum(calls) / max(1, len(calls)):.1f} rows per call)")
+        print(f"  time spent   : {spent['decode']:.2f} s decoding chunks (publisher thread), "
+              f"{spent['schedule']:.3f} s scheduling them and copying codes (loop thread), "
+              f"over {args.rounds} streaming rounds of {sum(streamed):.2f} s")
         print(f"  seams        : {chunks} chunks, max abs diff {worst:.2e} against the one-call "
               f"decode, SNR {snr:.1f} dB")
     finally:
