@@ -192,3 +192,21 @@ def test_a_job_without_a_ledger_row_is_still_announced(world: World) -> None:
         assert world.row()["status"] == "reserved"  # the other job's end touched no row
     finally:
         redis.Redis.from_url(REDIS).delete(WEBHOOK_PREFIX + other.job_id)
+
+
+def test_a_hard_killed_streaming_job_ends_its_stream_with_the_error(world: World) -> None:
+    """A worker killed mid-stream writes no end; the final failure does (issue 25)."""
+    from pipeline.contract.streams import StreamEnd, chunk_fields, parse_entry
+    from pipeline.infra.keys import stream_key
+    from tests.pipeline.test_handle_stream import _chunk
+
+    key = stream_key(world.job_id)
+    world.app.redis.xadd(key, chunk_fields(_chunk(2, 0)))
+    try:
+        world.settler.failed({**world.payload, "stream": True}, world.job_id,
+                             TimeLimitExceeded(60.0))
+        last = parse_entry(world.app.redis.xrevrange(key, count=1)[0][1])
+        assert last == StreamEnd(2, False, "timeout", last.message)  # type: ignore[union-attr]
+        assert world.app.redis.ttl(key) > 0
+    finally:
+        world.app.redis.delete(key)

@@ -219,3 +219,26 @@ class StreamPublisher:
             pipe.execute()
         except Exception:
             log.warning("could not publish to the stream of job %s", job.job_id, exc_info=True)
+
+
+def end_unfinished_stream(client: Any, job_id: str, error: StreamEnd, ttl_s: int) -> bool:
+    """End a job's stream with ``error`` unless its last entry already ends it; True if it did.
+
+    For a job that failed for good where no attempt could say so itself (a worker killed
+    mid-stream, then the poison cap, or a hard time limit that killed the pool's child): the
+    settler calls this, so a reader sees the end. The end carries the last chunk's attempt
+    (``error.attempt`` for a stream with no chunk). No stream, nothing is written."""
+    key = stream_key(job_id)
+    last = client.xrevrange(key, count=1)
+    if not last:
+        return False
+    fields = {k.decode() if isinstance(k, bytes) else str(k): v for k, v in last[0][1].items()}
+    if "end" in fields:
+        return False
+    attempt = int(fields.get("attempt", error.attempt))
+    pipe = client.pipeline(transaction=False)
+    pipe.xadd(key, end_fields(StreamEnd(attempt, False, error.code, error.message, error.field)),
+              maxlen=STREAM_MAX_ENTRIES, approximate=True)
+    pipe.expire(key, max(1, ttl_s))
+    pipe.execute()
+    return True

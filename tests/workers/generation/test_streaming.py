@@ -20,7 +20,12 @@ from pipeline.errors import GpuOutOfMemory
 from pipeline.infra.keys import STREAM_MAX_ENTRIES, stream_key
 from tests.pipeline.conftest import redis_db, redis_url  # noqa: F401 (fixtures)
 from workers.generation import EngineLoop, HfLoop
-from workers.generation.streaming import JobStream, StreamPublisher, crossfade_weights
+from workers.generation.streaming import (
+    JobStream,
+    StreamPublisher,
+    crossfade_weights,
+    end_unfinished_stream,
+)
 from workers.runtime.batch import GenerationItem
 from workers.runtime.engine import StaticEngine
 from workers.runtime.engine.stream import LEFT_CONTEXT_FRAMES, LOOKAHEAD_FRAMES, decode_chunks
@@ -165,3 +170,20 @@ def test_the_stream_stays_capped_under_a_reader_that_never_reads(
     assert STREAM_MAX_ENTRIES <= length <= STREAM_MAX_ENTRIES + 200, length
     last = parse_entry(client.xrevrange(stream_key(job_ids[0]), count=1)[0][1])
     assert isinstance(last, AudioChunk) and last.index == count - 1
+
+
+def test_a_stream_whose_worker_died_is_ended_once_by_the_final_failure(
+        client: redis.Redis, job_ids: list[str]) -> None:
+    publisher = _publisher()
+    job_ids.append(f"stream-test-{uuid.uuid4().hex}")
+    job = JobStream(client, job_ids[0], attempt=3, sample_rate=32000, channels=1, ttl_s=60)
+    row = publisher.row(job, chunk_s=1.0, frame_rate=50.0, target_samples=32000)
+    assert row.due(final_frames=10) == [] and publisher.flush(WAIT)  # the attempt has begun
+    publisher._send(job, np.ones((1, 8), dtype=np.float32), None)  # a chunk, then the kill
+    poison = StreamEnd(1, False, "poison_job", "delivered 4 times")
+    assert end_unfinished_stream(client, job_ids[0], poison, 60)
+    assert not end_unfinished_stream(client, job_ids[0], poison, 60)  # it has its end
+    entries = _read(client, job_ids[0])
+    assert entries[-1] == StreamEnd(3, False, "poison_job", "delivered 4 times")
+    assert len(entries) == 2
+    assert not end_unfinished_stream(client, f"stream-test-{uuid.uuid4().hex}", poison, 60)
