@@ -337,12 +337,17 @@ class JobRunner:
         Celery's own soft limit in a prefork child) drops the ticket, so the job leaves its batch
         at the next step while its neighbours go on.
         """
+        streamed: Any = None  # the last window whose codes went to the stream
         try:
             while True:
                 try:
                     return ticket.future.result(timeout=WAIT_POLL_S)
                 except TimeoutError:
                     pass
+                if ticket.stream is not None and ticket.partial is not None \
+                        and ticket.partial is not streamed:
+                    streamed = ticket.partial
+                    self._stream_window(ticket, streamed)
                 if partials is not None and ticket.partial is not None \
                         and ticket.partial is not partials.last:
                     partials.publish(ticket.partial)
@@ -353,6 +358,17 @@ class JobRunner:
         except BaseException as exc:
             ticket.drop(exc)
             raise
+
+    def _stream_window(self, ticket: Ticket, partial: Any) -> None:
+        """A long-form job's codes after a window (the prefix of its final codes): the chunks
+        they complete go to the stream, decoded together off this thread. Long-form windows run
+        on the HF path, which has no steps to follow: its chunks come a window at a time."""
+        row = ticket.stream
+        codes = partial.codes
+        due = [(row, lo, start, end, codes[:, lo:hi])
+                for lo, start, end, hi in row.due(int(codes.shape[-1]))]
+        if due:
+            row.publisher.chunks(ticket.loaded, due)
 
     def _melody(self, spec: JobSpec, temp_dir: Path,
                 sampling_rate: int) -> tuple[npt.NDArray[np.float32], int] | None:

@@ -235,11 +235,11 @@ def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset
 def _stream(request: GenerationRequest, settings: Settings, user: UserContext, *, preset: str,
             duration: float) -> bool:
     """Whether the job streams: refused here, naming ``stream``, for anything the worker could not
-    stream. Chunks come out of the static engine's decode loop only, so a job that would run on
-    Hugging Face generate (``model.engine = hf``, a melody, past the window) cannot stream; the
-    producer reads the same ``model`` settings as the workers, so it knows the engine here. (A
-    worker whose engine failed its self-check, or a prompt longer than the engine's prompt cache,
-    still falls back to HF: that job's stream then ends with ``stream_unavailable``.)"""
+    stream. Chunks come out of the static engine's steps, and out of long-form windows (a window
+    at a time), so a job that would run on Hugging Face generate in one call (``model.engine =
+    hf``, a melody) is refused; the producer reads the same ``model`` settings as the workers, so
+    it knows the engine here. (A job the engine hands to HF all the same, its self-check failed
+    or its prompt past the engine's prompt cache, streams its audio as one chunk at the end.)"""
     if not request.stream:
         return False
     if not enabled(settings.features, "streaming_generation", user):
@@ -252,7 +252,4 @@ def _stream(request: GenerationRequest, settings: Settings, user: UserContext, *
     if request.melody is not None:
         raise UnsupportedOption("stream=True cannot be combined with a melody (melody jobs run "
                                 "on Hugging Face generate, which does not stream)", "stream")
-    if duration > model.max_duration:
-        raise UnsupportedOption(f"stream=True is not available past the {model.max_duration:g} s "
-                                f"window of {preset} yet (long-form jobs do not stream)", "stream")
     return True

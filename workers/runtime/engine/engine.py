@@ -397,7 +397,7 @@ class StaticEngine:
         """EnCodec-decode finished rows of one length: ``(rows, channels, samples)`` float32."""
         codes = torch.stack([codes_of(self._codes[row, :, :job.steps + 1], job.frames,
                                       self._delays) for row, job in group])
-        return decode_codes(self.loaded, codes)
+        return decode_codes(self.loaded, codes, class_decode=False)
 
     def _trimmed(self, job: Row, samples: np.ndarray) -> GeneratedAudio | PipelineError:
         """A finished row's ``(channels, samples)`` trimmed to its item's duration, or the error

@@ -24,15 +24,30 @@ LOOKAHEAD_FRAMES = 8
 DECODE_ROWS = 16
 
 
-def decode_codes(loaded: LoadedModel, codes: torch.Tensor) -> np.ndarray:
+def decode_codes(loaded: LoadedModel, codes: torch.Tensor, *,
+                 class_decode: bool = True) -> np.ndarray:
     """EnCodec-decode ``(rows, codebooks, frames)`` codes: ``(rows, channels, samples)`` float32.
-    On a stereo model the codebooks interleave left and right; each channel decodes alone."""
+    On a stereo model the codebooks interleave left and right; each channel decodes alone.
+
+    ``class_decode``: call the class's own decode, never the instance's attribute, where an
+    HF-path call on the same model may have its code capture standing in while this runs in
+    another thread (``workers.runtime.longform.decode_codes`` says the same): the stream
+    publisher's thread. The engine's finished rows keep the instance's (its tests record the
+    codes it decodes there)."""
     decoder: Any = loaded.model.audio_encoder
+    if class_decode:
+        cls_decode = type(decoder).decode
+
+        def decode(*args: Any, **kwargs: Any) -> Any:
+            return cls_decode(decoder, *args, **kwargs)
+    else:
+        decode = decoder.decode
+    codes = codes.to(loaded.device)
     with torch.inference_mode():
         if loaded.audio_channels == 1:
-            audio = decoder.decode(codes[None], audio_scales=[None]).audio_values
+            audio = decode(codes[None], audio_scales=[None]).audio_values
         else:
-            audio = torch.cat([decoder.decode(codes[None, :, c::2], audio_scales=[None])
+            audio = torch.cat([decode(codes[None, :, c::2], audio_scales=[None])
                                .audio_values for c in (0, 1)], dim=1)
         samples: np.ndarray = audio.to(torch.float32).cpu().numpy()
     return samples
