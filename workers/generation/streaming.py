@@ -63,6 +63,9 @@ class JobStream:
     index: int = 0
     tail: np.ndarray | None = None  # the last chunk's decode past its end: the next seam's fade
     ended: bool = False
+    # A chunk that could not be decoded or published: the later ones are skipped (a chunk must
+    # start where the last one ended) and ``finish`` sends everything from there in one.
+    broken: bool = False
 
     @property
     def key(self) -> str:
@@ -169,12 +172,21 @@ class StreamPublisher:
 
     def _decode_and_send(self, loaded: Any, due: list[tuple[RowStream, int, int, int, Any]]
                          ) -> None:
-        live = [d for d in due if not d[0].job.ended]
+        live = [d for d in due if not (d[0].job.ended or d[0].job.broken)]
         if not live:
             return
-        audio = self._decode(loaded, [codes for *_, codes in live])
+        try:
+            audio = self._decode(loaded, [codes for *_, codes in live])
+        except Exception:
+            log.warning("could not decode %d stream chunks; their jobs' streams send the rest "
+                        "when they finish", len(live), exc_info=True)
+            for row, *_ in live:
+                row.job.broken = True
+            return
         self.decode_calls += 1
         for (row, lo, start, end, _), samples in zip(live, audio, strict=True):
+            if row.job.broken:
+                continue
             hop, fade = row.hop, round(self.crossfade_s * row.job.sample_rate)
             body = samples[:, (start - lo) * hop:(end - lo) * hop]
             tail = samples[:, (end - lo) * hop:(end - lo) * hop + fade]
@@ -186,7 +198,11 @@ class StreamPublisher:
         rest = samples[:, job.sent_samples:]
         if rest.shape[-1]:
             self._send(job, rest, None)
-        self._end(job, StreamEnd(job.attempt, True))
+        if job.sent_samples == samples.shape[-1]:
+            self._end(job, StreamEnd(job.attempt, True))
+        else:  # the last chunk did not go out: say so rather than end a clip that is short
+            self._end(job, StreamEnd(job.attempt, False, "stream_incomplete",
+                                     "the stream lost its last chunk; the finished file is whole"))
 
     def _send(self, job: JobStream, body: np.ndarray, tail: np.ndarray | None) -> None:
         """Publish ``body`` as the job's next chunk, its start faded in from the last tail."""
@@ -200,7 +216,9 @@ class StreamPublisher:
                            start_s=job.sent_samples / job.sample_rate,
                            sample_rate=job.sample_rate, channels=job.channels,
                            pcm=np.ascontiguousarray(body.T).astype("<f4").tobytes())
-        self._xadd(job, chunk_fields(chunk))
+        if not self._xadd(job, chunk_fields(chunk)):
+            job.broken = True  # not sent: the next chunk would leave a gap
+            return
         job.index += 1
         job.sent_samples += body.shape[-1]
 
@@ -211,7 +229,7 @@ class StreamPublisher:
         self._xadd(job, end_fields(end))
 
     @staticmethod
-    def _xadd(job: JobStream, fields: dict[str, bytes | str]) -> None:
+    def _xadd(job: JobStream, fields: dict[str, bytes | str]) -> bool:
         try:
             pipe = job.client.pipeline(transaction=False)
             pipe.xadd(job.key, fields, maxlen=STREAM_MAX_ENTRIES, approximate=True)
@@ -219,6 +237,8 @@ class StreamPublisher:
             pipe.execute()
         except Exception:
             log.warning("could not publish to the stream of job %s", job.job_id, exc_info=True)
+            return False
+        return True
 
 
 def end_unfinished_stream(client: Any, job_id: str, error: StreamEnd, ttl_s: int) -> bool:

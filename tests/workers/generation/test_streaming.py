@@ -187,3 +187,38 @@ def test_a_stream_whose_worker_died_is_ended_once_by_the_final_failure(
     assert entries[-1] == StreamEnd(3, False, "poison_job", "delivered 4 times")
     assert len(entries) == 2
     assert not end_unfinished_stream(client, f"stream-test-{uuid.uuid4().hex}", poison, 60)
+
+
+def test_a_chunk_that_fails_to_decode_leaves_no_gap(
+        tiny_model: LoadedModel, client: redis.Redis, job_ids: list[str]) -> None:
+    """The chunks after a failed decode are skipped and the finish sends the rest from where
+    the last good chunk ended: the joined stream is still the whole clip."""
+    torch = __import__("torch")
+    failing = {2}  # the second decode call (the second chunk) fails
+    calls = [0]
+
+    def flaky(loaded: Any, codes: list[Any]) -> list[np.ndarray]:
+        calls[0] += 1
+        if calls[0] in failing:
+            raise RuntimeError("CUDA error: out of memory (injected)")
+        return decode_chunks(loaded, codes)
+
+    publisher = StreamPublisher(flaky, left_context=LEFT_CONTEXT_FRAMES,
+                                lookahead=LOOKAHEAD_FRAMES, crossfade_s=0.01)
+    job_ids.append(f"stream-test-{uuid.uuid4().hex}")
+    job = JobStream(client, job_ids[0], attempt=1, sample_rate=32000, channels=1, ttl_s=60)
+    codes = torch.randint(0, 2048, (4, 150))
+    full = decode_chunks(tiny_model, [codes])[0]
+    row = publisher.row(job, chunk_s=0.5, frame_rate=50.0, target_samples=full.shape[-1])
+    for final in range(0, 151, 5):  # frames becoming final as steps go by
+        due = row.due(final)
+        if due:
+            publisher.chunks(tiny_model, [(row, lo, s, e, codes[:, lo:hi])
+                                          for lo, s, e, hi in due])
+    publisher.finish(job, full)
+    assert publisher.flush(WAIT)
+    entries = _read(client, job_ids[0])
+    assert entries[-1] == StreamEnd(1, True)
+    joined, seams = _joined(entries)
+    assert seams == [25 * 640]  # the first chunk, then the rest in one after the failure
+    assert joined.shape == full.shape and np.abs(joined - full).max() <= SEAM_TOLERANCE
