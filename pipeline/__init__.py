@@ -19,6 +19,7 @@ from pipeline.client.producer import (
 from pipeline.client.records import JobPage, JobRecord
 from pipeline.config import Settings, load_settings
 from pipeline.contract.jobs import GenerationRequest, JobResult, JobStatus
+from pipeline.contract.streams import AudioChunk
 from pipeline.errors import (
     Backpressure,
     CoordinationUnavailable,
@@ -53,6 +54,7 @@ from pipeline.errors import (
 __all__ = [
     # the job contract
     "GenerationRequest", "JobResult", "JobStatus", "JobHandle", "Progress", "Partial",
+    "AudioChunk",
     "JobRecord", "JobPage",
     # the producer
     "enqueue", "enqueue_many", "get_job", "list_jobs", "Producer",

@@ -29,11 +29,14 @@ from redis.exceptions import RedisError
 
 from pipeline.client.handle import JobHandle, Progress, progress_of, report_change
 from pipeline.client.producer import Producer, producer_for
+from pipeline.client.streaming import BLOCK_S, READ_COUNT, StreamFollower, entries_of, no_stream
 from pipeline.config.schema import Settings
 from pipeline.contract.jobs import GenerationRequest, JobResult, JobStatus
-from pipeline.errors import JobTimeout, ServiceUnavailable
+from pipeline.contract.streams import AudioChunk
+from pipeline.errors import JobTimeout, ServiceUnavailable, UnsupportedOption
 from pipeline.infra.brokers import BrokerKind, kind_of, results_url
 from pipeline.infra.changes import FALLBACK_S, POLL_S, channel_of
+from pipeline.infra.keys import stream_key
 
 __all__ = ["AsyncJobHandle", "AsyncProducer"]
 
@@ -188,6 +191,45 @@ class AsyncJobHandle:
                 last = now
                 if state in ("SUCCESS", "FAILURE", "REVOKED"):
                     return
+
+    async def stream(self, timeout: float | None = None
+                     ) -> AsyncIterator[AudioChunk | JobResult]:
+        """A ``stream=True`` job's chunks as they arrive, then its result, or its error
+        (``JobHandle.stream``, whose docstring says what each ends with)."""
+        if self._redis is None:
+            raise UnsupportedOption("streaming needs Redis; the embedded broker has none",
+                                    "stream")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        follower, key = StreamFollower(), stream_key(self.id)
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise JobTimeout(f"job {self.id} did not finish streaming within {timeout:g} s",
+                                 "timeout")
+            block = BLOCK_S if left is None else max(0.001, min(BLOCK_S, left))
+            try:
+                entries = entries_of(await self._redis.xread(
+                    {key: follower.last_id}, count=READ_COUNT, block=round(block * 1000)))
+            except (RedisError, OSError) as exc:
+                raise ServiceUnavailable(f"cannot reach the result backend for job {self.id} "
+                                         f"({type(exc).__name__}); try again", None,
+                                         {"retry_after": 5}) from exc
+            chunks, end = follower.take(entries)
+            for chunk in chunks:
+                yield chunk
+            if end is not None and end.ok:
+                yield await self.wait(None if deadline is None
+                                      else max(0.0, deadline - time.monotonic()))
+                return
+            if entries and end is None:
+                continue
+            state, info = await self._state()
+            done = await asyncio.to_thread(self.sync._ended, state, info)  # raises its error
+            if done is not None:
+                if end is None and not await self._redis.exists(key):
+                    raise no_stream(self.id)
+                yield done
+                return
 
     async def wait(self, timeout: float | None = None, *, poll: float | None = None,
                    on_progress: Callable[[Progress], Any] | None = None) -> JobResult:

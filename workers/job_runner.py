@@ -24,12 +24,13 @@ from pipeline.config.presets import model_settings_for
 from pipeline.config.schema import ModelSettings, Settings
 from pipeline.contract.jobs import JobResult, JobSpec, Timings
 from pipeline.contract.time_limits import job_time_limits
-from pipeline.errors import JobTimeout
+from pipeline.errors import JobCancelled, JobTimeout
 from pipeline.infra.storage_backends import backend_for, local_root
 from workers.audio.decode import decode_mono
 from workers.audio.formats import FORMATS
 from workers.audio.postprocess import render
 from workers.generation import BatchStats, Engine, EngineLoop, GenerationLoop, HfLoop, Ticket
+from workers.generation.streaming import JobStream, StreamPublisher
 from workers.inputs import fetch_melody
 from workers.partials import PartialPublisher, PartialSink, partial_name
 from workers.runtime.batch import GeneratedAudio, GenerationItem, validate_items
@@ -104,6 +105,10 @@ def discard_job_files(settings: Settings, job_id: str) -> None:
             log.warning("could not remove the stored files of job %s", job_id, exc_info=True)
 
 
+# The fade across a stream's chunk seams: 10 ms, far below a note, far above a sample step.
+STREAM_CROSSFADE_S = 0.01
+
+
 class JobCancelledByUser(Exception):
     """Raised inside a running job when its cancel flag is seen; the task turns it into REVOKED."""
 
@@ -143,6 +148,7 @@ class JobRunner:
         self._presets: dict[int, str] = {}  # id(LoadedModel) -> its preset, for logs and metrics
         self._row_cap: int | None = None  # fewer rows than max_batch_size fit the device
         self.engines: EngineBuilder | None = None
+        self._streams: StreamPublisher | None = None  # built for the first stream=True job
         # The HF path; with the static engine it still runs what that engine cannot (melody,
         # past the window), so ``batcher`` always exists and ``loop`` is what jobs go to.
         self.batcher = HfLoop(_generate, on_batch=on_batch, **_batcher_limits(settings))
@@ -217,13 +223,30 @@ class JobRunner:
         self.loop.prepare(loaded)  # an engine's refusal is logged once: HF serves the model
         return seconds
 
+    def stream_publisher(self) -> StreamPublisher:
+        """The process's chunk publisher (``workers.generation.streaming``), built on first use."""
+        if self._streams is None:
+            from workers.runtime.engine.stream import (
+                LEFT_CONTEXT_FRAMES,
+                LOOKAHEAD_FRAMES,
+                decode_chunks,
+            )
+
+            self._streams = StreamPublisher(decode_chunks, left_context=LEFT_CONTEXT_FRAMES,
+                                            lookahead=LOOKAHEAD_FRAMES,
+                                            crossfade_s=STREAM_CROSSFADE_S)
+        return self._streams
+
     def run(self, spec: JobSpec, *, worker: str, progress: Progress, started_at: float,
-            on_partial: PartialSink | None = None) -> RunOutcome:
+            on_partial: PartialSink | None = None, stream_client: Any = None,
+            attempt: int = 1) -> RunOutcome:
         """Generate one job's file; partial files are removed whatever happens, and so are the
         leftovers of earlier attempts of the same job when this one starts.
 
         A long job publishes its audio so far after each window (``workers.partials``) and
-        hands ``on_partial`` where it is; that file is gone when the job ends.
+        hands ``on_partial`` where it is; that file is gone when the job ends. A ``stream=True``
+        job publishes its audio in chunks to its Redis Stream on ``stream_client`` as attempt
+        ``attempt`` (on the HF path, which has no steps to follow, as one chunk at the end).
         """
         storage = self.settings.storage
         backend = backend_for(storage)
@@ -234,9 +257,15 @@ class JobRunner:
         temp_dir.mkdir(parents=True, exist_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         partials: PartialPublisher | None = None
+        job_stream: JobStream | None = None
         try:
             progress(0.0, "loading model")
             loaded, load_s = self.model(spec.model)
+            if spec.stream and stream_client is not None:
+                job_stream = JobStream(stream_client, spec.job_id, attempt,
+                                       sample_rate=loaded.sampling_rate,
+                                       channels=loaded.audio_channels,
+                                       ttl_s=self.settings.broker.result_expires)
             item = GenerationItem(
                 prompt=spec.prompt, duration_s=spec.duration, temperature=spec.temperature,
                 top_k=spec.top_k, top_p=spec.top_p, guidance_scale=spec.guidance_scale, seed=spec.seed,
@@ -250,9 +279,16 @@ class JobRunner:
             limits = job_time_limits(self.settings.worker, spec.duration)
             ticket = self.loop.submit(loaded, item, batch_key_for(loaded, item), model=spec.model,
                                       hard_limit_s=limits.hard)
+            if job_stream is not None:
+                ticket.stream = self.stream_publisher().row(
+                    job_stream, chunk_s=self.settings.generation.stream_chunk_s,
+                    frame_rate=loaded.frame_rate,
+                    target_samples=round(spec.duration * loaded.sampling_rate))
             partials = PartialPublisher(spec, loaded, out_dir, temp_dir, backend, on_partial)
             audio = self._wait(ticket, progress, deadline=started_at + limits.soft,
                                limit=limits.soft, partials=partials)
+            if job_stream is not None:  # the stream ends before the file is rendered
+                self.stream_publisher().finish(job_stream, audio.samples)
             progress(0.9, "post-processing")
             # spec.output is the shared OutputSpec, checked when the spec was decoded; the
             # table's suffix is also what maintenance sweeps.
@@ -281,7 +317,9 @@ class JobRunner:
             if not local:
                 upload_pair(backend, dest, key)  # the temp folder goes in the finally below
             return RunOutcome(result, rendered.duration_s, audio.generate_seconds / audio.batch_size)
-        except BaseException:
+        except BaseException as exc:
+            if job_stream is not None:
+                self.stream_publisher().fail(job_stream, _stream_error(exc))
             # A file without its sidecar (or a sidecar's .part) is no result: a failed attempt
             # leaves nothing; a retry writes the whole pair again.
             remove_partial(job_outputs(self.settings, spec.job_id))
@@ -299,12 +337,17 @@ class JobRunner:
         Celery's own soft limit in a prefork child) drops the ticket, so the job leaves its batch
         at the next step while its neighbours go on.
         """
+        streamed: Any = None  # the last window whose codes went to the stream
         try:
             while True:
                 try:
                     return ticket.future.result(timeout=WAIT_POLL_S)
                 except TimeoutError:
                     pass
+                if ticket.stream is not None and ticket.partial is not None \
+                        and ticket.partial is not streamed:
+                    streamed = ticket.partial
+                    self._stream_window(ticket, streamed)
                 if partials is not None and ticket.partial is not None \
                         and ticket.partial is not partials.last:
                     partials.publish(ticket.partial)
@@ -315,6 +358,17 @@ class JobRunner:
         except BaseException as exc:
             ticket.drop(exc)
             raise
+
+    def _stream_window(self, ticket: Ticket, partial: Any) -> None:
+        """A long-form job's codes after a window (the prefix of its final codes): the chunks
+        they complete go to the stream, decoded together off this thread. Long-form windows run
+        on the HF path, which has no steps to follow: its chunks come a window at a time."""
+        row = ticket.stream
+        codes = partial.codes
+        due = [(row, lo, start, end, codes[:, lo:hi])
+                for lo, start, end, hi in row.due(int(codes.shape[-1]))]
+        if due:
+            row.publisher.chunks(ticket.loaded, due)
 
     def _melody(self, spec: JobSpec, temp_dir: Path,
                 sampling_rate: int) -> tuple[npt.NDArray[np.float32], int] | None:
@@ -327,6 +381,13 @@ class JobRunner:
     def remove_outputs(self, job_id: str) -> None:
         """Delete every file a cancelled or timed-out job left (see :func:`discard_job_files`)."""
         discard_job_files(self.settings, job_id)
+
+
+def _stream_error(exc: BaseException) -> BaseException:
+    """What a stream's end entry says of ``exc``: a cancel as ``job_cancelled``."""
+    if isinstance(exc, JobCancelledByUser):
+        return JobCancelled("the job was cancelled")
+    return exc
 
 
 def _generate(loaded: LoadedModel, items: list[GenerationItem],

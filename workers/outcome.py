@@ -43,12 +43,14 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from pipeline.client.handle import error_of
 from pipeline.contract.outcome import FinalStatus, Outcome
+from pipeline.contract.streams import StreamEnd
 from pipeline.errors import GpuOutOfMemory, JobNotFound, JobTimeout, ModelRuntimeError, PoisonJob
 from pipeline.infra.celery_app import PipelineCelery
 from pipeline.policies.breaker import Admission, CircuitBreaker
 from pipeline.policies.configured import Policies
 from pipeline.quota import QuotaStore
 from pipeline.quota.outcomes import record
+from workers.generation.streaming import end_unfinished_stream
 from workers.job_runner import discard_job_files
 from workers.metrics import model_of, observe_failure, observe_success
 from workers.webhook_task import job_ended
@@ -126,6 +128,12 @@ class Settler:
         code, message = error_of(exc)
         self._settle(payload, Outcome.failed(job_id, code, message), ran=True,
                      hard_killed=isinstance(exc, TimeLimitExceeded))
+        if isinstance(payload, Mapping) and payload.get("stream") and self.app.redis is not None:
+            try:  # a reader of a stream whose worker died must see it end
+                end_unfinished_stream(self.app.redis, job_id, StreamEnd(1, False, code, message),
+                                      self.app.settings.broker.result_expires)
+            except Exception:  # best effort, as every stream write
+                log.warning("could not end the stream of job %s", job_id, exc_info=True)
 
     def cancelled(self, task: Task, payload: Any, job_id: str, *, ran: bool) -> None:
         """The caller cancelled the job: before it started (``ran`` False), or while running."""

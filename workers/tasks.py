@@ -185,7 +185,7 @@ def _admit(task: Task, spec: JobSpec,
     return breaker, admission
 
 
-def _check_poison(task: Task, spec: JobSpec, reg: JobRegistry) -> None:
+def _check_poison(task: Task, spec: JobSpec, reg: JobRegistry) -> int:
     # Every start counts; retries are starts we asked for. What is left are redeliveries:
     # a worker died (or was killed) holding this job. Its files go in on_failure.
     app: PipelineCelery = task.app
@@ -197,6 +197,7 @@ def _check_poison(task: Task, spec: JobSpec, reg: JobRegistry) -> None:
         raise PoisonJob(f"job was delivered {starts} times without finishing (it kills its "
                         f"worker); giving up after worker.redelivery_cap={cap}", None,
                         {"deliveries": starts})
+    return starts
 
 
 def run_generate(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
@@ -221,8 +222,8 @@ def run_generate(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
     # Ignore, a bug) passes the one finally below; only a hard kill skips it (on_failure then).
     error: BaseException | None = None
     try:
-        _check_poison(task, spec, reg)
-        return _run(task, spec, reg, started_at)
+        starts = _check_poison(task, spec, reg)
+        return _run(task, spec, reg, started_at, attempt=starts)
     except BaseException as exc:
         error = exc
         raise
@@ -230,7 +231,8 @@ def run_generate(task: Task, payload: dict[str, Any]) -> dict[str, Any]:
         settle_breaker(breaker, admission, verdict_of(error))
 
 
-def _run(task: Task, spec: JobSpec, reg: JobRegistry, started_at: float) -> dict[str, Any]:
+def _run(task: Task, spec: JobSpec, reg: JobRegistry, started_at: float, *,
+         attempt: int = 1) -> dict[str, Any]:
     app: PipelineCelery = task.app
     runner = runner_for(app)
     if ledger_call(lambda: _quota(app), spec.job_id, "the start", lambda quota: quota.mark_started(
@@ -246,7 +248,10 @@ def _run(task: Task, spec: JobSpec, reg: JobRegistry, started_at: float) -> dict
     try:
         progress = _progress_reporter(task, reg, events)
         outcome = runner.run(spec, worker=task.request.hostname or "worker",
-                             progress=progress, started_at=started_at, on_partial=progress.partial)
+                             progress=progress, started_at=started_at, on_partial=progress.partial,
+                             # A stream goes to the registry's Redis (none on the embedded
+                             # broker's file registry); each start is a new attempt.
+                             stream_client=getattr(reg, "client", None), attempt=attempt)
     except JobCancelledByUser:
         _settler(app).cancelled(task, spec.model_dump(mode="json"), spec.job_id, ran=True)
         raise Ignore() from None

@@ -15,8 +15,10 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.client.records import JobRecord, job_record
+from pipeline.client.streaming import BLOCK_S, READ_COUNT, StreamFollower, entries_of, no_stream
 from pipeline.contract.jobs import JobResult, JobStatus
 from pipeline.contract.outcome import Outcome
+from pipeline.contract.streams import AudioChunk
 from pipeline.errors import (
     JobCancelled,
     JobFailed,
@@ -25,8 +27,10 @@ from pipeline.errors import (
     JobTimeout,
     PipelineError,
     ServiceUnavailable,
+    UnsupportedOption,
 )
 from pipeline.infra.changes import FALLBACK_S, changes_of
+from pipeline.infra.keys import stream_key
 from pipeline.quota.outcomes import record
 
 if TYPE_CHECKING:
@@ -306,6 +310,57 @@ class JobHandle:
 
         with open_uri(self._finished().uri, self._app.settings.storage) as stream:
             yield stream
+
+    def stream(self, timeout: float | None = None
+               ) -> Iterator[AudioChunk | JobResult]:
+        """A ``stream=True`` job's audio as it is generated: each ``AudioChunk`` as it arrives
+        (from the first, however late this starts, while the job lives), then the job's
+        ``JobResult`` once it has finished; the job's error (``JobFailed``, ``JobCancelled``)
+        if it fails. ``JobTimeout`` after ``timeout`` seconds; ``InvalidRequest`` (field
+        ``stream``) for a job that ended without a stream (not asked for, or expired).
+
+        A worker that dies mid-job leaves its attempt unfinished; the redelivered job streams
+        again from chunk 0 under the next ``attempt`` number: a chunk whose attempt is higher
+        than the last one's starts the audio over. The chunks are the model's raw audio
+        (``sample_rate``, ``channels`` of the model, no loudness normalization: that applies to
+        the finished file only)::
+
+            for item in handle.stream():
+                if isinstance(item, AudioChunk):
+                    play(item.to_numpy(), item.sample_rate)
+                else:
+                    result = item
+        """
+        redis = self._app.redis
+        if redis is None:
+            raise UnsupportedOption("streaming needs Redis; the embedded broker has none",
+                                    "stream")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        follower, key = StreamFollower(), stream_key(self.id)
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise JobTimeout(f"job {self.id} did not finish streaming within {timeout:g} s",
+                                 "timeout")
+            block = BLOCK_S if left is None else max(0.001, min(BLOCK_S, left))
+            with _reachable(self.id):
+                entries = entries_of(redis.xread({key: follower.last_id}, count=READ_COUNT,
+                                                 block=round(block * 1000)))
+            chunks, end = follower.take(entries)
+            yield from chunks
+            if end is not None and end.ok:
+                yield self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                return
+            if entries and end is None:
+                continue
+            # An attempt failed, or nothing came: the job's state says whether it is over.
+            done = self._ended(*self._state())  # raises the job's error
+            if done is not None:
+                with _reachable(self.id):
+                    if end is None and not redis.exists(key):
+                        raise no_stream(self.id)
+                yield done
+                return
 
     def webhook_deliveries(self) -> list[WebhookDelivery]:
         """The job's webhook deliveries (event, status, attempts, last error), in the order

@@ -230,4 +230,28 @@ def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset
         variant=assigned.variant if assigned else None,
         webhook_url=_webhook(request, settings, user),
         webhook_events_filter=list(request.webhook_events_filter or DEFAULT_WEBHOOK_EVENTS),
+        stream=_stream(request, settings, user, preset=preset, duration=duration),
     )
+
+
+def _stream(request: GenerationRequest, settings: Settings, user: UserContext, *, preset: str,
+            duration: float) -> bool:
+    """Whether the job streams: refused here, naming ``stream``, for anything the worker could not
+    stream. Chunks come out of the static engine's steps, and out of long-form windows (a window
+    at a time), so a job that would run on Hugging Face generate in one call (``model.engine =
+    hf``, a melody) is refused; the producer reads the same ``model`` settings as the workers, so
+    it knows the engine here. (A job the engine hands to HF all the same, its self-check failed
+    or its prompt past the engine's prompt cache, streams its audio as one chunk at the end.)"""
+    if not request.stream:
+        return False
+    if not enabled(settings.features, "streaming_generation", user):
+        raise UnsupportedOption("stream=True: streaming generation is switched off for this user "
+                                "(features.streaming_generation)", "stream")
+    model = model_settings_for(settings, preset)
+    if model.engine != "static":
+        raise UnsupportedOption(f"stream=True needs the static engine; {preset} runs on "
+                                f"model.engine = {model.engine}", "stream")
+    if request.melody is not None:
+        raise UnsupportedOption("stream=True cannot be combined with a melody (melody jobs run "
+                                "on Hugging Face generate, which does not stream)", "stream")
+    return True

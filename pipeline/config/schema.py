@@ -177,6 +177,9 @@ class GenerationSettings(_Section):
     batch_wait_ms: int = Field(50, ge=0, le=60000,
                                description="how long a job that arrives alone waits for company "
                                            "before its batch runs")
+    stream_chunk_s: float = Field(1.0, ge=0.5, le=10.0,
+                                  description="stream=True: seconds of audio per published chunk "
+                                              "(shorter: sooner first audio, more decode calls)")
 
 
 class AudioSettings(_Section):
@@ -426,6 +429,9 @@ class FeatureSettings(_Section):
     priority_boost: FlagValue = Field(False, description="jobs queued one priority level higher")
     webhooks: FlagValue = Field(True, description="requests may carry a webhook_url")
     long_form: FlagValue = Field(True, description="durations past the model's window")
+    streaming_generation: FlagValue = Field(
+        False, description="requests may ask for stream=True: the audio published in chunks as "
+                           "the static engine generates it")
     # A deployment switch, not per user: a plain bool.
     embedded_broker: bool = Field(True, description="development: run without Redis")
 

@@ -51,6 +51,8 @@ FLAGS: Mapping[str, FlagInfo] = {
                          "pipeline/client/resolve.py _webhook"),
     "long_form": FlagInfo("durations past the model's window (windowed continuation)",
                           "pipeline/client/resolve.py resolve"),
+    "streaming_generation": FlagInfo("requests may ask for stream=True (chunks as they generate)",
+                                     "pipeline/client/resolve.py _stream"),
 }
 
 

@@ -196,6 +196,9 @@ class GenerationRequest(BaseModel):
     priority: Priority = 5
     job_id: JobId | None = Field(None, description="client id, scoped to its user: enqueueing "
                                                    "the same id twice gives one job")
+    stream: bool = Field(False, description="publish the audio in chunks as it is generated "
+                                            "(handle.stream()); needs features.streaming_generation "
+                                            "and the static engine")
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -331,6 +334,8 @@ class JobSpec(BaseModel):
     # Absent from messages of producers before the filter: the job's end only, as then.
     webhook_events_filter: WebhookEvents = Field(
         default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS))
+    # The worker publishes chunks to the job's Redis Stream (pipeline/infra/keys.py stream_key).
+    stream: bool = False
 
     @model_validator(mode="after")
     def _variant_is_the_model(self) -> JobSpec:

@@ -39,6 +39,14 @@ DELIVERY_PREFIX = ROOT_PREFIX + "deliveries:"
 #: ``musicgen:webhook:{id}:event:{message id}`` (also created once), and their message ids, in
 #: the order they were queued, a LIST at ``musicgen:webhook:{id}:events``.
 WEBHOOK_PREFIX = ROOT_PREFIX + "webhook:"
+#: ``musicgen:stream:{id}``: a STREAM of a ``stream=True`` job's audio chunks and the entry that
+#: ends its attempt (pipeline/contract/streams.py), written by the worker with ``XADD MAXLEN ~``
+#: (``STREAM_MAX_ENTRIES``) and expiring with the job's result; read by ``handle.stream()``.
+STREAM_PREFIX = ROOT_PREFIX + "stream:"
+#: The cap on a job stream's entries: a reader that never reads costs Redis at most this many
+#: chunks (~128 KB per mono second), and the worker never waits for a reader. Far above the
+#: chunks of any job (a 300 s job at 1 s chunks has 301 entries).
+STREAM_MAX_ENTRIES = 1000
 
 #: A counter every producer increments right after a publish when ``broker.wait_replicas`` is
 #: set: a write on its own connection that Redis orders after the publish, for WAIT to wait on.
@@ -85,6 +93,11 @@ def breaker_key(name: str, prefix: str = BREAKER_PREFIX) -> str:
 def worker_key(worker_id: str) -> str:
     """The HASH recording worker process ``worker_id``'s last beat and the messages it holds."""
     return f"{WORKER_PREFIX}{worker_id}"
+
+
+def stream_key(job_id: str) -> str:
+    """The STREAM of a streaming job's audio chunks."""
+    return f"{STREAM_PREFIX}{job_id}"
 
 
 def queue_list_keys(queue: str,

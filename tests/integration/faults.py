@@ -192,6 +192,8 @@ postprocess._encode = _encode_then_hold
 # the engine's own: ``FAULT:hold-alone=NAME`` lets the job take its first step, then stalls it
 # (no step, the loop keeps admitting) for as long as it is the only row, until the test creates
 # ``NAME.release``: a short job admitted beside it finishes while it is certainly still running.
+# ``FAULT:hold-after=NAME:STEPS`` stalls the job the same way once it has taken STEPS steps
+# (a streaming job has published chunks by then), until ``NAME.release``.
 from workers.job_runner import JobRunner  # noqa: E402
 
 _real_make_engine = JobRunner._engine
@@ -268,6 +270,12 @@ class FaultyEngine:
                 self._grace[row] = time.monotonic() + 2 * (PROGRESS_INTERVAL_S + WAIT_POLL_S)
             if time.monotonic() < self._grace.get(row, 0.0):
                 return True
+            after = re.search(r"FAULT:hold-after=(\S+):(\d+)", prompt)
+            if after and self._steps[row] >= int(after.group(2)):
+                folder = Path(os.environ["FAULTS_DIR"])
+                if not (folder / f"{after.group(1)}.release").exists():
+                    (folder / f"{after.group(1)}.held").touch()
+                    return True
             hold = re.search(r"FAULT:hold-alone=(\S+)", prompt)
             if hold and len(self._rows) == 1:
                 folder = Path(os.environ["FAULTS_DIR"])

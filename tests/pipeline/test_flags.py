@@ -144,7 +144,7 @@ def test_the_registry_is_the_schemas_per_user_flags() -> None:
     per_user = {name for name, info in FeatureSettings.model_fields.items()
                 if FlagRule in typing.get_args(info.annotation)}
     assert set(FLAGS) == per_user == {"melody_conditioning", "priority_boost", "webhooks",
-                                      "long_form"}
+                                      "long_form", "streaming_generation"}
     assert all(info.description and info.reader for info in FLAGS.values())
 
 

@@ -43,7 +43,8 @@ def test_list_as_json() -> None:
     result = cli("flags", "list", "--json", "--set", PREMIUM_ONLY)
     assert result.exit_code == 0, result.output
     rows = {row["flag"]: row for row in json.loads(result.stdout)}
-    assert set(rows) == {"melody_conditioning", "priority_boost", "webhooks", "long_form"}
+    assert set(rows) == {"melody_conditioning", "priority_boost", "webhooks", "long_form",
+                         "streaming_generation"}
     assert rows["melody_conditioning"]["rule"] is True
     assert rows["priority_boost"]["rule"]["tiers"] == ["premium"]
     assert rows["priority_boost"]["source"] == "override"

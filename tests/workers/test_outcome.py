@@ -314,3 +314,21 @@ def test_a_job_gets_only_the_events_it_asked_for(world: World) -> None:
     assert [(r.event, r.message_id) for r in DeliveryLog(world.app.redis, 60).read(
         world.job_id)] == [("job.started", f"msg_{world.job_id}_started_2")]
     assert world.queued_messages() == 1
+
+
+def test_a_hard_killed_streaming_job_ends_its_stream_with_the_error(world: World) -> None:
+    """A worker killed mid-stream writes no end; the final failure does (issue 25)."""
+    from pipeline.contract.streams import StreamEnd, chunk_fields, parse_entry
+    from pipeline.infra.keys import stream_key
+    from tests.pipeline.test_handle_stream import _chunk
+
+    key = stream_key(world.job_id)
+    world.app.redis.xadd(key, chunk_fields(_chunk(2, 0)))
+    try:
+        world.settler.failed({**world.payload, "stream": True}, world.job_id,
+                             TimeLimitExceeded(60.0))
+        last = parse_entry(world.app.redis.xrevrange(key, count=1)[0][1])
+        assert last == StreamEnd(2, False, "timeout", last.message)  # type: ignore[union-attr]
+        assert world.app.redis.ttl(key) > 0
+    finally:
+        world.app.redis.delete(key)

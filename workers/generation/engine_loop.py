@@ -92,6 +92,9 @@ class Engine(Protocol):
     def step(self) -> list[tuple[int, GeneratedAudio | PipelineError]]: ...
     def release(self, row: int) -> None: ...
     def progress(self, row: int) -> float: ...
+    # Streaming (stream=True rows): the frames final so far, and a copy of a span of them.
+    def final_frames(self, row: int) -> int: ...
+    def codes_range(self, row: int, lo: int, hi: int) -> Any: ...
 
 
 # (loaded model, rows) -> an engine for it. It raises ``unsupported`` for a model it cannot drive.
@@ -374,6 +377,28 @@ class EngineLoop(LoopThread):
         for row, ticket in me.rows.items():
             ticket.fraction = me.engine.progress(row)
             ticket.message = message
+        self._stream_chunks(me)
+
+    @staticmethod
+    def _stream_chunks(me: _ModelEngine) -> None:
+        """Hand the chunks of streaming rows that fell due in this step to their publisher, all
+        of them in one call (it decodes them together, off this thread); the loop pays only
+        for copying their codes. A failure here is logged: it never fails a job."""
+        assert me.engine is not None
+        due: dict[int, tuple[Any, list[tuple[Any, int, int, int, Any]]]] = {}
+        for row, ticket in me.rows.items():
+            stream = ticket.stream
+            if stream is None:
+                continue
+            try:
+                for lo, start, end, hi in stream.due(me.engine.final_frames(row)):
+                    codes = me.engine.codes_range(row, lo, hi)
+                    due.setdefault(id(stream.publisher), (stream.publisher, []))[1].append(
+                        (stream, lo, start, end, codes))
+            except Exception:
+                log.exception("could not schedule a streaming row's chunk")
+        for publisher, chunks in due.values():
+            publisher.chunks(me.loaded, chunks)
 
     def _fail_rows(self, me: _ModelEngine, error: BaseException) -> None:
         """Every row of ``me`` fails with ``error`` and is released."""

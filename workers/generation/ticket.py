@@ -31,6 +31,10 @@ class Ticket:
     message: str = ""  # what the loop is doing for it ("window 3 of 7: ..."), written by the loop
     hard_limit_s: float | None = None  # this job's own hard limit (scaled with its duration)
     partial: Any = None  # a long job's PartialCodes after each window but the last (the loop)
+    # A stream=True job's RowStream (workers.generation.streaming): the engine loop publishes
+    # its chunks as the engine steps. Set by the task thread right after submit: a step that
+    # runs before it only delays the first chunks (every chunk due since frame 0 goes then).
+    stream: Any = None
 
     @property
     def dropped(self) -> bool:

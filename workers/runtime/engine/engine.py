@@ -35,6 +35,7 @@ from workers.runtime.engine.compile import (
 from workers.runtime.engine.decoder import DecoderStep
 from workers.runtime.engine.delay import codebook_delays, codes_of, frames_of, keep_generated
 from workers.runtime.engine.slots import Row, Slots
+from workers.runtime.engine.stream import decode_codes
 from workers.runtime.errors import raise_runtime, runtime_error
 from workers.runtime.frames import bucket_for, max_new_tokens_for, padding_waste_for, window_frames
 from workers.runtime.loaded import LoadedModel
@@ -152,6 +153,23 @@ class StaticEngine:
         """Steps row ``row`` has taken, as a fraction of the steps it needs."""
         job = self._slots.get(row)
         return job.done / job.steps
+
+    def final_frames(self, row: int) -> int:
+        """Frames of row ``row`` that the delay pattern has made final (every codebook has its
+        token): frame ``j``'s last codebook is written at position ``j + delay_codebooks``."""
+        job = self._slots.get(row)
+        return max(0, min(job.frames, job.done - self.loaded.delay_codebooks + 1))
+
+    def frames(self, row: int) -> int:
+        """The codec frames row ``row`` generates in all."""
+        return self._slots.get(row).frames
+
+    def codes_range(self, row: int, lo: int, hi: int) -> Any:
+        """A copy of row ``row``'s ``(codebooks, hi - lo)`` codes of frames ``lo .. hi-1`` (final
+        ones: see ``final_frames``), safe to decode in another thread while the row steps on."""
+        with torch.inference_mode():
+            index = 1 + self._delays[:, None] + torch.arange(lo, hi, device=self._device)[None, :]
+            return self._codes[row].gather(1, index).clone()
 
     # --- admission and retirement ----------------------------------------------------------
 
@@ -377,17 +395,9 @@ class StaticEngine:
 
     def _decode_rows(self, group: list[tuple[int, Row]]) -> np.ndarray:
         """EnCodec-decode finished rows of one length: ``(rows, channels, samples)`` float32."""
-        loaded = self.loaded
         codes = torch.stack([codes_of(self._codes[row, :, :job.steps + 1], job.frames,
                                       self._delays) for row, job in group])
-        decoder: Any = loaded.model.audio_encoder
-        if loaded.audio_channels == 1:
-            audio = decoder.decode(codes[None], audio_scales=[None]).audio_values
-        else:  # stereo: left and right codebooks interleave; EnCodec decodes each channel
-            audio = torch.cat([decoder.decode(codes[None, :, c::2], audio_scales=[None])
-                               .audio_values for c in (0, 1)], dim=1)
-        samples: np.ndarray = audio.to(torch.float32).cpu().numpy()
-        return samples
+        return decode_codes(self.loaded, codes, class_decode=False)
 
     def _trimmed(self, job: Row, samples: np.ndarray) -> GeneratedAudio | PipelineError:
         """A finished row's ``(channels, samples)`` trimmed to its item's duration, or the error

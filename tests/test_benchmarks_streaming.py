@@ -1,0 +1,17 @@
+"""benchmarks/streaming.py --smoke runs and prints both cases' audio s/s, the cost and the seam
+check (its figures are timings: only their shape is checked, and that the seams matched)."""
+
+from __future__ import annotations
+
+import re
+
+from tests.test_benchmarks_smoke import NUMBER, smoke
+
+
+def test_streaming_benchmark_smoke_prints_both_cases_and_the_seams() -> None:
+    out = smoke("streaming.py", timeout=300)
+    for case in ("no streaming", "streaming"):
+        assert re.search(rf"^  {case}\s+: +{NUMBER} audio s/s", out, flags=re.M), out
+    assert re.search(rf"cost\s+: +{NUMBER} % of audio s/s", out), out
+    seam = re.search(r"max abs diff (\S+) against the one-call decode", out)
+    assert seam is not None and float(seam.group(1)) < 1e-4, out
