@@ -57,6 +57,8 @@ class JobUrls(BaseModel):
     audio: str | None = Field(None, description="its audio, once it has succeeded")
     partial: str | None = Field(None, description="the audio so far of a running long job "
                                                    "(replaced after each window)")
+    stream: str | None = Field(None, description="a stream=True job's audio as it is "
+                                                 "generated (MP3 over chunked transfer)")
 
 
 class SignedUrls(BaseModel):
@@ -68,6 +70,7 @@ class SignedUrls(BaseModel):
     events: str
     audio: str | None = None
     partial: str | None = None
+    stream: str | None = None
     expires_at: datetime
 
 

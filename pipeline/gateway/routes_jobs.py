@@ -9,13 +9,14 @@ from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSatisfiable
 
 from pipeline.aio import AsyncProducer
 from pipeline.client.handle import JobHandle
 from pipeline.client.records import MAX_PAGE
+from pipeline.client.streaming import no_stream
 from pipeline.contract.jobs import JOB_ID_PATTERN, JobStatus
 from pipeline.errors import (
     JobCancelled,
@@ -26,13 +27,14 @@ from pipeline.errors import (
     NoPartial,
     UnsupportedMediaType,
 )
+from pipeline.gateway.audio_stream import MEDIA_TYPE, open_stream
 from pipeline.gateway.auth import Caller, caller, caller_or_token
 from pipeline.gateway.errors import error_responses, http_error
 from pipeline.gateway.models import CancelView, JobPageView, JobView
 from pipeline.gateway.service import Gateway
 from pipeline.gateway.sse import EventStream, event_stream
 from pipeline.gateway.uploads import discard, read_json, read_multipart
-from pipeline.gateway.views import MEDIA_TYPES, job_view, record_view
+from pipeline.gateway.views import MEDIA_TYPES, job_view, record_view, streams
 from pipeline.infra.storage_backends import presign_uri
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -299,6 +301,34 @@ def job_partial(job_id: JobId, request: Request, who: TokenWho) -> Response:
         raise NoPartial(f"job {job_id}'s partial audio was just replaced or removed; ask "
                         "again", "job_id")
     return _file(request, path, partial.format, f"{job_id}.partial{path.suffix}")
+
+
+@router.get("/{job_id}/stream", summary="A stream=True job's audio as it is generated",
+            response_class=StreamingResponse,
+            responses={200: {"content": {MEDIA_TYPE: {"schema": {"type": "string",
+                                                                "format": "binary"}}},
+                             "description": "MP3 over chunked transfer, from the clip's start "
+                                            "(however late the request), ending with the job; "
+                                            "the model's raw level (loudness normalization "
+                                            "applies to the finished file)"},
+                       **_errors(401, 404, 409, 422, 429, 503, json_only=True)})
+async def job_stream(job_id: JobId, request: Request, who: TokenWho) -> StreamingResponse:
+    """Answers once the job's first chunk is here (a queued job: when it starts); a job not
+    enqueued with ``stream=True`` is 422 ``invalid_request`` (field ``stream``), a failed or
+    cancelled one before its first chunk 409 with its own code."""
+    gateway = _gateway(request)
+    handle = await run_in_threadpool(gateway.producer.get_job, job_id, who.user_id)
+    try:
+        record = await run_in_threadpool(handle.record)
+    except JobNotFound:  # no ledger row (quotas off): the stream itself says whether it exists
+        record = None
+    if record is not None and not streams(record):
+        raise no_stream(job_id)
+    client = AsyncProducer(gateway.producer)
+    frames = await open_stream(client.wrap(handle), client)
+    # no-cache and no proxy buffering: each frame must reach the player when it is made.
+    return StreamingResponse(frames, media_type=MEDIA_TYPE,
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.delete("/{job_id}", response_model=CancelView, summary="Cancel a job",

@@ -4,7 +4,7 @@ offers ``signed_urls`` that carry a ``?token=`` instead (the way S3's pre-signed
 
 A token is ``<expiry>.<user>.<signature>``: the expiry in epoch seconds, the user it acts for
 (base64url), and an HMAC-SHA256 over the job id, the user and the expiry. It opens only that
-job's read-only routes (events, audio, partial), only until it expires, and only as its user,
+job's read-only routes (events, audio, partial, stream), only until it expires, only as its user,
 so a leaked URL gives away one job's audio for ``api.url_token_ttl_s`` at most; it can never
 enqueue, cancel or list.
 
@@ -30,7 +30,7 @@ from pipeline.infra.keys import URL_TOKEN_KEY
 
 #: The routes a token opens, relative to the job's URL ("" is never one: no token reads a
 #: job's view, so a leaked audio URL cannot list its request).
-SIGNED_ROUTES = ("events", "audio", "partial")
+SIGNED_ROUTES = ("events", "audio", "partial", "stream")
 
 
 def _b64(raw: bytes) -> str:

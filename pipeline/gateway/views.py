@@ -28,7 +28,7 @@ def job_urls(job_id: str, *, succeeded: bool, partial: bool = False) -> dict[str
     own = job_path(job_id)
     return {"get": own, "cancel": own, "events": f"{own}/events",
             "audio": audio_url(job_id) if succeeded else None,
-            "partial": f"{own}/partial" if partial else None}
+            "partial": f"{own}/partial" if partial else None, "stream": None}
 
 
 def job_view(handle: JobHandle) -> dict[str, Any]:
@@ -48,12 +48,24 @@ def with_record(view: dict[str, Any], handle: JobHandle) -> dict[str, Any]:
         record = handle.record()
     except JobNotFound:
         return view
-    return {**view, **_times(record)}
+    return _with_stream_url({**view, **_times(record)}, record)
 
 
 def _times(record: JobRecord) -> dict[str, Any]:
     return {"created_at": record.created_at, "started_at": record.started_at,
             "completed_at": record.finished_at, "request": record.request}
+
+
+def streams(record: JobRecord | None) -> bool:
+    """Whether the job was enqueued with ``stream=True`` (its request, from the ledger)."""
+    return bool(record is not None and record.request and record.request.get("stream"))
+
+
+def _with_stream_url(view: dict[str, Any], record: JobRecord) -> dict[str, Any]:
+    """``urls.stream`` for a job that streams: its audio as it is generated (audio_stream.py)."""
+    if not streams(record):
+        return view
+    return {**view, "urls": {**view["urls"], "stream": job_path(view["id"], "/stream")}}
 
 
 def record_view(record: JobRecord) -> dict[str, Any]:
@@ -69,7 +81,7 @@ def record_view(record: JobRecord) -> dict[str, Any]:
     if succeeded and record.result is not None:
         view["result"] = record.result.model_dump(mode="json", exclude=set(RESULT_EXCLUDED))
         view["audio_url"] = audio_url(record.job_id)
-    return view
+    return _with_stream_url(view, record)
 
 
 def view_of_state(handle: JobHandle, state: str, info: Any) -> dict[str, Any]:

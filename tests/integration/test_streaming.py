@@ -9,6 +9,7 @@ normalization off, its samples within 16-bit rounding.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -103,3 +104,50 @@ def test_a_worker_killed_mid_stream_streams_again_under_the_next_attempt(
     # Attempt 1's chunks were the same audio as far as they went (same seed, same codes).
     first_part = np.concatenate([c.to_numpy() for c in before], axis=1)
     assert np.abs(first_part - joined[:, :first_part.shape[1]]).max() <= 1e-5
+
+
+def test_the_gateway_streams_mp3_while_the_job_generates(
+        workers: WorkerFactory, workdir: Path, redis_url: str,
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``GET /v1/jobs/{id}/stream`` (a signed URL, as an ``<audio src>`` uses it): MP3 bytes
+    arrive while the job is held after its first chunks, and the whole stream decodes to the
+    clip's length once it ends."""
+    from fastapi.testclient import TestClient
+
+    from pipeline.gateway.app import create_app
+    from pipeline.gateway.keystore import ApiKeyStore
+
+    prod = producer(workdir, redis_url, monkeypatch, **STREAMING)
+    workers.start(pool="threads", faults=True, **STREAMING)
+    auth = {"Authorization": f"Bearer {ApiKeyStore(prod.quota.engine).create('sia').key}"}
+    with TestClient(create_app(prod.settings, producer=prod)) as client:
+        created = client.post("/v1/jobs", headers=auth, json={
+            "prompt": "FAULT:hold-after=gw-stream:120 a streamed piece", "duration": 3.0,
+            "seed": 5, "stream": True, "format": "wav"})
+        assert created.status_code == 202, created.text
+        job = created.json()
+        assert job["urls"]["stream"] == f"/v1/jobs/{job['id']}/stream"
+        heard = bytearray()
+        with client.stream("GET", job["signed_urls"]["stream"]) as stream:  # no header
+            assert stream.status_code == 200
+            assert stream.headers["content-type"] == "audio/mpeg"
+            blocks = stream.iter_bytes()
+            while len(heard) < 4096:  # the first chunks' frames, while the job is held
+                heard += next(blocks)
+            assert held(workers.tmp, "gw-stream")
+            status = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["status"]
+            assert status in ("started", "progress"), status  # still generating
+            release(workers.tmp, "gw-stream")
+            for block in blocks:
+                heard += block
+        assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["status"] == "succeeded"
+        # A job not enqueued with stream=True has no stream to give.
+        plain = client.post("/v1/jobs", headers=auth, json={"prompt": "quiet", "duration": 1.0})
+        refused = client.get(f"/v1/jobs/{plain.json()['id']}/stream", headers=auth)
+        assert refused.status_code == 422 and refused.json()["field"] == "stream"
+    mp3 = tmp_path / "heard.mp3"
+    mp3.write_bytes(bytes(heard))
+    probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=duration",
+                            "-of", "csv=p=0", str(mp3)], capture_output=True, text=True,
+                           check=True)
+    assert abs(float(probe.stdout) - 3.0) < 0.1  # MP3's frame padding, no more

@@ -291,7 +291,7 @@ def test_a_job_carries_its_times_request_and_urls(gateway: Gateway) -> None:
     view = made.json()
     assert view["urls"] == {"get": "/v1/jobs/lee-1", "cancel": "/v1/jobs/lee-1",
                             "events": "/v1/jobs/lee-1/events", "audio": None,
-                            "partial": None}
+                            "partial": None, "stream": None}
     assert view["created_at"] is not None and view["completed_at"] is None
     assert view["request"]["prompt"] == "tape hiss"
     assert view["request"]["duration"] == gateway.settings.generation.default_duration

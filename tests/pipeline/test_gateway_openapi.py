@@ -43,7 +43,8 @@ def test_every_operation_keeps_to_the_schema(gateway: Gateway) -> None:
         operations.append(result.ok())
     assert {f"{op.method.upper()} {op.path}" for op in operations} == {
         "POST /v1/jobs", "GET /v1/jobs", "GET /v1/jobs/{job_id}", "GET /v1/jobs/{job_id}/events",
-        "GET /v1/jobs/{job_id}/audio", "GET /v1/jobs/{job_id}/partial", "DELETE /v1/jobs/{job_id}",
+        "GET /v1/jobs/{job_id}/audio", "GET /v1/jobs/{job_id}/partial",
+        "GET /v1/jobs/{job_id}/stream", "DELETE /v1/jobs/{job_id}",
         "GET /v1/models", "GET /v1/usage", "GET /healthz", "GET /readyz"}
     statuses: set[int] = set()
     for operation in operations:
