@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.client.handle import JobHandle
-from pipeline.client.inputs import by_reference
+from pipeline.client.inputs import by_reference, inputs_of
 from pipeline.client.inputs import discard as discard_input
 from pipeline.client.records import JobPage, job_record, request_echo
 from pipeline.client.records import list_jobs as _list_jobs
@@ -342,7 +342,8 @@ class Producer:
         nothing reads as a job that never was (the broker or database may be down too: each
         step is best effort, and the claim's TTL is the last resort)."""
         for spec in specs:
-            discard_input(spec.melody, self.settings.storage)  # uploaded for this job only
+            for uploaded in inputs_of(spec):  # uploaded for this job only
+                discard_input(uploaded, self.settings.storage)
             if reserved:
                 try:
                     self.quota.release(spec.job_id)
