@@ -20,8 +20,10 @@ from workers.runtime.batch import GenerationItem, validate_items
 from workers.runtime.engine import EngineUnsupported, StaticEngine
 from workers.runtime.frames import batch_key_for, check_continuation, prompt_frames, windows_of
 from workers.runtime.loaded import LoadedModel
+from workers.runtime.loading import load_model
 from workers.runtime.longform import WindowCodes, encode_audio
 from workers.runtime.musicgen import generate
+from workers.runtime.tiny import make_tiny
 from workers.runtime.windows import Window
 
 RATE = 32_000
@@ -176,3 +178,26 @@ def test_the_static_engine_hands_a_continuation_to_the_hf_path(
     [want] = generate(tiny_model, [continued])
     np.testing.assert_array_equal(got[0].samples, want.samples)
     assert got[1].samples.shape == (1, round(0.3 * RATE))
+
+
+@pytest.fixture(scope="module")
+def tiny_stereo(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    path = make_tiny(tmp_path_factory.mktemp("models") / "tiny-stereo", stereo=True)
+    return load_model(str(path), device="cpu", dtype="float32", offline=True)
+
+
+def test_a_stereo_model_is_prompted_with_each_channels_codes_interleaved(
+        tiny_stereo: LoadedModel) -> None:
+    [made] = generate(tiny_stereo, [GenerationItem("a drum", 0.5, seed=3)])
+    stereo_clip = made.samples[:, :20 * FRAME]
+    assert not np.array_equal(stereo_clip[0], stereo_clip[1])
+    seen: list[WindowCodes] = []
+    [out] = generate(tiny_stereo, [_item(stereo_clip, 1.0)], on_window=seen.append)
+    assert out.samples.shape == (2, RATE)
+    encoder = tiny_stereo.model.audio_encoder
+    with torch.inference_mode():
+        left, right = (encoder.encode(torch.from_numpy(stereo_clip[None, c:c + 1])).audio_codes[0]
+                       for c in (0, 1))
+    prompt = seen[0].codes[:, :, :20]
+    assert prompt.shape[1] == 8  # left, right, left, ... as the stereo decoder reads them
+    assert torch.equal(prompt[:, ::2], left) and torch.equal(prompt[:, 1::2], right)
