@@ -1,6 +1,7 @@
 """Continuation requests (issue 25): what a caller may ask, and a typed error naming the field for
 every bad continuation, from the request's shape, resolve() (real ffprobe on real WAV files),
-by-reference travel through the storage, and the worker's fetch of a clip by URI."""
+by-reference travel through the storage, the worker's fetch of a clip by URI, and the upload's
+deletion when its job ends."""
 
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ from pipeline.config.schema import (
 )
 from pipeline.contract.continuation import continuation_span
 from pipeline.contract.jobs import GenerationRequest, JobSpec, MelodyInput, request_fingerprint
+from pipeline.contract.outcome import FinalStatus
 from pipeline.errors import InputUnavailable, InvalidRequest, PipelineError, UnsupportedOption
+from pipeline.infra.celery_app import make_celery
 from tests.pipeline.test_melody_by_reference import wav_bytes
 from workers.inputs import fetch_input
+from workers.webhook_task import job_ended
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -172,3 +176,15 @@ def test_a_missing_stored_clip_is_input_unavailable(tmp_path: Path) -> None:
     with pytest.raises(InputUnavailable) as refused:
         fetch_input(ref, settings, tmp_path, "continuation")
     assert refused.value.field == "continuation" and refused.value.details["rule"] == "missing"
+
+
+def test_an_uploaded_clip_is_deleted_when_its_job_ends(tmp_path: Path) -> None:
+    storage = StorageSettings(url=(tmp_path / "store").as_uri(), temp_dir=str(tmp_path / "tmp"))
+    settings = Settings(storage=storage)
+    spec = by_reference(resolve(GenerationRequest(model="tiny", continuation=CLIP, duration=6.0),
+                                settings, job_id="ends"), storage)
+    assert spec.continuation is not None and spec.continuation.uri is not None
+    uploaded = Path(spec.continuation.uri.removeprefix("file://"))
+    assert uploaded.read_bytes() == CLIP
+    job_ended(make_celery(settings), spec.model_dump(mode="json"), FinalStatus.SUCCEEDED)
+    assert not uploaded.exists()
