@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from pipeline.config.presets import model_settings_for
 from pipeline.config.schema import ModelSettings, Settings
-from pipeline.contract.continuation import continuation_span
+from pipeline.contract.continuation import continuation_span, generated_s
 from pipeline.contract.jobs import JobResult, JobSpec, Timings
 from pipeline.contract.time_limits import job_time_limits
 from pipeline.errors import JobTimeout
@@ -251,7 +251,8 @@ class JobRunner:
                            sampling_rate=loaded.sampling_rate, melody_supported=loaded.is_melody)
             check_continuation(item, loaded)
             progress(0.0, "waiting for a batch")
-            limits = job_time_limits(self.settings.worker, spec.duration)
+            limits = job_time_limits(self.settings.worker, generated_s(
+                spec, model_settings_for(self.settings, spec.model).max_duration))
             ticket = self.loop.submit(loaded, item, batch_key_for(loaded, item), model=spec.model,
                                       hard_limit_s=limits.hard)
             skip = 0 if item.continuation_included else (prompt_frames(item, loaded)

@@ -28,7 +28,9 @@ from pipeline.client.records import list_jobs as _list_jobs
 from pipeline.client.registry import JobRegistry, registry_for
 from pipeline.client.resolve import resolve
 from pipeline.config.live import FileWatcher, LiveSettings, ReloadResult
+from pipeline.config.presets import model_settings_for
 from pipeline.config.schema import Settings
+from pipeline.contract.continuation import generated_s
 from pipeline.contract.jobs import (
     GenerationRequest,
     JobSpec,
@@ -319,7 +321,8 @@ class Producer:
         self.app.backend.store_result(spec.job_id, {"model": spec.model, "user_id": spec.user_id,
                                                     "enqueued_at": spec.enqueued_at}, "QUEUED")
         # Limits scaled with the job's duration: a prefork child enforces them per message.
-        limits = job_time_limits(self.settings.worker, spec.duration)
+        limits = job_time_limits(self.settings.worker, generated_s(
+            spec, model_settings_for(self.settings, spec.model).max_duration))
         self.app.send_task(TASK_GENERATE, args=[spec.model_dump(mode="json")], task_id=spec.job_id,
                            queue=queue_for(spec.model),
                            priority=celery_priority(spec.priority, self.app.broker_kind),

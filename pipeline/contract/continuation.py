@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.contract.jobs import JobSpec
 from pipeline.errors import InvalidRequest
 
 #: The least of the model's window a continuation must leave for new audio, in seconds.
@@ -74,3 +75,14 @@ def continuation_span(*, start_s: float | None, end_s: float | None, clip_s: flo
                              {"rule": "longer_than_continuation", "value": duration_s,
                               "limit": span.length_s})
     return span
+
+
+def generated_s(spec: JobSpec, window_s: float) -> float:
+    """Seconds of audio the model's windows cover for ``spec``, for its time limits: a clip left
+    out of the output is generated (well, prompted) all the same. A span not known before the
+    worker reads the clip (by URI, no ``continuation_end``) counts as the most a window allows."""
+    if spec.continuation is None or spec.continuation_included:
+        return spec.duration
+    if spec.continuation_end is not None:
+        return spec.duration + spec.continuation_end - spec.continuation_start
+    return spec.duration + max(0.0, window_s - MIN_ROOM_S)

@@ -21,7 +21,7 @@ from pipeline.config.schema import (
     StorageSettings,
     ValidationSettings,
 )
-from pipeline.contract.continuation import continuation_span
+from pipeline.contract.continuation import continuation_span, generated_s
 from pipeline.contract.jobs import GenerationRequest, JobSpec, MelodyInput, request_fingerprint
 from pipeline.contract.outcome import FinalStatus
 from pipeline.errors import InputUnavailable, InvalidRequest, PipelineError, UnsupportedOption
@@ -188,3 +188,19 @@ def test_an_uploaded_clip_is_deleted_when_its_job_ends(tmp_path: Path) -> None:
     assert uploaded.read_bytes() == CLIP
     job_ended(make_celery(settings), spec.model_dump(mode="json"), FinalStatus.SUCCEEDED)
     assert not uploaded.exists()
+
+
+def test_time_limits_count_a_clip_left_out_of_the_output() -> None:
+    def spec(**fields: Any) -> JobSpec:
+        return resolve(GenerationRequest(model="tiny", duration=5.0, **fields), Settings(),
+                       job_id="t")
+
+    assert generated_s(spec(prompt="x"), 30.0) == 5.0
+    assert generated_s(spec(continuation=CLIP), 30.0) == 5.0  # included: duration is the whole
+    assert generated_s(spec(continuation=CLIP, continuation_start=1.0, continuation_end=3.5,
+                            continuation_included=False), 30.0) == 7.5
+    # By URI with no end the span is only known to the worker: the most a window allows.
+    by_uri = JobSpec.model_validate({**spec(prompt="x").model_dump(),
+                                     "continuation": {"uri": "s3://b/clip.wav"},
+                                     "continuation_included": False})
+    assert generated_s(by_uri, 30.0) == 5.0 + 29.0
