@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from pipeline.cli import app as cli_app
 from pipeline.client.inputs import by_reference
 from pipeline.client.records import request_echo
 from pipeline.client.resolve import resolve
@@ -204,3 +206,20 @@ def test_time_limits_count_a_clip_left_out_of_the_output() -> None:
                                      "continuation": {"uri": "s3://b/clip.wav"},
                                      "continuation_included": False})
     assert generated_s(by_uri, 30.0) == 5.0 + 29.0
+
+
+def test_the_cli_passes_a_continuation_and_its_span_on(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(CLIP)
+    runner = CliRunner()
+    # Refused before anything is queued, naming the request's field.
+    span = runner.invoke(cli_app, ["generate", "--continuation", str(clip), "--continuation-start",
+                                   "3", "--continuation-end", "2"])
+    assert span.exit_code != 0 and "continuation_end" in span.output
+    past = runner.invoke(cli_app, ["generate", "--model", "tiny", "--continuation", str(clip),
+                                   "--continuation-end", "9", "--duration", "12"])
+    assert past.exit_code != 0 and "continuation_end" in past.output, past.output
+    alone = runner.invoke(cli_app, ["generate", "--continuation-end", "2"])
+    assert alone.exit_code != 0 and "[prompt]" in alone.output
