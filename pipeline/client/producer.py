@@ -30,7 +30,7 @@ from pipeline.client.resolve import resolve
 from pipeline.config.live import FileWatcher, LiveSettings, ReloadResult
 from pipeline.config.presets import model_settings_for
 from pipeline.config.schema import Settings
-from pipeline.contract.continuation import generated_s
+from pipeline.contract.continuation import generated_s, wire_form
 from pipeline.contract.jobs import (
     GenerationRequest,
     JobSpec,
@@ -323,7 +323,7 @@ class Producer:
         # Limits scaled with the job's duration: a prefork child enforces them per message.
         limits = job_time_limits(self.settings.worker, generated_s(
             spec, model_settings_for(self.settings, spec.model).max_duration))
-        self.app.send_task(TASK_GENERATE, args=[spec.model_dump(mode="json")], task_id=spec.job_id,
+        self.app.send_task(TASK_GENERATE, args=[wire_form(spec)], task_id=spec.job_id,
                            queue=queue_for(spec.model),
                            priority=celery_priority(spec.priority, self.app.broker_kind),
                            soft_time_limit=limits.soft, time_limit=limits.hard,

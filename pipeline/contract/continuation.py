@@ -11,6 +11,7 @@ output is the new audio only, ``duration`` seconds of it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.contract.jobs import JobSpec
 from pipeline.errors import InvalidRequest
@@ -86,3 +87,15 @@ def generated_s(spec: JobSpec, window_s: float) -> float:
     if spec.continuation_end is not None:
         return spec.duration + spec.continuation_end - spec.continuation_start
     return spec.duration + max(0.0, window_s - MIN_ROOM_S)
+
+
+#: The spec's continuation fields: left out of the broker message of a job without one.
+SPEC_FIELDS = frozenset({"continuation", "continuation_start", "continuation_end",
+                         "continuation_included"})
+
+
+def wire_form(spec: JobSpec) -> dict[str, Any]:
+    """The spec as the broker carries it: without continuation fields when it has none, so a
+    worker of a release before continuations (``extra="forbid"``) still takes every other job
+    during a rolling upgrade; a worker of this release reads their defaults."""
+    return spec.model_dump(mode="json", exclude=None if spec.continuation else set(SPEC_FIELDS))

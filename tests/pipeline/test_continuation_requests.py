@@ -23,7 +23,12 @@ from pipeline.config.schema import (
     StorageSettings,
     ValidationSettings,
 )
-from pipeline.contract.continuation import continuation_span, generated_s
+from pipeline.contract.continuation import (
+    SPEC_FIELDS,
+    continuation_span,
+    generated_s,
+    wire_form,
+)
 from pipeline.contract.jobs import GenerationRequest, JobSpec, MelodyInput, request_fingerprint
 from pipeline.contract.outcome import FinalStatus
 from pipeline.errors import InputUnavailable, InvalidRequest, PipelineError, UnsupportedOption
@@ -223,3 +228,14 @@ def test_the_cli_passes_a_continuation_and_its_span_on(tmp_path: Path,
     assert past.exit_code != 0 and "continuation_end" in past.output, past.output
     alone = runner.invoke(cli_app, ["generate", "--continuation-end", "2"])
     assert alone.exit_code != 0 and "[prompt]" in alone.output
+
+
+def test_a_job_without_a_continuation_crosses_the_broker_as_before() -> None:
+    plain = resolve(GenerationRequest(prompt="x", model="tiny", duration=1.0), Settings(),
+                    job_id="w")
+    sent = wire_form(plain)
+    assert not SPEC_FIELDS & set(sent)  # a worker from before continuations still decodes it
+    assert JobSpec.model_validate(sent) == plain
+    continued = resolve(GenerationRequest(model="tiny", continuation=CLIP, duration=6.0,
+                                          continuation_included=False), Settings(), job_id="c")
+    assert JobSpec.model_validate(wire_form(continued)) == continued
