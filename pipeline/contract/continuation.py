@@ -18,6 +18,10 @@ from pipeline.errors import InvalidRequest
 
 #: The least of the model's window a continuation must leave for new audio, in seconds.
 MIN_ROOM_S = 1.0
+#: How far ``continuation_end`` may pass the clip's measured end and still mean its end: ffprobe's
+#: duration and the samples the worker decodes (resampled) differ by a sample or so, and an end
+#: the producer accepted must not be refused by the worker.
+END_SLACK_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,11 @@ def continuation_span(*, start_s: float | None, end_s: float | None, clip_s: flo
         raise InvalidRequest(f"continuation_start {start:g} s is at or past the clip's end "
                              f"({clip_s:.3f} s)", "continuation_start",
                              {"rule": "within_clip", "value": start, "limit": clip_s})
-    if end_s is not None and end_s > clip_s:
+    if end_s is not None and end_s > clip_s + END_SLACK_S:
         raise InvalidRequest(f"continuation_end {end_s:g} s is past the clip's end "
                              f"({clip_s:.3f} s)", "continuation_end",
                              {"rule": "within_clip", "value": end_s, "limit": clip_s})
-    end = clip_s if end_s is None else end_s
+    end = clip_s if end_s is None else min(end_s, clip_s)
     if end <= start:
         raise InvalidRequest(f"continuation_end ({end:g} s) must be after continuation_start "
                              f"({start:g} s)", "continuation_end",

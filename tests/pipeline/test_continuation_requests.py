@@ -239,3 +239,14 @@ def test_a_job_without_a_continuation_crosses_the_broker_as_before() -> None:
     continued = resolve(GenerationRequest(model="tiny", continuation=CLIP, duration=6.0,
                                           continuation_included=False), Settings(), job_id="c")
     assert JobSpec.model_validate(wire_form(continued)) == continued
+
+
+def test_an_end_at_the_clips_end_survives_the_workers_resampled_length() -> None:
+    # ffprobe said 4.0 s; decoded and resampled, the worker counts a sample less.
+    span = continuation_span(start_s=1.0, end_s=4.0, clip_s=4.0 - 1 / 32000, window_s=30,
+                             duration_s=2.0, included=False)
+    assert span.end_s == pytest.approx(4.0 - 1 / 32000) and span.total_s(2.0) < 5.0
+    with pytest.raises(InvalidRequest) as past:
+        continuation_span(start_s=None, end_s=4.1, clip_s=4.0, window_s=30, duration_s=2.0,
+                          included=False)
+    assert past.value.field == "continuation_end"
