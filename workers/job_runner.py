@@ -22,19 +22,20 @@ import numpy.typing as npt
 
 from pipeline.config.presets import model_settings_for
 from pipeline.config.schema import ModelSettings, Settings
+from pipeline.contract.continuation import continuation_span, generated_s
 from pipeline.contract.jobs import JobResult, JobSpec, Timings
 from pipeline.contract.time_limits import job_time_limits
 from pipeline.errors import JobCancelled, JobTimeout
 from pipeline.infra.storage_backends import backend_for, local_root
-from workers.audio.decode import decode_mono
+from workers.audio.decode import decode_audio, decode_mono
 from workers.audio.formats import FORMATS
 from workers.audio.postprocess import render
 from workers.generation import BatchStats, Engine, EngineLoop, GenerationLoop, HfLoop, Ticket
 from workers.generation.streaming import JobStream, StreamPublisher
-from workers.inputs import fetch_melody
+from workers.inputs import fetch_input, fetch_melody
 from workers.partials import PartialPublisher, PartialSink, partial_name
 from workers.runtime.batch import GeneratedAudio, GenerationItem, validate_items
-from workers.runtime.frames import batch_key_for
+from workers.runtime.frames import batch_key_for, check_continuation, prompt_frames
 from workers.runtime.loaded import LoadedModel
 from workers.runtime.loading import load_model
 from workers.runtime.longform import WindowHook
@@ -270,13 +271,17 @@ class JobRunner:
                 prompt=spec.prompt, duration_s=spec.duration, temperature=spec.temperature,
                 top_k=spec.top_k, top_p=spec.top_p, guidance_scale=spec.guidance_scale, seed=spec.seed,
                 melody=self._melody(spec, temp_dir, loaded.sampling_rate),
+                continuation=self._continuation(spec, temp_dir, loaded),
+                continuation_included=spec.continuation_included,
                 window_stride_s=self.settings.generation.window_stride)
             # Checked here, alone, so a job the model cannot do fails by itself and never takes
             # its batch down with it.
             validate_items([item], max_duration_s=loaded.max_duration_s,
                            sampling_rate=loaded.sampling_rate, melody_supported=loaded.is_melody)
+            check_continuation(item, loaded)
             progress(0.0, "waiting for a batch")
-            limits = job_time_limits(self.settings.worker, spec.duration)
+            limits = job_time_limits(self.settings.worker, generated_s(
+                spec, model_settings_for(self.settings, spec.model).max_duration))
             ticket = self.loop.submit(loaded, item, batch_key_for(loaded, item), model=spec.model,
                                       hard_limit_s=limits.hard)
             if job_stream is not None:
@@ -284,7 +289,10 @@ class JobRunner:
                     job_stream, chunk_s=self.settings.generation.stream_chunk_s,
                     frame_rate=loaded.frame_rate,
                     target_samples=round(spec.duration * loaded.sampling_rate))
-            partials = PartialPublisher(spec, loaded, out_dir, temp_dir, backend, on_partial)
+            skip = 0 if item.continuation_included else (prompt_frames(item, loaded)
+                                                         * loaded.samples_per_frame)
+            partials = PartialPublisher(spec, loaded, out_dir, temp_dir, backend, on_partial,
+                                        skip=skip)
             audio = self._wait(ticket, progress, deadline=started_at + limits.soft,
                                limit=limits.soft, partials=partials)
             if job_stream is not None:  # the stream ends before the file is rendered
@@ -377,6 +385,20 @@ class JobRunner:
         # Fetched and checked (size, duration, format) before any GPU time is spent.
         return decode_mono(fetch_melody(spec.melody, self.settings, temp_dir),
                            sampling_rate), sampling_rate
+
+    def _continuation(self, spec: JobSpec, temp_dir: Path,
+                      loaded: LoadedModel) -> tuple[npt.NDArray[np.float32], int] | None:
+        """The span of the clip to continue, at the model's rate and channel count; its span
+        checked as the producer checks it (a clip by URI is first seen here)."""
+        if spec.continuation is None:
+            return None
+        path, _ = fetch_input(spec.continuation, self.settings, temp_dir, "continuation")
+        rate = loaded.sampling_rate
+        samples = decode_audio(path, rate, loaded.audio_channels, field="continuation")
+        span = continuation_span(start_s=spec.continuation_start, end_s=spec.continuation_end,
+                                 clip_s=samples.shape[-1] / rate, window_s=loaded.max_duration_s,
+                                 duration_s=spec.duration, included=spec.continuation_included)
+        return samples[:, round(span.start_s * rate):round(span.end_s * rate)], rate
 
     def remove_outputs(self, job_id: str) -> None:
         """Delete every file a cancelled or timed-out job left (see :func:`discard_job_files`)."""

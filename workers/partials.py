@@ -47,8 +47,11 @@ class PartialPublisher:
     """Publishes one job's partials; ``remove`` takes the last one away at the job's end."""
 
     def __init__(self, spec: JobSpec, loaded: Any, out_dir: Path, temp_dir: Path,
-                 backend: StorageBackend, sink: PartialSink | None) -> None:
+                 backend: StorageBackend, sink: PartialSink | None, skip: int = 0) -> None:
         self._spec, self._loaded, self._backend, self._sink = spec, loaded, backend, sink
+        # Samples at the start that are not the job's output: a continuation's clip when the
+        # output leaves it out (the codes so far start with the clip's).
+        self._skip = skip
         self._temp_dir = temp_dir
         self._dest = out_dir / partial_name(spec.job_id, spec.output.info.extension)
         self._stored = False
@@ -75,7 +78,7 @@ class PartialPublisher:
         loaded = self._loaded
         with torch.inference_mode():
             audio = decode_codes(loaded.model, partial.codes[None].to(loaded.device))
-        samples = audio[0].to(torch.float32).cpu().numpy()
+        samples = audio[0].to(torch.float32).cpu().numpy()[:, self._skip:]
         seconds = min(samples.shape[-1] / loaded.sampling_rate, self._spec.duration)
         samples = samples[:, :round(seconds * loaded.sampling_rate)]
         rendered = render(samples, loaded.sampling_rate, self._spec.output, self._dest,

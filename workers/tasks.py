@@ -18,6 +18,8 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from pipeline.client.registry import JobRegistry, registry_for
+from pipeline.config.presets import model_settings_for
+from pipeline.contract.continuation import generated_s
 from pipeline.contract.jobs import JobSpec, invalid_request_from, queue_for
 from pipeline.contract.time_limits import job_time_limits
 from pipeline.errors import (
@@ -257,7 +259,8 @@ def _run(task: Task, spec: JobSpec, reg: JobRegistry, started_at: float, *,
         raise Ignore() from None
     except SoftTimeLimitExceeded as exc:
         runner.remove_outputs(spec.job_id)
-        limit = job_time_limits(app.settings.worker, spec.duration).soft
+        limit = job_time_limits(app.settings.worker, generated_s(
+            spec, model_settings_for(app.settings, spec.model).max_duration)).soft
         raise JobTimeout(f"job passed its soft time limit of {limit:g} s", "duration") from exc
     return outcome.result.model_dump(mode="json")
 

@@ -22,6 +22,7 @@ from celery.signals import celeryd_after_setup, task_revoked
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import webhooks
+from pipeline.client.inputs import INPUT_FIELDS
 from pipeline.client.inputs import discard as discard_input
 from pipeline.contract.jobs import DEFAULT_WEBHOOK_EVENTS, MelodyInput
 from pipeline.contract.outcome import FinalStatus
@@ -45,17 +46,20 @@ def _log(app: PipelineCelery) -> webhooks.DeliveryLog:
 def job_ended(app: PipelineCelery, payload: Any, status: FinalStatus, *,
               result: Mapping[str, Any] | None = None, error_code: str | None = None,
               error_message: str | None = None) -> None:
-    """A job ended for good: delete its uploaded melody and queue its webhook (the webhook
-    step of ``workers/outcome.py``). Never raises: the job's own outcome stands."""
+    """A job ended for good: delete its uploaded inputs (melody, continuation) and queue its
+    webhook (the webhook step of ``workers/outcome.py``). Never raises: the job's own outcome
+    stands."""
     if not isinstance(payload, Mapping):
         return
     job_id = str(payload.get("job_id") or "")
-    try:
-        raw = payload.get("melody")
-        melody = MelodyInput.model_validate(raw) if isinstance(raw, Mapping) else None
-        discard_input(melody, app.settings.storage)
-    except Exception:
-        log.warning("job %s: could not read its melody input to delete it", job_id, exc_info=True)
+    for name in INPUT_FIELDS:
+        try:
+            raw = payload.get(name)
+            uploaded = MelodyInput.model_validate(raw) if isinstance(raw, Mapping) else None
+            discard_input(uploaded, app.settings.storage)
+        except Exception:
+            log.warning("job %s: could not read its %s input to delete it", job_id, name,
+                        exc_info=True)
     url = payload.get("webhook_url")
     if not isinstance(url, str) or not url or not job_id or not _asked(payload, "completed"):
         return

@@ -44,12 +44,22 @@ def _stop(worker: subprocess.Popen[bytes]) -> None:
 
 
 def generate(
-    prompt: str = typer.Argument(..., help="what to generate"),
+    prompt: str = typer.Argument(None, help="what to generate (optional with --continuation)"),
     duration: float = typer.Option(None, "--duration", "-d", help="seconds of audio"),
     fmt: str = typer.Option(None, "--format", "-f", help="wav | mp3 | flac | ogg | opus"),
     model: str = typer.Option(None, "--model", "-m", help="model preset (see `settings list`)"),
     melody: str = typer.Option(None, "--melody", help="audio file, or an s3:// or https:// URI, "
                                                      "to condition on (melody presets)"),
+    continuation: str = typer.Option(None, "--continuation",
+                                     help="audio file, or an s3:// or https:// URI, to continue"),
+    continuation_start: float = typer.Option(None, "--continuation-start",
+                                             help="seconds into the clip where the part used "
+                                                  "starts"),
+    continuation_end: float = typer.Option(None, "--continuation-end",
+                                           help="seconds into the clip where the part used ends"),
+    new_audio_only: bool = typer.Option(False, "--new-audio-only",
+                                        help="the output leaves the clip out: --duration is the "
+                                             "new audio's length, not the whole output's"),
     webhook_url: str = typer.Option(None, "--webhook-url",
                                     help="POST the job's end here (host in webhooks.allowed_hosts)"),
     seed: int = typer.Option(None, "--seed", help="same seed + model + hardware = same audio"),
@@ -77,6 +87,10 @@ def generate(
                                  f"{MAX_SEED}", "seed")
         requests = [GenerationRequest(prompt=prompt, duration=duration, format=fmt, model=model,
                                       melody=melody, webhook_url=webhook_url,
+                                      continuation=continuation,
+                                      continuation_start=continuation_start,
+                                      continuation_end=continuation_end,
+                                      continuation_included=not new_audio_only,
                                       seed=None if seed is None else seed + i)
                     for i in range(count)]
         if settings.broker.url is None:

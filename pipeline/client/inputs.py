@@ -1,4 +1,4 @@
-"""Melody inputs by reference: the producer uploads a melody to the storage's inputs prefix and
+"""Audio inputs (melodies, continuation clips) by reference: the producer uploads one to the storage's inputs prefix and
 only its URI crosses the broker (a 50 MB melody was a 67 MB Redis message as base64); the
 worker deletes it when the job ends, and the retention sweep removes any that are left.
 """
@@ -26,23 +26,46 @@ def input_key(storage: StorageSettings, job_id: str, suffix: str) -> str:
     return f"{storage.inputs_prefix}/{job_id}-{uuid.uuid4().hex[:12]}{suffix}"
 
 
-def by_reference(spec: JobSpec, storage: StorageSettings) -> JobSpec:
-    """The spec with an inline melody (bytes or a path) uploaded and replaced by its URI.
+#: The spec's audio inputs, each travelling by reference the same way.
+INPUT_FIELDS = ("melody", "continuation")
 
-    ``StorageUnavailable`` when the storage cannot take it; nothing is stored then.
+
+def inputs_of(spec: JobSpec) -> list[MelodyInput]:
+    """The spec's audio inputs that are set (melody, continuation)."""
+    return [value for name in INPUT_FIELDS if (value := getattr(spec, name)) is not None]
+
+
+def by_reference(spec: JobSpec, storage: StorageSettings) -> JobSpec:
+    """The spec with every inline input (bytes or a path) uploaded and replaced by its URI.
+
+    ``StorageUnavailable`` when the storage cannot take one; an input already uploaded for
+    this spec is deleted again then.
     """
-    melody = spec.melody
-    if melody is None or melody.uri is not None:
+    stored: dict[str, MelodyInput] = {}
+    try:
+        for name in INPUT_FIELDS:
+            value = getattr(spec, name)
+            if value is not None and value.uri is None:
+                stored[name] = _upload(value, spec.job_id, storage)
+    except BaseException:
+        for uploaded in stored.values():
+            discard(uploaded, storage)
+        raise
+    if not stored:
         return spec
+    return JobSpec.model_validate({**spec.model_dump(),
+                                   **{k: v.model_dump() for k, v in stored.items()}})
+
+
+def _upload(melody: MelodyInput, job_id: str, storage: StorageSettings) -> MelodyInput:
     backend = backend_for(storage)
     suffix = Path(melody.path).suffix if melody.path else melody.suffix
-    key = input_key(storage, spec.job_id, suffix if _SUFFIX.match(suffix) else melody.suffix)
+    key = input_key(storage, job_id, suffix if _SUFFIX.match(suffix) else melody.suffix)
     if melody.path is not None:
         uri = backend.put_file(Path(melody.path), key)
     else:
         uri = backend.put_stream(io.BytesIO(base64.b64decode(melody.data_b64 or "")), key)
-    stored = MelodyInput(uri=uri, owned=True, suffix=key[key.rindex("."):])
-    return JobSpec.model_validate({**spec.model_dump(), "melody": stored.model_dump()})
+    return MelodyInput(uri=uri, owned=True, suffix=key[key.rindex("."):])
 
 
 def owned_key(melody: MelodyInput | None, storage: StorageSettings) -> str | None:
@@ -65,6 +88,6 @@ def discard(melody: MelodyInput | None, storage: StorageSettings) -> bool:
         backend_for(storage).delete([key])
         return True
     except Exception:
-        log.warning("could not delete melody input %s", melody.uri if melody else None,
+        log.warning("could not delete input %s", melody.uri if melody else None,
                     exc_info=True)
         return False

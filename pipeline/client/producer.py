@@ -21,14 +21,16 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.client.handle import JobHandle
-from pipeline.client.inputs import by_reference
+from pipeline.client.inputs import by_reference, inputs_of
 from pipeline.client.inputs import discard as discard_input
 from pipeline.client.records import JobPage, job_record, request_echo
 from pipeline.client.records import list_jobs as _list_jobs
 from pipeline.client.registry import JobRegistry, registry_for
 from pipeline.client.resolve import resolve
 from pipeline.config.live import FileWatcher, LiveSettings, ReloadResult
+from pipeline.config.presets import model_settings_for
 from pipeline.config.schema import Settings
+from pipeline.contract.continuation import generated_s, wire_form
 from pipeline.contract.jobs import (
     GenerationRequest,
     JobSpec,
@@ -319,8 +321,9 @@ class Producer:
         self.app.backend.store_result(spec.job_id, {"model": spec.model, "user_id": spec.user_id,
                                                     "enqueued_at": spec.enqueued_at}, "QUEUED")
         # Limits scaled with the job's duration: a prefork child enforces them per message.
-        limits = job_time_limits(self.settings.worker, spec.duration)
-        self.app.send_task(TASK_GENERATE, args=[spec.model_dump(mode="json")], task_id=spec.job_id,
+        limits = job_time_limits(self.settings.worker, generated_s(
+            spec, model_settings_for(self.settings, spec.model).max_duration))
+        self.app.send_task(TASK_GENERATE, args=[wire_form(spec)], task_id=spec.job_id,
                            queue=queue_for(spec.model),
                            priority=celery_priority(spec.priority, self.app.broker_kind),
                            soft_time_limit=limits.soft, time_limit=limits.hard,
@@ -342,7 +345,8 @@ class Producer:
         nothing reads as a job that never was (the broker or database may be down too: each
         step is best effort, and the claim's TTL is the last resort)."""
         for spec in specs:
-            discard_input(spec.melody, self.settings.storage)  # uploaded for this job only
+            for uploaded in inputs_of(spec):  # uploaded for this job only
+                discard_input(uploaded, self.settings.storage)
             if reserved:
                 try:
                     self.quota.release(spec.job_id)

@@ -78,10 +78,16 @@ def request_echo(spec: JobSpec) -> dict[str, Any]:
     """What the ledger keeps of a job's request: every resolved field, the melody as a
     caller's URI or just ``True`` (uploaded bytes and local paths are not the caller's to see
     back), never the broker's bookkeeping."""
-    echo = spec.model_dump(mode="json", exclude={"melody", "enqueued_at", "job_id", "user_id"})
-    melody = spec.melody
-    echo["melody"] = (None if melody is None
-                      else melody.uri if melody.uri is not None and not melody.owned else True)
+    echo = spec.model_dump(mode="json", exclude={"melody", "continuation", "enqueued_at",
+                                                  "job_id", "user_id"})
+    for name in ("melody", "continuation"):
+        value = getattr(spec, name)
+        echo[name] = (None if value is None
+                      else value.uri if value.uri is not None and not value.owned else True)
+    if spec.continuation is None:  # a job without one reads as jobs did before continuations
+        for name in ("continuation", "continuation_start", "continuation_end",
+                     "continuation_included"):
+            echo.pop(name, None)
     return echo
 
 

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from pipeline.config.presets import check_preset, model_settings_for
 from pipeline.config.schema import Settings
+from pipeline.contract.continuation import continuation_span
 from pipeline.contract.flags import FlagRule, enabled
 from pipeline.contract.jobs import (
     DEFAULT_WEBHOOK_EVENTS,
@@ -86,25 +87,35 @@ def _melody(request: GenerationRequest, settings: Settings, melody_model: bool,
     if not melody_model:
         raise UnsupportedOption("this model preset takes no melody; use a melody preset "
                                 "such as musicgen-melody", "melody")
-    if isinstance(request.melody, str):
-        return _melody_by_uri(request.melody, settings)
+    return _audio_input(request.melody, settings, "melody")[0]
+
+
+def _limits(settings: Settings) -> MelodyLimits:
     v = settings.validation
-    limits = MelodyLimits(max_size_mb=v.max_melody_size_mb, min_duration_s=v.melody_min_duration,
-                          max_duration_s=v.melody_max_duration, allowed_formats=tuple(v.melody_formats),
-                          min_sample_rate=v.melody_min_sample_rate)
+    return MelodyLimits(max_size_mb=v.max_melody_size_mb, min_duration_s=v.melody_min_duration,
+                        max_duration_s=v.melody_max_duration, allowed_formats=tuple(v.melody_formats),
+                        min_sample_rate=v.melody_min_sample_rate)
+
+
+def _audio_input(value: Path | bytes | str, settings: Settings,
+                 field: str) -> tuple[MelodyInput, float | None]:
+    """An audio input (melody or continuation) as it will cross the broker, checked against the
+    validation limits, and its length in seconds (None for a URI: the worker checks it)."""
+    if isinstance(value, str):
+        return _by_uri(value, settings, field), None
     try:
-        validate_melody(request.melody, limits)
-        if isinstance(request.melody, bytes):
+        info = validate_melody(value, _limits(settings), field=field)
+        if isinstance(value, bytes):
             # Bytes travel inside the JSON payload (bounded by max_melody_size_mb); a path on
             # shared storage keeps the broker light for big files.
-            return MelodyInput(data_b64=base64.b64encode(request.melody).decode("ascii"))
-        return MelodyInput(path=str(Path(request.melody).expanduser().resolve()))
+            return MelodyInput(data_b64=base64.b64encode(value).decode("ascii")), info.duration_s
+        return MelodyInput(path=str(Path(value).expanduser().resolve())), info.duration_s
     except (OSError, ValueError) as exc:  # a path the OS refuses (too long, a loop, no access)
-        raise InvalidRequest(f"the melody cannot be read: {exc}", "melody") from exc
+        raise InvalidRequest(f"the {field} cannot be read: {exc}", field) from exc
 
 
-def _melody_by_uri(uri: str, settings: Settings) -> MelodyInput:
-    """A melody the caller keeps: fetched by the worker (limits checked there), never deleted.
+def _by_uri(uri: str, settings: Settings, field: str) -> MelodyInput:
+    """An input the caller keeps: fetched by the worker (limits checked there), never deleted.
 
     An ``s3://`` one only from the deployment's own bucket (the workers' keys may reach others
     the caller must not read through us); an ``https://`` one only from
@@ -115,13 +126,41 @@ def _melody_by_uri(uri: str, settings: Settings) -> MelodyInput:
     if parts.scheme == "s3":
         ours = urlsplit(storage.url or "")
         if ours.scheme != "s3" or parts.netloc != ours.netloc:
-            raise InvalidRequest(f"an s3:// melody must be in this deployment's bucket "
-                                 f"({ours.netloc or 'none: storage.url is not s3://'})", "melody")
+            raise InvalidRequest(f"an s3:// {field} must be in this deployment's bucket "
+                                 f"({ours.netloc or 'none: storage.url is not s3://'})", field)
     elif not host_allowed(parts.hostname or "", storage.melody_url_hosts):
-        raise InvalidRequest(f"melody host {parts.hostname!r} is not in storage.melody_url_hosts",
-                             "melody")
+        raise InvalidRequest(f"{field} host {parts.hostname!r} is not in storage.melody_url_hosts",
+                             field)
     suffix = PurePosixPath(parts.path).suffix
     return MelodyInput(uri=uri, suffix=suffix if _SUFFIX.match(suffix) else ".wav")
+
+
+def _continuation(request: GenerationRequest, settings: Settings, *, duration: float,
+                  window_s: float) -> tuple[MelodyInput | None, float]:
+    """The clip to continue as it will cross the broker, and the seconds the model's windows
+    must cover (the request's duration, plus the clip's span when the output leaves it out).
+
+    The span is checked here when the clip can be probed (bytes, a path); a clip by URI is
+    checked by the worker with the same rules (pipeline/contract/continuation.py).
+    """
+    if request.continuation is None:
+        return None, duration
+    if request.melody is not None:
+        # The first window would be conditioned on both the clip's codes and a melody's
+        # chroma; nothing generates or tests that combination yet, so it is refused plainly.
+        raise UnsupportedOption("a continuation cannot be combined with a melody; send one or "
+                                "the other", "continuation")
+    ref, clip_s = _audio_input(request.continuation, settings, "continuation")
+    if clip_s is None:
+        known = request.continuation_end
+        if known is None:
+            return ref, duration
+        span_s = known - (request.continuation_start or 0.0)
+        return ref, duration if request.continuation_included else span_s + duration
+    span = continuation_span(start_s=request.continuation_start, end_s=request.continuation_end,
+                             clip_s=clip_s, window_s=window_s, duration_s=duration,
+                             included=request.continuation_included)
+    return ref, span.total_s(duration)
 
 
 def _webhook(request: GenerationRequest, settings: Settings, user: UserContext) -> str | None:
@@ -177,7 +216,7 @@ def resolve(request: GenerationRequest, settings: Settings, *, job_id: str,
     request = _revalidated(request)
     if user is None:
         user = UserContext(request.user_id, settings.quotas.default_tier)
-    if len(request.prompt) > settings.validation.max_prompt_length:
+    if request.prompt is not None and len(request.prompt) > settings.validation.max_prompt_length:
         raise InvalidRequest(f"prompt is {len(request.prompt)} characters; the limit is "
                              f"{settings.validation.max_prompt_length}", "prompt")
     # A closed set, looked up: ModelNotFound for anything else (never a path).
@@ -192,26 +231,37 @@ def resolve(request: GenerationRequest, settings: Settings, *, job_id: str,
     if duration < gen.min_duration or duration > gen.max_duration:
         raise InvalidRequest(f"duration {duration:g} s is outside {gen.min_duration:g}..{gen.max_duration:g} s",
                              "duration")
-    if duration > model.max_duration and not enabled(settings.features, "long_form", user):
+    continuation, total = _continuation(request, settings, duration=duration,
+                                        window_s=model.max_duration)
+    if total > gen.max_duration:  # a continuation left out of the output still takes windows
+        raise InvalidRequest(f"duration {duration:g} s and the {total - duration:g} s "
+                             f"continuation are {total:g} s, past {gen.max_duration:g} s", "duration")
+    if total > model.max_duration and not enabled(settings.features, "long_form", user):
         # Past the window the worker continues window by window (workers/runtime/longform.py);
         # the flag decides who may ask for that.
-        raise UnsupportedOption(f"duration {duration:g} s is longer than the {model.max_duration:g} s window "
+        what = (f"duration {duration:g} s" if total == duration
+                else f"duration {duration:g} s with the continuation ({total:g} s)")
+        raise UnsupportedOption(f"{what} is longer than the {model.max_duration:g} s window "
                                 f"of {preset}, and long-form generation is switched off for this user "
                                 "(features.long_form)", "duration")
     try:
         return _spec(request, settings, job_id=job_id, preset=preset, duration=duration,
                      melody_model=model.melody, user=user, assigned=assigned,
-                     stereo_model=model.stereo)
+                     stereo_model=model.stereo, continuation=continuation)
     except ValidationError as exc:  # a deployment default past the contract's bounds
         raise invalid_request_from(exc) from exc
 
 
 def _spec(request: GenerationRequest, settings: Settings, *, job_id: str, preset: str,
           duration: float, melody_model: bool, user: UserContext,
-          assigned: Assignment | None = None, stereo_model: bool = False) -> JobSpec:
+          assigned: Assignment | None = None, stereo_model: bool = False,
+          continuation: MelodyInput | None = None) -> JobSpec:
     gen = settings.generation
     return JobSpec(
-        job_id=job_id, prompt=request.prompt, duration=duration, model=preset,
+        continuation=continuation, continuation_start=request.continuation_start or 0.0,
+        continuation_end=request.continuation_end,
+        continuation_included=request.continuation_included,
+        job_id=job_id, prompt=request.prompt or "", duration=duration, model=preset,
         temperature=request.temperature if request.temperature is not None else gen.default_temperature,
         top_k=request.top_k if request.top_k is not None else gen.default_top_k,
         top_p=request.top_p if request.top_p is not None else gen.default_top_p,
@@ -254,4 +304,8 @@ def _stream(request: GenerationRequest, settings: Settings, user: UserContext, *
     if request.melody is not None:
         raise UnsupportedOption("stream=True cannot be combined with a melody (melody jobs run "
                                 "on Hugging Face generate, which does not stream)", "stream")
+    if request.continuation is not None:
+        raise UnsupportedOption("stream=True cannot be combined with a continuation (a "
+                                "continuation runs on Hugging Face generate, which does not "
+                                "stream)", "stream")
     return True

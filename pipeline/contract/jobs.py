@@ -67,6 +67,7 @@ TopK = Annotated[int, Field(ge=0, le=2048)]
 TopP = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 GuidanceScale = Annotated[float, Field(ge=0.0, le=20.0, allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+ContinuationTime = Annotated[float, Field(ge=0, le=3600.0, allow_inf_nan=False)]
 Priority = Annotated[int, Field(ge=0, le=9, description="9 is the most urgent")]
 UserId = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_printable)]
 JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN)]
@@ -164,8 +165,9 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS,
-                        description="what to generate; control characters are stripped")
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS,
+                               description="what to generate; control characters are stripped. "
+                                           "Required unless a continuation is given")
     duration: Duration | None = Field(None, description="seconds of audio")
     model: PresetName | None = Field(None, description="model preset, e.g. musicgen-small")
     temperature: Temperature | None = None
@@ -184,6 +186,20 @@ class GenerationRequest(BaseModel):
     melody: Path | bytes | str | None = Field(
         None, description="a local audio file, its bytes, or an s3:// or https:// URI the "
                           "worker fetches (hosts and bucket allowed by the settings)")
+    continuation: Path | bytes | str | None = Field(
+        None, description="a clip the model continues (audiocraft's generate_continuation): a "
+                          "local audio file, its bytes, or an s3:// or https:// URI, as for "
+                          "melody; the part used must leave at least 1 s of the model's window")
+    continuation_start: ContinuationTime | None = Field(
+        None, description="seconds into the continuation clip where the part used starts "
+                          "(default 0)")
+    continuation_end: ContinuationTime | None = Field(
+        None, description="seconds into the continuation clip where the part used ends "
+                          "(default: the clip's end); after continuation_start")
+    continuation_included: bool = Field(
+        True, description="true: the output is the clip followed by the new audio, and "
+                          "duration is the whole output's length (longer than the clip); "
+                          "false: the output is the new audio only, duration long")
     webhook_url: WebhookUrl | None = Field(
         None, description="http(s) URL the worker POSTs the job's end to, signed; its host must "
                           "be in webhooks.allowed_hosts")
@@ -208,7 +224,9 @@ class GenerationRequest(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def _clean_prompt(cls, value: str) -> str:
+    def _clean_prompt(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         cleaned = sanitise_prompt(value)
         if not cleaned:
             raise ValueError("prompt is empty once control characters and whitespace are removed")
@@ -223,30 +241,58 @@ class GenerationRequest(BaseModel):
             raise ValueError("webhook_events_filter needs a webhook_url to send the events to")
         return value
 
-    @field_validator("melody", mode="before")
+    @field_validator("melody", "continuation", mode="before")
     @classmethod
-    def _melody_kind(cls, value: Any) -> Any:
-        # Checked before pydantic's union, so a wrong type is one error on "melody" (not one per
+    def _audio_kind(cls, value: Any, info: ValidationInfo) -> Any:
+        # Checked before pydantic's union, so a wrong type is one error on the field (not one per
         # union member), and a path is checked before anything touches the file system with it.
-        if value is None or isinstance(value, (bytes, bytearray)):
-            return value
-        if not isinstance(value, (str, Path)):
-            raise ValueError(f"melody must be a file path, the file's bytes or a URI, not "
-                             f"{type(value).__name__}")
-        if isinstance(value, str) and _URI.match(value):
-            check_url(value, MELODY_SCHEMES)  # a URI stays a str; every other str is a path
-            return value
-        text = str(value)
-        if not text or len(text) > MAX_PATH_CHARS:
-            raise ValueError(f"a melody path must be 1 to {MAX_PATH_CHARS} characters")
-        if any(len(part) > 255 for part in Path(text).parts):
-            raise ValueError("a melody path has a name longer than 255 characters")
-        _printable(text)
-        return Path(text)
+        return audio_source(value, str(info.field_name))
+
+    @model_validator(mode="after")
+    def _continuation_fields(self) -> GenerationRequest:
+        # Typed errors, not ValueError: pydantic would name the model, not the field.
+        if self.continuation is None:
+            if self.prompt is None:
+                raise InvalidRequest("prompt is required unless a continuation is given",
+                                     "prompt")
+            for name in ("continuation_start", "continuation_end"):
+                if getattr(self, name) is not None:
+                    raise InvalidRequest(f"{name} is set without a continuation", name)
+        check_continuation_span(self.continuation_start, self.continuation_end)
+        return self
+
+
+def audio_source(value: Any, field: str) -> Any:
+    """An audio input (melody, continuation) as bytes, a ``Path`` or a URI ``str``, its shape
+    checked; ``ValueError`` naming ``field`` otherwise."""
+    if value is None or isinstance(value, (bytes, bytearray)):
+        return value
+    if not isinstance(value, (str, Path)):
+        raise ValueError(f"{field} must be a file path, the file's bytes or a URI, not "
+                         f"{type(value).__name__}")
+    if isinstance(value, str) and _URI.match(value):
+        check_url(value, MELODY_SCHEMES)  # a URI stays a str; every other str is a path
+        return value
+    text = str(value)
+    if not text or len(text) > MAX_PATH_CHARS:
+        raise ValueError(f"a {field} path must be 1 to {MAX_PATH_CHARS} characters")
+    if any(len(part) > 255 for part in Path(text).parts):
+        raise ValueError(f"a {field} path has a name longer than 255 characters")
+    _printable(text)
+    return Path(text)
+
+
+def check_continuation_span(start: float | None, end: float | None) -> None:
+    """``InvalidRequest`` on ``continuation_end`` unless the span used is non-empty."""
+    if end is not None and end <= (start or 0.0):
+        raise InvalidRequest(f"continuation_end ({end:g} s) must be after continuation_start "
+                             f"({start or 0.0:g} s)", "continuation_end",
+                             {"rule": "end_after_start", "start": start or 0.0, "end": end})
 
 
 class MelodyInput(BaseModel):
-    """A melody as it crosses the broker: a URI (``file://`` or ``s3://`` in the storage, put
+    """An audio input (a melody or a continuation clip; the name is the melody's, which came
+    first) as it crosses the broker: a URI (``file://`` or ``s3://`` in the storage, put
     there by the producer, or the caller's own ``s3://`` / ``https://``). ``path`` and
     ``data_b64`` are read from messages of producers older than storage by reference."""
 
@@ -312,7 +358,8 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     job_id: JobId
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    # Empty only for a continuation without text (GenerationRequest.prompt is optional then).
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     duration: Duration
     model: PresetName
     temperature: Temperature
@@ -322,6 +369,12 @@ class JobSpec(BaseModel):
     seed: Seed
     output: OutputSpec
     melody: MelodyInput | None = None
+    # The clip to continue, travelling by reference like the melody; GenerationRequest's
+    # descriptions say what the span and ``continuation_included`` mean for ``duration``.
+    continuation: MelodyInput | None = None
+    continuation_start: ContinuationTime = 0.0
+    continuation_end: ContinuationTime | None = None
+    continuation_included: bool = True
     user_id: UserId
     priority: Priority
     enqueued_at: float = Field(ge=0, allow_inf_nan=False)
@@ -344,6 +397,16 @@ class JobSpec(BaseModel):
             raise ValueError("experiment and variant are set together or not at all")
         if self.variant is not None and self.variant != self.model:
             raise ValueError(f"variant {self.variant!r} is not the job's model {self.model!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _prompt_or_continuation(self) -> JobSpec:
+        if not self.prompt and self.continuation is None:
+            raise ValueError("prompt is empty and there is no continuation")
+        if self.continuation is None and (self.continuation_start or self.continuation_end
+                                          is not None):
+            raise ValueError("a continuation span without a continuation")
+        check_continuation_span(self.continuation_start, self.continuation_end)
         return self
 
     @field_validator("prompt")
@@ -433,15 +496,19 @@ def request_fingerprint(request: GenerationRequest) -> str:
     out, an unset field equals one set to None, and a melody counts by its content (a gateway
     upload lands at a new path each time; a file path is read, a URI is its text)."""
     fields = request.model_dump(mode="python", exclude={"job_id", "user_id"})
-    melody = fields.pop("melody", None)
-    if isinstance(melody, (bytes, bytearray)):
-        fields["melody"] = "sha256:" + hashlib.sha256(melody).hexdigest()
-    elif isinstance(melody, Path):
-        try:
-            fields["melody"] = "sha256:" + hashlib.sha256(melody.read_bytes()).hexdigest()
-        except OSError:  # resolve() reports a missing file; the path is all there is to compare
-            fields["melody"] = str(melody)
-    elif melody is not None:
-        fields["melody"] = str(melody)
+    if request.continuation is None:  # unset: the fingerprint of a request made before them
+        for name in ("continuation_start", "continuation_end", "continuation_included"):
+            fields.pop(name, None)
+    for name in ("melody", "continuation"):
+        value = fields.pop(name, None)
+        if isinstance(value, (bytes, bytearray)):
+            fields[name] = "sha256:" + hashlib.sha256(value).hexdigest()
+        elif isinstance(value, Path):
+            try:
+                fields[name] = "sha256:" + hashlib.sha256(value.read_bytes()).hexdigest()
+            except OSError:  # resolve() reports a missing file; the path is all there is
+                fields[name] = str(value)
+        elif value is not None:
+            fields[name] = str(value)
     text = json.dumps(fields, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()

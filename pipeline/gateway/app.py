@@ -23,7 +23,7 @@ from pipeline.gateway import errors, routes_jobs, routes_meta
 from pipeline.gateway.auth import Authenticator, KeyRate, add_rate_headers
 from pipeline.gateway.keystore import ApiKeyStore
 from pipeline.gateway.metrics import HttpMetrics
-from pipeline.gateway.models import JobRequest
+from pipeline.gateway.models import JobRequest, JobUploadRequest
 from pipeline.gateway.service import Gateway
 from pipeline.gateway.uploads import KB, MB
 from pipeline.gateway.url_tokens import UrlSigner, signing_key
@@ -65,14 +65,16 @@ class AccessLog:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus ``JobRequest``, which the enqueue route reads by hand."""
+    """FastAPI's schema plus ``JobRequest`` and ``JobUploadRequest``, which the enqueue route
+    reads by hand."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description,
                              routes=app.routes, webhooks=app.webhooks.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        request = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(request.pop("$defs", {}))
-        components["JobRequest"] = request
+        for model in (JobRequest, JobUploadRequest):
+            request = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(request.pop("$defs", {}))
+            components[model.__name__] = request
         app.openapi_schema = schema
     return app.openapi_schema
 

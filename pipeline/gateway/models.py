@@ -2,7 +2,8 @@
 the OpenAPI schema and ``pipeline.contract.jobs`` cannot drift apart.
 
 ``JobRequest`` is ``GenerationRequest`` without ``user_id`` (the API key names the user) and
-without ``melody`` (over HTTP a melody is an uploaded file, never a path on the gateway's disk).
+without ``melody`` and ``continuation`` (over HTTP each is an uploaded file, never a path on the
+gateway's disk).
 ``JobResultView`` is ``JobResult`` without where the server keeps the file (the audio has its
 own URL).
 Both are built from the source model's fields, so a field added there appears here too.
@@ -15,21 +16,34 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from pipeline.contract.jobs import GenerationRequest, JobResult, JobStatus
+from pipeline.contract.jobs import MAX_PROMPT_CHARS, GenerationRequest, JobResult, JobStatus
 from pipeline.contract.public_result import RESULT_EXCLUDED
 
-REQUEST_EXCLUDED = frozenset({"user_id", "melody"})
+REQUEST_EXCLUDED = frozenset({"user_id", "melody", "continuation"})
+# A clip to continue only comes as a multipart file part: over JSON its span fields would name
+# nothing, and the prompt is required (GenerationRequest makes it optional with a continuation).
+CONTINUATION_FIELDS = frozenset({"continuation_start", "continuation_end",
+                                 "continuation_included"})
 
 
-def _without(model: type[BaseModel], name: str, drop: frozenset[str], doc: str) -> type[BaseModel]:
-    fields: dict[str, Any] = {key: (info.annotation, info) for key, info in
+def _without(model: type[BaseModel], name: str, drop: frozenset[str], doc: str,
+             **replaced: tuple[Any, Any]) -> type[BaseModel]:
+    fields: dict[str, Any] = {key: replaced.get(key, (info.annotation, info)) for key, info in
                               model.model_fields.items() if key not in drop}
     return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, **fields)
 
 
-JobRequest = _without(GenerationRequest, "JobRequest", REQUEST_EXCLUDED,
+JobRequest = _without(GenerationRequest, "JobRequest", REQUEST_EXCLUDED | CONTINUATION_FIELDS,
                       "A generation request; unset fields take the deployment's defaults. The "
-                      "user is the API key's; a melody comes as a multipart file part.")
+                      "user is the API key's; a melody or a clip to continue comes as a "
+                      "multipart file part (see JobUploadRequest).",
+                      prompt=(str, Field(min_length=1, max_length=MAX_PROMPT_CHARS,
+                                         description="what to generate; control characters "
+                                                     "are stripped")))
+JobUploadRequest = _without(GenerationRequest, "JobUploadRequest", REQUEST_EXCLUDED,
+                            "The `request` part of a multipart request: a JobRequest that may "
+                            "also say which part of a `continuation` file part to continue, "
+                            "and without a prompt when one is sent.")
 JobResultView = _without(JobResult, "JobResultView", RESULT_EXCLUDED,
                          "A finished job: what its file is (fetch it from audio_url).")
 

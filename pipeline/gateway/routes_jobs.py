@@ -52,7 +52,8 @@ _errors = error_responses
 
 
 # The body is read by hand (streamed, within its limits), so its schema is declared here: the
-# JSON form is JobRequest; the multipart form carries it as the `request` part beside a file.
+# JSON form is JobRequest; the multipart form carries JobUploadRequest (JobRequest with a
+# continuation's span fields) as the `request` part beside a file.
 _REQUEST_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}, "examples": {
         "text": {"summary": "a text prompt", "value": {
@@ -62,9 +63,13 @@ _REQUEST_BODY = {"requestBody": {"required": True, "content": {
             "model": "musicgen-small", "format": "wav", "sample_rate": 44100}}}},
     "multipart/form-data": {
         "schema": {"type": "object", "required": ["request"], "properties": {
-            "request": {"$ref": "#/components/schemas/JobRequest"},
+            "request": {"$ref": "#/components/schemas/JobUploadRequest"},
             "melody": {"type": "string", "format": "binary",
-                       "description": "an audio file, for melody presets"}}},
+                       "description": "an audio file, for melody presets"},
+            "continuation": {"type": "string", "format": "binary",
+                             "description": "an audio clip the model continues (see the "
+                                          "request's continuation_start, continuation_end "
+                                          "and continuation_included); not with a melody"}}},
         "encoding": {"request": {"contentType": "application/json"}}}}}}
 
 

@@ -18,7 +18,7 @@ from pipeline.client.producer import Producer
 from pipeline.config.schema import Settings
 from pipeline.contract.jobs import GenerationRequest, invalid_request_from
 from pipeline.errors import InvalidRequest
-from pipeline.gateway.models import JobRequest
+from pipeline.gateway.models import JobRequest, JobUploadRequest
 from pipeline.gateway.uploads import Body
 
 
@@ -37,7 +37,8 @@ class Gateway:
         """The body as a ``GenerationRequest`` for ``user_id``, enqueued by the producer; an
         ``Idempotency-Key`` becomes the job's id (``idempotent_job_id``)."""
         try:
-            payload = JobRequest.model_validate_json(body.request_json)
+            model = JobUploadRequest if body.multipart else JobRequest
+            payload = model.model_validate_json(body.request_json)
         except ValidationError as exc:
             raise invalid_request_from(exc) from exc
         fields = payload.model_dump(exclude_unset=True)
@@ -48,6 +49,8 @@ class Gateway:
             fields["job_id"] = idempotent_job_id(user_id, idempotency_key)
         if body.melody is not None:
             fields["melody"] = body.melody
+        if body.continuation is not None:
+            fields["continuation"] = body.continuation
         return self.producer.enqueue(GenerationRequest(**fields, user_id=user_id))
 
 

@@ -62,15 +62,18 @@ class AudioInfo:
                      and any(fnmatch.fnmatchcase(self.codec, c) for c in codecs))
 
 
-def _melody_error(message: str, rule: str, value: Any, limit: Any) -> InvalidRequest:
-    return InvalidRequest(message, field="melody",
+def _melody_error(message: str, rule: str, value: Any, limit: Any,
+                  field: str = "melody") -> InvalidRequest:
+    return InvalidRequest(message, field=field,
                           details={"rule": rule, "value": value, "limit": limit})
 
 
-def probe(path: Path, *, ffprobe: str = "ffprobe", timeout_s: float = 10) -> AudioInfo:
+def probe(path: Path, *, ffprobe: str = "ffprobe", timeout_s: float = 10,
+          field: str = "melody") -> AudioInfo:
     """Run ffprobe on ``path`` and describe its first audio stream.
 
-    Whose fault a failure is decides the error. ``InvalidRequest`` (field "melody", permanent)
+    Whose fault a failure is decides the error (``field`` is the request's field: the melody
+    or the continuation). ``InvalidRequest`` (field "melody", permanent)
     when ffprobe *exits* non-zero (unreadable file) or finds no audio stream: the caller must
     send another file. ``ServiceUnavailable`` (field "melody", ``details["rule"]`` says why)
     when ffprobe is missing, is killed by a signal, or does not finish within ``timeout_s``:
@@ -83,32 +86,32 @@ def probe(path: Path, *, ffprobe: str = "ffprobe", timeout_s: float = 10) -> Aud
     argv = [ffprobe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
             "-select_streams", "a", "-protocol_whitelist", "file", f"file:{path.absolute()}"]
     try:
-        proc = exec_ffmpeg(argv, what="probing the melody", timeout_s=timeout_s)
+        proc = exec_ffmpeg(argv, what=f"probing the {field}", timeout_s=timeout_s)
     except PostProcessFailed as e:  # the runner's timeout: retryable, so not the caller's fault
-        raise ServiceUnavailable(f"the melody could not be probed within {timeout_s:g} s; this "
-                                 "host is busy, retry later", "melody",
+        raise ServiceUnavailable(f"the {field} could not be probed within {timeout_s:g} s; this "
+                                 "host is busy, retry later", field,
                                  {"rule": "probe_timeout", "timeout_s": timeout_s}) from e
     if proc.returncode < 0:
         raise ServiceUnavailable(f"ffprobe was killed by signal {-proc.returncode} while probing "
-                                 "the melody; retry later", "melody",
+                                 f"the {field}; retry later", field,
                                  {"rule": "probe_killed", "returncode": proc.returncode,
                                   "stderr_tail": stderr_tail(proc.stderr)})
     problem = proc.stderr.decode("utf-8", "replace").strip().splitlines()
     if proc.returncode != 0:
         reason = problem[-1] if problem else f"ffprobe exited with status {proc.returncode}"
-        raise _melody_error(f"melody is not a readable audio file ({reason})", "readable",
-                            reason, None)
+        raise _melody_error(f"{field} is not a readable audio file ({reason})", "readable",
+                            reason, None, field)
     data = json.loads(proc.stdout or b"{}")
     streams, fmt = data.get("streams") or [], data.get("format") or {}
     if not streams:
-        raise _melody_error(f"melody has no audio stream (ffprobe found format "
-                            f"{fmt.get('format_name', 'unknown')!r})", "has_audio", 0, 1)
+        raise _melody_error(f"{field} has no audio stream (ffprobe found format "
+                            f"{fmt.get('format_name', 'unknown')!r})", "has_audio", 0, 1, field)
     stream = streams[0]
     duration = _number(stream.get("duration")) or _number(fmt.get("duration"))
     rate = int(_number(stream.get("sample_rate")) or 0)
     if duration is None or rate <= 0:
-        raise _melody_error("melody's duration or sample rate cannot be read", "readable",
-                            {"duration": duration, "sample_rate": rate}, None)
+        raise _melody_error(f"{field}'s duration or sample rate cannot be read", "readable",
+                            {"duration": duration, "sample_rate": rate}, None, field)
     depth = int(_number(stream.get("bits_per_raw_sample")) or stream.get("bits_per_sample") or 0)
     return AudioInfo(container=str(fmt.get("format_name", "")),
                      codec=str(stream.get("codec_name", "")), duration_s=duration,
@@ -141,47 +144,48 @@ class MelodyLimits:
 
 
 def validate_melody(source: Path | bytes, limits: MelodyLimits, *,
-                    ffprobe: str = "ffprobe") -> AudioInfo:
+                    ffprobe: str = "ffprobe", field: str = "melody") -> AudioInfo:
     """Check a melody (a path, or the uploaded bytes) against ``limits``; return its info.
 
     The size is checked first, so an oversized upload is refused without ffprobe reading it.
     Bytes go to a temporary file for ffprobe, removed afterwards. Each failure raises
-    ``InvalidRequest(field="melody")`` with ``details = {"rule", "value", "limit"}``.
+    ``InvalidRequest(field=field)`` (``"melody"``, or ``"continuation"`` for a clip to
+    continue) with ``details = {"rule", "value", "limit"}``.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        _check_size(len(data), limits)
+        _check_size(len(data), limits, field)
         tmp: Path | None = None
         try:
             with tempfile.NamedTemporaryFile(prefix="melody-", suffix=".upload",
                                              delete=False) as handle:
                 tmp = Path(handle.name)
                 handle.write(data)
-            info = probe(tmp, ffprobe=ffprobe)
+            info = probe(tmp, ffprobe=ffprobe, field=field)
         finally:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
     else:
         path = Path(source)
         if not path.is_file():
-            raise _melody_error(f"melody file {path.name!r} does not exist", "exists",
-                                str(path), None)
-        _check_size(path.stat().st_size, limits)
-        info = probe(path, ffprobe=ffprobe)
-    _check_audio(info, limits)
+            raise _melody_error(f"{field} file {path.name!r} does not exist", "exists",
+                                str(path), None, field)
+        _check_size(path.stat().st_size, limits, field)
+        info = probe(path, ffprobe=ffprobe, field=field)
+    _check_audio(info, limits, field)
     return info
 
 
-def _check_size(size: int, limits: MelodyLimits) -> None:
+def _check_size(size: int, limits: MelodyLimits, field: str) -> None:
     if size == 0:
-        raise _melody_error("melody is empty (0 bytes)", "non_empty", 0, None)
+        raise _melody_error(f"{field} is empty (0 bytes)", "non_empty", 0, None, field)
     if size > limits.max_size_mb * MB:
-        raise _melody_error(f"melody is {size / MB:.2f} MB ({size} bytes); the limit is "
+        raise _melody_error(f"{field} is {size / MB:.2f} MB ({size} bytes); the limit is "
                             f"{limits.max_size_mb:g} MB", "max_size_mb",
-                            round(size / MB, 3), limits.max_size_mb)
+                            round(size / MB, 3), limits.max_size_mb, field)
 
 
-def _check_audio(info: AudioInfo, limits: MelodyLimits) -> None:
+def _check_audio(info: AudioInfo, limits: MelodyLimits, field: str) -> None:
     allowed = [name.lower() for name in limits.allowed_formats]
     names = info.format_names
     # A name with no rule (say "caf") is matched against ffprobe's container names as-is.
@@ -190,18 +194,18 @@ def _check_audio(info: AudioInfo, limits: MelodyLimits) -> None:
     if not unknown_ok and not set(names) & set(allowed):
         found = f"{names[0]} " if names else ""
         raise _melody_error(
-            f"melody format {found}(container {info.container!r}, codec {info.codec!r}) is not "
+            f"{field} format {found}(container {info.container!r}, codec {info.codec!r}) is not "
             f"allowed; allowed formats: {', '.join(allowed)}", "allowed_formats",
-            f"{info.container}/{info.codec}", allowed)
+            f"{info.container}/{info.codec}", allowed, field)
     if info.duration_s < limits.min_duration_s:
-        raise _melody_error(f"melody is {info.duration_s:.2f} s long; it must be at least "
+        raise _melody_error(f"{field} is {info.duration_s:.2f} s long; it must be at least "
                             f"{limits.min_duration_s:g} s", "min_duration_s",
-                            info.duration_s, limits.min_duration_s)
+                            info.duration_s, limits.min_duration_s, field)
     if info.duration_s > limits.max_duration_s:
-        raise _melody_error(f"melody is {info.duration_s:.2f} s long; it must be at most "
+        raise _melody_error(f"{field} is {info.duration_s:.2f} s long; it must be at most "
                             f"{limits.max_duration_s:g} s", "max_duration_s",
-                            info.duration_s, limits.max_duration_s)
+                            info.duration_s, limits.max_duration_s, field)
     if info.sample_rate < limits.min_sample_rate:
-        raise _melody_error(f"melody sample rate is {info.sample_rate} Hz; at least "
+        raise _melody_error(f"{field} sample rate is {info.sample_rate} Hz; at least "
                             f"{limits.min_sample_rate} Hz is required", "min_sample_rate",
-                            info.sample_rate, limits.min_sample_rate)
+                            info.sample_rate, limits.min_sample_rate, field)

@@ -84,11 +84,19 @@ def test_the_page_and_its_script_are_served(gateway: Gateway) -> None:
 def test_openapi_comes_from_the_job_contract(gateway: Gateway) -> None:
     schema = gateway.client.get("/openapi.json").json()
     request = schema["components"]["schemas"]["JobRequest"]
-    expected = set(GenerationRequest.model_fields) - {"user_id", "melody"}
-    assert set(request["properties"]) == expected  # a contract field is never left out
-    assert request["additionalProperties"] is False
+    # The files (melody, continuation) come as multipart parts; a continuation's span fields
+    # only in the multipart request part, beside its file, where the prompt becomes optional.
+    expected = set(GenerationRequest.model_fields) - {"user_id", "melody", "continuation"}
+    span = {"continuation_start", "continuation_end", "continuation_included"}
+    assert set(request["properties"]) == expected - span  # a contract field is never left out
+    assert request["additionalProperties"] is False and request["required"] == ["prompt"]
+    upload = schema["components"]["schemas"]["JobUploadRequest"]
+    assert set(upload["properties"]) == expected and "required" not in upload
+    assert upload["additionalProperties"] is False
     post = schema["paths"]["/v1/jobs"]["post"]
     assert set(post["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    parts = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert set(parts) == {"request", "melody", "continuation"}
     assert {"401", "413", "415", "422", "429", "503"} <= set(post["responses"])
     assert schema["components"]["securitySchemes"]["ApiKey"]["scheme"] == "bearer"
     events = schema["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]

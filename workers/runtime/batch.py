@@ -10,6 +10,8 @@ What shares a ``model.generate`` call (the batch key), and why nothing else spli
 - the guidance scale: transformers takes one CFG scale per call, and CFG on or off changes the
   batch itself (the unconditional half is only built when it is on);
 - melody or text-only: the melody processor conditions every row of a call or none;
+- a continuation's prompt length in codec frames: the prompt codes of every row go in as one
+  ``decoder_input_ids`` tensor, so the rows of a call are prompted with as many frames;
 - on MusicGen-Melody only, the prompt's length in tokens: that model prepends the text states to
   the decoder's input and attends to a shorter prompt's padding (transformers zeroes the padded
   states but passes no mask for them), so padding would change a job's audio. Text-only MusicGen
@@ -51,6 +53,12 @@ class GenerationItem:
     guidance_scale: float = 3.0
     seed: int | None = None
     melody: tuple[np.ndarray, int] | None = None
+    # A clip to continue, ``(samples, sample_rate)`` like ``melody`` (the span already cut):
+    # encoded with EnCodec and fed as the first window's prompt. ``continuation_included``:
+    # the output is the clip then the new audio and ``duration_s`` is the whole; otherwise
+    # ``duration_s`` seconds of new audio only (pipeline/contract/continuation.py).
+    continuation: tuple[np.ndarray, int] | None = None
+    continuation_included: bool = True
     # Past the model's window: how far each next window starts after the last one (audiocraft's
     # extend_stride); the window minus the stride is the next window's prompt.
     window_stride_s: float = DEFAULT_WINDOW_STRIDE_S
@@ -120,23 +128,28 @@ def validate_items(items: list[GenerationItem], *, max_duration_s: float, sampli
             raise InvalidRequest(f"seed must be an integer in [0, 2**63), got {item.seed!r}",
                                  field="seed")
         if item.melody is not None:
-            _check_melody(item.melody, melody_supported)
+            if not melody_supported:
+                raise UnsupportedOption("melody conditioning needs a MusicGen-Melody model; "
+                                        "this model is text-only", field="melody")
+            _check_audio(item.melody, "melody")
+        if item.continuation is not None:
+            if item.melody is not None:
+                raise UnsupportedOption("a continuation cannot be combined with a melody",
+                                        field="continuation")
+            _check_audio(item.continuation, "continuation")
 
 
-def _check_melody(melody: tuple[np.ndarray, int], supported: bool) -> None:
-    if not supported:
-        raise UnsupportedOption("melody conditioning needs a MusicGen-Melody model; "
-                                "this model is text-only", field="melody")
-    samples, rate = melody
+def _check_audio(audio: tuple[np.ndarray, int], field: str) -> None:
+    samples, rate = audio
     shape = np.shape(samples)
     if not isinstance(rate, (int, np.integer)) or rate <= 0:
-        raise InvalidRequest(f"melody sample rate must be a positive integer, got {rate!r}",
-                             field="melody")
+        raise InvalidRequest(f"{field} sample rate must be a positive integer, got {rate!r}",
+                             field=field)
     # (channels, n) with a handful of channels; (n, channels) from soundfile would be read as
     # thousands of channels, so it is refused rather than silently garbled.
     if len(shape) not in (1, 2) or shape[-1] == 0 or (len(shape) == 2 and shape[0] > 8):
-        raise InvalidRequest(f"melody must be (n,) or (channels, n) samples, got shape {shape}",
-                             field="melody")
+        raise InvalidRequest(f"{field} must be (n,) or (channels, n) samples, got shape {shape}",
+                             field=field)
 
 
 # Bucket edges: four per octave of frames, never finer than MIN_BUCKET_FRAMES. Padding an item to
@@ -186,12 +199,19 @@ def batch_groups(items: list[GenerationItem], bucket: Callable[[float], int],
 
 
 def batch_key(item: GenerationItem, bucket: Callable[[float], int],
-              prompt_tokens: Callable[[str], int] | None = None) -> Hashable:
-    """What an item must share with others to run in their ``model.generate`` call."""
+              prompt_tokens: Callable[[str], int] | None = None,
+              prompt_frames: int = 0) -> Hashable:
+    """What an item must share with others to run in their ``model.generate`` call.
+
+    ``prompt_frames`` is the length in codec frames of a continuation's prompt (0 without one):
+    every row of a call is prompted with as many frames (``decoder_input_ids`` is one tensor).
+    """
     length = prompt_tokens(item.prompt) if prompt_tokens is not None else None
     # The stride changes where a long clip's windows start: only equal strides run in lockstep.
-    return (bucket(item.duration_s), _guidance_key(item.guidance_scale), item.melody is not None,
-            length, item.window_stride_s)
+    key: tuple[Hashable, ...] = (bucket(item.duration_s), _guidance_key(item.guidance_scale),
+                                 item.melody is not None, length, item.window_stride_s)
+    # Appended only when set, so the keys of every other item stay what they were.
+    return (*key, prompt_frames) if prompt_frames else key
 
 
 def _guidance_key(scale: float) -> float:

@@ -1,4 +1,4 @@
-"""A call's conditioning inputs (prompts, melody) on the model's device, and the lock that keeps
+"""A call's conditioning inputs (prompts, melody, a continuation's audio) on the model's device, and the lock that keeps
 one model call at a time per process."""
 
 from __future__ import annotations
@@ -41,3 +41,24 @@ def _mono_at(melody: tuple[np.ndarray, int], rate: int) -> np.ndarray:
     if wave.ndim == 2:
         wave = wave.mean(axis=0)
     return resample(torch.from_numpy(np.ascontiguousarray(wave)), source_rate, rate).numpy()
+
+
+def continuation_audio(loaded: LoadedModel, items: list[GenerationItem],
+                       samples: int) -> torch.Tensor:
+    """The items' continuations at the model's rate and channel count, each cut to its first
+    ``samples`` (whole codec frames; the batch key gives every row as many):
+    ``(batch, channels, samples)``."""
+    rows = []
+    for item in items:
+        if item.continuation is None:
+            raise ValueError("every item of a continuation call needs a continuation")
+        wave, rate = item.continuation
+        wave = np.asarray(wave, dtype=np.float32)
+        wave = wave[None] if wave.ndim == 1 else wave
+        # Channels as ffmpeg's -ac would make them: mono is the mean, mono to stereo a copy.
+        if wave.shape[0] != loaded.audio_channels:
+            wave = np.repeat(wave.mean(axis=0, keepdims=True), loaded.audio_channels, axis=0)
+        at_rate = resample(torch.from_numpy(np.ascontiguousarray(wave)), int(rate),
+                           loaded.sampling_rate)
+        rows.append(at_rate[:, :samples])
+    return torch.stack(rows)

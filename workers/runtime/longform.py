@@ -109,12 +109,30 @@ def decode_codes(model: Any, codes: torch.Tensor) -> torch.Tensor:
     return torch.cat([left, right], dim=1)
 
 
+def encode_audio(model: Any, audio: torch.Tensor) -> torch.Tensor:
+    """EnCodec's codes for ``audio`` ``(batch, channels, n)``: ``(batch, codebooks, frames)``,
+    a stereo model's codebooks interleaved left, right as its decoder takes them (what
+    transformers' own audio-prompt path does)."""
+    encoder = model.audio_encoder
+
+    def codes_of(wave: torch.Tensor) -> torch.Tensor:
+        codes: torch.Tensor = encoder.encode(wave, return_dict=True).audio_codes
+        return codes[0]  # (chunks=1, batch, codebooks, frames)
+
+    if int(model.decoder.config.audio_channels) == 1:
+        return codes_of(audio)
+    return _joined([codes_of(audio[:, :1]), codes_of(audio[:, 1:])])
+
+
 def generate_long(loaded: LoadedModel, items: list[GenerationItem], seeds: list[int],
                   reporter: ProgressReporter, windows: list[Window], *,
-                  on_window: WindowHook | None = None) -> np.ndarray:
+                  on_window: WindowHook | None = None,
+                  given: torch.Tensor | None = None) -> np.ndarray:
     """Generate ``items`` window by window, in lockstep; the decoded ``(batch, channels, n)``.
 
-    The caller holds no lock.
+    ``given`` is the audio the clip starts with ``(batch, channels, windows[0].prompt *
+    samples_per_frame)`` at the model's rate (a continuation's): its EnCodec codes are the first
+    window's prompt and the first frames of what is decoded. The caller holds no lock.
     """
     guidance_scale = items[0].guidance_scale
     sampler = JobSampler([sampling_of(item, seed) for item, seed in zip(items, seeds, strict=True)],
@@ -124,6 +142,13 @@ def generate_long(loaded: LoadedModel, items: list[GenerationItem], seeds: list[
     prompt: torch.Tensor | None = None
     window_s = loaded.max_duration_s
     with GENERATE_LOCK:
+        if given is not None:
+            try:
+                with torch.inference_mode():
+                    prompt = encode_audio(loaded.model, given.to(loaded.device, loaded.dtype))
+            except RuntimeError as e:
+                raise_runtime(e, "encoding the continuation")
+            parts.append(prompt)
         for window in windows:
             reporter.stage = f"window {window.index + 1} of {len(windows)}"
             start_s = window.start / loaded.frame_rate

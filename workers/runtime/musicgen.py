@@ -18,9 +18,15 @@ import torch
 from pipeline.errors import PipelineError
 from workers.runtime.batch import GeneratedAudio, GenerationItem, seed_of, validate_items
 from workers.runtime.clips import trimmed_clip
-from workers.runtime.conditioning import GENERATE_LOCK, model_inputs
+from workers.runtime.conditioning import GENERATE_LOCK, continuation_audio, model_inputs
 from workers.runtime.errors import raise_runtime
-from workers.runtime.frames import batch_key_for, max_new_tokens_for, padding_waste_for, windows_of
+from workers.runtime.frames import (
+    batch_key_for,
+    check_continuation,
+    max_new_tokens_for,
+    padding_waste_for,
+    windows_of,
+)
 from workers.runtime.loaded import LoadedModel
 from workers.runtime.longform import WindowHook, generate_long
 from workers.runtime.progress import ProgressCallback, ProgressReporter, StepCounter
@@ -48,6 +54,8 @@ def generate(loaded: LoadedModel, items: list[GenerationItem],
     """
     validate_items(items, max_duration_s=loaded.max_duration_s, sampling_rate=loaded.sampling_rate,
                    melody_supported=loaded.is_melody)
+    for item in items:
+        check_continuation(item, loaded)
     seeds = [seed_of(item) for item in items]
     by_key: dict[Hashable, list[int]] = {}  # batch_groups, with each item's own stride
     for index, item in enumerate(items):
@@ -61,16 +69,24 @@ def generate(loaded: LoadedModel, items: list[GenerationItem],
     for group in groups:
         started = time.perf_counter()
         plan = windows[tuple(group)]
-        if len(plan) == 1:
-            audio = _generate_group(loaded, [items[i] for i in group], [seeds[i] for i in group],
+        members = [items[i] for i in group]
+        # A continuation's codes prompt the first window (the batch key gives every row of the
+        # group as many frames); they run the windowed path, which feeds a prompt already.
+        prompt = plan[0].prompt
+        if len(plan) == 1 and not prompt:
+            audio = _generate_group(loaded, members, [seeds[i] for i in group],
                                     steps[tuple(group)], reporter)
         else:
-            audio = generate_long(loaded, [items[i] for i in group], [seeds[i] for i in group],
-                                  reporter, plan, on_window=on_window)
+            given = (continuation_audio(loaded, members, prompt * loaded.samples_per_frame)
+                     if prompt else None)
+            audio = generate_long(loaded, members, [seeds[i] for i in group],
+                                  reporter, plan, on_window=on_window, given=given)
         elapsed = time.perf_counter() - started
-        waste = padding_waste_for(loaded, [items[i] for i in group])
+        waste = padding_waste_for(loaded, members)
         for row, index in enumerate(group):
-            results[index] = trimmed_clip(loaded, audio[row], items[index].duration_s,
+            # Without the clip in the output, the new audio starts where the prompt ends.
+            skip = 0 if items[index].continuation_included else prompt * loaded.samples_per_frame
+            results[index] = trimmed_clip(loaded, audio[row][:, skip:], items[index].duration_s,
                                           seed=seeds[index], generate_seconds=elapsed,
                                           batch_size=len(group), padding_waste=waste)
         log.debug("generated %d item(s) in %.2fs, %d steps, %.0f%% padding waste", len(group),

@@ -22,18 +22,25 @@ class Window:
     new: int  # frames this window adds to the clip
 
 
-def plan_windows(total: int, window: int, stride: int) -> list[Window]:
+def plan_windows(total: int, window: int, stride: int, prompt: int = 0) -> list[Window]:
     """The windows that cover ``total`` frames, audiocraft's loop: window ``i`` starts at
     ``i * stride``, is prompted with what the previous one generated past that point and
-    generates up to ``window`` frames in all (prompt included). One window when it fits."""
+    generates up to ``window`` frames in all (prompt included). One window when it fits.
+
+    ``prompt`` frames at the clip's start are given (a continuation's codes): the first window
+    is prompted with them and generates the rest of its window.
+    """
     if total < 1 or window < 1:
         raise ValueError(f"total and window must be positive, got {total} and {window}")
+    if not 0 <= prompt < min(total, window):
+        raise ValueError(f"a prompt of {prompt} frames leaves nothing to generate in "
+                         f"{min(total, window)}")
     if total <= window:
-        return [Window(0, 0, 0, total)]
+        return [Window(0, 0, prompt, total - prompt)]
     if not 0 < stride < window:
         raise ValueError(f"stride must be in (0, {window}) frames, got {stride}")
     windows: list[Window] = []
-    start = prompt = 0
+    start = 0
     while start + prompt < total:
         length = min(total - start, window)
         windows.append(Window(len(windows), start, prompt, length - prompt))
@@ -41,12 +48,12 @@ def plan_windows(total: int, window: int, stride: int) -> list[Window]:
     return windows
 
 
-def long_frames(frames: int, window: int, stride: int) -> int:
+def long_frames(frames: int, window: int, stride: int, prompt: int = 0) -> int:
     """Frames generated for a long item needing ``frames`` (bucketed, trimmed afterwards).
 
     Rounded up to ``LONG_BUCKET_FRAMES``, but never past what the item's last window holds:
     rounding must not add a window (a prompt and a few frames) that nobody asked for. Changing
     the step changes the audio of a seed: keep it fixed.
     """
-    last = plan_windows(frames, window, stride)[-1]
+    last = plan_windows(frames, window, stride, prompt)[-1]
     return min(-(-frames // LONG_BUCKET_FRAMES) * LONG_BUCKET_FRAMES, last.start + window)

@@ -132,8 +132,11 @@ class StaticEngine:
 
     def supports(self, item: GenerationItem) -> bool:
         """Whether ``item`` can run here: a text prompt within the window on a text-only model,
-        whose prompt fits the cross-attention cache. Anything else runs on HF generate."""
-        if self.unsupported_model is not None or item.melody is not None:
+        whose prompt fits the cross-attention cache. Anything else runs on HF generate: a
+        continuation too (a row starts from its first frame here; prompted rows, like long-form
+        windows, are the HF path's)."""
+        if self.unsupported_model is not None or item.melody is not None \
+                or item.continuation is not None:
             return False
         if not 0 < item.duration_s <= self.loaded.max_duration_s:
             return False
@@ -184,7 +187,8 @@ class StaticEngine:
         validate_items([item], max_duration_s=loaded.max_duration_s,
                        sampling_rate=loaded.sampling_rate, melody_supported=loaded.is_melody)
         if not self.supports(item):
-            reason = self.unsupported_model or "melody, past the window or a long prompt"
+            reason = self.unsupported_model or ("melody, continuation, past the window or a "
+                                                "long prompt")
             raise EngineUnsupported(f"the static engine does not run this item ({reason})",
                                     field="model" if self.unsupported_model else "prompt")
         if not self._slots.free():
