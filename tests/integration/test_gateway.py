@@ -4,8 +4,9 @@ over HTTP end to end (SSE to its final state, the audio with Range), another key
 a cancel, and the web page in headless Chromium (Selenium, as test_flower_browser.py does):
 enqueue from the page, watch its progress bar move through a dropped connection, play the
 result, cancel a running job and ask for "more like this" from the history, then reload and
-find the history again; and a melody preset's upload from the page, sent again for "more
-like this".
+find the history again; a melody preset's upload from the page, sent again for "more
+like this"; a refused "stream" box, and "continue this" on a finished job. The streaming page
+(a worker and gateway that stream) is in test_gateway_stream.py.
 """
 
 from __future__ import annotations
