@@ -473,4 +473,6 @@ def test_the_page_says_a_refused_stream_and_continues_a_finished_job(
     assert job["result"]["duration"] == pytest.approx(clip + 1.0, abs=0.05), job["result"]
     shown = card(browser, more[0])
     assert shown["duration"] == pytest.approx(clip + 1.0, abs=0.1), shown
+    details = browser.find_element(By.CSS_SELECTOR, f'li.job[data-id="{more[0]}"] .details').text
+    assert "continuation" in details.split(" · "), details  # the card says what it is
     assert browser.find_element(By.ID, "error").text == ""

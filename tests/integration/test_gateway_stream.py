@@ -53,6 +53,8 @@ def test_the_page_plays_a_stream_while_the_job_generates(
     Select(browser.find_element(By.ID, "format")).select_by_value("wav")
     duration = browser.find_element(By.ID, "duration")
     duration.clear()
+    # A long clip held late (8 s of it made): headless Chromium reported nothing buffered from
+    # the ~2 s that a 3 s clip held after 120 steps had published (readyState 0, still loading).
     duration.send_keys("10")
     browser.find_element(By.ID, "stream").click()
     job = generate(browser, f"FAULT:hold-after={hold}:400 a streamed piece")
