@@ -4,8 +4,9 @@ over HTTP end to end (SSE to its final state, the audio with Range), another key
 a cancel, and the web page in headless Chromium (Selenium, as test_flower_browser.py does):
 enqueue from the page, watch its progress bar move through a dropped connection, play the
 result, cancel a running job and ask for "more like this" from the history, then reload and
-find the history again; and a melody preset's upload from the page, sent again for "more
-like this".
+find the history again; a melody preset's upload from the page, sent again for "more
+like this"; a refused "stream" box, and "continue this" on a finished job. The streaming page
+(a worker and gateway that stream) is in test_gateway_stream.py.
 """
 
 from __future__ import annotations
@@ -61,9 +62,11 @@ def _key(workdir: Path, env: dict[str, str], user: str) -> str:
 @pytest.fixture(scope="module")
 def api(shared_worker: Worker, workdir: Path, redis_url: str,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    # The worker's own settings (same Redis, database and storage), the gateway on a free port.
-    env = base_env(workdir, redis_url, MUSICGEN_API__PORT=str(free_port()),
-                   MUSICGEN_API__RATE="600/minute")
+    # The worker's own settings (same Redis, database and storage, and whatever the module's
+    # worker was started with: the engine, the features), the gateway on a free port.
+    settings = {k: v for k, v in shared_worker.env.items() if k.startswith("MUSICGEN_")}
+    env = base_env(workdir, redis_url, **{**settings, "MUSICGEN_API__PORT": str(free_port()),
+                                          "MUSICGEN_API__RATE": "600/minute"})
     keys = {user: _key(workdir, env, user) for user in ("alice", "bob")}
     procfile = Procfile(workdir, tmp_path_factory.mktemp("api"))
     proc = procfile.start("api", env)
@@ -422,3 +425,54 @@ def test_the_page_outlasts_the_browsers_connection_limit(api: Api, browser: webd
         finally:
             for job_id in stuck:  # so that no later test finds them queued
                 client.delete(f"/v1/jobs/{job_id}")
+
+
+def test_the_page_says_a_refused_stream_and_continues_a_finished_job(
+        api: Api, browser: webdriver.Chrome) -> None:
+    """This module's worker and gateway run the default engine, which does not stream: a ticked
+    "stream" box is refused with unsupported_option, shown, and unticked. Then "Continue this"
+    on a finished 1 s job sends its audio back as the continuation of a longer job."""
+    browser.get(f"{api.base}/")
+    until(browser, "models loaded",
+          lambda: len(Select(browser.find_element(By.ID, "model")).options) > 1, 30)
+    browser.find_element(By.ID, "api-key").send_keys(api.alice["Authorization"].split()[1])
+    Select(browser.find_element(By.ID, "format")).select_by_value("wav")
+    duration = browser.find_element(By.ID, "duration")
+    duration.clear()
+    duration.send_keys("1")
+    prompt = f"a tune to go on {uuid.uuid4().hex[:6]}"
+    browser.find_element(By.ID, "prompt").send_keys(prompt)
+    box = browser.find_element(By.ID, "stream")
+    box.click()
+    assert box.is_selected()
+    browser.find_element(By.ID, "generate").click()
+    error = until(browser, "the refusal shown", lambda: browser.find_element(By.ID, "error").text, 30)
+    assert error.startswith("unsupported_option: stream=True"), error
+    assert not box.is_selected()
+    assert browser.find_element(By.ID, "stream-note").text.startswith("Unticked: ")
+    assert browser.execute_script("return window.sentRequests")[-1]["stream"] is True
+    assert not [c for c in cards(browser) if c["prompt"] == prompt]  # nothing was enqueued
+
+    first = generate(browser, prompt)  # the box is unticked now: it goes through
+    assert "stream" not in browser.execute_script("return window.sentRequests")[-1]
+    assert browser.find_element(By.ID, "error").text == ""
+    until(browser, "the clip to play", lambda: card(browser, first)["duration"] > 0)
+    with httpx.Client(base_url=api.base, headers=api.alice, timeout=30) as client:
+        clip = client.get(f"/v1/jobs/{first}").json()["result"]["duration"]
+
+    browser.find_element(By.CSS_SELECTOR, f'li.job[data-id="{first}"] .continue').click()
+    more: list[str] = until(browser, "the continuation's card", lambda: [
+        c["id"] for c in cards(browser) if c["prompt"] == prompt and c["id"] != first], 30)
+    until(browser, "the continuation to play", lambda: card(browser, more[0])["duration"] > 0, 180)
+    with httpx.Client(base_url=api.base, headers=api.alice, timeout=30) as client:
+        job = client.get(f"/v1/jobs/{more[0]}").json()
+    assert job["status"] == "succeeded", job
+    # The clip was uploaded (the echo says so, never the bytes) and is in the output.
+    assert job["request"]["continuation"] is True and job["request"]["continuation_included"] is True
+    assert job["request"]["duration"] == pytest.approx(clip + 1.0, abs=1e-3), job["request"]
+    assert job["result"]["duration"] == pytest.approx(clip + 1.0, abs=0.05), job["result"]
+    shown = card(browser, more[0])
+    assert shown["duration"] == pytest.approx(clip + 1.0, abs=0.1), shown
+    details = browser.find_element(By.CSS_SELECTOR, f'li.job[data-id="{more[0]}"] .details').text
+    assert "continuation" in details.split(" · "), details  # the card says what it is
+    assert browser.find_element(By.ID, "error").text == ""

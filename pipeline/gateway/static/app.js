@@ -1,5 +1,6 @@
 // The gateway's page: enqueue jobs, follow each one's Server-Sent Events, and keep a history
-// of the key's jobs (GET /v1/jobs) with a player, a named download, cancel and "more like this".
+// of the key's jobs (GET /v1/jobs) with a player, a named download, cancel, "more like this"
+// and "continue this"; a stream=True job's player plays its audio while it generates.
 //
 // EventSource and <audio src> cannot send an Authorization header. When a job view carries
 // signed_urls (short-lived URLs with ?token=) the page uses them directly; otherwise it reads
@@ -15,6 +16,8 @@ const ACTIVE = new Set(["queued", "started", "progress"]);
 // The output fields of a resolved request that a new request may name again.
 const OUTPUT_FIELDS = ["format", "sample_rate", "channels", "bit_depth", "normalization", "loudness_target"];
 const MAX_SEED = 2 ** 32 - 1;  // pipeline/contract/jobs.py
+// The fields that say which part of an uploaded continuation is used (resent with the clip).
+const CONTINUATION_FIELDS = ["continuation_start", "continuation_end", "continuation_included"];
 // A browser opens at most 6 HTTP/1.1 connections to one host and each open event stream holds
 // one: a stream for every active job would leave none to enqueue or fetch audio with. So at
 // most MAX_STREAMS jobs are followed by their streams; the others share one poll of the list.
@@ -22,7 +25,8 @@ const MAX_STREAMS = 4;
 const POLL_MS = 4000;  // one GET /v1/jobs per poll, well within the key's api.rate
 
 const cards = new Map();     // job id -> card (its element, latest view, stream state)
-const melodies = new Map();  // job id -> the melody File uploaded from this tab ("more like this" resends it)
+// job id -> {part, file}: the melody or continuation uploaded from this tab ("more like this" resends it)
+const uploads = new Map();
 let modelInfo = new Map();   // preset name -> its /v1/models entry
 let nextCursor = null;
 let streams = 0;             // event streams open now
@@ -98,32 +102,40 @@ async function submitForm(event) {
   if ($("model").value) request.model = $("model").value;
   if ($("duration").value) request.duration = Number($("duration").value);
   if ($("seed").value !== "") request.seed = Number($("seed").value);
+  if ($("stream").checked) request.stream = true;
   const melody = $("melody-field").hidden ? null : $("melody").files[0] || null;
   $("generate").disabled = true;
   try {
-    await enqueue(request, melody);
+    await enqueue(request, melody && { part: "melody", file: melody });
   } catch (e) {
     showError(e);
+    // /v1/models does not say whether the deployment streams: the refusal is how the page
+    // learns it. Untick the box so that the next Generate goes through, and say why.
+    if (e instanceof ApiError && e.body.code === "unsupported_option" && e.body.field === "stream") {
+      $("stream").checked = false;
+      $("stream-note").textContent = "Unticked: this deployment does not stream (" + e.body.message + ").";
+    }
   } finally {
     $("generate").disabled = false;
   }
 }
 
-// POST one job (JSON, or multipart with the melody file, as pipeline/gateway/uploads.py reads
-// it: a `request` part holding the JSON and a `melody` file part) and put it on top of the history.
-async function enqueue(request, melody) {
+// POST one job (JSON, or multipart with an upload, as pipeline/gateway/uploads.py reads it: a
+// `request` part holding the JSON and a `melody` or `continuation` file part, `upload.part`)
+// and put it on top of the history.
+async function enqueue(request, upload) {
   let init;
-  if (melody) {
+  if (upload) {
     const form = new FormData();
     form.append("request", new Blob([JSON.stringify(request)], { type: "application/json" }));
-    form.append("melody", melody, melody.name);
+    form.append(upload.part, upload.file, upload.file.name);
     init = { method: "POST", body: form };  // the browser writes the multipart boundary
   } else {
     init = { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(request) };
   }
   window.sentRequests.push(request);
   const view = await call("/v1/jobs", init);
-  if (melody) melodies.set(view.id, melody);
+  if (upload) uploads.set(view.id, upload);
   show(view, "top");
   return view;
 }
@@ -158,6 +170,7 @@ function show(view, where) {
   el.dataset.id = view.id;
   el.querySelector(".cancel").addEventListener("click", () => cancel(card));
   el.querySelector(".more").addEventListener("click", () => moreLikeThis(card));
+  el.querySelector(".continue").addEventListener("click", () => continueThis(card));
   el.querySelector(".listen-partial").addEventListener("click", () => listenPartial(card));
   if (where === "top") $("history").prepend(el); else $("history").append(el);
   update(card, view);
@@ -208,7 +221,8 @@ function update(card, view) {
   const request = view.request || {};
   el.querySelector(".details").textContent = [
     request.model, request.duration != null ? request.duration + " s" : null, formatOf(view),
-    request.melody ? "melody" : null, view.created_at ? new Date(view.created_at).toLocaleString() : null,
+    request.melody ? "melody" : null, request.continuation ? "continuation" : null,
+    view.created_at ? new Date(view.created_at).toLocaleString() : null,
   ].filter(Boolean).join(" · ");
   if (!card.lost) el.querySelector(".status").textContent = statusText(view);
   el.querySelector("progress").value = fraction;
@@ -218,10 +232,24 @@ function update(card, view) {
   el.querySelector(".cancel").hidden = !ACTIVE.has(view.status);
   const more = el.querySelector(".more");
   more.hidden = !view.request || seed == null;
-  // An uploaded melody is not kept by the gateway for the caller: only a job uploaded from this
-  // tab can be varied with its tune (the file is still here).
-  more.disabled = request.melody === true && !melodies.has(view.id);
-  more.title = more.disabled ? "the melody was uploaded elsewhere; upload it again with the form" : "";
+  // An upload is not kept by the gateway for the caller: only a job uploaded from this tab can
+  // be varied with its tune or clip (the file is still here).
+  more.disabled = (request.melody === true || request.continuation === true) && !uploads.has(view.id);
+  more.title = more.disabled ? "its audio input was uploaded elsewhere; upload it again" : "";
+  el.querySelector(".continue").hidden = view.status !== "succeeded" || !view.request;
+
+  // A stream=True job's player plays its audio as it is generated (the signed URL: <audio src>
+  // sends no header); offerAudio puts the finished file in its place.
+  const stream = view.signed_urls && view.signed_urls.stream;
+  if (ACTIVE.has(view.status) && stream && !card.streamShown) {
+    card.streamShown = true;
+    const player = el.querySelector(".player");
+    player.preload = "auto";
+    player.src = stream;
+    player.hidden = false;
+    el.dataset.playing = "stream";
+    player.play().catch(() => {});  // autoplay may be refused: the controls still play it
+  }
 
   if (!ACTIVE.has(view.status)) {
     card.final = true;
@@ -258,6 +286,7 @@ async function offerAudio(card) {
   const player = card.el.querySelector(".player");
   player.src = url;
   player.hidden = false;
+  card.el.dataset.playing = "file";
   const link = card.el.querySelector(".download");
   link.href = url;
   link.download = fileName(view);
@@ -509,8 +538,42 @@ async function moreLikeThis(card) {
   showError(null);
   try {
     for (let i = 1; i <= count; i++) {  // one at a time: the newest (seed + count) ends on top
-      await enqueue(sameRequest(card.view, (seed + i) % (MAX_SEED + 1)), melodies.get(card.view.id) || null);
+      const request = sameRequest(card.view, (seed + i) % (MAX_SEED + 1));
+      const upload = uploads.get(card.view.id) || null;
+      for (const field of CONTINUATION_FIELDS) {
+        if (upload && upload.part === "continuation" && card.view.request[field] != null) {
+          request[field] = card.view.request[field];
+        }
+      }
+      await enqueue(request, upload);
     }
+  } catch (e) {
+    showError(e);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// The job's audio continued: its file (fetched as a blob) sent as the `continuation` part with
+// the same resolved request, the clip included in the output, whose duration is the clip's
+// plus the form's duration (the new seconds).
+async function continueThis(card) {
+  const button = card.el.querySelector(".continue");
+  button.disabled = true;
+  showError(null);
+  try {
+    const view = card.view;
+    const signed = view.signed_urls && view.signed_urls.audio;
+    const response = signed ? await fetch(signed)
+      : await fetch(view.urls.audio || view.audio_url, { headers: headers() });
+    if (!response.ok) throw new ApiError(await failure(response), response.status);
+    const clip = new File([await response.blob()], fileName(view));
+    const request = sameRequest(view, null);
+    delete request.seed;  // a new seed: the continuation is new music
+    const added = Number($("duration").value) || 8;
+    request.duration = Math.round((view.result.duration + added) * 1000) / 1000;
+    request.continuation_included = true;
+    await enqueue(request, { part: "continuation", file: clip });
   } catch (e) {
     showError(e);
   } finally {
