@@ -207,7 +207,11 @@ def get_job(job_id: JobId, request: Request, who: Who) -> Any:
                            '0.4, "message": "generating"}}\n\nid: final\nevent: state\n'
                            'data: {"id": "a1b2c3", "status": "succeeded", ...}\n\n'}},
                 "description": "The event types: `progress` (data: `{id, status, progress: "
-                               "{fraction, message}}`, on each change, with an `id:`); `state` "
+                               "{fraction, message}, partial}`, on each change, with an `id:`); "
+                               "`chunk` (a stream=True job: data `{attempt, index, start_s, "
+                               "seconds, sample_rate, channels}` per chunk of its audio, "
+                               "`id: chunk-<attempt>-<index>`; the audio is at `urls.stream`); "
+                               "`state` "
                                "(data: the final `JobView`, `id: final`), after which the "
                                "stream ends; `error` (data: an `ErrorBody`: the result backend "
                                "could not be read; reconnect). The stream starts with "
@@ -222,7 +226,16 @@ async def job_events(job_id: JobId, request: Request, who: TokenWho,
     producer = _gateway(request).producer
     handle = await run_in_threadpool(producer.get_job, job_id, who.user_id)
     return event_stream(producer, handle, last_event_id,
-                        finish=lambda view: _signed(request, who, view))
+                        finish=lambda view: _signed(request, who, view),
+                        chunks=await run_in_threadpool(_streams, handle))
+
+
+def _streams(handle: JobHandle) -> bool:
+    """Whether the job was enqueued with ``stream=True`` (its ledger row's request)."""
+    try:
+        return streams(handle.record())
+    except JobNotFound:  # no ledger row (quotas off): no chunk events
+        return False
 
 
 class _AudioFile(FileResponse):

@@ -22,7 +22,7 @@ import soundfile
 from pipeline import AudioChunk, GenerationRequest, JobResult
 from pipeline.infra.keys import stream_key
 
-from .conftest import WorkerFactory, held, release
+from .conftest import WorkerFactory, held, release, sse_events
 from .test_failures import fast, producer, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -134,12 +134,31 @@ def test_the_gateway_streams_mp3_while_the_job_generates(
             blocks = stream.iter_bytes()
             while len(heard) < 4096:  # the first chunks' frames, while the job is held
                 heard += next(blocks)
-            assert held(workers.tmp, "gw-stream")
+            # Bytes came before the job got to its hold (chunk 0 is due at step 58): wait
+            # for the hold, then nothing more can come until the release.
+            wait_for(lambda: held(workers.tmp, "gw-stream"), 120, "the job to stall")
             status = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["status"]
             assert status in ("started", "progress"), status  # still generating
-            release(workers.tmp, "gw-stream")
-            for block in blocks:
-                heard += block
+            # The event stream tells of the chunks as they come: one already, while held.
+            with client.stream("GET", job["signed_urls"]["events"]) as events:
+                told = sse_events(events.iter_lines())
+                seen = [next(told)]
+                while seen[-1][0] != "chunk":
+                    seen.append(next(told))
+                assert seen[-1][1]["index"] == 0 and seen[-1][1]["attempt"] == 1
+                release(workers.tmp, "gw-stream")
+                for block in blocks:
+                    heard += block
+                seen.extend(told)
+        chunks = [data for event, data in seen if event == "chunk"]
+        assert [c["index"] for c in chunks] == list(range(len(chunks))) and len(chunks) >= 3
+        assert abs(sum(c["seconds"] for c in chunks) - 3.0) < 1e-6  # the clip, exactly
+        assert seen[-1][0] == "state" and seen[-1][1]["status"] == "succeeded"  # chunks first
+        # A reconnect after chunk 0 (an EventSource's Last-Event-ID) is told of the rest.
+        again = client.get(job["signed_urls"]["events"], headers={"Last-Event-ID": "chunk-1-0"})
+        indices = [data["index"] for event, data in sse_events(again.iter_lines())
+                   if event == "chunk"]
+        assert indices == list(range(1, len(chunks)))
         assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["status"] == "succeeded"
         # A job not enqueued with stream=True has no stream to give.
         plain = client.post("/v1/jobs", headers=auth, json={"prompt": "quiet", "duration": 1.0})
