@@ -23,12 +23,12 @@ import pytest
 import redis
 
 from pipeline.quota.tables import TERMINAL_STATUSES
+from tests import redis_claim
 
 from . import rabbitmq
 
 REDIS = "redis://127.0.0.1:6379"
 REPO = Path(__file__).resolve().parents[2]
-OWNER_KEY = "musicgen-tests:owner"
 #: RabbitMQ broker URL -> the Redis its processes keep results (and our keys) on; base_env reads
 #: it, so a test passes one broker URL around whichever broker it runs on.
 RESULTS_FOR: dict[str, str] = {}
@@ -45,16 +45,13 @@ def redis_url() -> Iterator[str]:
     token = uuid.uuid4().hex
     for db in range(1, 15):
         client = redis.Redis.from_url(f"{REDIS}/{db}")
-        if client.dbsize() == 0 and client.set(OWNER_KEY, token, nx=True):
+        if redis_claim.claim(client, token):
             break
         client.close()
     else:
-        pytest.fail("no empty Redis database to claim for the integration tests")
+        pytest.fail("no free Redis database to claim for the integration tests")
     yield f"{REDIS}/{db}"
-    if client.get(OWNER_KEY) == token.encode():
-        keys = list(client.scan_iter(count=1000))
-        if keys:
-            client.delete(*keys)
+    redis_claim.release(client, token)
     client.close()
 
 

@@ -16,35 +16,33 @@ import pytest
 import redis
 
 from pipeline.policies.breaker import BreakerBackend, MemoryBreakerBackend, RedisBreakerBackend
+from tests import redis_claim
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
 
-OWNER_KEY = "musicgen-tests:owner"  # the integration tests' claim key: one claim rule for both
-
-
 def _claim_empty_db(token: str) -> int:
-    """The highest-numbered empty database, claimed with an owner key (``SET NX``) so that a
-    parallel test process (pytest -n) or the integration fixtures, which claim from the
+    """The highest-numbered free database (tests/redis_claim.py), claimed with an owner key so
+    that a parallel test process (pytest -n) or the integration fixtures, which claim from the
     bottom, never pick it too and delete our keys at their end."""
     with redis.Redis(host=REDIS_HOST, port=REDIS_PORT) as probe:
         count = int(probe.config_get("databases").get("databases", 16))
     for db in range(count - 1, 0, -1):
         with redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db) as client:
-            if client.dbsize() == 0 and client.set(OWNER_KEY, token, nx=True):
+            if redis_claim.claim(client, token):
                 return db
-    return count - 1  # none empty: still safe, we only ever touch our own prefix
+    return count - 1  # none free: still safe, we only ever touch our own prefix
 
 
 @pytest.fixture(scope="session")
 def redis_db() -> Iterator[int]:
-    """The database index the Redis-backed tests use for the whole session (claim released after)."""
+    """The database index the Redis-backed tests use for the whole session; its keys (the
+    tests' own, and what the queues they enqueue on leave) are deleted after, if we claimed it."""
     token = uuid.uuid4().hex
     db = _claim_empty_db(token)
     yield db
     with redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db) as client:
-        if client.get(OWNER_KEY) == token.encode():
-            client.delete(OWNER_KEY)
+        redis_claim.release(client, token)
 
 
 @pytest.fixture(scope="session")
