@@ -245,6 +245,20 @@ def proxy(api: Api) -> Iterator[CuttableProxy]:
     cuttable.close()
 
 
+def open_page(browser: webdriver.Chrome, base: str, headers: dict[str, str],
+              duration: str = "1") -> None:
+    """The page at ``base``, its models loaded, the key of ``headers`` typed in, wav and
+    ``duration`` seconds chosen: where every page test starts."""
+    browser.get(f"{base}/")
+    until(browser, "models loaded",
+          lambda: len(Select(browser.find_element(By.ID, "model")).options) > 1, 30)
+    browser.find_element(By.ID, "api-key").send_keys(headers["Authorization"].split()[1])
+    Select(browser.find_element(By.ID, "format")).select_by_value("wav")
+    field = browser.find_element(By.ID, "duration")
+    field.clear()
+    field.send_keys(duration)
+
+
 def generate(browser: webdriver.Chrome, prompt: str) -> str:
     """Enqueue ``prompt`` from the form (1 s, wav, the default model); the new card's job id."""
     before = {c["id"] for c in cards(browser)}
@@ -367,15 +381,8 @@ def test_the_page_sends_a_melody_and_sends_it_again_for_more_like_this(
     t = np.arange(32000 * 2) / 32000
     tune = tmp_path / "tune.wav"
     sf.write(tune, 0.3 * np.sin(2 * np.pi * 440 * t), 32000)
-    browser.get(f"{api.base}/")
-    until(browser, "models loaded",
-          lambda: len(Select(browser.find_element(By.ID, "model")).options) > 1, 30)
-    browser.find_element(By.ID, "api-key").send_keys(api.alice["Authorization"].split()[1])
+    open_page(browser, api.base, api.alice)
     Select(browser.find_element(By.ID, "model")).select_by_value("tiny-melody")
-    Select(browser.find_element(By.ID, "format")).select_by_value("wav")
-    duration = browser.find_element(By.ID, "duration")
-    duration.clear()
-    duration.send_keys("1")
     browser.find_element(By.ID, "melody").send_keys(str(tune))  # a file input takes a path
     variations = browser.find_element(By.ID, "variations")
     variations.clear()
@@ -406,14 +413,7 @@ def test_the_page_outlasts_the_browsers_connection_limit(api: Api, browser: webd
         stuck = [client.post("/v1/jobs", json={"prompt": f"stuck {i}", "model": "musicgen-small"})
                  .json()["id"] for i in range(6)]
         try:
-            browser.get(f"{api.base}/")
-            until(browser, "models loaded",
-                  lambda: len(Select(browser.find_element(By.ID, "model")).options) > 1, 30)
-            browser.find_element(By.ID, "api-key").send_keys(api.bob["Authorization"].split()[1])
-            Select(browser.find_element(By.ID, "format")).select_by_value("wav")
-            duration = browser.find_element(By.ID, "duration")
-            duration.clear()
-            duration.send_keys("1")
+            open_page(browser, api.base, api.bob)
             until(browser, "the waiting jobs listed", lambda: set(stuck) <= {
                 c["id"] for c in cards(browser) if c["status"] == "queued"}, 30)
             made = generate(browser, "a short one past the streams")
@@ -432,14 +432,7 @@ def test_the_page_says_a_refused_stream_and_continues_a_finished_job(
     """This module's worker and gateway run the default engine, which does not stream: a ticked
     "stream" box is refused with unsupported_option, shown, and unticked. Then "Continue this"
     on a finished 1 s job sends its audio back as the continuation of a longer job."""
-    browser.get(f"{api.base}/")
-    until(browser, "models loaded",
-          lambda: len(Select(browser.find_element(By.ID, "model")).options) > 1, 30)
-    browser.find_element(By.ID, "api-key").send_keys(api.alice["Authorization"].split()[1])
-    Select(browser.find_element(By.ID, "format")).select_by_value("wav")
-    duration = browser.find_element(By.ID, "duration")
-    duration.clear()
-    duration.send_keys("1")
+    open_page(browser, api.base, api.alice)
     prompt = f"a tune to go on {uuid.uuid4().hex[:6]}"
     browser.find_element(By.ID, "prompt").send_keys(prompt)
     box = browser.find_element(By.ID, "stream")

@@ -14,10 +14,9 @@ import pytest
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select
 
 from .conftest import Worker, WorkerFactory, held, release, wait_for
-from .test_gateway import Api, api, browser, card, generate, until
+from .test_gateway import Api, api, browser, card, generate, open_page, until
 from .test_streaming import STREAMING
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -46,16 +45,9 @@ def test_the_page_plays_a_stream_while_the_job_generates(
         api: Api, shared_worker: Worker, browser: webdriver.Chrome) -> None:
     faults = Path(shared_worker.env["FAULTS_DIR"])
     hold = f"gw-page-stream-{uuid.uuid4().hex[:6]}"
-    browser.get(f"{api.base}/")
-    until(browser, "models loaded",
-          lambda: len(Select(browser.find_element(By.ID, "model")).options) > 1, 30)
-    browser.find_element(By.ID, "api-key").send_keys(api.alice["Authorization"].split()[1])
-    Select(browser.find_element(By.ID, "format")).select_by_value("wav")
-    duration = browser.find_element(By.ID, "duration")
-    duration.clear()
     # A long clip held late (8 s of it made): headless Chromium reported nothing buffered from
     # the ~2 s that a 3 s clip held after 120 steps had published (readyState 0, still loading).
-    duration.send_keys("10")
+    open_page(browser, api.base, api.alice, duration="10")
     browser.find_element(By.ID, "stream").click()
     job = generate(browser, f"FAULT:hold-after={hold}:400 a streamed piece")
     assert browser.execute_script("return window.sentRequests")[-1]["stream"] is True
