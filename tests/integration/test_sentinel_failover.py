@@ -13,6 +13,7 @@ on a state; the bounds only fail a broken run.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,9 +117,24 @@ def enqueue_through_switch(producer: pipeline.Producer, topology: SentinelTopolo
 
 
 def enqueue_jobs(producer: pipeline.Producer, prompt: str, count: int) -> dict[str, JobHandle]:
-    return {f"{prompt} {i}": producer.enqueue(GenerationRequest(prompt=f"{prompt} {i}", duration=0.5,
-                                                                format="wav"))
-            for i in range(count)}
+    """Enqueue ``count`` jobs before the failover, as a caller should: with the replica wait, a
+    replica that lags past ``broker.wait_timeout_ms`` (a loaded CI host) refuses an enqueue whose
+    job is already queued, and the refusal says to enqueue again with the same ``job_id``; that
+    returns the same job once a replica has it, never a second one."""
+    handles: dict[str, JobHandle] = {}
+    for i in range(count):
+        request = GenerationRequest(prompt=f"{prompt} {i}", duration=0.5, format="wav",
+                                    job_id=uuid.uuid4().hex)
+        started = time.monotonic()
+        while f"{prompt} {i}" not in handles:
+            try:
+                handles[f"{prompt} {i}"] = producer.enqueue(request)
+            except pipeline.ServiceUnavailable as refused:
+                assert refused.details and request.job_id in refused.details["job_ids"], refused
+                assert time.monotonic() - started < SWITCH_BOUND_S, refused
+                time.sleep(float(refused.details.get("retry_after") or 1))
+        assert handles[f"{prompt} {i}"].id == request.job_id
+    return handles
 
 
 def run_failover(producer: pipeline.Producer, topology: SentinelTopology, worker: tuple[Worker, Path],
