@@ -166,18 +166,18 @@ def test_a_melody_model_continues_a_clip_without_a_melody(
     assert torch.equal(seen[0].codes[:, :, :25], _encoded(tiny_melody_model, clip, 25))
 
 
-def test_the_static_engine_hands_a_continuation_to_the_hf_path(
-        tiny_model: LoadedModel, clip: np.ndarray) -> None:
-    engine = StaticEngine(tiny_model, max_rows=2)
-    continued = _item(clip, 1.0)
-    assert not engine.supports(continued)
+def test_the_static_engine_runs_a_continuation_and_hands_one_past_its_window_to_hf(
+        short_window: LoadedModel, clip: np.ndarray) -> None:
+    engine = StaticEngine(short_window, max_rows=2)
+    within, past = _item(clip, 1.0), _item(clip, 4.3)
+    assert engine.supports(within) and not engine.supports(past)
     with pytest.raises(EngineUnsupported) as refused:
-        engine.admit(continued, 0)
-    assert "continuation" in refused.value.message
-    got = generate_on(engine, [continued, GenerationItem("jazz", 0.3, seed=6)])
-    [want] = generate(tiny_model, [continued])
-    np.testing.assert_array_equal(got[0].samples, want.samples)
-    assert got[1].samples.shape == (1, round(0.3 * RATE))
+        engine.admit(past, 0)
+    assert "past the window" in refused.value.message
+    got = generate_on(engine, [within, past, GenerationItem("jazz", 0.3, seed=6)])
+    [want] = generate(short_window, [past])
+    np.testing.assert_array_equal(got[1].samples, want.samples)  # the HF path's, unchanged
+    assert [g.samples.shape for g in got] == [(1, RATE), (1, round(4.3 * RATE)), (1, round(0.3 * RATE))]
 
 
 @pytest.fixture(scope="module")

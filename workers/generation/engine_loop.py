@@ -16,10 +16,10 @@ one decode step at a time, and between two steps it:
 A job that arrives alone starts at once: later jobs join the running batch, so waiting for
 company buys nothing (``generation.batch_wait_ms`` applies to the HF path only).
 
-What the engine cannot generate (melody, a continuation's prompt, past the window, any model it
-cannot drive) goes to the HF loop given as ``fallback``, which runs it exactly as ``HfLoop``
-always has (batch key, OOM split, partial windows) in its own loop thread; both loops share the
-device.
+What the engine cannot generate (melody, past the window, any model it cannot drive) goes to the
+HF loop given as ``fallback``, which runs it exactly as ``HfLoop`` always has (batch key, OOM
+split, partial windows) in its own loop thread; both loops share the device. A continuation
+within the window is the engine's: its row replays the clip's codes first.
 
 Fairness between models: one engine steps at a time (one per ``LoadedModel``, by identity). The
 oldest waiting ticket picks the model; while a ticket of another model waits longer than any of

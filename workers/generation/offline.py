@@ -19,7 +19,7 @@ from workers.generation.ticket import Ticket
 from workers.runtime.batch import GeneratedAudio, GenerationItem, seed_of, validate_items
 from workers.runtime.conditioning import GENERATE_LOCK
 from workers.runtime.engine import StaticEngine
-from workers.runtime.frames import bucket_for, max_new_tokens_for
+from workers.runtime.frames import item_frames, max_new_tokens_for
 from workers.runtime.musicgen import generate as hf_generate
 from workers.runtime.progress import ProgressCallback, ProgressReporter
 
@@ -45,9 +45,8 @@ def generate_on(engine: StaticEngine, items: list[GenerationItem],
     results: list[GeneratedAudio | None] = [None] * len(items)
 
     def steps_of(indices: list[int]) -> int:
-        return sum(max_new_tokens_for(bucket_for(seeded[i].duration_s, loaded,
-                                                 seeded[i].window_stride_s),
-                                      loaded.delay_codebooks) for i in indices)
+        return sum(max_new_tokens_for(item_frames(seeded[i], loaded), loaded.delay_codebooks)
+                   for i in indices)
 
     share = steps_of(elsewhere) / max(steps_of(elsewhere) + steps_of(here), 1)
     if elsewhere:

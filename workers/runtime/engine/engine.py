@@ -7,6 +7,15 @@ Each row runs exactly as the HF path would run it alone (its bucket's ``max_new_
 delay pattern, guidance scale and generator, sampled by ``choose_tokens``), which is what makes
 its codes the HF path's codes: see the module docstrings of ``decoder``, ``delay`` and ``cache``.
 
+A continuation's row is prompted with its clip's EnCodec codes (issue 25), as HF generate is
+with ``decoder_input_ids``: where HF runs the prompt's positions in one forward pass, the row
+steps through them with the others, each step's tokens replaced by the prompt's wherever the
+delay pattern puts a prompt frame (``_force_prompt``); it draws no random numbers until its
+first generated position, as HF calls its logits processors only from there. The keys and
+values it writes are the prefill's, so its codes are the HF path's (tests/workers/
+test_engine_continuation.py). A prompt costs a row its frames in steps; HF pays them in one
+call, but that call holds every row of its batch.
+
 One engine belongs to one thread (the worker's GPU loop); nothing in it is locked.
 """
 
@@ -23,7 +32,7 @@ import torch
 from pipeline.errors import ModelRuntimeError, PipelineError, UnsupportedOption
 from workers.runtime.batch import GeneratedAudio, GenerationItem, validate_items
 from workers.runtime.clips import trimmed_clip
-from workers.runtime.conditioning import model_inputs
+from workers.runtime.conditioning import continuation_audio, model_inputs
 from workers.runtime.engine.cache import StaticCache
 from workers.runtime.engine.compile import (
     StepFunction,
@@ -37,8 +46,16 @@ from workers.runtime.engine.delay import codebook_delays, codes_of, frames_of, k
 from workers.runtime.engine.slots import Row, Slots
 from workers.runtime.engine.stream import decode_codes
 from workers.runtime.errors import raise_runtime, runtime_error
-from workers.runtime.frames import bucket_for, max_new_tokens_for, padding_waste_for, window_frames
+from workers.runtime.frames import (
+    check_continuation,
+    item_frames,
+    max_new_tokens_for,
+    padding_waste_for,
+    prompt_frames,
+    window_frames,
+)
 from workers.runtime.loaded import LoadedModel
+from workers.runtime.longform import encode_audio
 from workers.runtime.sampling import RowSampling, choose_tokens, sampling_of
 
 log = logging.getLogger(__name__)
@@ -88,6 +105,7 @@ class StaticEngine:
         self.length_buckets = length_buckets(self._steps_max, lengths)
         self.last_length: int | None = None  # self-attention positions the last step read
         self._active_cache: tuple[list[int], torch.Tensor, RowSampling | None] | None = None
+        self._any_prompted = False  # an active row is a continuation's (set with _active_cache)
         self._step_fn: StepFunction | None = None
         if self.unsupported_model is not None:
             return
@@ -114,6 +132,10 @@ class StaticEngine:
             self._guided = torch.zeros(max_rows, dtype=torch.bool, device=self._device)
             self._codes = torch.full((max_rows, codebooks, self._steps_max + 1), self._pad,
                                      dtype=torch.long, device=self._device)
+            # A continuation's prompt codes laid out by the delay pattern (pad elsewhere), and
+            # each row's prompt frames (0: none): ``_force_prompt``.
+            self._given = torch.full_like(self._codes, self._pad)
+            self._prompt_frames = torch.zeros(max_rows, dtype=torch.long, device=self._device)
             self._codebook_ids = torch.arange(codebooks, device=self._device)
             self._project = (model.text_encoder.config.hidden_size != config.hidden_size
                              and config.cross_attention_hidden_size is None)
@@ -131,16 +153,14 @@ class StaticEngine:
     # --- what the worker asks --------------------------------------------------------------
 
     def supports(self, item: GenerationItem) -> bool:
-        """Whether ``item`` can run here: a text prompt within the window on a text-only model,
-        whose prompt fits the cross-attention cache. Anything else runs on HF generate: a
-        continuation too (a row starts from its first frame here; prompted rows, like long-form
-        windows, are the HF path's)."""
-        if self.unsupported_model is not None or item.melody is not None \
-                or item.continuation is not None:
+        """Whether ``item`` can run here: a text prompt, and a continuation's clip if it has one,
+        within the window on a text-only model, whose prompt fits the cross-attention cache.
+        Anything else runs on HF generate (a melody, past the window: long-form windows)."""
+        if self.unsupported_model is not None or item.melody is not None:
             return False
         if not 0 < item.duration_s <= self.loaded.max_duration_s:
             return False
-        if bucket_for(item.duration_s, self.loaded, item.window_stride_s) > self._window:
+        if item_frames(item, self.loaded) > self._window:
             return False
         return self._prompt_tokens(item.prompt) <= self.max_prompt_tokens
 
@@ -186,21 +206,21 @@ class StaticEngine:
         loaded = self.loaded
         validate_items([item], max_duration_s=loaded.max_duration_s,
                        sampling_rate=loaded.sampling_rate, melody_supported=loaded.is_melody)
+        check_continuation(item, loaded)
         if not self.supports(item):
-            reason = self.unsupported_model or ("melody, continuation, past the window or a "
-                                                "long prompt")
+            reason = self.unsupported_model or "melody, past the window or a long prompt"
             raise EngineUnsupported(f"the static engine does not run this item ({reason})",
                                     field="model" if self.unsupported_model else "prompt")
         if not self._slots.free():
             raise RuntimeError(f"no free row: all {self.max_rows} are generating")
-        steps = max_new_tokens_for(bucket_for(item.duration_s, loaded, item.window_stride_s),
-                                   loaded.delay_codebooks)
+        steps = max_new_tokens_for(item_frames(item, loaded), loaded.delay_codebooks)
         sampling = sampling_of(item, seed)
         generator = (None if sampling.greedy
                      else torch.Generator(device=self._device).manual_seed(seed))
         job = Row(item=item, seed=seed, steps=steps,
                   frames=frames_of(steps, loaded.delay_codebooks),
-                  batch_size=self.active() + 1, sampling=sampling, generator=generator)
+                  batch_size=self.active() + 1, sampling=sampling, generator=generator,
+                  prompt_frames=prompt_frames(item, loaded))
         row = self._slots.take(job)
         try:
             with torch.inference_mode():
@@ -212,6 +232,7 @@ class StaticEngine:
                 self._scale[row] = item.guidance_scale
                 self._guided[row] = item.guidance_scale > 1
                 self._codes[row] = self._pad
+                self._fill_given(row, job)
         except BaseException as e:
             self._slots.drop(row)
             if isinstance(e, RuntimeError) and not isinstance(e, PipelineError):
@@ -272,6 +293,8 @@ class StaticEngine:
                 keep = keep_generated(position, self._frames.index_select(0, index),
                                       self._delays)
                 tokens = torch.where(keep, tokens, self._pad)
+                if self._any_prompted:
+                    tokens = self._force_prompt(index, position, tokens)
                 self._codes.index_put_((index[:, None], self._codebook_ids[None, :],
                                         position[:, None]), tokens)
                 self._tokens.index_copy_(0, index, tokens)
@@ -306,6 +329,7 @@ class StaticEngine:
             sampling = (None if all(job.greedy for job in jobs)
                         else RowSampling.of(jobs, self.loaded.num_codebooks, self._device))
             self._active_cache = (active, index, sampling)
+            self._any_prompted = any(self._slots.get(r).prompt_frames for r in active)
         return self._active_cache
 
     def _run(self, bucket: int, furthest: int) -> torch.Tensor:
@@ -341,11 +365,38 @@ class StaticEngine:
         flat = logits.reshape(count * codebooks, vocab)
         if sampling is None:
             return flat.argmax(dim=-1).view(count, codebooks)
+        # A row still inside its prompt draws nothing: every token of the step is the prompt's
+        # (or the pattern's pad), and HF's sampler first runs at the first generated position.
         draws = torch.cat([
-            torch.zeros(codebooks, device=self._device) if job.generator is None
+            torch.zeros(codebooks, device=self._device)
+            if job.generator is None or job.done < job.prompt_frames
             else torch.rand(codebooks, generator=job.generator, device=self._device)
             for job in rows])
         return choose_tokens(flat, sampling, draws).view(count, codebooks)
+
+    def _fill_given(self, row: int, job: Row) -> None:
+        """Lay a continuation's clip codes out in row ``row`` as the delay pattern reads them:
+        frame ``j`` of codebook ``c`` at position ``j + 1 + delay[c]`` (``delay`` module)."""
+        self._given[row] = self._pad
+        self._prompt_frames[row] = job.prompt_frames
+        if not job.prompt_frames:
+            return
+        loaded = self.loaded
+        clip = continuation_audio(loaded, [job.item], job.prompt_frames * loaded.samples_per_frame)
+        codes = encode_audio(loaded.model, clip.to(self._device, loaded.dtype))[0]
+        index = (1 + self._delays[:, None]
+                 + torch.arange(job.prompt_frames, device=self._device)[None, :])
+        self._given[row].scatter_(1, index, codes.to(torch.long))
+
+    def _force_prompt(self, index: torch.Tensor, position: torch.Tensor,
+                      tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` ``(rows, codebooks)`` at each row's new ``position``, with the prompt's
+        codes wherever that position holds a prompt frame (HF's delay-pattern mask does the same
+        to what it generates past its prompt)."""
+        offset = position[:, None] - self._delays[None, :]
+        forced = (offset >= 1) & (offset <= self._prompt_frames.index_select(0, index)[:, None])
+        given = self._given[index[:, None], self._codebook_ids[None, :], position[:, None]]
+        return torch.where(forced, given, tokens)
 
     def _fill_prompt(self, row: int, item: GenerationItem) -> None:
         """Encode the prompt once and write every layer's cross-attention keys and values."""
@@ -406,6 +457,8 @@ class StaticEngine:
     def _trimmed(self, job: Row, samples: np.ndarray) -> GeneratedAudio | PipelineError:
         """A finished row's ``(channels, samples)`` trimmed to its item's duration, or the error
         of a decode that came back short."""
+        if not job.item.continuation_included:  # the new audio starts where the clip ends
+            samples = samples[:, job.prompt_frames * self.loaded.samples_per_frame:]
         try:
             return trimmed_clip(self.loaded, samples, job.item.duration_s, seed=job.seed,
                                 generate_seconds=time.perf_counter() - job.admitted_at,

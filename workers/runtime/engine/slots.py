@@ -18,7 +18,8 @@ class Row:
     ``steps`` is its bucket's ``max_new_tokens`` (what the HF path runs it for), ``frames`` the
     codec frames those steps produce, ``done`` the steps taken so far (also its position: the
     cache entries it has written). ``batch_size`` is the number of active rows, itself included,
-    when it was admitted.
+    when it was admitted. ``prompt_frames`` is the frames of a continuation's clip the row is
+    prompted with (0: none): its first steps replay them instead of drawing.
     """
 
     item: GenerationItem
@@ -28,6 +29,7 @@ class Row:
     batch_size: int
     sampling: JobSampling
     generator: torch.Generator | None
+    prompt_frames: int = 0
     done: int = 0
     admitted_at: float = field(default_factory=time.perf_counter)
 
