@@ -284,13 +284,15 @@ class JobRunner:
                 spec, model_settings_for(self.settings, spec.model).max_duration))
             ticket = self.loop.submit(loaded, item, batch_key_for(loaded, item), model=spec.model,
                                       hard_limit_s=limits.hard)
+            # A continuation whose output leaves its clip out starts after the clip's frames.
+            skipped = 0 if item.continuation_included else prompt_frames(item, loaded)
             if job_stream is not None:
                 ticket.stream = self.stream_publisher().row(
                     job_stream, chunk_s=self.settings.generation.stream_chunk_s,
                     frame_rate=loaded.frame_rate,
-                    target_samples=round(spec.duration * loaded.sampling_rate))
-            skip = 0 if item.continuation_included else (prompt_frames(item, loaded)
-                                                         * loaded.samples_per_frame)
+                    target_samples=round(spec.duration * loaded.sampling_rate),
+                    first_frame=skipped)
+            skip = skipped * loaded.samples_per_frame
             partials = PartialPublisher(spec, loaded, out_dir, temp_dir, backend, on_partial,
                                         skip=skip)
             audio = self._wait(ticket, progress, deadline=started_at + limits.soft,

@@ -289,7 +289,9 @@ def _stream(request: GenerationRequest, settings: Settings, user: UserContext, *
     """Whether the job streams: refused here, naming ``stream``, for anything the worker could not
     stream. Chunks come out of the static engine's steps, and out of long-form windows (a window
     at a time), so a job that would run on Hugging Face generate in one call (``model.engine =
-    hf``, a melody) is refused; the producer reads the same ``model`` settings as the workers, so
+    hf``, a melody) is refused; a continuation streams as any job does (the engine runs it
+    within the window, long-form windows past it), from the clip when it is included; the
+    producer reads the same ``model`` settings as the workers, so
     it knows the engine here. (A job the engine hands to HF all the same, its self-check failed
     or its prompt past the engine's prompt cache, streams its audio as one chunk at the end.)"""
     if not request.stream:
@@ -304,8 +306,4 @@ def _stream(request: GenerationRequest, settings: Settings, user: UserContext, *
     if request.melody is not None:
         raise UnsupportedOption("stream=True cannot be combined with a melody (melody jobs run "
                                 "on Hugging Face generate, which does not stream)", "stream")
-    if request.continuation is not None:
-        raise UnsupportedOption("stream=True cannot be combined with a continuation (a "
-                                "continuation runs on Hugging Face generate, which does not "
-                                "stream)", "stream")
     return True

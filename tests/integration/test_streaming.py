@@ -2,7 +2,8 @@
 process with ``model.engine = static``, the tiny model and real ffmpeg.
 
 Two ``stream=True`` jobs run in the engine at once; one is read live from before it starts,
-the other only after it has finished (a late reader). Each reader gets chunks from index 0,
+the other (a continuation of a clip, the clip left out) only after it has finished (a late
+reader). Each reader gets chunks from index 0,
 then the job's result; the joined chunks have the finished file's exact sample count and, with
 normalization off, its samples within 16-bit rounding.
 """
@@ -40,12 +41,18 @@ def _joined(items: list[Any]) -> tuple[np.ndarray, JobResult]:
 
 
 def test_two_streaming_jobs_through_a_real_worker(
-        workers: WorkerFactory, workdir: Path, redis_url: str,
+        workers: WorkerFactory, workdir: Path, redis_url: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The late job continues a clip and leaves it out of its output: its stream starts at the
+    first new frame (the worker tells the row's schedule where its output starts)."""
     prod = producer(workdir, redis_url, monkeypatch, **STREAMING)
+    clip = tmp_path / "clip.wav"
+    soundfile.write(clip, 0.3 * np.sin(np.arange(38400) * 2 * np.pi * 220 / 32000), 32000)
     requests = [GenerationRequest(prompt=f"streamed piece {i}", duration=d, seed=i, stream=True,
                                   format="wav", normalization="none", guidance_scale=1.0)
                 for i, d in enumerate((2.5, 1.7))]
+    requests[1] = requests[1].model_copy(update={"continuation": clip,
+                                                 "continuation_included": False})
     live_items: list[Any] = []
     live = prod.enqueue(requests[0])
     reader = threading.Thread(target=lambda: live_items.extend(live.stream(timeout=300)))

@@ -3,8 +3,11 @@ naming ``stream``, for a job that would run on Hugging Face generate (which does
 
 from __future__ import annotations
 
+import io
+import wave
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.client.resolve import resolve
@@ -54,6 +57,21 @@ def test_stream_is_refused_where_the_job_would_run_on_hf_generate(tmp_path: Path
     # Long-form jobs run window by window on HF and stream a window at a time.
     assert resolve(GenerationRequest(prompt="x", duration=45.0, stream=True), static,
                    job_id="j").stream is True
+    # Continuations run on the engine within the window (and window by window past it).
+    assert resolve(GenerationRequest(prompt="x", duration=3.0, stream=True,
+                                     continuation=_wav(1.0)), static, job_id="c").stream is True
+
+
+def _wav(seconds: float, rate: int = 32_000) -> bytes:
+    """A quiet sine of ``seconds`` as WAV bytes (16-bit mono)."""
+    samples = (3000 * np.sin(np.arange(int(seconds * rate)) * 0.05)).astype("<i2")
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(samples.tobytes())
+    return out.getvalue()
 
 
 def test_stream_must_be_a_boolean() -> None:

@@ -79,15 +79,22 @@ class RowStream:
     Chunk ``k`` emits frames ``[k*chunk, (k+1)*chunk)`` and is decoded from
     ``left_context`` frames before to ``lookahead`` frames after (so it falls due once that last
     lookahead frame is final). A chunk whose samples would reach past the clip's own length
-    (``target_samples``) is not scheduled: the job's finished decode covers the rest."""
+    (``target_samples``) is not scheduled: the job's finished decode covers the rest. A
+    continuation whose output leaves its clip out starts at frame ``first_frame`` (the clip's
+    frames: the row's codes start with them, the output does not); frame numbers stay the
+    row's, so the left context reaches into the clip as the one-call decode does."""
 
     job: JobStream
     publisher: StreamPublisher
     chunk_frames: int
     hop: int  # samples per frame
     target_samples: int
+    first_frame: int = 0
     next_frame: int = 0
     spans: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.next_frame = max(self.next_frame, self.first_frame)
 
     def due(self, final_frames: int) -> list[tuple[int, int, int, int]]:
         """The ``(lo, start, end, hi)`` frame spans to decode now, given the frames final."""
@@ -95,7 +102,8 @@ class RowStream:
         left, ahead = self.publisher.left_context, self.publisher.lookahead
         while True:
             start, end = self.next_frame, self.next_frame + self.chunk_frames
-            if end + ahead > final_frames or end * self.hop > self.target_samples:
+            if end + ahead > final_frames \
+                    or (end - self.first_frame) * self.hop > self.target_samples:
                 return out
             out.append((max(0, start - left), start, end, end + ahead))
             self.next_frame = end
@@ -116,11 +124,13 @@ class StreamPublisher:
 
     # --- any thread ----------------------------------------------------------------------------
     def row(self, job: JobStream, *, chunk_s: float, frame_rate: float,
-            target_samples: int) -> RowStream:
-        """A ticket's schedule for ``job`` (clears the stream: a new attempt starts from 0)."""
+            target_samples: int, first_frame: int = 0) -> RowStream:
+        """A ticket's schedule for ``job`` (clears the stream: a new attempt starts from 0);
+        ``first_frame``: the output's first frame in the row's codes (``RowStream``)."""
         self._put(lambda: self._begin(job))
         return RowStream(job, self, chunk_frames=max(1, round(chunk_s * frame_rate)),
-                         hop=round(job.sample_rate / frame_rate), target_samples=target_samples)
+                         hop=round(job.sample_rate / frame_rate), target_samples=target_samples,
+                         first_frame=first_frame)
 
     def chunks(self, loaded: Any, due: list[tuple[RowStream, int, int, int, Any]]) -> None:
         """Chunks that fell due in one step, ``(row stream, lo, start, end, codes of lo..hi)``:

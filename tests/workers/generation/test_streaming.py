@@ -116,6 +116,40 @@ def test_several_rows_stream_at_once_and_join_to_the_one_call_decode(
         assert client.ttl(stream_key(job_id)) > 0  # expires with the job
 
 
+@pytest.mark.parametrize("included", [True, False])
+def test_a_continuation_streams_from_its_output_start_on_the_engine(
+        tiny_model: LoadedModel, client: redis.Redis, job_ids: list[str], included: bool) -> None:
+    """A continuation's row starts with its clip's frames: streamed from them when the output
+    includes the clip, from the first new frame when it does not; joined, the chunks are the
+    finished clip either way (the left context of the first chunk then reaches into the clip)."""
+    [made] = generate(tiny_model, [GenerationItem("a drum", 1.0, seed=3)])
+    clip = made.samples[:, :30 * 640]  # 0.6 s: 30 frames
+    duration = 2.1 if included else 1.5
+    item = GenerationItem("a piano", duration, seed=4, continuation=(clip, 32000),
+                          continuation_included=included)
+    publisher = _publisher()
+    loop = EngineLoop(lambda model, rows: StaticEngine(model, max_rows=rows),
+                      HfLoop(generate, max_batch_size=2, batch_wait_s=0.0), max_batch_size=2)
+    assert loop.prepare(tiny_model)
+    job_ids.append(f"stream-test-{uuid.uuid4().hex}")
+    job = JobStream(client, job_ids[-1], attempt=1, sample_rate=32000, channels=1, ttl_s=600)
+    ticket = loop.submit(tiny_model, item, "k")
+    ticket.stream = publisher.row(job, chunk_s=0.5, frame_rate=tiny_model.frame_rate,
+                                  target_samples=round(duration * 32000),
+                                  first_frame=0 if included else 30)
+    audio = ticket.future.result(WAIT)
+    publisher.finish(job, audio.samples)
+    assert publisher.flush(WAIT)
+    entries = _read(client, job_ids[-1])
+    assert entries[-1] == StreamEnd(1, True)
+    joined, seams = _joined(entries)
+    assert joined.shape == audio.samples.shape == (1, round(duration * 32000))
+    assert len(seams) >= 2  # streamed in chunks, not one at the end
+    assert np.abs(joined - audio.samples).max() <= SEAM_TOLERANCE
+    if included:  # the clip's own frames come first, re-decoded from its codes
+        assert np.corrcoef(joined[0, 2000:18000], clip[0, 2000:18000])[0, 1] > 0.5
+
+
 def test_a_chunk_decoded_without_context_would_click(tiny_model: LoadedModel) -> None:
     """The tolerance can fail: the same chunk decoded alone is far off the one-call decode."""
     codes = __import__("torch").randint(0, 2048, (4, 150))
