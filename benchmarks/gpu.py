@@ -17,8 +17,14 @@ passes over a matrix well past the last-level cache), the floor they set on a st
 rate), each path's step time and its fraction of that floor. Then a mixed-duration workload (jobs of random lengths, fixed seed, one batch size): HF the way
 the batching worker feeds it (the oldest job and up to batch - 1 others of its batch key, one
 call each) against the engine's continuous batching; and the time to first audio of one 10 s
-job (from the call to the finished clip). Last, the issue's targets with MET / NOT MET, and
-at batch 1 the most over HF the floor allows.
+job (from the call to the finished clip). Beside it the first streamed chunk (issue 25): one
+10 s job alone on the batch-1 engine, streamed as the worker streams it (``RowStream.due``'s
+schedule with the publisher's left context and lookahead, ``decode_chunks``), timed from
+``engine.admit`` to its first chunk (``generation.stream_chunk_s``, 1 s, plus 8 lookahead
+frames) decoded to PCM, the device synchronized, and to its finished clip: medians of 3 runs
+after a warm-up. Last, the issues' targets with MET / NOT MET (the first chunk under 0.5 s on
+musicgen-small only on CUDA; benchmarks/first_audio.py measures the CPU's 1.5 s end to end),
+and at batch 1 the most over HF the floor allows.
 
 Models: ``tiny`` (workers.runtime.tiny) and random-weight ``small``, ``medium``, ``large`` with
 the real shapes (workers.runtime.shapes); ``small@2`` cuts the decoder (and text encoder) to 2
@@ -27,7 +33,8 @@ compile off (compiling on the CPU takes minutes; ``--compile on`` still does it)
 is CI's run: tiny and small@2, batches 1 and 2, 1 s of audio, compile off. A configuration
 that runs out of memory prints "skipped: out of memory" and the run goes on. The full run prints
 a rough estimate of its duration first. ``--quick`` is benchmarks/quick.py: one shape, HF
-against the engine eager and compiled, in minutes on a GPU and seconds on the CPU.
+against the engine eager and compiled and their batch-1 first chunk, in minutes on a GPU and
+seconds on the CPU.
 """
 
 from __future__ import annotations
@@ -748,6 +755,7 @@ def print_report(plan: Plan, report: Report, memory: PeakMemory) -> None:
         print(f"{r.model:<10} {r.dtype:<5} {r.compile:<7} {r.batch:>5} "
               f"{f'{r.hf.wall_s:.2f}' if r.hf else '-':>9} "
               f"{f'{r.engine.wall_s:.2f}' if r.engine else '-':>9} {_x(r.ratio()):>7}" + _skips(r))
+    print()
     print(f"first chunk: one {plan.stream_s:g} s job alone on the engine, from engine.admit to "
           f"its first streamed chunk decoded to PCM ({LOOKAHEAD_FRAMES} lookahead frames past "
           f"it; the worker's schedule and decode_chunks) and to its finished clip, median of "

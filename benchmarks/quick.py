@@ -8,9 +8,15 @@ window, so one engine compiles 2 graphs (issue 22: under 5 minutes on one H100).
 Each row: tokens/s, the real-time factor (audio seconds per wall second), peak memory beside the
 cache's own bytes (a ratio near 2 or more means the step holds a copy of its cache), the
 compile time, and dynamo's counters over the compiled engine's life: CUDA-graph skips, graph
-breaks and recompiles (graphs compiled past the one per (row bucket, length bucket)). Then the
-engine's codes against HF generate in fp32 on the device (the self-check's canary, eager and
-compiled), and on the CPU the issue's two step-time targets with MET / NOT MET.
+breaks and recompiles (graphs compiled past the one per (row bucket, length bucket)). After
+batch 1's rows, each batch-1 engine's first streamed chunk (issue 25, ``benchmarks.gpu.
+first_chunk``): one job alone (10 s on CUDA, 2 s on the CPU: a 1 s job ends before its first
+chunk and its lookahead are final), from ``engine.admit`` to its first 1 s chunk decoded to PCM
+with the worker's schedule and ``decode_chunks``, the device synchronized, beside its finished
+clip (medians of 3 runs after a warm-up). Then the engine's codes against HF generate in fp32
+on the device (the self-check's canary, eager and compiled), issue 25's first-chunk target
+(under 0.5 s on musicgen-small, judged only on CUDA), and on the CPU issue 22's two step-time
+targets with MET / NOT MET.
 """
 
 from __future__ import annotations
