@@ -87,6 +87,15 @@ def test_the_canary_fails_when_the_engines_codes_differ(tiny_model: LoadedModel)
     assert verdict.reason.startswith("row 0's codes differ from HF generate's in float32")
 
 
+def test_the_canary_fails_when_a_continuation_row_ignores_its_clip(
+        tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = StaticEngine(tiny_model, max_rows=3)
+    monkeypatch.setattr(engine, "_force_prompt", lambda index, position, tokens: tokens)
+    verdict = self_check(engine)
+    assert not verdict.passed
+    assert verdict.reason.startswith("row 2's codes differ from HF generate's"), verdict.reason
+
+
 def test_in_bfloat16_the_canary_asks_finite_audio_of_the_right_shape(tiny_path: Path) -> None:
     loaded = load_model(str(tiny_path), device="cpu", dtype="bfloat16", offline=True)
     engine = StaticEngine(loaded, max_rows=2)

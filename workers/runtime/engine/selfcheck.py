@@ -2,8 +2,8 @@
 
 The static engine is exact against transformers' generate in fp32 on the hardware its tests ran
 on; a new GPU, driver or dtype is untested ground (house style 18). So before a worker serves a
-model with it, ``self_check`` runs a couple of greedy rows (different lengths, guided and not,
-admitted together) through the engine as built (compiled or eager) and each row alone through
+model with it, ``self_check`` runs a few greedy rows (different lengths, guided and not, one
+continuing a clip, admitted together) through the engine as built (compiled or eager) and each row alone through
 the HF path (``workers.runtime.musicgen.generate``), on the same device and dtype.
 
 What is compared is the audio: EnCodec is a deterministic function of the codes and both paths
@@ -28,11 +28,22 @@ from workers.runtime.engine.engine import StaticEngine
 from workers.runtime.loaded import LoadedModel
 from workers.runtime.musicgen import generate as hf_generate
 
-# Two rows of different lengths (32 and 16 frames: a few dozen steps), one guided and one not,
+
+def _canary_clip(seconds: float = 0.2, rate: int = 32_000) -> np.ndarray:
+    """A fixed clip for the continuation row: a 220 Hz tone with its octave, ``(1, n)``."""
+    t = np.arange(round(seconds * rate), dtype=np.float64) / rate
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.1 * np.sin(2 * np.pi * 440 * t)
+    return tone.astype(np.float32)[None]
+
+
+# Rows of different lengths (32 and 16 frames: a few dozen steps), one guided and one not, and a
+# continuation of a 10-frame clip (its row replays the clip's codes through the delay pattern),
 # fixed seeds (unused by greedy decoding, but nothing is drawn at random).
 CANARY: tuple[GenerationItem, ...] = (
     GenerationItem("calm piano", 0.5, temperature=0.0, guidance_scale=3.0, seed=11),
     GenerationItem("drums", 0.3, temperature=0.0, guidance_scale=1.0, seed=12),
+    GenerationItem("a tune", 0.6, temperature=0.0, guidance_scale=3.0, seed=13,
+                   continuation=(_canary_clip(), 32_000)),
 )
 # Equal codes differ only by float rounding (~1e-6 on the tiny model); one different token moves
 # the audio by ~1e-2 there (tests/workers/test_sampling.py ALONE_VS_BATCHED_MAX_DIFF).
