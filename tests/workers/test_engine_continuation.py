@@ -20,9 +20,10 @@ from pipeline.errors import InvalidRequest
 from workers.generation.offline import generate_on
 from workers.runtime import GenerationItem, LoadedModel, generate
 from workers.runtime.engine import StaticEngine
-from workers.runtime.frames import prompt_frames
+from workers.runtime.frames import item_frames, max_new_tokens_for, prompt_frames
 from workers.runtime.loading import load_model
 from workers.runtime.longform import WindowCodes, encode_audio
+from workers.runtime.shapes import random_loaded
 from workers.runtime.tiny import make_tiny
 
 from .test_engine import assert_same_codes, engine_codes
@@ -71,6 +72,22 @@ def test_greedy_continuation_codes_are_the_hf_paths_and_start_with_the_clip(
     assert torch.equal(codes[:, :25], clip_codes(short_window, clip, 25))
     assert codes.shape[-1] > 25  # and it generated past the clip
     assert_same_codes(codes, hf_clip_codes(short_window, item))
+
+
+def test_admission_runs_the_clip_through_the_decoder_at_once(
+        short_window: LoadedModel, clip: np.ndarray) -> None:
+    """The clip's 25 frames are prefilled: the row starts 25 steps in, the clip's frames that
+    every codebook has (25 - 3 with the tiny model's 4 codebooks) already final."""
+    engine = StaticEngine(short_window, max_rows=1)
+    item = continued(clip, 1.0, temperature=0.0)
+    row = engine.admit(item, 5)
+    try:
+        steps = max_new_tokens_for(item_frames(item, short_window), short_window.delay_codebooks)
+        assert engine.progress(row) == 25 / steps
+        assert engine.final_frames(row) == 25 - 3
+        assert torch.equal(engine.codes_range(row, 0, 22), clip_codes(short_window, clip, 25)[:, :22])
+    finally:
+        engine.release(row)
 
 
 def test_sampled_continuations_beside_plain_rows_have_the_hf_paths_codes(
@@ -140,3 +157,16 @@ def test_a_continuation_the_model_cannot_continue_is_refused_at_admission(
         engine.admit(continued(tiny_clip, 1.0), 0)
     assert refused.value.field == "continuation"
     assert engine.free_rows() == 1  # nothing was taken
+
+
+def test_a_continuation_on_musicgen_small_shapes_has_hf_generates_codes() -> None:
+    """The prefill over small's widths (T5-base states through enc_to_dec_proj, 16 heads), two
+    decoder layers: the same codes as the HF path, greedy."""
+    torch.set_num_threads(1)
+    small = random_loaded("small", layers=2, text_layers=1)
+    t = np.arange(int(0.3 * RATE)) / RATE
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)[None]
+    item = GenerationItem("calm piano", 0.5, temperature=0.0, continuation=(tone, RATE))
+    assert prompt_frames(item, small) == 15
+    [codes] = engine_codes(StaticEngine(small, max_rows=1), [item])
+    assert_same_codes(codes, hf_clip_codes(small, item))

@@ -94,6 +94,48 @@ class DecoderStep(nn.Module):
         mixed = uncond + (cond - uncond) * scale[:, None, None]
         return torch.where(guided[:, None, None], mixed, cond)
 
+    def prefill(self, row: int, tokens: torch.Tensor) -> None:
+        """Write engine row ``row``'s self-attention keys and values for positions
+        ``0 .. n-1`` of ``tokens`` ``(n, codebooks)`` in one pass (a continuation's clip, known
+        in advance), as ``n`` steps would: both guidance halves, causal, on the cross-attention
+        already set. Nothing past the last layer's keys and values is needed (no logits: the
+        row's first step reads position ``n``)."""
+        n = tokens.shape[0]
+        embeds = sum(F.embedding(tokens[:, c], self.embed_tokens[c].weight)
+                     for c in range(tokens.shape[1]))
+        hidden = (embeds + self.positions.weights[:n])[None].expand(2, n, -1)
+        cache, pair = self.cache, slice(2 * row, 2 * row + 2)
+        heads, head_dim = self.heads, self.head_dim
+
+        def split(states: torch.Tensor) -> torch.Tensor:  # (2, n, h*d) -> (2, h, n, d)
+            return states.view(2, n, heads, head_dim).transpose(1, 2)
+
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            hidden = _norm(layer.self_attn_layer_norm, hidden)
+            attn = layer.self_attn
+            key, value = split(_linear(attn.k_proj, hidden)), split(_linear(attn.v_proj, hidden))
+            cache.self_k[index][pair, :, :n] = key
+            cache.self_v[index][pair, :, :n] = value
+            if index == len(self.layers) - 1:
+                return
+            query = split(_linear(attn.q_proj, hidden))
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                 scale=self.scaling)
+            hidden = residual + _linear(attn.out_proj, out.transpose(1, 2).reshape(2, n, -1))
+
+            residual = hidden
+            hidden = _norm(layer.encoder_attn_layer_norm, hidden)
+            attn = layer.encoder_attn
+            out = F.scaled_dot_product_attention(
+                split(_linear(attn.q_proj, hidden)), cache.cross_k[index, pair],
+                cache.cross_v[index, pair], attn_mask=cache.cross_mask[pair], scale=self.scaling)
+            hidden = residual + _linear(attn.out_proj, out.transpose(1, 2).reshape(2, n, -1))
+
+            residual = hidden
+            hidden = _norm(layer.final_layer_norm, hidden)
+            hidden = residual + _linear(layer.fc2, layer.activation_fn(_linear(layer.fc1, hidden)))
+
     def _attend(self, attn: Any, query: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,

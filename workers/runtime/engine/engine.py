@@ -8,13 +8,13 @@ delay pattern, guidance scale and generator, sampled by ``choose_tokens``), whic
 its codes the HF path's codes: see the module docstrings of ``decoder``, ``delay`` and ``cache``.
 
 A continuation's row is prompted with its clip's EnCodec codes (issue 25), as HF generate is
-with ``decoder_input_ids``: where HF runs the prompt's positions in one forward pass, the row
-steps through them with the others, each step's tokens replaced by the prompt's wherever the
-delay pattern puts a prompt frame (``_force_prompt``); it draws no random numbers until its
-first generated position, as HF calls its logits processors only from there. The keys and
-values it writes are the prefill's, so its codes are the HF path's (tests/workers/
-test_engine_continuation.py). A prompt costs a row its frames in steps; HF pays them in one
-call, but that call holds every row of its batch.
+with ``decoder_input_ids``: at admission the clip's positions go through the decoder in one pass
+(``DecoderStep.prefill``, HF's prefill), which writes the row's keys and values and leaves it at
+the clip's last position; from there it steps with the others, its tokens replaced by the clip's
+wherever the delay pattern still puts a clip frame (``_force_prompt``: the later codebooks lag
+the first by their delay). Its first step is HF's first generated position, where both draw their
+first random numbers, so its codes are the HF path's (tests/workers/
+test_engine_continuation.py).
 
 One engine belongs to one thread (the worker's GPU loop); nothing in it is locked.
 """
@@ -233,6 +233,8 @@ class StaticEngine:
                 self._guided[row] = item.guidance_scale > 1
                 self._codes[row] = self._pad
                 self._fill_given(row, job)
+                if job.prompt_frames:
+                    self._prefill_clip(row, job)
         except BaseException as e:
             self._slots.drop(row)
             if isinstance(e, RuntimeError) and not isinstance(e, PipelineError):
@@ -365,11 +367,8 @@ class StaticEngine:
         flat = logits.reshape(count * codebooks, vocab)
         if sampling is None:
             return flat.argmax(dim=-1).view(count, codebooks)
-        # A row still inside its prompt draws nothing: every token of the step is the prompt's
-        # (or the pattern's pad), and HF's sampler first runs at the first generated position.
         draws = torch.cat([
-            torch.zeros(codebooks, device=self._device)
-            if job.generator is None or job.done < job.prompt_frames
+            torch.zeros(codebooks, device=self._device) if job.generator is None
             else torch.rand(codebooks, generator=job.generator, device=self._device)
             for job in rows])
         return choose_tokens(flat, sampling, draws).view(count, codebooks)
@@ -387,6 +386,18 @@ class StaticEngine:
         index = (1 + self._delays[:, None]
                  + torch.arange(job.prompt_frames, device=self._device)[None, :])
         self._given[row].scatter_(1, index, codes.to(torch.long))
+
+    def _prefill_clip(self, row: int, job: Row) -> None:
+        """Run row ``row``'s clip positions ``0 .. P-1`` through the decoder at once and leave
+        the row where ``P`` steps would have: at position ``P`` with its tokens there (every
+        codebook's is the clip's or the pattern's pad up to ``P``), the clip's codes in place."""
+        frames = job.prompt_frames
+        given = self._given[row]
+        self._step.prefill(row, given[:, :frames].T)
+        self._codes[row, :, :frames + 1] = given[:, :frames + 1]
+        self._tokens[row] = given[:, frames]
+        self._position[row] = frames
+        job.done = frames
 
     def _force_prompt(self, index: torch.Tensor, position: torch.Tensor,
                       tokens: torch.Tensor) -> torch.Tensor:

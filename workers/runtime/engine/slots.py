@@ -19,7 +19,8 @@ class Row:
     codec frames those steps produce, ``done`` the steps taken so far (also its position: the
     cache entries it has written). ``batch_size`` is the number of active rows, itself included,
     when it was admitted. ``prompt_frames`` is the frames of a continuation's clip the row is
-    prompted with (0: none): its first steps replay them instead of drawing.
+    prompted with (0: none): admission runs them through the decoder at once, so the row starts
+with ``done`` at that many steps.
     """
 
     item: GenerationItem
