@@ -1,7 +1,8 @@
 """What streaming costs the engine loop: audio s/s at batch 8 with and without every job streaming.
 
     .venv/bin/python benchmarks/streaming.py [--smoke] [--jobs 8] [--duration 5] [--chunk 1.0]
-        [--rounds 2] [--model PATH] [--device cpu] [--threads 1] [--redis redis://127.0.0.1:6379/0]
+        [--rounds 2] [--model PATH] [--device cpu] [--threads 1]
+        [--redis redis://127.0.0.1:6379/0 | --redis none]
 
 Both cases run the same ``--jobs`` jobs (seeded, all submitted at once, so they share the
 engine's ``--jobs`` rows) through ``EngineLoop`` over ``StaticEngine`` in the same process and
@@ -13,6 +14,14 @@ first chunk's time after submission, the decode calls and chunks per call, and t
 each job's joined chunks against its one-call decode (max abs diff, SNR). The tiny
 random-weight model on the CPU by default (--model for a real checkpoint on a GPU). Its keys
 (``musicgen:stream:bench-*``) are deleted at the end; nothing else in the Redis is touched.
+``--redis none`` streams to an in-process stand-in for the few Redis calls made
+(``benchmarks/inprocess_redis.py``): it runs where no Redis server exists and leaves out the
+server's round trips (they are on the publisher's thread too).
+
+The measurement is ``measure(loaded, jobs, duration, chunk_s, rounds, client)`` (a
+``StreamingCost``: walls, costs, first chunks, decode calls, seams, and the lines printed
+here); ``benchmarks/gpu.py --quick`` runs it at batch 8 on the stand-in, the one place a GPU
+machine (no Redis, no network) measures it.
 
 Issue 25's target: streaming costs at most 10 % of the audio s/s at batch 8.
 """
