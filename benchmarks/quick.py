@@ -17,6 +17,18 @@ clip (medians of 3 runs after a warm-up). Then the engine's codes against HF gen
 on the device (the self-check's canary, eager and compiled), issue 25's first-chunk target
 (under 0.5 s on musicgen-small, judged only on CUDA), and on the CPU issue 22's two step-time
 targets with MET / NOT MET.
+
+Before the fp32 checks, issue 25's streaming cost with ``benchmarks.streaming.measure`` (the
+figures and lines ``benchmarks/streaming.py`` prints): 8 seeded jobs at batch 8 through
+``EngineLoop`` on the eager engine, plain against every job streaming 1 s chunks (EnCodec on
+the publisher's thread) to the in-process Redis stand-in (``benchmarks/inprocess_redis.py``: a
+GPU machine has no Redis server), in alternating rounds after a round of 1 s jobs. On CUDA:
+the plan's model (small bf16), 10 s jobs, 2 rounds, the target "at most 10 % of the audio s/s
+at batch 8" judged MET / NOT MET. On the CPU: tiny, 2 s jobs, 1 round (a few seconds), the
+target "not judged here": CPU figures move with the host's load. What it adds on an H100, an
+estimate not yet measured: 4 runs of ~503 eager steps at batch 8 (launch-bound, ~10-25 ms a
+step: 20-50 s), the warm-up round, the engine's build and the chunk decodes (on their own
+thread, inside the runs' walls): about a minute, inside --quick's 5 minutes.
 """
 
 from __future__ import annotations
@@ -43,6 +55,8 @@ from benchmarks.gpu import (
     jobs,
     timed,
 )
+from benchmarks.inprocess_redis import InProcessRedis
+from benchmarks.streaming import measure
 from workers.generation.offline import generate_on
 from workers.runtime import GenerationItem, generate
 from workers.runtime.engine import StaticEngine
@@ -52,6 +66,10 @@ from workers.runtime.loaded import LoadedModel
 QUICK_CPU_MODEL = "tiny"
 CPU_TARGETS_MODEL = "small@2"
 STEP_CALLS = 20  # timed calls of one step shape; their median is its time
+STREAM_BATCH = 8  # issue 25's streaming cost is judged at batch 8
+STREAM_CHUNK_S = 1.0  # generation.stream_chunk_s
+# CPU figures swing with the host's load (the chunk decodes run on a second thread)
+CPU_STREAM_VERDICT = "not judged here (CPU; benchmarks/streaming.py on an idle host)"
 
 
 @dataclass(frozen=True)
@@ -62,12 +80,14 @@ class QuickPlan:
     duration: float
     lengths: tuple[int, ...]  # the compiled engine's length buckets below the window
     stream_s: float  # the first-chunk job: long enough to stream a chunk before it ends
+    cost_s: float  # the streaming cost's jobs (STREAM_BATCH of them, every one streaming)
+    cost_rounds: int
 
 
 def quick_plan(device: str) -> QuickPlan:
     if device.startswith("cuda"):
-        return QuickPlan("small", "bf16", [1, 32, 64], 10.0, (512,), 10.0)
-    return QuickPlan(QUICK_CPU_MODEL, "fp32", [1, 4], 1.0, (64,), 2.0)
+        return QuickPlan("small", "bf16", [1, 32, 64], 10.0, (512,), 10.0, 10.0, 2)
+    return QuickPlan(QUICK_CPU_MODEL, "fp32", [1, 4], 1.0, (64,), 2.0, 2.0, 1)
 
 
 @dataclass(frozen=True)
@@ -135,6 +155,8 @@ def run_quick(device: str, folder: Path) -> list[str]:
     say(f"(first chunk: engine.admit to the job's first streamed chunk decoded to PCM, the "
         f"worker's chunk schedule and decode_chunks, the device synchronized; finished: to its "
         f"whole clip; medians of {FIRST_CHUNK_RUNS} runs after a warm-up)")
+    _free(device)
+    streaming_cost(loaded, plan, say)
     del loaded
     _free(device)
     fp32 = build(plan.model, "fp32", device, folder)
@@ -152,6 +174,19 @@ def run_quick(device: str, folder: Path) -> list[str]:
         # tiny: a 64-row cache of small@2 would be 3 GB of a shared CI host.
         cpu_targets(fp32, build(CPU_TARGETS_MODEL, "fp32", device, folder), say)
     return lines
+
+
+def streaming_cost(loaded: LoadedModel, plan: QuickPlan, say: Callable[[str], None]) -> None:
+    """Issue 25's streaming cost: benchmarks/streaming.py's measurement at batch 8 on the eager
+    engine, every job's chunks to the in-process Redis stand-in (no server on a GPU machine)."""
+    say(f"streaming cost (benchmarks/streaming.py's measure, engine eager through EngineLoop, "
+        f"{plan.model} {plan.dtype}, chunks to the in-process Redis stand-in):")
+    cost = measure(loaded, STREAM_BATCH, plan.cost_s, STREAM_CHUNK_S, plan.cost_rounds,
+                   InProcessRedis())
+    for line in cost.lines():
+        say(line)
+    cuda = str(loaded.device).startswith("cuda")
+    say(cost.target_line(None if cuda else CPU_STREAM_VERDICT))
 
 
 def _hf_row(loaded: LoadedModel, items: list[GenerationItem], batch: int,

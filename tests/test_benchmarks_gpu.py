@@ -180,6 +180,24 @@ def test_the_quick_run_prints_hf_and_the_engine_eager_and_compiled_with_their_co
     for _, first, finished in firsts:
         assert 0 < float(first) < float(finished), out
     assert f"target of issue 25: {CPU_FIRST_CHUNK_TARGET}" in out.splitlines(), out
+    # Issue 25's streaming cost: streaming.py's measurement at batch 8 (the stand-in Redis), its
+    # figures printed and its target not judged on the CPU.
+    assert re.search(r"^streaming cost \(benchmarks/streaming\.py's measure, .+in-process Redis",
+                     out, flags=re.MULTILINE), out
+    assert re.search(r"^device cpu, 8 jobs of 2 s at batch 8, 1 s chunks, best of 1 rounds$", out,
+                     flags=re.MULTILINE), out
+    for case in ("no streaming", "streaming"):
+        assert re.search(rf"^  {case}\s+: +{NUMBER} audio s/s  \(walls {NUMBER} s\)$", out,
+                         flags=re.MULTILINE), out
+    assert re.search(rf"^  cost\s+: +-?{NUMBER} % of audio s/s \(best rounds\); -?{NUMBER} % "
+                     r"\(median rounds\)$", out, flags=re.MULTILINE), out
+    assert re.search(rf"^  first chunk  : {NUMBER}\.\.{NUMBER} s after submission$", out,
+                     flags=re.MULTILINE), out
+    seam = re.search(r"^  seams +: [1-9]\d* chunks, max abs diff (\S+) against", out, re.MULTILINE)
+    assert seam is not None and float(seam.group(1)) < 1e-4, out
+    assert re.search(r"^target of issue 25: streaming costs at most 10 % of the audio s/s at "
+                     r"batch 8: not judged here \(CPU; benchmarks/streaming\.py on an idle host\) "
+                     r"\(", out, flags=re.MULTILINE), out
     verdicts = re.findall(r"^  CPU (tiny 4 active rows|small@2 16 rows): .+x, target <= "
                           r"\d\.\dx\): (?:MET|NOT MET)$", out, flags=re.MULTILINE)
     assert verdicts == ["tiny 4 active rows", "small@2 16 rows"], out
