@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,3 +50,19 @@ def tiny_model(tiny_path: Path) -> LoadedModel:
 def tiny_melody_model(tiny_melody_path: Path) -> LoadedModel:
     """The melody tiny model, loaded through the real ``load_model`` path."""
     return load_model(str(tiny_melody_path), device="cpu", dtype="float32", offline=True)
+
+
+@pytest.fixture(scope="module")
+def short_window(tiny_model: LoadedModel) -> LoadedModel:
+    """The tiny model with a 2 s window (100 frames): long-form after 2 s."""
+    return dataclasses.replace(tiny_model, max_duration_s=2.0)
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_model: LoadedModel) -> np.ndarray:
+    """A clip to continue: 0.5 s of the tiny model's own audio (so EnCodec sees the kind of
+    signal it codes) plus a part-frame of 300 samples: 25 whole frames, (1, n) at 32 kHz."""
+    from workers.runtime import GenerationItem, generate
+
+    [made] = generate(tiny_model, [GenerationItem("a drum", 1.0, seed=3)])
+    return made.samples[:, :25 * 640 + 300]

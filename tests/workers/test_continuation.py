@@ -30,16 +30,6 @@ RATE = 32_000
 FRAME = 640  # samples per codec frame at 50 Hz
 
 
-@pytest.fixture(scope="module")
-def short_window(tiny_model: LoadedModel) -> LoadedModel:
-    return dataclasses.replace(tiny_model, max_duration_s=2.0)
-
-
-@pytest.fixture(scope="module")
-def clip(tiny_model: LoadedModel) -> np.ndarray:
-    """0.5 s of the tiny model's own audio plus a part-frame (300 samples): (1, n) at 32 kHz."""
-    [made] = generate(tiny_model, [GenerationItem("a drum", 1.0, seed=3)])
-    return made.samples[:, :25 * FRAME + 300]
 
 
 def _item(clip: np.ndarray, duration: float, *, included: bool = True, seed: int = 5,

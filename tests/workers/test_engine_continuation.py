@@ -32,18 +32,6 @@ RATE = 32_000
 FRAME = 640
 
 
-@pytest.fixture(scope="module")
-def short_window(tiny_model: LoadedModel) -> LoadedModel:
-    return dataclasses.replace(tiny_model, max_duration_s=2.0)
-
-
-@pytest.fixture(scope="module")
-def clip(tiny_model: LoadedModel) -> np.ndarray:
-    """0.5 s of the tiny model's audio and a part-frame: 25 whole frames, (1, n) at 32 kHz."""
-    [made] = generate(tiny_model, [GenerationItem("a drum", 1.0, seed=3)])
-    return made.samples[:, :25 * FRAME + 300]
-
-
 def continued(clip: np.ndarray, duration: float, *, included: bool = True, seed: int = 5,
               temperature: float = 1.0, guidance: float = 3.0) -> GenerationItem:
     return GenerationItem("a piano", duration, temperature=temperature, seed=seed,

@@ -7,7 +7,6 @@ that several windows run in well under a second; the melody test runs 75 s throu
 
 from __future__ import annotations
 
-import dataclasses
 from itertools import pairwise
 from typing import Any
 
@@ -25,11 +24,6 @@ from workers.runtime.windows import Window, long_frames, plan_windows
 
 RATE = 32_000
 
-
-@pytest.fixture(scope="module")
-def short_window(tiny_model: LoadedModel) -> LoadedModel:
-    """The tiny model with a 2 s window (100 frames): long-form after 2 s."""
-    return dataclasses.replace(tiny_model, max_duration_s=2.0)
 
 
 def _item(duration: float, seed: int = 7, prompt: str = "a piano", **kw: object) -> GenerationItem:
