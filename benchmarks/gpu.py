@@ -57,6 +57,7 @@ import torch
 import transformers
 from torch.nn import functional as F
 
+from benchmarks.inprocess_redis import InProcessRedis
 from pipeline.config.schema import GenerationSettings
 from pipeline.errors import GpuOutOfMemory, PipelineError
 from workers.generation.offline import generate_on
@@ -339,14 +340,6 @@ class FirstChunk:
                 f"finished {self.duration_s:g} s clip: {self.finished_s:.3f} s")
 
 
-class _NoRedis:
-    """The stream's Redis client: nothing is published here; the publisher only clears the
-    stream's key when a row's schedule is made (``StreamPublisher.row``)."""
-
-    def delete(self, *keys: str) -> int:
-        return 0
-
-
 def first_chunk(engine: StaticEngine, item: GenerationItem,
                 runs: int = FIRST_CHUNK_RUNS) -> FirstChunk:
     """``item`` streamed alone on ``engine`` the way the worker streams it, timed: medians of
@@ -365,7 +358,7 @@ def first_chunk(engine: StaticEngine, item: GenerationItem,
                                 lookahead=LOOKAHEAD_FRAMES, crossfade_s=STREAM_CROSSFADE_S)
     firsts, finisheds = [], []
     for run in range(runs + 1):
-        job = JobStream(_NoRedis(), f"first-chunk-{run}", 1, sample_rate=loaded.sampling_rate,
+        job = JobStream(InProcessRedis(), f"first-chunk-{run}", 1, sample_rate=loaded.sampling_rate,
                         channels=loaded.audio_channels, ttl_s=60)
         stream = publisher.row(job, chunk_s=chunk_s, frame_rate=loaded.frame_rate,
                                target_samples=round(item.duration_s * loaded.sampling_rate))
